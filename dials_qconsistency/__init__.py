@@ -1,0 +1,3 @@
+"""dials-qconsistency: is a processed DIALS model self-consistent in reciprocal space?"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,236 @@
+"""dials.q_consistency: is the refined model self-consistent in reciprocal space?"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import libtbx.phil
+
+from dials_qconsistency import __version__
+from dials_qconsistency.analysis import summarise
+from dials_qconsistency.compute import Options, compute_q
+from dials_qconsistency.errors import QConsistencyError
+from dials_qconsistency.experiments import read_experiments
+from dials_qconsistency.output import add_columns
+from dials_qconsistency.reflection_table import FIXED_TYPES, ReflectionTable
+from dials_qconsistency.report import summary_text
+
+logger = logging.getLogger("dials.q_consistency")
+
+help_message = """
+Compare, for every indexed reflection, the reciprocal lattice vector of the
+crystal model with the scattering vector measured at the spot on the detector.
+
+In the DIALS laboratory frame and in 1/Angstrom (no 2pi):
+  q_bragg = S . R(axis, phi) . F . A . h   (rotation data, phi = xyzcal.mm[2];
+                                            scan-varying A, S, s0 as DIALS used)
+  q_bragg = A . h                           (stills)
+  q_pixel = k_out - k_in at the spot position on its panel
+  q_pred  = s1 - s0 from the table
+  delta_q = q_bragg - q_pixel
+
+The output table is the input table plus the columns q_bragg, q_pixel,
+q_pred, delta_q and delta_q.norm (NaN in rows that could not be computed).
+
+Examples::
+
+  dials.q_consistency refined.expt refined.refl
+
+  dials.q_consistency integrated.expt integrated.refl scan_varying.model_state=integrate
+
+  dials.q_consistency refined.expt refined.refl q_pixel.source=observed
+"""
+
+phil_scope = libtbx.phil.parse(
+    """
+q_pixel {
+  source = *calculated observed observed_px
+    .type = choice
+    .help = "Spot position for q_pixel: calculated (xyzcal.mm), observed"
+            "(xyzobs.mm.value) or observed_px (xyzobs.px.value mapped to mm"
+            "with the refined panel, parallax included)."
+}
+scan_varying {
+  model_state = *refinement integrate
+    .type = choice
+    .help = "For scan-varying models, the state used for each reflection:"
+            "refinement reproduces dials.refine (one state per block of"
+            "observed phi); integrate reproduces dials.integrate's prediction"
+            "(linear interpolation between image boundaries)."
+  block_width = 1.0
+    .type = float(value_min=0, allow_none=False)
+    .help = "Block width in degrees, as dials.refine's"
+            "refinement.parameterisation.block_width."
+}
+output {
+  reflections = q_consistency.refl
+    .type = path
+    .help = "The output reflection table: the input plus the q columns."
+  log = dials.q_consistency.log
+    .type = path
+}
+debug = False
+  .type = bool
+  .help = "Show a traceback for unexpected errors."
+"""
+)
+
+usage = "dials.q_consistency [options] refined.expt refined.refl [key=value ...]"
+
+
+class Arguments:
+    """The parsed command line of the standalone backend."""
+
+    def __init__(self, params, experiments, reflections, show_config, show_help, diff):
+        self.params = params
+        self.experiments = experiments
+        self.reflections = reflections
+        self.show_config = show_config
+        self.show_help = show_help
+        self.diff = diff
+
+
+def parse_arguments(args, phil):
+    """Files by type, PHIL files and key=value words; -c and -h flags."""
+    sources, experiments, reflections = [], [], []
+    show_config = show_help = False
+    interpreter = phil.command_line_argument_interpreter(home_scope="")
+    for arg in args:
+        if arg in ("-c", "--show-config"):
+            show_config = True
+        elif arg in ("-h", "--help"):
+            show_help = True
+        elif arg.startswith("-") and not os.path.exists(arg):
+            raise QConsistencyError(f"unknown option {arg!r} (try -h)")
+        elif os.path.isfile(arg) and arg.endswith((".phil", ".params", ".eff")):
+            try:
+                with open(arg) as handle:
+                    sources.append(libtbx.phil.parse(handle.read(), source_info=arg))
+            except Exception as error:  # libtbx raises several kinds
+                raise QConsistencyError(f"is not a valid PHIL file ({error})", arg) from None
+        elif "=" in arg and not os.path.exists(arg):
+            try:
+                sources.append(interpreter.process(arg=arg))
+            except Exception as error:
+                raise QConsistencyError(f"bad parameter {arg!r}: {error}") from None
+        elif arg.endswith(".refl"):
+            reflections.append(arg)
+        elif arg.endswith((".expt", ".json")):
+            experiments.append(arg)
+        elif not os.path.exists(arg):
+            raise QConsistencyError("file not found", arg)
+        else:
+            raise QConsistencyError("is neither an experiment list (.expt) nor a reflection table (.refl)", arg)
+    try:
+        working = phil.fetch(sources=sources)
+        params = working.extract()
+    except Exception as error:
+        raise QConsistencyError(f"bad parameter: {error}") from None
+    diff = phil.fetch_diff(source=working).as_str()
+    return Arguments(params, experiments, reflections, show_config, show_help, diff)
+
+
+def _setup_logging(log_path):
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(console)
+    if log_path:
+        to_file = logging.FileHandler(log_path, mode="w", encoding="utf-8")
+        to_file.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(to_file)
+
+
+def _close_logging():
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def table_columns(table):
+    """Numpy views of every fixed-size column of a standalone table."""
+    return {name: table.get(name) for name in table.keys() if table.column_type(name) in FIXED_TYPES}
+
+
+def run(args=None, phil=phil_scope):
+    """Run the program; return 0 on success. Raises QConsistencyError on bad input."""
+    args = sys.argv[1:] if args is None else list(args)
+    arguments = parse_arguments(args, phil)
+    if arguments.show_help or not args:
+        print(f"Usage: {usage}\n{help_message}")
+        return 0
+    if arguments.show_config:
+        print(phil.fetch(sources=[phil.format(arguments.params)]).as_str())
+        return 0
+    params = arguments.params
+    if len(arguments.experiments) != 1 or len(arguments.reflections) != 1:
+        raise QConsistencyError(
+            f"give one experiment list and one reflection table "
+            f"(got {len(arguments.experiments)} and {len(arguments.reflections)}); {usage}"
+        )
+    expt_path, refl_path = arguments.experiments[0], arguments.reflections[0]
+    out_path = params.output.reflections
+    if out_path and os.path.abspath(out_path) in (os.path.abspath(refl_path), os.path.abspath(expt_path)):
+        raise QConsistencyError("output.reflections would overwrite an input file", out_path)
+
+    _setup_logging(params.output.log)
+    try:
+        logger.info(f"dials.q_consistency {__version__} (standalone backend)")
+        if arguments.diff.strip():
+            logger.info("The following parameters have been modified:\n%s", arguments.diff)
+        experiments = read_experiments(expt_path)
+        table = ReflectionTable.from_file(refl_path)
+        logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}, {table.nrows} rows from {refl_path}")
+
+        options = Options(
+            q_pixel_source=params.q_pixel.source,
+            model_state=params.scan_varying.model_state,
+            block_width=params.scan_varying.block_width,
+        )
+        result = compute_q(experiments, table_columns(table), table.identifiers, options, path=refl_path)
+        summary = summarise(result, experiments)
+
+        if out_path:
+            replaced = add_columns(table, result)
+            if replaced:
+                logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
+            table.write(out_path)
+        logger.info(summary_text(summary, options))
+        if out_path:
+            logger.info(f"\nSaved {table.nrows} rows with q_bragg, q_pixel, q_pred, delta_q to {out_path}")
+    finally:
+        _close_logging()
+    return 0
+
+
+def main(args=None):
+    """Console entry point: one-line errors and exit status 1 on bad input."""
+    argv = sys.argv[1:] if args is None else list(args)
+    debug = any(a.replace(" ", "") in ("debug=True", "debug=true") for a in argv)
+    try:
+        return run(argv)
+    except QConsistencyError as error:
+        print(f"dials.q_consistency: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dials.q_consistency: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug: say so in one line unless asked for more
+        if debug:
+            raise
+        print(
+            f"dials.q_consistency: internal error: {type(error).__name__}: {error} "
+            "(run again with debug=True for a traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""The numpy core: q_bragg, q_pixel and q_pred for every usable reflection.
+
+Input is backend-neutral: a :class:`models.ExperimentList` and a mapping of
+column name -> numpy array (plus the table's identifiers map). All vectors are
+lab frame, Å⁻¹, no 2π. Loops run over experiments and panels, never over
+reflections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import geometry
+from .errors import QConsistencyError
+from .model_state import integrate_frames, refinement_scan_point
+
+#: Why a row was not used; index = code stored per row (0 = used).
+REASONS = (
+    "used",
+    "not indexed (id < 0)",
+    "Miller index is (0, 0, 0)",
+    "s1 is zero",
+    "position or angle is not finite",
+    "no calculated position (xyzcal.mm x = y = 0)",
+)
+USED, NOT_INDEXED, ZERO_HKL, ZERO_S1, NOT_FINITE, NOT_PREDICTED = range(len(REASONS))
+
+POSITION_COLUMNS = {
+    "calculated": "xyzcal.mm",
+    "observed": "xyzobs.mm.value",
+    "observed_px": "xyzobs.px.value",
+}
+REQUIRED_COLUMNS = ("id", "miller_index", "panel", "s1", "xyzcal.mm")
+
+
+@dataclass
+class Options:
+    """Computation choices (mirrors the PHIL parameters of the command)."""
+
+    q_pixel_source: str = "calculated"  # calculated | observed | observed_px
+    model_state: str = "refinement"  # refinement | integrate
+    block_width: float = 1.0  # degrees, as dials.refine's block_width
+
+
+@dataclass
+class QResult:
+    """Per-row results; rows not used hold NaN vectors."""
+
+    q_bragg: np.ndarray
+    q_pixel: np.ndarray
+    q_pred: np.ndarray
+    reason: np.ndarray  # int8 code into REASONS
+    experiment: np.ndarray  # experiment index per row, -1 if none
+    q_pixel_calculated: np.ndarray  # q from xyzcal.mm (self-test of s1)
+    q_pixel_observed: np.ndarray | None  # q from xyzobs.mm.value, if present
+    outside_scan: np.ndarray  # rows whose model state was clamped to the scan
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def used(self) -> np.ndarray:
+        return self.reason == USED
+
+    @property
+    def delta_q(self) -> np.ndarray:
+        return self.q_bragg - self.q_pixel
+
+
+def experiment_index(ids: np.ndarray, identifiers: dict, experiments, path: str = None) -> np.ndarray:
+    """Map the table's ``id`` to positions in the experiment list.
+
+    With an identifiers map, ids are matched through the identifier strings;
+    with an empty map (old tables), ``id`` is the experiment index.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    n_experiments = len(experiments)
+    result = np.full(ids.shape, -1, dtype=np.int64)
+    indexed = ids >= 0
+    if not identifiers:
+        beyond = indexed & (ids >= n_experiments)
+        if beyond.any():
+            raise QConsistencyError(
+                f"id {int(ids[beyond].max())} is beyond the {n_experiments} experiment(s) "
+                "in the experiment list",
+                path,
+            )
+        result[indexed] = ids[indexed]
+        return result
+    position = {identifier: i for i, identifier in enumerate(experiments.identifiers())}
+    lookup = {}
+    for table_id, identifier in identifiers.items():
+        if identifier in position:
+            lookup[table_id] = position[identifier]
+    used_ids = np.unique(ids[indexed])
+    missing = [int(i) for i in used_ids if int(i) not in lookup]
+    if missing:
+        detail = (
+            f"identifier {identifiers[missing[0]]!r} of id {missing[0]}"
+            if missing[0] in identifiers
+            else f"id {missing[0]} has no identifier in the table"
+        )
+        raise QConsistencyError(
+            f"{detail} is not in the experiment list: experiments and reflections do not match",
+            path,
+        )
+    for table_id, exp_index in lookup.items():
+        result[ids == table_id] = exp_index
+    return result
+
+
+def compute_q(experiments, columns, identifiers, options: Options = None, path: str = None) -> QResult:
+    """Compute q_bragg, q_pixel and q_pred for all rows of a table."""
+    options = options or Options()
+    if options.q_pixel_source not in POSITION_COLUMNS:
+        raise QConsistencyError(f"unknown q_pixel source {options.q_pixel_source!r}")
+    position_column = POSITION_COLUMNS[options.q_pixel_source]
+    for name in REQUIRED_COLUMNS + (position_column,):
+        if name not in columns:
+            raise QConsistencyError(f"has no {name!r} column", path)
+
+    ids = np.asarray(columns["id"])
+    n = len(ids)
+    hkl = np.asarray(columns["miller_index"])
+    s1 = np.asarray(columns["s1"], dtype=float)
+    panel = np.asarray(columns["panel"]).astype(np.int64)
+    xyzcal = np.asarray(columns["xyzcal.mm"], dtype=float)
+    position = np.asarray(columns[position_column], dtype=float)
+    xyzobs = columns.get("xyzobs.mm.value")
+    xyzobs = None if xyzobs is None else np.asarray(xyzobs, dtype=float)
+
+    exp_of_row = experiment_index(ids, identifiers, experiments, path)
+    reason = np.full(n, USED, dtype=np.int8)
+    reason[(xyzcal[:, 0] == 0) & (xyzcal[:, 1] == 0)] = NOT_PREDICTED
+    reason[~np.all(np.isfinite(position[:, :2]), axis=1) | ~np.isfinite(xyzcal[:, 2])] = NOT_FINITE
+    reason[~np.any(s1 != 0, axis=1)] = ZERO_S1
+    reason[~np.any(hkl != 0, axis=1)] = ZERO_HKL
+    reason[exp_of_row < 0] = NOT_INDEXED
+
+    nan3 = np.full((n, 3), np.nan)
+    result = QResult(
+        q_bragg=nan3.copy(),
+        q_pixel=nan3.copy(),
+        q_pred=nan3.copy(),
+        reason=reason,
+        experiment=exp_of_row,
+        q_pixel_calculated=nan3.copy(),
+        q_pixel_observed=None if xyzobs is None else nan3.copy(),
+        outside_scan=np.zeros(n, dtype=bool),
+        notes=list(getattr(experiments, "notes", [])),
+    )
+
+    for index, experiment in enumerate(experiments):
+        rows = np.flatnonzero((exp_of_row == index) & (reason == USED))
+        if rows.size == 0:
+            continue
+        _check_experiment(experiment, index, panel[rows], path)
+        _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, options, result)
+    return result
+
+
+def _check_experiment(experiment, index, panels, path):
+    if experiment.crystal is None:
+        raise QConsistencyError(f"experiment {index} has indexed reflections but no crystal model", path)
+    if experiment.beam is None or experiment.detector is None:
+        raise QConsistencyError(f"experiment {index} has no beam or no detector model", path)
+    n_panels = len(experiment.detector.panels)
+    if panels.size and panels.max() >= n_panels:
+        raise QConsistencyError(
+            f"panel {int(panels.max())} is beyond the {n_panels} panel(s) of experiment {index}'s detector",
+            path,
+        )
+    if experiment.goniometer is not None and experiment.scan is None and experiment.crystal.A_at_scan_points is not None:
+        raise QConsistencyError(f"experiment {index} has a scan-varying crystal but no scan", path)
+
+
+def _panel_arrays(detector, panel_rows):
+    """Per-row origin, fast, slow, pixel size, mu, thickness and parallax flag."""
+    panels = detector.panels
+    stack = lambda attr: np.array([getattr(p, attr) for p in panels], dtype=float)
+    take = lambda array: array[panel_rows]
+    return {
+        "origin": take(stack("origin")),
+        "fast": take(stack("fast")),
+        "slow": take(stack("slow")),
+        "pixel_size": take(stack("pixel_size")),
+        "mu": take(stack("mu")),
+        "thickness": take(stack("thickness")),
+        "parallax": take(np.array([p.parallax for p in panels], dtype=bool)),
+    }
+
+
+def lab_positions(detector, panel_rows, xy, source="mm"):
+    """Lab positions (mm) of panel coordinates given in mm or px (sub-pixel)."""
+    p = _panel_arrays(detector, panel_rows)
+    xy = np.asarray(xy, dtype=float)
+    if source == "px":
+        xy_mm = xy * p["pixel_size"]
+        corrected = p["parallax"]
+        if corrected.any():
+            rays = geometry.unit(_lab(p, xy_mm))
+            normal = np.cross(p["fast"], p["slow"])
+            flip = np.einsum("ij,ij->i", p["origin"], normal) < 0
+            normal[flip] *= -1
+            cos_t = np.einsum("ij,ij->i", rays, normal)
+            mu, t0 = p["mu"], p["thickness"]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                depth = 1.0 / mu - (t0 / cos_t + 1.0 / mu) * np.exp(-mu * t0 / cos_t)
+            shift = np.column_stack(
+                [np.einsum("ij,ij->i", rays, p["fast"]), np.einsum("ij,ij->i", rays, p["slow"])]
+            ) * depth[:, None]
+            xy_mm = np.where(corrected[:, None], xy_mm - shift, xy_mm)
+        xy = xy_mm
+    return _lab(p, xy)
+
+
+def _lab(p, xy_mm):
+    return p["origin"] + xy_mm[:, 0:1] * p["fast"] + xy_mm[:, 1:2] * p["slow"]
+
+
+def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, options, result):
+    crystal, beam, detector = experiment.crystal, experiment.beam, experiment.detector
+    h = hkl[rows].astype(float)
+    phi = xyzcal[rows, 2]
+    s0 = np.broadcast_to(beam.s0, (rows.size, 3))
+
+    if not experiment.is_rotation:
+        q_bragg = geometry.q_bragg_still(crystal.A, h)
+    else:
+        gonio, scan = experiment.goniometer, experiment.scan
+        varying = _scan_varying_states(experiment, rows.size)
+        if not varying:
+            q_bragg = geometry.q_bragg_rotation(
+                gonio.setting_rotation, gonio.axis, phi, gonio.fixed_rotation, crystal.A, h
+            )
+        elif options.model_state == "integrate":
+            q_bragg, s0, outside = _integrate_style(experiment, varying, phi, h)
+            result.outside_scan[rows] = outside
+        else:
+            phi_blocks = xyzobs[rows, 2] if xyzobs is not None else phi
+            block_point, outside = refinement_scan_point(scan, phi_blocks, options.block_width)
+            point = np.clip(block_point, 0, scan.num_images)
+            result.outside_scan[rows] = outside | (point != block_point)
+            A = varying["A"][point]
+            S = varying["S"][point]
+            s0 = varying["s0"][point]
+            q_bragg = geometry.q_bragg_rotation(S, gonio.axis, phi, gonio.fixed_rotation, A, h)
+
+    rows_panel = panel[rows]
+    source = "px" if options.q_pixel_source == "observed_px" else "mm"
+    lab = lab_positions(detector, rows_panel, position[rows, :2], source)
+    result.q_bragg[rows] = q_bragg
+    result.q_pixel[rows] = geometry.q_from_lab_position(lab, s0)
+    result.q_pred[rows] = s1[rows] - s0
+    result.q_pixel_calculated[rows] = geometry.q_from_lab_position(
+        lab_positions(detector, rows_panel, xyzcal[rows, :2]), s0
+    )
+    if xyzobs is not None:
+        observed = xyzobs[rows, :2]
+        finite = np.all(np.isfinite(observed), axis=1)
+        q_obs = np.full((rows.size, 3), np.nan)
+        if finite.any():
+            q_obs[finite] = geometry.q_from_lab_position(
+                lab_positions(detector, rows_panel[finite], observed[finite]), s0[finite]
+            )
+        result.q_pixel_observed[rows] = q_obs
+
+
+def _scan_varying_states(experiment, n_rows):
+    """A, S and s0 at every scan point, or None when nothing varies."""
+    crystal, beam, gonio, scan = experiment.crystal, experiment.beam, experiment.goniometer, experiment.scan
+    sources = {
+        "A": crystal.A_at_scan_points,
+        "S": gonio.setting_rotation_at_scan_points,
+        "s0": beam.s0_at_scan_points,
+    }
+    if all(v is None for v in sources.values()):
+        return None
+    n_points = scan.num_images + 1
+    for name, values in sources.items():
+        if values is not None and len(values) != n_points:
+            raise QConsistencyError(
+                f"{name} has {len(values)} scan points but the scan of {scan.num_images} images needs {n_points}"
+            )
+    return {
+        "A": sources["A"] if sources["A"] is not None else np.broadcast_to(crystal.A, (n_points, 3, 3)),
+        "S": sources["S"] if sources["S"] is not None else np.broadcast_to(gonio.setting_rotation, (n_points, 3, 3)),
+        "s0": sources["s0"] if sources["s0"] is not None else np.broadcast_to(beam.s0, (n_points, 3)),
+    }
+
+
+def _integrate_style(experiment, varying, phi, h):
+    """Linear interpolation of lab-frame r between image boundaries (dials.integrate)."""
+    gonio, scan = experiment.goniometer, experiment.scan
+    frame, pair, alpha, outside = integrate_frames(scan, phi)
+    phi_begin = scan.angle_from_array_index(frame)
+    phi_end = scan.angle_from_array_index(frame + 1)
+    r1 = geometry.q_bragg_rotation(varying["S"][pair], gonio.axis, phi_begin, gonio.fixed_rotation, varying["A"][pair], h)
+    r2 = geometry.q_bragg_rotation(
+        varying["S"][pair + 1], gonio.axis, phi_end, gonio.fixed_rotation, varying["A"][pair + 1], h
+    )
+    q_bragg = r1 + alpha[:, None] * (r2 - r1)
+    s0a, s0b = varying["s0"][pair], varying["s0"][pair + 1]
+    wavenumber = 0.5 * (np.linalg.norm(s0a, axis=1) + np.linalg.norm(s0b, axis=1))
+    ua, ub = geometry.unit(s0a), geometry.unit(s0b)
+    s0 = wavenumber[:, None] * (alpha[:, None] * (ub - ua) + ua)
+    return q_bragg, s0, outside

@@ -1,0 +1,17 @@
+"""The one exception the program raises for bad input.
+
+A :class:`QConsistencyError` carries a one-line message that names the file and
+the problem; the command line prints it and exits with status 1, without a
+traceback.
+"""
+
+from __future__ import annotations
+
+
+class QConsistencyError(Exception):
+    """Bad input or an impossible request, reported as one line to the user."""
+
+    def __init__(self, message: str, path: str | None = None):
+        self.path = path
+        text = " ".join(str(message).split())
+        super().__init__(f"{path}: {text}" if path else text)

@@ -1,0 +1,290 @@
+"""Read a dxtbx ExperimentList (``.expt`` JSON) into :mod:`models` without dxtbx.
+
+Follows dxtbx's ``from_dict`` for each model: panel axes are normalised and the
+detector ``hierarchy`` is composed from the root down (a child's lab frame is
+its parent's orientation [f s n] times its local frame, plus the parent
+origin); a multi-axis goniometer gives F (axes below the scan axis), S (axes
+above) and the scan axis exactly as ``MultiAxisGoniometer`` does; crystals give
+A = inverse of the matrix with rows a, b, c.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from .errors import QConsistencyError
+from .geometry import rotation_matrix, unit
+from .models import (
+    Beam,
+    Crystal,
+    Detector,
+    Experiment,
+    ExperimentList,
+    Goniometer,
+    Panel,
+    Scan,
+)
+
+_SIMPLE = "SimplePxMmStrategy"
+_PARALLAX = "ParallaxCorrectedPxMmStrategy"
+_OFFSET = "OffsetPxMmStrategy"
+_OFFSET_PARALLAX = "OffsetParallaxCorrectedPxMmStrategy"
+
+
+class _Bad(Exception):
+    """Internal: a problem inside one model, re-raised with the file name."""
+
+
+def read_experiments(path: str) -> ExperimentList:
+    """Read an ``.expt`` (or old ``experiments.json``) file."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise QConsistencyError("file not found", path) from None
+    except IsADirectoryError:
+        raise QConsistencyError("is a directory, not an experiment list", path) from None
+    except OSError as error:
+        raise QConsistencyError(f"cannot be read ({error.strerror})", path) from None
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise QConsistencyError(f"is not JSON, so not an experiment list ({error})", path) from None
+    try:
+        return experiments_from_dict(document)
+    except _Bad as error:
+        raise QConsistencyError(str(error), path) from None
+
+
+def experiments_from_dict(document) -> ExperimentList:
+    if not isinstance(document, dict) or document.get("__id__") != "ExperimentList":
+        raise _Bad("is not a dxtbx ExperimentList (no __id__: ExperimentList)")
+    entries = document.get("experiment")
+    if not isinstance(entries, list):
+        raise _Bad("ExperimentList has no 'experiment' list")
+
+    notes: list[str] = []
+    cache: dict[tuple[str, int], object] = {}
+    readers = {
+        "beam": _beam,
+        "detector": lambda d: _detector(d, notes),
+        "goniometer": _goniometer,
+        "scan": _scan,
+        "crystal": _crystal,
+    }
+
+    def model(kind, entry, index):
+        reference = entry.get(kind)
+        if reference is None:
+            return None
+        models = document.get(kind) or []
+        if not isinstance(reference, int) or not 0 <= reference < len(models):
+            raise _Bad(f"experiment {index} refers to {kind} {reference!r}, which is not in the file")
+        key = (kind, reference)
+        if key not in cache:
+            try:
+                cache[key] = readers[kind](models[reference])
+            except _Bad as error:
+                raise _Bad(f"{kind} {reference}: {error}") from None
+            except (KeyError, TypeError, ValueError, IndexError, np.linalg.LinAlgError) as error:
+                raise _Bad(f"{kind} {reference} is malformed ({type(error).__name__}: {error})") from None
+        return cache[key]
+
+    experiments = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise _Bad(f"experiment {index} is not a JSON object")
+        experiments.append(
+            Experiment(
+                identifier=str(entry.get("identifier", "")),
+                beam=model("beam", entry, index),
+                detector=model("detector", entry, index),
+                goniometer=model("goniometer", entry, index),
+                scan=model("scan", entry, index),
+                crystal=model("crystal", entry, index),
+            )
+        )
+    return ExperimentList(experiments, sorted(set(notes)))
+
+
+def _vec(values, n=3) -> np.ndarray:
+    array = np.asarray(values, dtype=float)
+    if array.shape != (n,):
+        raise _Bad(f"expected {n} numbers, got {values!r:.60}")
+    return array
+
+
+def _mat(values) -> np.ndarray:
+    return _vec(values, 9).reshape(3, 3)
+
+
+def _beam(d) -> Beam:
+    kind = d.get("__id__", "monochromatic")
+    if kind not in ("monochromatic", "Beam"):
+        raise _Bad(f"beam type {kind!r} is not supported (only monochromatic beams are)")
+    if "direction" in d:
+        direction = unit(_vec(d["direction"]))
+        wavelength = float(d["wavelength"])
+    elif "s0" in d:
+        s0 = _vec(d["s0"])
+        wavelength = 1.0 / np.linalg.norm(s0)
+        direction = -unit(s0)
+    else:
+        raise _Bad("has neither direction nor s0")
+    if not wavelength > 0:
+        raise _Bad(f"wavelength {wavelength} is not positive")
+    s0 = -direction / wavelength
+    scan_points = d.get("s0_at_scan_points")
+    if scan_points:
+        scan_points = np.asarray(scan_points, dtype=float).reshape(-1, 3)
+    else:
+        scan_points = None
+    return Beam(s0=s0, wavelength=wavelength, s0_at_scan_points=scan_points)
+
+
+def _frame(node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return unit(_vec(node["fast_axis"])), unit(_vec(node["slow_axis"])), _vec(node["origin"])
+
+
+def _compose(parent, local):
+    """Lab frame of a child from its parent's lab frame and its local frame."""
+    p_fast, p_slow, p_origin = (unit(parent[0]), unit(parent[1]), parent[2])
+    orientation = np.column_stack([p_fast, p_slow, np.cross(p_fast, p_slow)])
+    fast, slow, origin = local
+    return orientation @ fast, orientation @ slow, orientation @ origin + p_origin
+
+
+def _detector(d, notes) -> Detector:
+    panel_dicts = d["panels"]
+    if not isinstance(panel_dicts, list) or not panel_dicts:
+        raise _Bad("has no panels")
+    identity = (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.zeros(3))
+    frames: list = [None] * len(panel_dicts)
+
+    def walk(node, parent_frame, depth):
+        if depth > 64:
+            raise _Bad("hierarchy is too deep (a cycle?)")
+        if "panel" in node:
+            index = node["panel"]
+            if not isinstance(index, int) or not 0 <= index < len(panel_dicts):
+                raise _Bad(f"hierarchy names panel {index!r}, which does not exist")
+            if frames[index] is not None:
+                raise _Bad(f"hierarchy names panel {index} twice")
+            frames[index] = _compose(parent_frame, _frame(panel_dicts[index]))
+            return
+        frame = _compose(parent_frame, _frame(node))
+        for child in node.get("children", []):
+            walk(child, frame, depth + 1)
+
+    hierarchy = d.get("hierarchy")
+    if hierarchy:
+        walk(hierarchy, identity, 0)
+        missing = [i for i, f in enumerate(frames) if f is None]
+        if missing:
+            raise _Bad(f"panel {missing[0]} is not in the detector hierarchy")
+    else:
+        frames = [_compose(identity, _frame(p)) for p in panel_dicts]
+
+    panels = []
+    for index, (p, (fast, slow, origin)) in enumerate(zip(panel_dicts, frames)):
+        mu = float(p.get("mu", 0.0))
+        thickness = float(p.get("thickness", 0.0))
+        strategy = (p.get("px_mm_strategy") or {}).get("type", _SIMPLE)
+        st = p.get("px_mm_strategy") or {}
+        if "mu" in st and "t0" in st:
+            mu, thickness = float(st["mu"]), float(st["t0"])
+        note = ""
+        if strategy not in (_SIMPLE, _PARALLAX, _OFFSET, _OFFSET_PARALLAX):
+            raise _Bad(f"panel {index} has unknown px_mm_strategy {strategy!r}")
+        parallax = strategy in (_PARALLAX, _OFFSET_PARALLAX)
+        if strategy in (_OFFSET, _OFFSET_PARALLAX):
+            note = (
+                f"panel {index}: {strategy} without its dx/dy offset maps in the .expt; "
+                "the offsets are not applied (as dxtbx does when reading the file alone)"
+            )
+        if parallax and not (mu > 0 and thickness > 0):
+            parallax = False
+            note = (
+                f"panel {index}: parallax correction requested but mu/thickness are not set; "
+                "the simple pixel->mm mapping is used (as dxtbx does)"
+            )
+        if note:
+            notes.append(note)
+        panels.append(
+            Panel(
+                name=str(p.get("name", "")),
+                origin=origin,
+                fast=fast,
+                slow=slow,
+                pixel_size=_vec(p["pixel_size"], 2),
+                image_size=np.asarray(p["image_size"], dtype=int).reshape(2),
+                thickness=thickness,
+                mu=mu,
+                parallax=parallax,
+                note=note,
+            )
+        )
+    return Detector(panels)
+
+
+def _goniometer(d) -> Goniometer:
+    scan_points = d.get("setting_rotation_at_scan_points")
+    if scan_points:
+        scan_points = np.asarray(scan_points, dtype=float).reshape(-1, 3, 3)
+    else:
+        scan_points = None
+    if {"axes", "angles", "scan_axis"} <= set(d):
+        axes = [_vec(a) for a in d["axes"]]
+        angles = [math.radians(float(a)) for a in d["angles"]]
+        scan_axis = int(d["scan_axis"])
+        if not axes or len(angles) != len(axes) or not 0 <= scan_axis < len(axes):
+            raise _Bad("multi-axis goniometer axes/angles/scan_axis do not agree")
+        fixed = np.eye(3)
+        for axis, angle in zip(axes[:scan_axis], angles[:scan_axis]):
+            fixed = rotation_matrix(axis, angle) @ fixed
+        setting = np.eye(3)
+        for axis, angle in zip(axes[scan_axis + 1 :], angles[scan_axis + 1 :]):
+            setting = rotation_matrix(axis, angle) @ setting
+        return Goniometer(unit(axes[scan_axis]), fixed, setting, scan_points, "multi-axis")
+    fixed = _mat(d.get("fixed_rotation", np.eye(3).ravel()))
+    setting = _mat(d.get("setting_rotation", np.eye(3).ravel()))
+    return Goniometer(unit(_vec(d["rotation_axis"])), fixed, setting, scan_points)
+
+
+def _scan(d) -> Scan:
+    first, last = (int(v) for v in d["image_range"])
+    if last < first:
+        raise _Bad(f"image_range {first}..{last} is empty")
+    n_images = last - first + 1
+    if "properties" in d:
+        properties = d["properties"]
+        starts = [math.radians(float(v)) for v in properties.get("oscillation", [])]
+        if not starts:
+            oscillation = (0.0, 0.0)
+        elif n_images == 1:
+            widths = properties.get("oscillation_width", [0.0])
+            oscillation = (starts[0], math.radians(float(widths[0])))
+        else:
+            if len(starts) != n_images:
+                raise _Bad(f"has {len(starts)} oscillation angles for {n_images} images")
+            oscillation = (starts[0], starts[1] - starts[0])
+    else:
+        start, width = d.get("oscillation", (0.0, 0.0))
+        oscillation = (math.radians(float(start)), math.radians(float(width)))
+    return Scan((first, last), oscillation)
+
+
+def _crystal(d) -> Crystal:
+    real_space = np.array(
+        [_vec(d["real_space_a"]), _vec(d["real_space_b"]), _vec(d["real_space_c"])]
+    )
+    A = np.linalg.inv(real_space)
+    scan_points = d.get("A_at_scan_points")
+    if scan_points:
+        scan_points = np.asarray(scan_points, dtype=float).reshape(-1, 3, 3)
+    else:
+        scan_points = None
+    return Crystal(A=A, A_at_scan_points=scan_points, space_group=str(d.get("space_group_hall_symbol", "")))

@@ -1,0 +1,147 @@
+"""Plain geometry models shared by both backends.
+
+Everything is in the DIALS laboratory frame (imgCIF): lengths in mm, angles in
+radians, reciprocal vectors in Å⁻¹ without 2π. The standalone reader
+(:mod:`dials_qconsistency.experiments`) and the DIALS backend both fill these,
+so the numpy core never sees where the numbers came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Beam:
+    """Monochromatic beam: ``s0 = -unit(direction) / wavelength`` (Å⁻¹)."""
+
+    s0: np.ndarray
+    wavelength: float
+    s0_at_scan_points: np.ndarray | None = None  # (n, 3)
+
+
+@dataclass
+class Panel:
+    """One detector panel with lab-frame (composed) origin and unit axes (mm).
+
+    ``parallax`` selects the parallax-corrected pixel->mm mapping, which needs
+    ``mu`` (mm⁻¹) and ``thickness`` (mm) > 0.
+    """
+
+    name: str
+    origin: np.ndarray
+    fast: np.ndarray
+    slow: np.ndarray
+    pixel_size: np.ndarray  # (fast, slow) mm
+    image_size: np.ndarray  # (fast, slow) px
+    thickness: float = 0.0
+    mu: float = 0.0
+    parallax: bool = False
+    note: str = ""  # anything the reader had to decide about the mapping
+
+    @property
+    def d_matrix(self) -> np.ndarray:
+        """d = [fast | slow | origin] as columns: lab = d · (x, y, 1)."""
+        return np.column_stack([self.fast, self.slow, self.origin])
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.fast, self.slow)
+
+
+@dataclass
+class Detector:
+    panels: list[Panel]
+
+
+@dataclass
+class Goniometer:
+    """r_lab = S · R(axis, φ) · F · r_crystal, with the datum rotation axis."""
+
+    axis: np.ndarray
+    fixed_rotation: np.ndarray
+    setting_rotation: np.ndarray
+    setting_rotation_at_scan_points: np.ndarray | None = None  # (n, 3, 3)
+    kind: str = "single-axis"
+
+
+@dataclass
+class Scan:
+    """Image range and oscillation (start, width) in radians, as dxtbx."""
+
+    image_range: tuple[int, int]
+    oscillation: tuple[float, float]
+
+    @property
+    def array_range(self) -> tuple[int, int]:
+        return (self.image_range[0] - 1, self.image_range[1])
+
+    @property
+    def num_images(self) -> int:
+        return self.image_range[1] - self.image_range[0] + 1
+
+    @property
+    def is_still(self) -> bool:
+        return abs(self.oscillation[1]) < 1e-12
+
+    @property
+    def oscillation_range(self) -> tuple[float, float]:
+        start, width = self.oscillation
+        return (start, start + self.num_images * width)
+
+    def array_index_from_angle(self, angle):
+        """Array index (0 at the start of the first image) of an angle (rad)."""
+        start, width = self.oscillation
+        return self.array_range[0] + (np.asarray(angle) - start) / width
+
+    def angle_from_array_index(self, index):
+        start, width = self.oscillation
+        return start + (np.asarray(index) - self.array_range[0]) * width
+
+
+@dataclass
+class Crystal:
+    """A = U·B (Å⁻¹): the inverse of the matrix whose rows are a, b, c."""
+
+    A: np.ndarray
+    A_at_scan_points: np.ndarray | None = None  # (n, 3, 3)
+    space_group: str = ""
+
+
+@dataclass
+class Experiment:
+    identifier: str
+    beam: Beam | None
+    detector: Detector | None
+    goniometer: Goniometer | None = None
+    scan: Scan | None = None
+    crystal: Crystal | None = None
+
+    @property
+    def is_rotation(self) -> bool:
+        """Rotation data: a goniometer and a scan with a non-zero oscillation."""
+        return (
+            self.goniometer is not None
+            and self.scan is not None
+            and not self.scan.is_still
+        )
+
+
+@dataclass
+class ExperimentList:
+    experiments: list[Experiment] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.experiments)
+
+    def __iter__(self):
+        return iter(self.experiments)
+
+    def __getitem__(self, index) -> Experiment:
+        return self.experiments[index]
+
+    def identifiers(self) -> list[str]:
+        return [e.identifier for e in self.experiments]

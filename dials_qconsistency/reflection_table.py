@@ -1,0 +1,295 @@
+"""Read and write DIALS reflection tables (``.refl``, msgpack) without DIALS.
+
+The file is the msgpack array written by DIALS' C++ adaptor::
+
+    ["dials::af::reflection_table", VERSION,
+     {"identifiers": {id: identifier, ...}, "nrows": N,
+      "data": {name: [type_name, [N, <binary blob>]], ...}}]
+
+Fixed-size columns are little-endian C arrays (``vec3<double>`` is N x 3
+float64, ``cctbx::miller::index<>`` N x 3 int32, ...). Shoebox columns are a
+variable-length stream of per-row records. Every column is kept as the bytes it
+was read as, so a column the program does not change is written back byte for
+byte; numpy views of the fixed-size columns are made on request.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import msgpack
+import numpy as np
+
+from .errors import QConsistencyError
+
+FILETYPE = "dials::af::reflection_table"
+SUPPORTED_VERSIONS = (1, 2)
+DEFAULT_VERSION = 2
+
+#: Fixed-size column types: DIALS type name -> (numpy dtype, per-row shape).
+FIXED_TYPES = {
+    "bool": (np.dtype("?"), ()),
+    "int": (np.dtype("<i4"), ()),
+    "std::size_t": (np.dtype("<u8"), ()),
+    "double": (np.dtype("<f8"), ()),
+    "vec2<double>": (np.dtype("<f8"), (2,)),
+    "vec3<double>": (np.dtype("<f8"), (3,)),
+    "mat3<double>": (np.dtype("<f8"), (9,)),
+    "int6": (np.dtype("<i4"), (6,)),
+    "cctbx::miller::index<>": (np.dtype("<i4"), (3,)),
+}
+#: Column types carried through untouched (variable-length records).
+OPAQUE_TYPES = ("Shoebox<>", "FrameSlicedShoebox<>", "std::string")
+
+PICKLE_HINT = (
+    "is a Python pickle (a reflection table from DIALS before 2.0), not msgpack; "
+    "convert it with an old DIALS (dials.python -c \"from dials.array_family import "
+    "flex; flex.reflection_table.from_pickle('IN').as_file('OUT.refl')\")"
+)
+
+
+def row_bytes(type_name: str) -> int:
+    """Bytes per row of a fixed-size column type."""
+    dtype, shape = FIXED_TYPES[type_name]
+    return dtype.itemsize * int(np.prod(shape, dtype=int))
+
+
+class Column:
+    """One column: its DIALS type name and its raw binary blob."""
+
+    __slots__ = ("type_name", "blob", "changed")
+
+    def __init__(self, type_name: str, blob: bytes, changed: bool = False):
+        self.type_name = type_name
+        self.blob = blob
+        self.changed = changed
+
+    def as_array(self, nrows: int) -> np.ndarray:
+        """A read-only numpy view of a fixed-size column."""
+        dtype, shape = FIXED_TYPES[self.type_name]
+        return np.frombuffer(self.blob, dtype=dtype).reshape((nrows,) + shape)
+
+
+class ReflectionTable:
+    """A DIALS reflection table held as raw column blobs.
+
+    Attributes: ``version`` (1 or 2), ``identifiers`` (dict experiment id ->
+    identifier string, may be empty), ``nrows``.
+    """
+
+    def __init__(self, nrows: int, identifiers=None, version: int = DEFAULT_VERSION):
+        self.nrows = int(nrows)
+        self.identifiers = dict(identifiers or {})
+        self.version = version
+        self._columns: dict[str, Column] = {}
+        self._header_order = ["identifiers", "nrows", "data"]
+        self._sorted_on_read = True
+
+    # -- access ---------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self._columns
+
+    def __len__(self) -> int:
+        return self.nrows
+
+    def keys(self):
+        return list(self._columns)
+
+    def column_type(self, name: str) -> str:
+        return self._columns[name].type_name
+
+    def column_blob(self, name: str) -> bytes:
+        return self._columns[name].blob
+
+    def get(self, name: str) -> np.ndarray:
+        """The column as a numpy array (N,) or (N, k); fixed-size types only."""
+        column = self._columns[name]
+        if column.type_name not in FIXED_TYPES:
+            raise TypeError(f"column {name} of type {column.type_name} has no array view")
+        return column.as_array(self.nrows)
+
+    def set_column(self, name: str, type_name: str, values) -> None:
+        """Add or replace a fixed-size column from an array of N rows."""
+        dtype, shape = FIXED_TYPES[type_name]
+        array = np.ascontiguousarray(values, dtype=dtype)
+        if array.shape != (self.nrows,) + shape:
+            raise ValueError(
+                f"column {name}: shape {array.shape} != {(self.nrows,) + shape}"
+            )
+        self._columns[name] = Column(type_name, array.tobytes(), changed=True)
+
+    # -- reading --------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str) -> "ReflectionTable":
+        try:
+            with open(path, "rb") as handle:
+                raw = handle.read()
+        except FileNotFoundError:
+            raise QConsistencyError("file not found", path) from None
+        except IsADirectoryError:
+            raise QConsistencyError("is a directory, not a reflection file", path) from None
+        except OSError as error:
+            raise QConsistencyError(f"cannot be read ({error.strerror})", path) from None
+        return cls.from_bytes(raw, path)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, path: str = "<bytes>") -> "ReflectionTable":
+        if not raw:
+            raise QConsistencyError("is empty, not a reflection table", path)
+        if raw[:1] == b"\x80" or raw[:1] in (b"(", b"c"):
+            raise QConsistencyError(PICKLE_HINT, path)
+        try:
+            obj = msgpack.unpackb(raw, raw=False, strict_map_key=False, use_list=True)
+        except msgpack.ExtraData:
+            raise QConsistencyError(
+                "has trailing bytes after the reflection table (corrupt file)", path
+            ) from None
+        except (ValueError, msgpack.UnpackException, TypeError, UnicodeDecodeError):
+            raise QConsistencyError(
+                "is truncated or not a msgpack reflection table", path
+            ) from None
+        return cls._from_object(obj, path)
+
+    @classmethod
+    def _from_object(cls, obj, path: str) -> "ReflectionTable":
+        def bad(problem):
+            return QConsistencyError(problem, path)
+
+        if not (isinstance(obj, list) and len(obj) == 3 and obj[0] == FILETYPE):
+            raise bad("is not a DIALS reflection table (no dials::af::reflection_table header)")
+        version, header = obj[1], obj[2]
+        if not isinstance(version, int) or version not in SUPPORTED_VERSIONS:
+            raise bad(f"reflection table version {version!r} is not supported (1 or 2 are)")
+        if not isinstance(header, dict):
+            raise bad("reflection table header is not a map")
+        unknown = set(header) - {"identifiers", "nrows", "data"}
+        if unknown:
+            raise bad(f"unknown key {sorted(map(str, unknown))[0]!r} in the table header")
+        nrows = header.get("nrows")
+        if not isinstance(nrows, int) or isinstance(nrows, bool) or nrows < 0:
+            raise bad("reflection table has no valid nrows")
+        identifiers = header.get("identifiers", {})
+        if not isinstance(identifiers, dict) or not all(
+            isinstance(k, int) and isinstance(v, str) for k, v in identifiers.items()
+        ):
+            raise bad("identifiers map is not {int: string}")
+        data = header.get("data", {})
+        if not isinstance(data, dict):
+            raise bad("column data is not a map")
+
+        table = cls(nrows, identifiers, version)
+        table._header_order = list(header)
+        for name, entry in data.items():
+            table._columns[name] = _check_column(name, entry, nrows, version, path)
+        names = list(data)
+        table._sorted_on_read = names == sorted(names)
+        return table
+
+    # -- writing --------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        names = list(self._columns)
+        if self._sorted_on_read:
+            names = sorted(names)
+        data = {name: [self._columns[name].type_name, [self.nrows, self._columns[name].blob]] for name in names}
+        parts = {"identifiers": self.identifiers, "nrows": self.nrows, "data": data}
+        header = {key: parts[key] for key in self._header_order}
+        for key in ("identifiers", "nrows", "data"):
+            header.setdefault(key, parts[key])
+        return msgpack.packb([FILETYPE, self.version, header], use_bin_type=True)
+
+    def write(self, path: str) -> None:
+        """Write the table atomically: a temporary file, then a rename."""
+        write_atomically(path, self.to_bytes())
+
+
+def _check_column(name, entry, nrows, version, path) -> Column:
+    def bad(problem):
+        return QConsistencyError(f"column {name!r}: {problem}", path)
+
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+        raise bad("is not [type, data]")
+    type_name, payload = entry
+    if not (isinstance(payload, list) and len(payload) == 2):
+        raise bad("data is not [nrows, blob]")
+    count, blob = payload
+    if not isinstance(blob, bytes):
+        raise bad("data blob is not binary")
+    if count != nrows:
+        raise bad(f"has {count} rows but the table has {nrows}")
+    if type_name in FIXED_TYPES:
+        expected = nrows * row_bytes(type_name)
+        if len(blob) != expected:
+            raise bad(f"blob is {len(blob)} bytes, expected {expected} for {nrows} rows of {type_name}")
+    elif type_name == "Shoebox<>":
+        problem = shoebox_blob_problem(blob, nrows, version)
+        if problem:
+            raise bad(problem)
+    elif type_name not in OPAQUE_TYPES:
+        raise bad(f"unknown column type {type_name!r}")
+    return Column(type_name, blob)
+
+
+_SHOEBOX_HEADER = np.dtype([("panel", "<u4"), ("bbox", "<i4", (6,)), ("flag", "u1")])
+
+
+def shoebox_blob_problem(blob: bytes, nrows: int, version: int) -> str | None:
+    """Walk a Shoebox<> blob; return what is wrong with it, or None.
+
+    Each row is a uint32 panel, six int32 bbox values, a uint8 flag and, when
+    the flag is 1 or 2, float32 data, a mask (int32 for flag 1, uint8 for
+    flag 2) and float32 background over the bbox volume.
+    """
+    size = len(blob)
+    offset = 0
+    header_size = _SHOEBOX_HEADER.itemsize
+    for _ in range(nrows):
+        if offset + header_size > size:
+            return "shoebox data ends early (truncated blob)"
+        header = np.frombuffer(blob, dtype=_SHOEBOX_HEADER, count=1, offset=offset)[0]
+        offset += header_size
+        x0, x1, y0, y1, z0, z1 = (int(v) for v in header["bbox"])
+        if x1 < x0 or y1 < y0 or z1 < z0:
+            return "shoebox with an inverted bounding box"
+        flag = int(header["flag"])
+        if flag in (1, 2):
+            n = (x1 - x0) * (y1 - y0) * (z1 - z0)
+            offset += n * (4 + (4 if flag == 1 else 1) + 4)
+        elif flag != 0:
+            return f"shoebox with unknown data flag {flag}"
+    if offset != size:
+        return f"shoebox blob is {size} bytes, its {nrows} rows need {offset}"
+    return None
+
+
+def write_atomically(path: str, payload: bytes) -> None:
+    """Write bytes to ``path`` via a temporary file in the same folder.
+
+    On any failure the temporary file is removed and ``path`` is untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    except OSError as error:
+        raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,41 @@
+"""dials-qconsistency: a DIALS command-line plugin (dials.q_consistency)."""
+
+import os
+
+from setuptools import find_packages, setup
+
+
+def cctbx_requirement():
+    """cctbx-base from PyPI only where no cctbx is installed already.
+
+    Inside a conda DIALS environment libtbx is importable (from conda's cctbx);
+    installing the PyPI wheel over it would break DIALS, so it is not required.
+    DIALS_QCONSISTENCY_NO_CCTBX=1 forces the same.
+    """
+    if os.environ.get("DIALS_QCONSISTENCY_NO_CCTBX"):
+        return []
+    try:
+        import libtbx  # noqa: F401
+    except ImportError:
+        return ["cctbx-base"]
+    return []
+
+
+setup(
+    name="dials-qconsistency",
+    version="0.1.0",
+    description="Reciprocal-space self-consistency check of DIALS models (dials.q_consistency)",
+    long_description=open("README.rst").read() if os.path.exists("README.rst") else "",
+    long_description_content_type="text/x-rst",
+    license="BSD-3-Clause",
+    packages=find_packages(include=["dials_qconsistency", "dials_qconsistency.*"]),
+    package_data={"dials_qconsistency": ["example_data/*"]},
+    python_requires=">=3.9",
+    install_requires=["numpy", "matplotlib", "msgpack"] + cctbx_requirement(),
+    extras_require={"test": ["pytest"], "standalone": ["cctbx-base"]},
+    entry_points={
+        "console_scripts": [
+            "dials.q_consistency = dials_qconsistency.command_line.q_consistency:main",
+        ]
+    },
+)
