@@ -21,7 +21,7 @@ BANDS = ((0.02, "excellent"), (0.05, "good"), (np.inf, "review the model"))
 S1_MATCH_TOLERANCE = 1e-7
 
 S1_PREDICTED = "prediction (s1 ends at xyzcal.mm)"
-S1_OBSERVED = "observed centroid (s1 ends at xyzobs.mm.value, as after dials.index)"
+S1_OBSERVED = "observed centroid (s1 points at xyzobs.mm.value, as after dials.index)"
 S1_NEITHER = "neither (s1 matches no position: table and experiments differ?)"
 
 
@@ -47,10 +47,35 @@ def norm_statistics(values: np.ndarray) -> dict:
     }
 
 
-def _max_norm(a, b) -> float | None:
+def _norms(a, b) -> np.ndarray:
     d = np.linalg.norm(a - b, axis=1)
-    d = d[np.isfinite(d)]
+    return d[np.isfinite(d)]
+
+
+def _max_norm(a, b) -> float | None:
+    d = _norms(a, b)
     return float(d.max()) if d.size else None
+
+
+def classify_s1(q_pixel_calculated, q_pixel_observed, q_pred) -> str:
+    """Is s1 a prediction, an observed centroid, or neither?
+
+    A prediction ends exactly at xyzcal.mm. After dials.index s1 was computed
+    from the observed centroids with the geometry of that moment, so it points
+    at xyzobs.mm.value exactly or, once the detector was refined, much closer
+    to it than to xyzcal.mm (median distance less than half).
+    """
+    calculated = _norms(q_pixel_calculated, q_pred)
+    if calculated.size and calculated.max() <= S1_MATCH_TOLERANCE:
+        return S1_PREDICTED
+    if q_pixel_observed is not None:
+        observed = _norms(q_pixel_observed, q_pred)
+        if observed.size and (
+            observed.max() <= S1_MATCH_TOLERANCE
+            or (calculated.size and np.median(observed) < 0.5 * np.median(calculated))
+        ):
+            return S1_OBSERVED
+    return S1_NEITHER
 
 
 @dataclass
@@ -92,12 +117,11 @@ def summarise(result: QResult, experiments) -> Summary:
             if result.q_pixel_observed is not None
             else None
         )
-        if cal is not None and cal <= S1_MATCH_TOLERANCE:
-            s1_kind = S1_PREDICTED
-        elif obs is not None and obs <= S1_MATCH_TOLERANCE:
-            s1_kind = S1_OBSERVED
-        else:
-            s1_kind = S1_NEITHER
+        s1_kind = classify_s1(
+            result.q_pixel_calculated[rows],
+            None if result.q_pixel_observed is None else result.q_pixel_observed[rows],
+            result.q_pred[rows],
+        )
         rotation = experiment.is_rotation
         summary.experiments.append(
             ExperimentSummary(

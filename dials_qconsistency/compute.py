@@ -24,8 +24,9 @@ REASONS = (
     "s1 is zero",
     "position or angle is not finite",
     "no calculated position (xyzcal.mm x = y = 0)",
+    "no Miller index (the table is not indexed)",
 )
-USED, NOT_INDEXED, ZERO_HKL, ZERO_S1, NOT_FINITE, NOT_PREDICTED = range(len(REASONS))
+USED, NOT_INDEXED, ZERO_HKL, ZERO_S1, NOT_FINITE, NOT_PREDICTED, NO_INDEXING = range(len(REASONS))
 
 POSITION_COLUMNS = {
     "calculated": "xyzcal.mm",
@@ -115,6 +116,8 @@ def compute_q(experiments, columns, identifiers, options: Options = None, path: 
     if options.q_pixel_source not in POSITION_COLUMNS:
         raise QConsistencyError(f"unknown q_pixel source {options.q_pixel_source!r}")
     position_column = POSITION_COLUMNS[options.q_pixel_source]
+    if not any(name in columns for name in ("miller_index", "s1", "xyzcal.mm")):
+        return _nothing_indexed(experiments, columns)
     for name in REQUIRED_COLUMNS + (position_column,):
         if name not in columns:
             raise QConsistencyError(f"has no {name!r} column", path)
@@ -157,6 +160,24 @@ def compute_q(experiments, columns, identifiers, options: Options = None, path: 
         _check_experiment(experiment, index, panel[rows], path)
         _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, options, result)
     return result
+
+
+def _nothing_indexed(experiments, columns) -> QResult:
+    """A spot list with no indexing columns: every row counted as not indexed."""
+    n = len(next(iter(columns.values()))) if columns else 0
+    nan3 = np.full((n, 3), np.nan)
+    return QResult(
+        q_bragg=nan3,
+        q_pixel=nan3.copy(),
+        q_pred=nan3.copy(),
+        reason=np.full(n, NO_INDEXING, dtype=np.int8),
+        experiment=np.full(n, -1, dtype=np.int64),
+        q_pixel_calculated=nan3.copy(),
+        q_pixel_observed=None,
+        outside_scan=np.zeros(n, dtype=bool),
+        notes=list(getattr(experiments, "notes", []))
+        + ["the table has no miller_index, s1 or xyzcal.mm (spot-finding output?): nothing is indexed"],
+    )
 
 
 def _check_experiment(experiment, index, panels, path):

@@ -139,6 +139,8 @@ class ReflectionTable:
             raise QConsistencyError("is empty, not a reflection table", path)
         if raw[:1] == b"\x80" or raw[:1] in (b"(", b"c"):
             raise QConsistencyError(PICKLE_HINT, path)
+        if raw[:1] != b"\x93":  # every table is a msgpack array of three
+            raise QConsistencyError("is not a DIALS reflection table (not msgpack)", path)
         try:
             obj = msgpack.unpackb(raw, raw=False, strict_map_key=False, use_list=True)
         except msgpack.ExtraData:

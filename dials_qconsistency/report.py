@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .analysis import BANDS, S1_OBSERVED, S1_PREDICTED, Summary
+from .analysis import BANDS, S1_NEITHER, S1_OBSERVED, S1_PREDICTED, Summary
 
 
 def _fmt(value, spec=".3e") -> str:
@@ -52,9 +52,14 @@ def summary_text(summary: Summary, options) -> str:
         if e.max_bragg_vs_pred is not None and e.s1_kind == S1_PREDICTED:
             parts.append(f"|q_bragg - q_pred| {_fmt(e.max_bragg_vs_pred)}")
         lines.append(f"  expt {e.index}: " + "; ".join(parts))
-        lines.append(f"    s1 is a {e.s1_kind}")
+        lines.append(f"    s1: {e.s1_kind}")
         if e.s1_kind == S1_OBSERVED:
             lines.append("    (not a failure: q_pred follows the observations, so it is no self-test of the model)")
+        if e.s1_kind == S1_NEITHER:
+            lines.append(
+                "    The table's s1 agrees with neither spot position under these models: the experiments "
+                "are probably not the ones the table was made with. delta_q is computed from the models given."
+            )
         if e.outside_scan:
             lines.append(
                 f"    {e.outside_scan} row(s) lie outside the scan: their model state is that of the "

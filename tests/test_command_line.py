@@ -1,0 +1,149 @@
+"""dials.q_consistency end to end, in a subprocess as a user runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dials_qconsistency.reflection_table import ReflectionTable
+from conftest import EXAMPLES, REPO_ROOT
+
+
+def run_command(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-m", "dials_qconsistency.command_line.q_consistency", *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_example_runs_and_writes_columns_and_log(tmp_path):
+    done = run_command(os.path.join(EXAMPLES, "rotation.expt"), os.path.join(EXAMPLES, "rotation.refl"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Mean |delta_q|" in done.stdout and "excellent" in done.stdout
+    assert (tmp_path / "dials.q_consistency.log").read_text().count("Mean |delta_q|") == 1
+    table = ReflectionTable.from_file(str(tmp_path / "q_consistency.refl"))
+    assert {"q_bragg", "q_pixel", "q_pred", "delta_q", "delta_q.norm"} <= set(table.keys())
+    used = np.isfinite(table.get("delta_q.norm"))
+    assert used.sum() == table.nrows - 5  # the five simulated unindexed spots are NaN
+    assert table.get("delta_q.norm")[used].max() < 1e-12
+
+
+def test_show_config_and_help(tmp_path):
+    done = run_command("-c", cwd=tmp_path)
+    assert done.returncode == 0 and "model_state = *refinement integrate" in done.stdout
+    assert '"q_consistency.refl"' in done.stdout and '"dials.q_consistency.log"' in done.stdout
+    done = run_command("-h", cwd=tmp_path)
+    assert done.returncode == 0 and "q_bragg = S . R(axis, phi) . F . A . h" in done.stdout
+    assert not (tmp_path / "dials.q_consistency.log").exists()
+
+
+def test_parameters_from_command_line(tmp_path):
+    out = tmp_path / "custom.refl"
+    done = run_command(
+        os.path.join(EXAMPLES, "stills.expt"), os.path.join(EXAMPLES, "stills.refl"),
+        f"output.reflections={out}", "q_pixel.source=observed", cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.exists() and "q_pixel from observed positions" in done.stdout
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_every_input_column_survives_unchanged(shared, tmp_path):
+    pairs = [
+        ("quartz_processed", "refined"), ("quartz_processed", "integrated"),
+        ("ssx_CuNiR_test_data", "indexed"), ("ssx_CuNiR_test_data", "integrated"),
+        ("centroid_test_data", "indexed"), ("dials_current", "centroid_refined"),
+        ("dials_current", "cspad_stills_refined"),
+    ]
+    pairs = [(shared(f, n + ".expt"), shared(f, n + ".refl")) for f, n in pairs]
+    pairs += [
+        (shared("centroid_test_data", "experiments.json"), shared("centroid_test_data", "integrated.refl")),
+        (shared("ssx_CuNiR_test_data", "imported_with_ref_5.expt"), shared("ssx_CuNiR_test_data", "strong_5.refl")),
+    ]
+    for expt, refl in pairs:
+        before = sha(refl)
+        out = tmp_path / "out.refl"
+        done = run_command(expt, refl, f"output.reflections={out}", cwd=tmp_path)
+        assert done.returncode == 0, (refl, done.stderr)
+        source, written = ReflectionTable.from_file(refl), ReflectionTable.from_file(str(out))
+        assert written.version == source.version and written.identifiers == source.identifiers
+        for name in source.keys():
+            assert written.column_type(name) == source.column_type(name)
+            assert written.column_blob(name) == source.column_blob(name), (refl, name)
+        assert sha(refl) == before
+
+
+def test_old_format_and_unindexed_tables_say_what_they_could_not_compute(shared, tmp_path):
+    done = run_command(shared("centroid_test_data", "experiments.json"), shared("centroid_test_data", "integrated.refl"), cwd=tmp_path)
+    assert done.returncode == 0
+    assert "parallax correction requested but mu/thickness are not set" in done.stdout
+    assert "not the ones the table was made with" in done.stdout
+    done = run_command(shared("ssx_CuNiR_test_data", "imported_with_ref_5.expt"), shared("ssx_CuNiR_test_data", "strong_5.refl"), cwd=tmp_path)
+    assert done.returncode == 0
+    assert "no Miller index (the table is not indexed)" in done.stdout and "Nothing to compare" in done.stdout
+
+
+def test_centroid_indexed_is_not_a_false_failure(shared, tmp_path):
+    done = run_command(shared("centroid_test_data", "indexed.expt"), shared("centroid_test_data", "indexed.refl"), cwd=tmp_path)
+    assert done.returncode == 0
+    assert "s1: observed centroid" in done.stdout and "not a failure" in done.stdout
+
+
+def write_without_column(source, name, target):
+    table = ReflectionTable.from_file(source)
+    del table._columns[name]
+    table.write(str(target))
+
+
+@pytest.mark.parametrize("case", ["missing file", "not a table", "mismatch", "missing column", "output is input"])
+def test_bad_input_one_line_error_no_output(shared, tmp_path, case):
+    expt, refl = shared("quartz_processed", "refined.expt"), shared("quartz_processed", "refined.refl")
+    extra = []
+    if case == "missing file":
+        refl, expected = str(tmp_path / "nowhere.refl"), "nowhere.refl: file not found"
+    elif case == "not a table":
+        refl = str(tmp_path / "junk.refl")
+        open(refl, "wb").write(b"this is not msgpack at all")
+        expected = "junk.refl: is not a DIALS reflection table (not msgpack)"
+    elif case == "mismatch":
+        refl, expected = shared("ssx_CuNiR_test_data", "indexed.refl"), "experiments and reflections do not match"
+    elif case == "missing column":
+        refl = str(tmp_path / "no_panel.refl")
+        write_without_column(shared("quartz_processed", "refined.refl"), "panel", refl)
+        expected = "no_panel.refl: has no 'panel' column"
+    else:
+        extra, expected = [f"output.reflections={refl}"], "would overwrite an input file"
+    done = run_command(expt, refl, *extra, cwd=tmp_path)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in done.stderr
+    assert not (tmp_path / "q_consistency.refl").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+def test_no_cctbx_extension_is_imported_after_matplotlib(tmp_path):
+    """The cctbx-base wheel segfaults if an extension loads after matplotlib."""
+    code = (
+        "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot\n"
+        "import sys\n"
+        "from dials_qconsistency.command_line import q_consistency\n"
+        "q_consistency.run(['-c'])\n"
+        "bad = sorted(m for m, mod in list(sys.modules.items())\n"
+        "             if (getattr(mod, '__file__', None) or '').endswith('.so')\n"
+        "             and any(k in mod.__file__ for k in ('cctbx', 'scitbx', 'iotbx', 'boost', 'libtbx')))\n"
+        "print(repr(bad))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
