@@ -152,3 +152,35 @@ def test_simulated_stills_delta_psi():
     q = np.linalg.norm(result.q_bragg[used], axis=1)
     expected = 2 * q * np.abs(np.sin(columns["delpsical.rad"][used] / 2))
     assert np.abs(np.linalg.norm(result.q_bragg[used] - result.q_pred[used], axis=1) - expected).max() <= 1e-12
+
+
+def test_parallax_corrected_pixel_to_q_by_hand():
+    """One panel facing the beam at 100 mm; spot at pixel (600, 0) on the fast axis.
+
+    dxtbx: the ray to the uncorrected point has cos t = 100 / L; the photon is
+    absorbed at depth o = 1/μ - (t0/cos t + 1/μ) exp(-μ t0 / cos t); the mm
+    position moves back along the panel by (ray · fast) · o.
+    """
+    mu, t0, pixel = 3.96, 0.45, 0.172
+    x_simple = 600 * pixel
+    length = math.hypot(x_simple, 100.0)
+    cos_t = 100.0 / length
+    depth = 1 / mu - (t0 / cos_t + 1 / mu) * math.exp(-mu * t0 / cos_t)
+    x_mm = x_simple - (x_simple / length) * depth
+    k = 1 / 0.9
+    q_expected = np.array([[x_mm, 0.0, -100.0]]) / math.hypot(x_mm, 100.0) * k - [0, 0, -k]
+
+    panel = Panel("p", np.array([0.0, 0, -100.0]), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]),
+                  np.array([pixel, pixel]), np.array([1000, 1000]), thickness=t0, mu=mu, parallax=True)
+    experiment = Experiment("", Beam(np.array([0, 0, -k]), 0.9), Detector([panel]), crystal=Crystal(np.eye(3)))
+    columns = {
+        "id": np.array([0]),
+        "miller_index": np.array([[1, 0, 0]]),
+        "panel": np.array([0]),
+        "s1": np.array([[0.0, 0, -k]]),
+        "xyzcal.mm": np.array([[1.0, 1.0, 0.0]]),
+        "xyzobs.px.value": np.array([[600.0, 0.0, 0.5]]),
+    }
+    result = compute_q(ExperimentList([experiment]), columns, {}, Options(q_pixel_source="observed_px"))
+    assert max_norm(result.q_pixel, q_expected) <= 1e-12
+    assert depth > 0.1  # the correction is large enough to matter here
