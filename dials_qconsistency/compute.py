@@ -216,27 +216,10 @@ def lab_positions(detector, panel_rows, xy, source="mm"):
     p = _panel_arrays(detector, panel_rows)
     xy = np.asarray(xy, dtype=float)
     if source == "px":
-        xy_mm = xy * p["pixel_size"]
-        corrected = p["parallax"]
-        if corrected.any():
-            rays = geometry.unit(_lab(p, xy_mm))
-            normal = np.cross(p["fast"], p["slow"])
-            flip = np.einsum("ij,ij->i", p["origin"], normal) < 0
-            normal[flip] *= -1
-            cos_t = np.einsum("ij,ij->i", rays, normal)
-            mu, t0 = p["mu"], p["thickness"]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                depth = 1.0 / mu - (t0 / cos_t + 1.0 / mu) * np.exp(-mu * t0 / cos_t)
-            shift = np.column_stack(
-                [np.einsum("ij,ij->i", rays, p["fast"]), np.einsum("ij,ij->i", rays, p["slow"])]
-            ) * depth[:, None]
-            xy_mm = np.where(corrected[:, None], xy_mm - shift, xy_mm)
-        xy = xy_mm
-    return _lab(p, xy)
-
-
-def _lab(p, xy_mm):
-    return p["origin"] + xy_mm[:, 0:1] * p["fast"] + xy_mm[:, 1:2] * p["slow"]
+        xy = geometry.pixel_to_millimetre(
+            xy, p["pixel_size"], p["origin"], p["fast"], p["slow"], p["mu"], p["thickness"], p["parallax"]
+        )
+    return geometry.lab_coordinates(p["origin"], p["fast"], p["slow"], xy)
 
 
 def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, options, result):

@@ -15,3 +15,16 @@ class QConsistencyError(Exception):
         self.path = path
         text = " ".join(str(message).split())
         super().__init__(f"{path}: {text}" if path else text)
+
+
+def read_input_file(path: str, what: str) -> bytes:
+    """The bytes of an input file, or a one-line error naming it."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise QConsistencyError("file not found", path) from None
+    except IsADirectoryError:
+        raise QConsistencyError(f"is a directory, not {what}", path) from None
+    except OSError as error:
+        raise QConsistencyError(f"cannot be read ({error.strerror})", path) from None

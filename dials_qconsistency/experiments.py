@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from .errors import QConsistencyError
+from .errors import QConsistencyError, read_input_file
 from .geometry import rotation_matrix, unit
 from .models import (
     Beam,
@@ -40,15 +40,7 @@ class _Bad(Exception):
 
 def read_experiments(path: str) -> ExperimentList:
     """Read an ``.expt`` (or old ``experiments.json``) file."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except FileNotFoundError:
-        raise QConsistencyError("file not found", path) from None
-    except IsADirectoryError:
-        raise QConsistencyError("is a directory, not an experiment list", path) from None
-    except OSError as error:
-        raise QConsistencyError(f"cannot be read ({error.strerror})", path) from None
+    raw = read_input_file(path, "an experiment list")
     try:
         document = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

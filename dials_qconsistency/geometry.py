@@ -50,48 +50,61 @@ def matvec(matrices: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     return np.einsum("...ij,...j->...i", matrices, vectors)
 
 
+def rowdot(a, b) -> np.ndarray:
+    """Dot products of matching rows (broadcasting)."""
+    return np.einsum("...i,...i->...", a, b)
+
+
 def lab_coordinates(origin, fast, slow, xy_mm) -> np.ndarray:
-    """Lab position (mm) of panel coordinates (x along fast, y along slow)."""
+    """Lab position (mm) of panel coordinates (x along fast, y along slow).
+
+    Panel vectors may be one panel's (3,) or one per row (N, 3).
+    """
     xy_mm = np.asarray(xy_mm, dtype=float)
-    return (
-        np.asarray(origin)[..., :]
-        + xy_mm[..., 0:1] * np.asarray(fast)
-        + xy_mm[..., 1:2] * np.asarray(slow)
-    )
+    return np.asarray(origin) + xy_mm[..., 0:1] * np.asarray(fast) + xy_mm[..., 1:2] * np.asarray(slow)
 
 
-def attenuation_length(mu, thickness, s1_unit, fast, slow, origin) -> np.ndarray:
-    """Mean absorption depth (mm) along unit rays into a sensor (dxtbx formula)."""
+def attenuation_length(mu, thickness, rays, fast, slow, origin) -> np.ndarray:
+    """Mean absorption depth (mm) along unit rays into a sensor (dxtbx formula).
+
+    The sensor normal is taken to point away from the sample; all arguments
+    may be per row.
+    """
     normal = np.cross(fast, slow)
-    if np.dot(origin, normal) < 0:
-        normal = -normal
-    cos_t = s1_unit @ normal
-    with np.errstate(divide="ignore", invalid="ignore"):
+    normal = np.where((rowdot(origin, normal) < 0)[..., None], -normal, normal)
+    cos_t = rowdot(rays, normal)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return (1.0 / mu) - (thickness / cos_t + 1.0 / mu) * np.exp(-mu * thickness / cos_t)
 
 
-def pixel_to_millimetre(xy_px, pixel_size, origin, fast, slow, mu=0.0, thickness=0.0, parallax=False):
-    """Panel px -> mm, sub-pixel; parallax-corrected like dxtbx when asked.
+def _parallax_shift(xy_mm, origin, fast, slow, mu, thickness):
+    """(ray · fast, ray · slow) · depth: how far parallax moves a panel point."""
+    rays = unit(lab_coordinates(origin, fast, slow, xy_mm))
+    depth = attenuation_length(mu, thickness, rays, fast, slow, origin)
+    return np.stack([rowdot(rays, fast), rowdot(rays, slow)], axis=-1) * np.asarray(depth)[..., None]
 
-    The simple mapping scales by the pixel size. The parallax-corrected one
-    then moves the point back along the ray by the attenuation length, as
-    ``ParallaxCorrectedPxMmStrategy.to_millimeter``.
+
+def pixel_to_millimetre(xy_px, pixel_size, origin, fast, slow, mu=0.0, thickness=0.0, parallax=False):
+    """Panel px -> mm, sub-pixel; parallax-corrected like dxtbx where asked.
+
+    The simple mapping scales by the pixel size; the parallax-corrected one
+    (``ParallaxCorrectedPxMmStrategy.to_millimeter``) then moves the point back
+    along the ray by the attenuation length. Panel values may be per row.
     """
     xy = np.asarray(xy_px, dtype=float) * np.asarray(pixel_size, dtype=float)
-    if not parallax:
+    parallax = np.asarray(parallax, dtype=bool)
+    if not parallax.any():
         return xy
-    rays = unit(lab_coordinates(origin, fast, slow, xy))
-    depth = attenuation_length(mu, thickness, rays, fast, slow, origin)
-    return xy - np.column_stack([rays @ fast, rays @ slow]) * depth[:, None]
+    shift = _parallax_shift(xy, origin, fast, slow, mu, thickness)
+    return np.where(parallax[..., None], xy - shift, xy)
 
 
 def millimetre_to_pixel(xy_mm, pixel_size, origin, fast, slow, mu=0.0, thickness=0.0, parallax=False):
     """Panel mm -> px, the dxtbx inverse (used by the simulator and tests)."""
     xy = np.asarray(xy_mm, dtype=float)
-    if parallax:
-        rays = unit(lab_coordinates(origin, fast, slow, xy))
-        depth = attenuation_length(mu, thickness, rays, fast, slow, origin)
-        xy = xy + np.column_stack([rays @ fast, rays @ slow]) * depth[:, None]
+    parallax = np.asarray(parallax, dtype=bool)
+    if parallax.any():
+        xy = np.where(parallax[..., None], xy + _parallax_shift(xy, origin, fast, slow, mu, thickness), xy)
     return xy / np.asarray(pixel_size, dtype=float)
 
 

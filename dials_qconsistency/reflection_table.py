@@ -21,7 +21,7 @@ import tempfile
 import msgpack
 import numpy as np
 
-from .errors import QConsistencyError
+from .errors import QConsistencyError, read_input_file
 
 FILETYPE = "dials::af::reflection_table"
 SUPPORTED_VERSIONS = (1, 2)
@@ -122,16 +122,7 @@ class ReflectionTable:
     # -- reading --------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str) -> "ReflectionTable":
-        try:
-            with open(path, "rb") as handle:
-                raw = handle.read()
-        except FileNotFoundError:
-            raise QConsistencyError("file not found", path) from None
-        except IsADirectoryError:
-            raise QConsistencyError("is a directory, not a reflection file", path) from None
-        except OSError as error:
-            raise QConsistencyError(f"cannot be read ({error.strerror})", path) from None
-        return cls.from_bytes(raw, path)
+        return cls.from_bytes(read_input_file(path, "a reflection table"), path)
 
     @classmethod
     def from_bytes(cls, raw: bytes, path: str = "<bytes>") -> "ReflectionTable":

@@ -61,29 +61,20 @@ def test_quartz_integrated_with_integrate_interpolation(shared):
     assert max_norm(result.q_bragg[outside], result.q_pred[outside]) <= EXACT
 
 
-def test_ssx_indexed_stills_delta_psi_relation(shared):
-    _, _, columns, result = run_core(
-        shared("ssx_CuNiR_test_data", "indexed.expt"), shared("ssx_CuNiR_test_data", "indexed.refl")
-    )
+@pytest.mark.parametrize(
+    "folder,name,n_used",
+    [("ssx_CuNiR_test_data", "indexed", 360), ("dials_current", "cspad_stills_refined", 1167)],
+)
+def test_stills_delta_psi_relation(shared, folder, name, n_used):
+    """DIALS moves each still's lattice point onto the Ewald sphere by Δψ."""
+    _, _, columns, result = run_core(shared(folder, name + ".expt"), shared(folder, name + ".refl"))
     used = result.used
-    assert used.sum() == 360
+    assert used.sum() == n_used
     q = np.linalg.norm(result.q_bragg[used], axis=1)
     expected = 2 * q * np.abs(np.sin(columns["delpsical.rad"][used] / 2))
     observed = np.linalg.norm(result.q_bragg[used] - result.q_pred[used], axis=1)
     assert np.max(np.abs(observed - expected)) <= EXACT
     assert observed.max() > 1e-5  # the relation is not trivially 0 = 0
-
-
-def test_cspad_stills_delta_psi_relation(shared):
-    _, _, columns, result = run_core(
-        shared("dials_current", "cspad_stills_refined.expt"), shared("dials_current", "cspad_stills_refined.refl")
-    )
-    used = result.used
-    assert used.sum() == 1167
-    q = np.linalg.norm(result.q_bragg[used], axis=1)
-    expected = 2 * q * np.abs(np.sin(columns["delpsical.rad"][used] / 2))
-    observed = np.linalg.norm(result.q_bragg[used] - result.q_pred[used], axis=1)
-    assert np.max(np.abs(observed - expected)) <= EXACT
 
 
 def test_ssx_integrated_ellipsoid_s2(shared):
