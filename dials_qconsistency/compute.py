@@ -252,13 +252,16 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
 
     rows_panel = panel[rows]
     source = "px" if options.q_pixel_source == "observed_px" else "mm"
-    lab = lab_positions(detector, rows_panel, position[rows, :2], source)
+    q_pixel = geometry.q_from_lab_position(lab_positions(detector, rows_panel, position[rows, :2], source), s0)
     result.q_bragg[rows] = q_bragg
-    result.q_pixel[rows] = geometry.q_from_lab_position(lab, s0)
+    result.q_pixel[rows] = q_pixel
     result.q_pred[rows] = s1[rows] - s0
-    result.q_pixel_calculated[rows] = geometry.q_from_lab_position(
-        lab_positions(detector, rows_panel, xyzcal[rows, :2]), s0
-    )
+    if options.q_pixel_source == "calculated":
+        result.q_pixel_calculated[rows] = q_pixel
+    else:
+        result.q_pixel_calculated[rows] = geometry.q_from_lab_position(
+            lab_positions(detector, rows_panel, xyzcal[rows, :2]), s0
+        )
     if xyzobs is not None:
         observed = xyzobs[rows, :2]
         finite = np.all(np.isfinite(observed), axis=1)

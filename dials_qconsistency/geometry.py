@@ -108,13 +108,6 @@ def millimetre_to_pixel(xy_mm, pixel_size, origin, fast, slow, mu=0.0, thickness
     return xy / np.asarray(pixel_size, dtype=float)
 
 
-def ray_intersection(s1, fast, slow, origin) -> np.ndarray:
-    """Panel mm coordinates where rays s1 (any length) meet the panel plane."""
-    d_inverse = np.linalg.inv(np.column_stack([fast, slow, origin]))
-    v = matvec(d_inverse, np.asarray(s1, dtype=float))
-    return v[:, :2] / v[:, 2:3]
-
-
 def q_from_lab_position(lab_mm, s0) -> np.ndarray:
     """q = k_out - k_in for scattering towards lab positions (mm); s0 (N,3) or (3,)."""
     s0 = np.asarray(s0, dtype=float)

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 from .experiments import experiments_from_dict
-from .geometry import matvec, millimetre_to_pixel, ray_intersection, rotation_matrix, unit
+from .geometry import matvec, millimetre_to_pixel, rotation_matrix, unit
 from .reflection_table import ReflectionTable, write_atomically
 
 SILICON_MU = 3.9596  # mm⁻¹, an illustrative value for the simulated sensor
@@ -196,7 +196,7 @@ def intersect_panels(s1, panels):
         size = p.image_size * p.pixel_size
         hit = (panel < 0) & (v[:, 2] > 0) & np.all((here > 1.0) & (here < size - 1.0), axis=1)
         panel[hit] = index
-        xy[hit] = ray_intersection(s1[hit], p.fast, p.slow, p.origin) if hit.any() else xy[hit]
+        xy[hit] = here[hit]
     return panel, xy
 
 
