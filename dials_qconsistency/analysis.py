@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .compute import REASONS, USED, QResult
+from .compute import REASONS, S1_MATCH_TOLERANCE, USED, QResult
 
 #: Interpretation bands for mean |Δq| in Å⁻¹ (upper bound, verdict).
 BANDS = ((0.02, "excellent"), (0.05, "good"), (np.inf, "review the model"))
-#: |q_pixel - q_pred| below this (Å⁻¹) means s1 ends at that position.
-S1_MATCH_TOLERANCE = 1e-7
 
 S1_PREDICTED = "prediction (s1 ends at xyzcal.mm)"
 S1_OBSERVED = "observed centroid (s1 points at xyzobs.mm.value, as after dials.index)"
@@ -88,6 +86,7 @@ class ExperimentSummary:
     max_pixel_observed_vs_pred: float | None
     max_bragg_vs_pred: float | None
     outside_scan: int
+    residuals: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -98,9 +97,66 @@ class Summary:
     verdict: str
     experiments: list[ExperimentSummary] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    residuals: dict = field(default_factory=dict)  # residual_statistics of all used rows
+    per_panel: list[dict] = field(default_factory=list)
+    per_panel_group: list[dict] = field(default_factory=list)
+    per_resolution_shell: list[dict] = field(default_factory=list)
 
 
-def summarise(result: QResult, experiments) -> Summary:
+def _rms(values) -> float | None:
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return float(np.sqrt(np.mean(values**2))) if values.size else None
+
+
+def residual_statistics(result: QResult, parts, rows) -> dict:
+    """|Δq| statistics and RMS of each decomposed part over a boolean row selection.
+
+    Keys: n, mean/median/rms/p95/max of |Δq| (Å⁻¹); rms of the in-plane
+    residual and its fast (x), slow (y), radial and transverse parts (mm);
+    rms radial and transverse (Å⁻¹); mean and rms of |q_bragg| - |q_pixel|
+    (Å⁻¹); rms Δφ (rotation rows) and Δψ (still rows) in degrees.
+    """
+    norms = np.linalg.norm(result.delta_q[rows], axis=1)
+    stats = norm_statistics(norms)
+    along = parts.along_q[rows]
+    angle = np.degrees(parts.angle[rows])
+    rotation = parts.rotation[rows]
+    stats.update(
+        {
+            "rms_in_plane_mm": _rms(parts.in_plane_mm[rows]),
+            "rms_x_mm": _rms(parts.delta_xy[rows, 0]),
+            "rms_y_mm": _rms(parts.delta_xy[rows, 1]),
+            "rms_radial_mm": _rms(parts.radial_mm[rows]),
+            "rms_transverse_mm": _rms(parts.transverse_mm[rows]),
+            "rms_radial": _rms(parts.radial[rows]),
+            "rms_transverse": _rms(parts.transverse[rows]),
+            "mean_along_q": float(np.mean(along)) if along.size else None,
+            "rms_along_q": _rms(along),
+            "rms_delta_phi_deg": _rms(angle[rotation]),
+            "rms_delta_psi_deg": _rms(angle[~rotation]),
+        }
+    )
+    return stats
+
+
+def resolution_shells(d_spacing, n_shells: int) -> np.ndarray:
+    """Shell edges in Å (high to low d) of equal volume in reciprocal space (1/d³)."""
+    inverse_cubed = 1.0 / np.asarray(d_spacing, dtype=float) ** 3
+    edges = np.linspace(inverse_cubed.min(), inverse_cubed.max(), n_shells + 1)
+    return edges ** (-1.0 / 3.0)
+
+
+def _grouped(result, parts, used, labelled_rows) -> list[dict]:
+    out = []
+    for label, rows in labelled_rows:
+        rows = rows & used
+        if rows.any():
+            out.append({**label, **residual_statistics(result, parts, rows)})
+    return out
+
+
+def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hierarchy_level: int = 1) -> Summary:
     used = result.used
     counts = {REASONS[code]: int(np.count_nonzero(result.reason == code)) for code in range(len(REASONS))}
     norms = np.linalg.norm(result.delta_q, axis=1)
@@ -133,9 +189,47 @@ def summarise(result: QResult, experiments) -> Summary:
                 max_pixel_observed_vs_pred=obs,
                 max_bragg_vs_pred=_max_norm(result.q_bragg[rows], result.q_pred[rows]) if rotation else None,
                 outside_scan=int(np.count_nonzero(result.outside_scan[rows])),
+                residuals=residual_statistics(result, parts, rows) if parts is not None else {},
             )
         )
+    if parts is None or not used.any():
+        return summary
+    summary.residuals = residual_statistics(result, parts, used)
+    detector = experiments[int(result.experiment[used][0])].detector
+    panels = np.unique(result.panel[used])
+    summary.per_panel = _grouped(
+        result,
+        parts,
+        used,
+        [({"panel": int(p), "name": _panel_name(detector, p)}, result.panel == p) for p in panels],
+    )
+    summary.per_panel_group = _grouped(
+        result,
+        parts,
+        used,
+        [
+            ({"group": group.name, "depth": group.depth, "panels": list(group.panels)}, np.isin(result.panel, group.panels))
+            for group in detector.groups_at_depth(hierarchy_level)
+        ],
+    )
+    d_spacing = 1.0 / np.linalg.norm(result.q_bragg[used], axis=1)
+    if n_shells > 0 and np.all(np.isfinite(d_spacing)):
+        edges = resolution_shells(d_spacing, n_shells)
+        d_all = np.full(len(used), np.nan)
+        d_all[used] = d_spacing
+        shells = []
+        for i in range(n_shells):
+            low, high = edges[i], edges[i + 1]
+            last = i == n_shells - 1
+            with np.errstate(invalid="ignore"):
+                rows = (d_all <= low) & ((d_all >= high) if last else (d_all > high))
+            shells.append(({"d_max": float(low), "d_min": float(high)}, rows))
+        summary.per_resolution_shell = _grouped(result, parts, used, shells)
     return summary
+
+
+def _panel_name(detector, index) -> str:
+    return detector.panels[int(index)].name if int(index) < len(detector.panels) else ""
 
 
 __all__ = ["BANDS", "Summary", "band", "norm_statistics", "summarise", "USED"]

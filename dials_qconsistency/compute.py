@@ -33,6 +33,7 @@ POSITION_COLUMNS = {
     "observed": "xyzobs.mm.value",
     "observed_px": "xyzobs.px.value",
 }
+PHI_COLUMNS = {"calculated": "xyzcal.mm", "observed": "xyzobs.mm.value"}
 REQUIRED_COLUMNS = ("id", "miller_index", "panel", "s1", "xyzcal.mm")
 
 
@@ -43,6 +44,7 @@ class Options:
     q_pixel_source: str = "calculated"  # calculated | observed | observed_px
     model_state: str = "refinement"  # refinement | integrate
     block_width: float = 1.0  # degrees, as dials.refine's block_width
+    phi: str = "calculated"  # rotation angle for q_bragg: calculated (xyzcal.mm) | observed (xyzobs.mm.value)
 
 
 @dataclass
@@ -57,6 +59,11 @@ class QResult:
     q_pixel_calculated: np.ndarray  # q from xyzcal.mm (self-test of s1)
     q_pixel_observed: np.ndarray | None  # q from xyzobs.mm.value, if present
     outside_scan: np.ndarray  # rows whose model state was clamped to the scan
+    s0: np.ndarray  # (N, 3) incident beam vector used for each row
+    rotation_axis: np.ndarray  # (N, 3) lab-frame rotation axis S·e (NaN for stills)
+    position_mm: np.ndarray  # (N, 2) panel mm position behind q_pixel
+    panel: np.ndarray  # (N,) panel index
+    phi: np.ndarray  # (N,) rotation angle (rad) used for q_bragg (NaN for stills)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -66,6 +73,17 @@ class QResult:
     @property
     def delta_q(self) -> np.ndarray:
         return self.q_bragg - self.q_pixel
+
+
+#: |q_pixel - q_pred| below this (Å⁻¹) means s1 ends at that position.
+S1_MATCH_TOLERANCE = 1e-7
+
+
+def s1_is_prediction(result, rows) -> bool:
+    """Does the table's s1 end at xyzcal.mm for every row selected (a prediction)?"""
+    d = np.linalg.norm(result.q_pixel_calculated[rows] - result.q_pred[rows], axis=1)
+    d = d[np.isfinite(d)]
+    return bool(d.size) and float(d.max()) <= S1_MATCH_TOLERANCE
 
 
 def experiment_index(ids: np.ndarray, identifiers: dict, experiments, path: str = None) -> np.ndarray:
@@ -115,10 +133,12 @@ def compute_q(experiments, columns, identifiers, options: Options = None, path: 
     options = options or Options()
     if options.q_pixel_source not in POSITION_COLUMNS:
         raise QConsistencyError(f"unknown q_pixel source {options.q_pixel_source!r}")
+    if options.phi not in PHI_COLUMNS:
+        raise QConsistencyError(f"unknown phi choice {options.phi!r}")
     position_column = POSITION_COLUMNS[options.q_pixel_source]
     if not any(name in columns for name in ("miller_index", "s1", "xyzcal.mm")):
         return _nothing_indexed(experiments, columns)
-    for name in REQUIRED_COLUMNS + (position_column,):
+    for name in REQUIRED_COLUMNS + (position_column, PHI_COLUMNS[options.phi]):
         if name not in columns:
             raise QConsistencyError(f"has no {name!r} column", path)
 
@@ -135,7 +155,8 @@ def compute_q(experiments, columns, identifiers, options: Options = None, path: 
     exp_of_row = experiment_index(ids, identifiers, experiments, path)
     reason = np.full(n, USED, dtype=np.int8)
     reason[(xyzcal[:, 0] == 0) & (xyzcal[:, 1] == 0)] = NOT_PREDICTED
-    reason[~np.all(np.isfinite(position[:, :2]), axis=1) | ~np.isfinite(xyzcal[:, 2])] = NOT_FINITE
+    phi_all = np.asarray(columns[PHI_COLUMNS[options.phi]], dtype=float)[:, 2]
+    reason[~np.all(np.isfinite(position[:, :2]), axis=1) | ~np.isfinite(phi_all)] = NOT_FINITE
     reason[~np.any(s1 != 0, axis=1)] = ZERO_S1
     reason[~np.any(hkl != 0, axis=1)] = ZERO_HKL
     reason[exp_of_row < 0] = NOT_INDEXED
@@ -150,6 +171,11 @@ def compute_q(experiments, columns, identifiers, options: Options = None, path: 
         q_pixel_calculated=nan3.copy(),
         q_pixel_observed=None if xyzobs is None else nan3.copy(),
         outside_scan=np.zeros(n, dtype=bool),
+        s0=nan3.copy(),
+        rotation_axis=nan3.copy(),
+        position_mm=np.full((n, 2), np.nan),
+        panel=panel,
+        phi=np.full(n, np.nan),
         notes=list(getattr(experiments, "notes", [])),
     )
 
@@ -158,7 +184,7 @@ def compute_q(experiments, columns, identifiers, options: Options = None, path: 
         if rows.size == 0:
             continue
         _check_experiment(experiment, index, panel[rows], path)
-        _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, options, result)
+        _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result)
     return result
 
 
@@ -175,6 +201,11 @@ def _nothing_indexed(experiments, columns) -> QResult:
         q_pixel_calculated=nan3.copy(),
         q_pixel_observed=None,
         outside_scan=np.zeros(n, dtype=bool),
+        s0=nan3.copy(),
+        rotation_axis=nan3.copy(),
+        position_mm=np.full((n, 2), np.nan),
+        panel=np.full(n, -1, dtype=np.int64),
+        phi=np.full(n, np.nan),
         notes=list(getattr(experiments, "notes", []))
         + ["the table has no miller_index, s1 or xyzcal.mm (spot-finding output?): nothing is indexed"],
     )
@@ -211,21 +242,24 @@ def _panel_arrays(detector, panel_rows):
     }
 
 
-def lab_positions(detector, panel_rows, xy, source="mm"):
-    """Lab positions (mm) of panel coordinates given in mm or px (sub-pixel)."""
+def panel_millimetres(detector, panel_rows, xy_px):
+    """Panel px (sub-pixel) -> panel mm with each row's panel mapping (parallax included)."""
     p = _panel_arrays(detector, panel_rows)
-    xy = np.asarray(xy, dtype=float)
-    if source == "px":
-        xy = geometry.pixel_to_millimetre(
-            xy, p["pixel_size"], p["origin"], p["fast"], p["slow"], p["mu"], p["thickness"], p["parallax"]
-        )
-    return geometry.lab_coordinates(p["origin"], p["fast"], p["slow"], xy)
+    return geometry.pixel_to_millimetre(
+        xy_px, p["pixel_size"], p["origin"], p["fast"], p["slow"], p["mu"], p["thickness"], p["parallax"]
+    )
 
 
-def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, options, result):
+def lab_positions(detector, panel_rows, xy_mm):
+    """Lab positions (mm) of panel coordinates in mm."""
+    p = _panel_arrays(detector, panel_rows)
+    return geometry.lab_coordinates(p["origin"], p["fast"], p["slow"], np.asarray(xy_mm, dtype=float))
+
+
+def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result):
     crystal, beam, detector = experiment.crystal, experiment.beam, experiment.detector
     h = hkl[rows].astype(float)
-    phi = xyzcal[rows, 2]
+    phi = phi_all[rows]
     s0 = np.broadcast_to(beam.s0, (rows.size, 3))
 
     if not experiment.is_rotation:
@@ -237,8 +271,9 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
             q_bragg = geometry.q_bragg_rotation(
                 gonio.setting_rotation, gonio.axis, phi, gonio.fixed_rotation, crystal.A, h
             )
+            S = gonio.setting_rotation
         elif options.model_state == "integrate":
-            q_bragg, s0, outside = _integrate_style(experiment, varying, phi, h)
+            q_bragg, s0, S, outside = _integrate_style(experiment, varying, phi, h)
             result.outside_scan[rows] = outside
         else:
             phi_blocks = xyzobs[rows, 2] if xyzobs is not None else phi
@@ -249,10 +284,16 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
             S = varying["S"][point]
             s0 = varying["s0"][point]
             q_bragg = geometry.q_bragg_rotation(S, gonio.axis, phi, gonio.fixed_rotation, A, h)
+        result.rotation_axis[rows] = geometry.matvec(S, gonio.axis)
+        result.phi[rows] = phi
 
     rows_panel = panel[rows]
-    source = "px" if options.q_pixel_source == "observed_px" else "mm"
-    q_pixel = geometry.q_from_lab_position(lab_positions(detector, rows_panel, position[rows, :2], source), s0)
+    position_mm = position[rows, :2]
+    if options.q_pixel_source == "observed_px":
+        position_mm = panel_millimetres(detector, rows_panel, position_mm)
+    q_pixel = geometry.q_from_lab_position(lab_positions(detector, rows_panel, position_mm), s0)
+    result.s0[rows] = s0
+    result.position_mm[rows] = position_mm
     result.q_bragg[rows] = q_bragg
     result.q_pixel[rows] = q_pixel
     result.q_pred[rows] = s1[rows] - s0
@@ -311,4 +352,6 @@ def _integrate_style(experiment, varying, phi, h):
     wavenumber = 0.5 * (np.linalg.norm(s0a, axis=1) + np.linalg.norm(s0b, axis=1))
     ua, ub = geometry.unit(s0a), geometry.unit(s0b)
     s0 = wavenumber[:, None] * (alpha[:, None] * (ub - ua) + ua)
-    return q_bragg, s0, outside
+    # the rotation axis for the Δφ decomposition: S of the nearer image boundary
+    S = np.where((alpha < 0.5)[:, None, None], varying["S"][pair], varying["S"][pair + 1])
+    return q_bragg, s0, S, outside

@@ -25,6 +25,7 @@ from .models import (
     ExperimentList,
     Goniometer,
     Panel,
+    PanelGroup,
     Scan,
 )
 
@@ -155,8 +156,9 @@ def _detector(d, notes) -> Detector:
         raise _Bad("has no panels")
     identity = (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.zeros(3))
     frames: list = [None] * len(panel_dicts)
+    groups: list[PanelGroup] = []
 
-    def walk(node, parent_frame, depth):
+    def walk(node, parent_frame, depth) -> list[int]:
         if depth > 64:
             raise _Bad("hierarchy is too deep (a cycle?)")
         if "panel" in node:
@@ -166,10 +168,12 @@ def _detector(d, notes) -> Detector:
             if frames[index] is not None:
                 raise _Bad(f"hierarchy names panel {index} twice")
             frames[index] = _compose(parent_frame, _frame(panel_dicts[index]))
-            return
+            return [index]
         frame = _compose(parent_frame, _frame(node))
-        for child in node.get("children", []):
-            walk(child, frame, depth + 1)
+        below = [index for child in node.get("children", []) for index in walk(child, frame, depth + 1)]
+        if depth > 0:
+            groups.append(PanelGroup(str(node.get("name", "")) or f"group {len(groups)}", depth, below))
+        return below
 
     hierarchy = d.get("hierarchy")
     if hierarchy:
@@ -219,7 +223,7 @@ def _detector(d, notes) -> Detector:
                 note=note,
             )
         )
-    return Detector(panels)
+    return Detector(panels, sorted(groups, key=lambda group: (group.depth, group.panels[0] if group.panels else -1)))
 
 
 def _goniometer(d) -> Goniometer:

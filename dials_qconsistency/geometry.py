@@ -126,3 +126,76 @@ def q_bragg_rotation(S, axis, phi, F, A, hkl) -> np.ndarray:
     r_goniometer = matvec(F, r_crystal)
     r_rotated = matvec(rotation_matrices(axis, phi), r_goniometer)
     return matvec(S, r_rotated)
+
+
+def ewald_rotation_angles(r, axis, s0) -> np.ndarray:
+    """Both angles δ (rad) about ``axis`` that put R(axis, δ)·r on the Ewald sphere.
+
+    Solves |s0 + R(δ)·r| = |s0|, i.e. s0·R(δ)·r = -|r|²/2, written as
+    a·cos δ + b·sin δ = c. ``axis`` and ``s0`` may be one vector or one per
+    row (all in one frame). Returns (N, 2), NaN where the point never reaches
+    the sphere (the blind region).
+    """
+    e = unit(np.asarray(axis, dtype=float))
+    r = np.asarray(r, dtype=float)
+    along = rowdot(r, e)
+    perpendicular = r - along[..., None] * e
+    a = rowdot(perpendicular, s0)
+    b = rowdot(np.cross(e, r), s0)
+    c = -0.5 * rowdot(r, r) - along * rowdot(e, s0)
+    rho = np.hypot(a, b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        spread = np.arccos(c / rho)
+    base = np.arctan2(b, a)
+    return np.stack([base - spread, base + spread], axis=-1)
+
+
+def wrap_angle(angles) -> np.ndarray:
+    """Angles (rad) wrapped into [-π, π)."""
+    return np.mod(np.asarray(angles, dtype=float) + np.pi, 2 * np.pi) - np.pi
+
+
+def nearest_ewald_rotation(r, axis, s0) -> np.ndarray:
+    """The smaller (in magnitude) of the two Ewald-sphere rotation angles (rad)."""
+    both = wrap_angle(ewald_rotation_angles(r, axis, s0))
+    pick = np.argmin(np.where(np.isnan(both), np.inf, np.abs(both)), axis=-1)
+    return np.take_along_axis(both, pick[..., None], axis=-1)[..., 0]
+
+
+def stills_rotation(r, s0):
+    """DIALS' stills prediction: rotate r in the plane of s0 and r onto the sphere.
+
+    Returns (Δψ (rad), axis (N, 3)): the right-handed rotation by Δψ about
+    the unit axis ``unit(r × s0)`` takes r onto the Ewald sphere, |r| kept
+    (DIALS' ``delpsical.rad`` convention: a positive angle turns r towards s0).
+    """
+    r = np.asarray(r, dtype=float)
+    s0 = np.broadcast_to(np.asarray(s0, dtype=float), r.shape)
+    length = np.linalg.norm(r, axis=-1)
+    wavenumber = np.linalg.norm(s0, axis=-1)
+    u = unit(s0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        now = np.arccos(np.clip(rowdot(r, u) / length, -1.0, 1.0))
+        on_sphere = np.arccos(np.clip(-length / (2.0 * wavenumber), -1.0, 1.0))
+        axis = unit(np.cross(r, s0))
+    return now - on_sphere, axis
+
+
+def rotate_about(vectors, axes, angles) -> np.ndarray:
+    """Rodrigues rotation of each row of ``vectors`` about its unit axis by its angle."""
+    v = np.asarray(vectors, dtype=float)
+    e = unit(np.asarray(axes, dtype=float))
+    angles = np.asarray(angles, dtype=float)[..., None]
+    return v * np.cos(angles) + np.cross(e, v) * np.sin(angles) + e * rowdot(e, v)[..., None] * (1 - np.cos(angles))
+
+
+def panel_intersection(d_matrix, rays) -> np.ndarray:
+    """Panel coordinates (mm) where rays from the sample cross a panel's plane.
+
+    ``d_matrix`` = [fast | slow | origin] (3, 3) or one per row; NaN where the
+    ray runs parallel to the plane or points away from it.
+    """
+    v = matvec(np.linalg.inv(d_matrix), np.asarray(rays, dtype=float))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xy = v[..., :2] / v[..., 2:3]
+    return np.where((v[..., 2:3] > 0), xy, np.nan)

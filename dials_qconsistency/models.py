@@ -52,8 +52,21 @@ class Panel:
 
 
 @dataclass
+class PanelGroup:
+    """A group node of the detector hierarchy: its name, depth below the root, panels."""
+
+    name: str
+    depth: int
+    panels: list[int]
+
+
+@dataclass
 class Detector:
     panels: list[Panel]
+    groups: list[PanelGroup] = field(default_factory=list)  # hierarchy groups below the root
+
+    def groups_at_depth(self, depth: int) -> list[PanelGroup]:
+        return [group for group in self.groups if group.depth == depth]
 
 
 @dataclass

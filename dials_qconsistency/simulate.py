@@ -21,7 +21,15 @@ import sys
 import numpy as np
 
 from .experiments import experiments_from_dict
-from .geometry import matvec, millimetre_to_pixel, rotation_matrix, unit
+from .geometry import (
+    ewald_rotation_angles,
+    matvec,
+    millimetre_to_pixel,
+    panel_intersection,
+    rotate_about,
+    rotation_matrix,
+    stills_rotation,
+)
 from .reflection_table import ReflectionTable, write_atomically
 
 SILICON_MU = 3.9596  # mm⁻¹, an illustrative value for the simulated sensor
@@ -167,34 +175,15 @@ def miller_indices(A, d_min):
     return hkl[np.linalg.norm(hkl @ A.T, axis=1) < 1.0 / d_min]
 
 
-def rotation_angles(r0, axis, s0_goniometer):
-    """Both φ (rad) at which S·R(φ)·r0 meets the Ewald sphere; NaN where none.
-
-    Solves s0'·R(φ)·r0 = -|r0|²/2 with s0' = Sᵀ·s0 written as a·cosφ + b·sinφ = c.
-    """
-    e = unit(np.asarray(axis, dtype=float))
-    along = r0 @ e
-    perpendicular = r0 - along[:, None] * e
-    a = perpendicular @ s0_goniometer
-    b = np.cross(e, r0) @ s0_goniometer
-    c = -0.5 * np.einsum("ij,ij->i", r0, r0) - along * (e @ s0_goniometer)
-    rho = np.hypot(a, b)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        spread = np.arccos(c / rho)
-    base = np.arctan2(b, a)
-    return np.stack([base - spread, base + spread], axis=1)
-
-
 def intersect_panels(s1, panels):
     """First panel hit by each ray, and the mm position on it (-1 / NaN if none)."""
     panel = np.full(len(s1), -1, dtype=np.int64)
     xy = np.full((len(s1), 2), np.nan)
     for index, p in enumerate(panels):
-        v = matvec(np.linalg.inv(p.d_matrix), s1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            here = v[:, :2] / v[:, 2:3]
+        here = panel_intersection(p.d_matrix, s1)
         size = p.image_size * p.pixel_size
-        hit = (panel < 0) & (v[:, 2] > 0) & np.all((here > 1.0) & (here < size - 1.0), axis=1)
+        with np.errstate(invalid="ignore"):
+            hit = (panel < 0) & np.all((here > 1.0) & (here < size - 1.0), axis=1)
         panel[hit] = index
         xy[hit] = here[hit]
     return panel, xy
@@ -270,7 +259,7 @@ def simulate_rotation(seed=1, d_min=2.5, noise_mm=0.03, noise_phi=2e-4, goniomet
 
     hkl = miller_indices(A, d_min)
     r0 = hkl @ (gonio.fixed_rotation @ A).T
-    phis = rotation_angles(r0, gonio.axis, gonio.setting_rotation.T @ beam.s0)
+    phis = ewald_rotation_angles(r0, gonio.axis, gonio.setting_rotation.T @ beam.s0)
     start, stop = scan_model.oscillation_range
     rows, phi = [], []
     for column in range(2):
@@ -330,17 +319,13 @@ def simulate_stills(seed=2, n_crystals=3, d_min=2.0, tolerance=0.003, noise_mm=0
         near = np.abs(excitation) < tolerance
         hkl, r = hkl[near], r[near]
         # rotate each r in the (s0, r) plane onto the sphere: the DIALS stills prediction
-        length = np.linalg.norm(r, axis=1)
-        u = unit(s0)
-        w = unit(r - np.outer(r @ u, u))
-        theta0 = np.arccos(np.clip((r @ u) / length, -1, 1))
-        theta = np.arccos(-length / (2 * k))
-        r_on_sphere = length[:, None] * (np.cos(theta)[:, None] * u + np.sin(theta)[:, None] * w)
+        delpsi_all, psi_axis = stills_rotation(r, s0)
+        r_on_sphere = rotate_about(r, psi_axis, delpsi_all)
         s1 = s0 + r_on_sphere
         panel, xy = intersect_panels(s1, panels)
         keep = panel >= 0
         n = int(keep.sum())
-        delpsi = (theta - theta0)[keep]
+        delpsi = delpsi_all[keep]
         parts.append(
             {
                 "ids": np.full(n, index, dtype=np.int64),

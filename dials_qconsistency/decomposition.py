@@ -1,0 +1,132 @@
+"""Split Δq = q_bragg - q_pixel into parts that point at a cause.
+
+Per used row (lab frame; Å⁻¹ unless the name says mm or rad):
+
+* ``angle``: the rotation that takes q_bragg onto the Ewald sphere: Δφ about
+  the lab rotation axis S·e for rotation data (calculated minus used φ: with
+  ``phi=observed`` it is ≈ φcal - φobs), Δψ for stills (DIALS' ``delpsical.rad``
+  convention). ``q_sphere`` is q_bragg so rotated; q_bragg - q_sphere is the
+  angular part of Δq.
+* ``along_q`` = |q_bragg| - |q_pixel|: an error in |q| (wavelength, distance,
+  cell).
+* In the detector plane: the model's spot minus the spot behind q_pixel. The
+  model's spot is where q_sphere meets the row's panel, or, when the table's
+  s1 is a prediction (it ends at xyzcal.mm), that prediction itself, so that
+  predictors other than Δψ (the ellipsoid model of dials.ssx_integrate) are
+  honoured. Given as (fast, slow) mm and as radial and transverse mm
+  about the beam centre, exactly as DIALS' ``compute_radial_and_transverse_
+  residuals`` (radial: from the beam centre to the spot; transverse: radial ×
+  beam centre). With a self-consistent model and q_pixel from observed
+  centroids this is xyzcal.mm - xyzobs.mm.
+* The same in Å⁻¹: q_sphere - q_pixel projected on the Ewald-sphere tangents
+  at the q_pixel ray, along increasing 2θ (radial) and along unit(ŝ1 × ŝ0)
+  (transverse, the direction DIALS' transverse residual has).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import geometry
+from .compute import s1_is_prediction
+
+
+@dataclass
+class Decomposition:
+    q_sphere: np.ndarray  # (N, 3)
+    angle: np.ndarray  # (N,) Δφ or Δψ, rad
+    along_q: np.ndarray  # (N,)
+    xy_bragg: np.ndarray  # (N, 2) panel mm of the q_sphere spot
+    delta_xy: np.ndarray  # (N, 2) fast, slow mm
+    radial_mm: np.ndarray
+    transverse_mm: np.ndarray
+    radial: np.ndarray  # Å⁻¹
+    transverse: np.ndarray  # Å⁻¹
+    rotation: np.ndarray  # (N,) bool: rotation data (angle is Δφ)
+
+    @property
+    def in_plane_mm(self) -> np.ndarray:
+        return np.hypot(self.delta_xy[:, 0], self.delta_xy[:, 1])
+
+
+def panel_frames(experiments, result):
+    """Per-row d matrices [fast | slow | origin] (N, 3, 3) of each row's panel; NaN if unused."""
+    d = np.full((len(result.reason), 3, 3), np.nan)
+    for index, experiment in enumerate(experiments):
+        rows = np.flatnonzero((result.experiment == index) & result.used)
+        if rows.size:
+            stack = np.array([p.d_matrix for p in experiment.detector.panels])
+            d[rows] = stack[result.panel[rows]]
+    return d
+
+
+def onto_sphere(q_bragg, s0, rotation_axis):
+    """(angle, q_sphere): rows with a finite axis rotate by Δφ about it, others by Δψ."""
+    rotation = np.all(np.isfinite(rotation_axis), axis=1)
+    angle = np.full(len(q_bragg), np.nan)
+    axis = np.full(q_bragg.shape, np.nan)
+    if rotation.any():
+        angle[rotation] = geometry.nearest_ewald_rotation(q_bragg[rotation], rotation_axis[rotation], s0[rotation])
+        axis[rotation] = rotation_axis[rotation]
+    still = ~rotation
+    if still.any():
+        angle[still], axis[still] = geometry.stills_rotation(q_bragg[still], s0[still])
+    return angle, geometry.rotate_about(q_bragg, axis, angle), rotation
+
+
+def decompose(experiments, result) -> Decomposition:
+    """Decompose Δq of every used row (NaN elsewhere)."""
+    n = len(result.reason)
+    used = result.used
+    nan = np.full(n, np.nan)
+    out = Decomposition(
+        q_sphere=np.full((n, 3), np.nan),
+        angle=nan.copy(),
+        along_q=nan.copy(),
+        xy_bragg=np.full((n, 2), np.nan),
+        delta_xy=np.full((n, 2), np.nan),
+        radial_mm=nan.copy(),
+        transverse_mm=nan.copy(),
+        radial=nan.copy(),
+        transverse=nan.copy(),
+        rotation=np.all(np.isfinite(result.rotation_axis), axis=1),
+    )
+    if not used.any():
+        return out
+    q_bragg, q_pixel, s0 = result.q_bragg[used], result.q_pixel[used], result.s0[used]
+    angle, q_sphere, _ = onto_sphere(q_bragg, s0, result.rotation_axis[used])
+    model_spot = q_sphere.copy()
+    used_rows = np.flatnonzero(used)
+    for index in range(len(experiments)):
+        mine = result.experiment[used_rows] == index
+        if mine.any() and s1_is_prediction(result, used_rows[mine]):
+            model_spot[mine] = result.q_pred[used_rows[mine]]
+    d = panel_frames(experiments, result)[used]
+    xy_bragg = geometry.panel_intersection(d, s0 + model_spot)
+    xy_pixel = result.position_mm[used]
+    delta_xy = xy_bragg - xy_pixel
+
+    fast, slow, origin = d[:, :, 0], d[:, :, 1], d[:, :, 2]
+    delta_lab = delta_xy[:, :1] * fast + delta_xy[:, 1:] * slow
+    beam_centre = geometry.lab_coordinates(origin, fast, slow, geometry.panel_intersection(d, s0))
+    spot = geometry.lab_coordinates(origin, fast, slow, xy_pixel)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        radial_dir = geometry.unit(spot - beam_centre)
+        transverse_dir = geometry.unit(np.cross(radial_dir, beam_centre))
+        s1_dir = geometry.unit(s0 + q_pixel)
+        transverse_q = geometry.unit(np.cross(s1_dir, geometry.unit(s0)))
+        radial_q = np.cross(s1_dir, transverse_q)
+    in_plane_q = model_spot - q_pixel
+
+    out.q_sphere[used] = q_sphere
+    out.angle[used] = angle
+    out.along_q[used] = np.linalg.norm(q_bragg, axis=1) - np.linalg.norm(q_pixel, axis=1)
+    out.xy_bragg[used] = xy_bragg
+    out.delta_xy[used] = delta_xy
+    out.radial_mm[used] = geometry.rowdot(delta_lab, radial_dir)
+    out.transverse_mm[used] = geometry.rowdot(delta_lab, transverse_dir)
+    out.radial[used] = geometry.rowdot(in_plane_q, radial_q)
+    out.transverse[used] = geometry.rowdot(in_plane_q, transverse_q)
+    return out
