@@ -35,7 +35,8 @@ from .compute import s1_is_prediction
 
 @dataclass
 class Decomposition:
-    q_sphere: np.ndarray  # (N, 3)
+    q_sphere: np.ndarray  # (N, 3) q_bragg rotated onto the Ewald sphere
+    model_spot: np.ndarray  # (N, 3) the model's q on the sphere (q_sphere, or q_pred when s1 is a prediction)
     angle: np.ndarray  # (N,) Δφ or Δψ, rad
     along_q: np.ndarray  # (N,)
     xy_bragg: np.ndarray  # (N, 2) panel mm of the q_sphere spot
@@ -83,6 +84,7 @@ def decompose(experiments, result) -> Decomposition:
     nan = np.full(n, np.nan)
     out = Decomposition(
         q_sphere=np.full((n, 3), np.nan),
+        model_spot=np.full((n, 3), np.nan),
         angle=nan.copy(),
         along_q=nan.copy(),
         xy_bragg=np.full((n, 2), np.nan),
@@ -121,6 +123,7 @@ def decompose(experiments, result) -> Decomposition:
     in_plane_q = model_spot - q_pixel
 
     out.q_sphere[used] = q_sphere
+    out.model_spot[used] = model_spot
     out.angle[used] = angle
     out.along_q[used] = np.linalg.norm(q_bragg, axis=1) - np.linalg.norm(q_pixel, axis=1)
     out.xy_bragg[used] = xy_bragg

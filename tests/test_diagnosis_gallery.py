@@ -1,0 +1,77 @@
+"""The gallery of broken models: the diagnosis names each injected mistake and its size.
+
+Tables are predicted from the true model (no noise); each ``.expt`` carries
+one mistake of known size (see dials_qconsistency.gallery). Sizes are checked
+to 0.1° in angle, 1e-3 in scale and 0.01 mm in length, as the issue asks.
+"""
+
+import numpy as np
+import pytest
+
+from dials_qconsistency.command_line.q_consistency import table_columns
+from dials_qconsistency.compute import compute_q
+from dials_qconsistency.decomposition import decompose
+from dials_qconsistency.diagnosis import axis_angle, diagnose, hkl_expression, kabsch, reindexing_operator
+from dials_qconsistency.experiments import experiments_from_dict
+from dials_qconsistency.gallery import all_cases
+
+CASES = all_cases()
+
+
+def _diagnoses(case):
+    experiments = experiments_from_dict(case.document)
+    result = compute_q(experiments, table_columns(case.table), case.table.identifiers)
+    return diagnose(experiments, result, decompose(experiments, result))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.kind}-{c.name}" for c in CASES])
+def test_gallery_names_the_mistake_and_its_size(case):
+    diagnoses = _diagnoses(case)
+    per_experiment = [d for d in diagnoses if d.scope != "pooled"]
+    pooled = diagnoses[0]
+    assert pooled.scope == "pooled" and per_experiment
+    if case.mistake == "consistent":
+        assert all(d.consistent and not d.findings for d in diagnoses)
+        return
+    scopes = per_experiment + ([] if case.mistake == "reindexing" and len(per_experiment) > 1 else [pooled])
+    for diagnosis in scopes:
+        assert not diagnosis.consistent, diagnosis.scope
+        found = [f for f in diagnosis.findings if f.mistake == case.mistake]
+        assert len(diagnosis.findings) == 1 and found, (diagnosis.scope, diagnosis.findings)
+        size = found[0].size
+        for key, expected in case.size.items():
+            if key in ("angle_deg", "signed_angle_deg", "tilt_deg"):
+                assert abs(size[key] - expected) < 0.1, (key, size[key])
+            elif key == "scale":
+                assert abs(size[key] - expected) < 1e-3, (key, size[key])
+            elif key in ("distance_mm",):
+                assert abs(size[key] - expected) < 0.01
+            elif key == "offset_lab_mm":
+                assert np.abs(np.array(size[key]) - expected).max() < 0.01
+            else:
+                assert size[key] == expected, (key, size[key])
+    if case.mistake == "reindexing" and len(per_experiment) > 1:
+        assert pooled.findings[0].mistake == "no_common_cause"
+
+
+def test_kabsch_and_axis_angle_recover_a_known_rotation():
+    rng = np.random.default_rng(5)
+    p = rng.normal(size=(50, 3))
+    axis = np.array([1.0, 2.0, -2.0]) / 3.0
+    angle = np.radians(33.0)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    r = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k  # Rodrigues, written out
+    fitted = kabsch(p, p @ r.T)
+    got_axis, got_angle = axis_angle(fitted)
+    assert abs(got_angle - 33.0) < 1e-10 and np.abs(got_axis - axis).max() < 1e-10
+    mirror = np.diag([1.0, 1.0, -1.0])
+    assert np.abs(kabsch(p, p @ mirror.T, proper=False) - mirror).max() < 1e-12
+
+
+def test_reindexing_operator_text():
+    a = np.diag([1 / 50.0, 1 / 50.0, 1 / 70.0])
+    four_fold = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])  # a rotation of the tetragonal lattice
+    k = reindexing_operator(a, four_fold)
+    assert hkl_expression(k) == "-k,h,l"
+    assert reindexing_operator(a, np.eye(3)) is None
+    assert hkl_expression(np.array([[1, 1, 0], [0, -2, 0], [0, 0, 1]])) == "h+k,-2k,l"
