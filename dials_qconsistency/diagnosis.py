@@ -500,6 +500,8 @@ def diagnose(experiments, result, parts) -> list[Diagnosis]:
         diagnose_rows(f"experiment {int(i)}", experiments[int(i)], result, parts, used & (result.experiment == i))
         for i in indices
     ]
+    if indices.size == 0:
+        return []
     if indices.size == 1:
         return [Diagnosis(**{**each[0].__dict__, "scope": "pooled"})] + each
     pooled = diagnose_rows("pooled", None, result, parts, used, _shared_detector(experiments, indices))

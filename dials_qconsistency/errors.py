@@ -28,3 +28,7 @@ def read_input_file(path: str, what: str) -> bytes:
         raise QConsistencyError(f"is a directory, not {what}", path) from None
     except OSError as error:
         raise QConsistencyError(f"cannot be read ({error.strerror})", path) from None
+
+
+class GateFailed(Exception):
+    """A fail_if bound was exceeded: exit status 2 with this one-line reason."""

@@ -1,32 +1,77 @@
-"""New reflection-table columns from a :class:`compute.QResult`.
+"""New reflection-table columns from a :class:`compute.QResult` and its decomposition.
 
-Columns (lab frame, Å⁻¹, no 2π; NaN in rows not used): ``q_bragg``,
-``q_pixel``, ``q_pred``, ``delta_q`` = q_bragg - q_pixel (vec3<double>) and
-``delta_q.norm`` (double). Input columns are never touched.
+All lab frame, Å⁻¹ without 2π unless the name gives mm or rad; NaN in rows
+not used. Input columns are never touched.
+
+=========================  ==============  =============================================
+column                     type            meaning
+=========================  ==============  =============================================
+q_bragg                    vec3<double>    S·R(φ)·F·A·h (rotation) or A·h (stills)
+q_pixel                    vec3<double>    k_out - k_in at the spot position used
+q_pred                     vec3<double>    s1 - s0 from the table
+delta_q                    vec3<double>    q_bragg - q_pixel
+delta_q.norm               double          |delta_q|
+delta_q.along_q            double          |q_bragg| - |q_pixel| (an error in |q|)
+delta_q.delphi.rad         double          rotation onto the Ewald sphere about S·e
+                                           (rotation data; NaN for stills)
+delta_q.delpsi.rad         double          Δψ onto the sphere, DIALS' delpsical.rad
+                                           convention (stills; NaN for rotation data)
+delta_q.xy.mm              vec2<double>    model spot - q_pixel spot on the panel
+                                           (fast, slow), = xyzcal.mm - xyzobs.mm for a
+                                           consistent model and observed positions
+delta_q.radial.mm          double          that residual along the radial direction about
+                                           the beam centre (DIALS' r_resid)
+delta_q.transverse.mm      double          and across it (DIALS' t_resid)
+delta_q.radial             double          model spot - q_pixel along increasing 2θ
+delta_q.transverse         double          ... along unit(ŝ1 × ŝ0)
+=========================  ==============  =============================================
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-OUTPUT_COLUMNS = ("q_bragg", "q_pixel", "q_pred", "delta_q", "delta_q.norm")
+OUTPUT_COLUMNS = (
+    "q_bragg",
+    "q_pixel",
+    "q_pred",
+    "delta_q",
+    "delta_q.norm",
+    "delta_q.along_q",
+    "delta_q.delphi.rad",
+    "delta_q.delpsi.rad",
+    "delta_q.xy.mm",
+    "delta_q.radial.mm",
+    "delta_q.transverse.mm",
+    "delta_q.radial",
+    "delta_q.transverse",
+)
 
 
-def output_columns(result) -> dict[str, tuple[str, np.ndarray]]:
+def output_columns(result, parts) -> dict[str, tuple[str, np.ndarray]]:
     """Column name -> (DIALS type name, values)."""
     delta = result.delta_q
+    rotation = parts.rotation
     return {
         "q_bragg": ("vec3<double>", result.q_bragg),
         "q_pixel": ("vec3<double>", result.q_pixel),
         "q_pred": ("vec3<double>", result.q_pred),
         "delta_q": ("vec3<double>", delta),
         "delta_q.norm": ("double", np.linalg.norm(delta, axis=1)),
+        "delta_q.along_q": ("double", parts.along_q),
+        "delta_q.delphi.rad": ("double", np.where(rotation, parts.angle, np.nan)),
+        "delta_q.delpsi.rad": ("double", np.where(rotation, np.nan, parts.angle)),
+        "delta_q.xy.mm": ("vec2<double>", parts.delta_xy),
+        "delta_q.radial.mm": ("double", parts.radial_mm),
+        "delta_q.transverse.mm": ("double", parts.transverse_mm),
+        "delta_q.radial": ("double", parts.radial),
+        "delta_q.transverse": ("double", parts.transverse),
     }
 
 
-def add_columns(table, result) -> list[str]:
+def add_columns(table, result, parts) -> list[str]:
     """Add the output columns to a standalone table; return replaced names."""
     replaced = [name for name in OUTPUT_COLUMNS if name in table]
-    for name, (type_name, values) in output_columns(result).items():
+    for name, (type_name, values) in output_columns(result, parts).items():
         table.set_column(name, type_name, values)
     return replaced

@@ -22,7 +22,7 @@ def summary_text(summary: Summary, options) -> str:
         if count or reason == "used":
             lines.append(f"  {reason:<48} {count:>8}")
     lines.append(
-        f"q_pixel from {options.q_pixel_source} positions; "
+        f"q_pixel from {options.q_pixel_source} positions; q_bragg at the {options.phi} rotation angle; "
         f"scan-varying model state: {options.model_state}"
         + (f" (block width {options.block_width:g} deg)" if options.model_state == "refinement" else "")
     )
@@ -66,3 +66,80 @@ def summary_text(summary: Summary, options) -> str:
                 "nearest scan end, as DIALS uses"
             )
     return "\n".join(lines)
+
+
+def diagnosis_text(diagnoses) -> str:
+    """One block per scope: consistent, or each named mistake with its size."""
+    lines = ["", "Diagnosis (best rotation, mirror, scale and detector fits; see the JSON for all of them):"]
+    for d in diagnoses:
+        if d.rms_delta_q is None:
+            continue
+        if d.consistent:
+            lines.append(f"  {d.scope}: consistent: no fitted frame, scale or detector change explains the residual")
+            continue
+        for finding in d.findings:
+            explained = finding.size.get("explained")
+            extra = f" [explains {100 * explained:.1f}% of the squared residual]" if explained is not None else ""
+            lines.append(f"  {d.scope}: {finding.mistake}: {finding.message}{extra}")
+    return "\n".join(lines)
+
+
+def residuals_text(summary) -> str:
+    """The positional-residual table per experiment and per panel group, like dials.report's."""
+    if not summary.residuals:
+        return ""
+    header = f"{'':<18}{'n':>7}  {'RMS in-plane':>12}  {'RMS x':>8}  {'RMS y':>8}  {'radial':>8}  {'transv.':>8}  {'|q| err':>9}  {'dphi/dpsi':>9}"
+    lines = ["", "Residuals (model spot - q_pixel spot, mm; |q_bragg| - |q_pixel| RMS, 1/Angstrom; angle RMS, deg):", header]
+
+    def row(label, s):
+        angle = s.get("rms_delta_phi_deg") if s.get("rms_delta_phi_deg") is not None else s.get("rms_delta_psi_deg")
+        return (
+            f"{label:<18}{s['n']:>7}  {_fmt(s['rms_in_plane_mm'], '.4f'):>12}  {_fmt(s['rms_x_mm'], '.4f'):>8}  "
+            f"{_fmt(s['rms_y_mm'], '.4f'):>8}  {_fmt(s['rms_radial_mm'], '.4f'):>8}  {_fmt(s['rms_transverse_mm'], '.4f'):>8}  "
+            f"{_fmt(s['rms_along_q'], '.2e'):>9}  {_fmt(angle, '.4f'):>9}"
+        )
+
+    lines.append(row("all", summary.residuals))
+    for e in summary.experiments:
+        lines.append(row(f"expt {e.index}", e.residuals))
+    for g in summary.per_panel_group:
+        lines.append(row(f"group {g['group']}"[:18], g))
+    return "\n".join(lines)
+
+
+def json_report(summary, diagnoses, options, files) -> dict:
+    """The machine-readable report (schema in README.rst)."""
+    experiments = []
+    for e in summary.experiments:
+        experiments.append(
+            {
+                "index": e.index,
+                "kind": e.kind,
+                "delta_q": e.delta_q,
+                "residuals": e.residuals,
+                "s1": e.s1_kind,
+                "max_q_pixel_calculated_vs_q_pred": e.max_pixel_calculated_vs_pred,
+                "max_q_pixel_observed_vs_q_pred": e.max_pixel_observed_vs_pred,
+                "max_q_bragg_vs_q_pred": e.max_bragg_vs_pred,
+                "rows_outside_scan": e.outside_scan,
+            }
+        )
+    return {
+        "program": "dials.q_consistency",
+        "files": files,
+        "settings": {
+            "q_pixel_source": options.q_pixel_source,
+            "phi": options.phi,
+            "model_state": options.model_state,
+            "block_width_deg": options.block_width,
+            "units": "1/Angstrom without 2pi; lengths mm; angles as named",
+        },
+        "rows": {"total": summary.n_rows, **summary.counts},
+        "overall": {"delta_q": summary.delta_q, "verdict": summary.verdict, "residuals": summary.residuals},
+        "per_experiment": experiments,
+        "per_panel": summary.per_panel,
+        "per_panel_group": summary.per_panel_group,
+        "per_resolution_shell": summary.per_resolution_shell,
+        "diagnosis": [d.as_dict() for d in diagnoses],
+        "notes": summary.notes,
+    }

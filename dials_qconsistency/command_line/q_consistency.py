@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import sys
 
@@ -11,11 +13,13 @@ import libtbx.phil
 from dials_qconsistency import __version__
 from dials_qconsistency.analysis import summarise
 from dials_qconsistency.compute import Options, compute_q
-from dials_qconsistency.errors import QConsistencyError
+from dials_qconsistency.decomposition import decompose
+from dials_qconsistency.diagnosis import diagnose
+from dials_qconsistency.errors import GateFailed, QConsistencyError
 from dials_qconsistency.experiments import read_experiments
 from dials_qconsistency.output import add_columns
-from dials_qconsistency.reflection_table import FIXED_TYPES, ReflectionTable
-from dials_qconsistency.report import summary_text
+from dials_qconsistency.reflection_table import FIXED_TYPES, ReflectionTable, write_atomically
+from dials_qconsistency.report import diagnosis_text, json_report, residuals_text, summary_text
 
 logger = logging.getLogger("dials.q_consistency")
 
@@ -40,7 +44,20 @@ Examples::
 
   dials.q_consistency integrated.expt integrated.refl scan_varying.model_state=integrate
 
-  dials.q_consistency refined.expt refined.refl q_pixel.source=observed
+  dials.q_consistency refined.expt refined.refl q_pixel.source=observed phi=observed
+
+  dials.q_consistency refined.expt refined.refl output.json=qc.json \
+      fail_if.mean_delta_q=0.002 output.plots=None
+
+With q_pixel.source=observed (spot centroids) delta_q measures how well the
+refined model fits the data. It is split into the rotation onto the Ewald
+sphere (delta phi or delta psi), the error in |q|, and the in-detector-plane
+residual (radial and transverse about the beam centre, mm and 1/Angstrom).
+A diagnosis fits the best rotation, mirror, isotropic scale and detector
+planes and names the classic mistakes: a missing or extra goniometer setting
+or fixed rotation, a constant 90/180 degree lab rotation, a sign flip, 2pi
+units, a wrong wavelength, a detector distance error, a beam-centre shift, a
+tilted panel, or Miller indices in another symmetry-equivalent setting.
 """
 
 phil_scope = libtbx.phil.parse(
@@ -52,6 +69,10 @@ q_pixel {
             "(xyzobs.mm.value) or observed_px (xyzobs.px.value mapped to mm"
             "with the refined panel, parallax included)."
 }
+phi = *calculated observed
+  .type = choice
+  .help = "Rotation angle at which q_bragg is evaluated (rotation data):"
+          "calculated (xyzcal.mm) or observed (xyzobs.mm.value)."
 scan_varying {
   model_state = *refinement integrate
     .type = choice
@@ -70,6 +91,31 @@ output {
     .help = "The output reflection table: the input plus the q columns."
   log = dials.q_consistency.log
     .type = path
+  json = None
+    .type = path
+    .help = "Machine-readable report: every statistic and the diagnosis"
+            "(schema in README.rst)."
+  plots = q_consistency_
+    .type = str
+    .help = "PNG figures: a file-name prefix, or a directory (existing, or"
+            "ending in /). None switches them off."
+}
+statistics {
+  resolution_shells = 10
+    .type = int(value_min=0)
+    .help = "Number of resolution shells (equal volume in 1/d^3)."
+  panel_group_depth = 1
+    .type = int(value_min=1)
+    .help = "Depth in the detector hierarchy of the panel groups reported."
+}
+fail_if {
+  mean_delta_q = None
+    .type = float(value_min=0)
+    .help = "Exit with status 2 if the mean |delta_q| (1/Angstrom) exceeds this."
+  median_delta_q = None
+    .type = float(value_min=0)
+  max_delta_q = None
+    .type = float(value_min=0)
 }
 debug = False
   .type = bool
@@ -192,21 +238,67 @@ def run(args=None, phil=phil_scope):
             q_pixel_source=params.q_pixel.source,
             model_state=params.scan_varying.model_state,
             block_width=params.scan_varying.block_width,
+            phi=params.phi,
         )
         result = compute_q(experiments, table_columns(table), table.identifiers, options, path=refl_path)
-        summary = summarise(result, experiments)
+        parts = decompose(experiments, result)
+        summary = summarise(
+            result, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
+        )
+        diagnoses = diagnose(experiments, result, parts)
 
         if out_path:
-            replaced = add_columns(table, result)
+            replaced = add_columns(table, result, parts)
             if replaced:
                 logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
             table.write(out_path)
         logger.info(summary_text(summary, options))
+        logger.info(residuals_text(summary))
+        logger.info(diagnosis_text(diagnoses))
+        if params.output.json:
+            report = json_report(summary, diagnoses, options, {"experiments": expt_path, "reflections": refl_path})
+            write_atomically(params.output.json, (json.dumps(_finite(report), indent=1) + "\n").encode())
+            logger.info(f"\nSaved the report to {params.output.json}")
+        if params.output.plots and params.output.plots != "None":
+            from dials_qconsistency.plots import write_plots
+
+            written = write_plots(params.output.plots, experiments, result, parts)
+            if written:
+                logger.info(f"Saved {len(written)} figures: {', '.join(written)}")
         if out_path:
-            logger.info(f"\nSaved {table.nrows} rows with q_bragg, q_pixel, q_pred, delta_q to {out_path}")
+            logger.info(f"\nSaved {table.nrows} rows with q_bragg, q_pixel, q_pred, delta_q and its parts to {out_path}")
+        gate = gate_failure(summary.delta_q, params.fail_if)
+        if gate:
+            logger.info(f"\nfail_if: {gate}")
+            raise GateFailed(gate)
     finally:
         _close_logging()
     return 0
+
+
+def gate_failure(statistics: dict, bounds) -> str | None:
+    """The first fail_if bound exceeded, as a one-line reason (None if all hold)."""
+    for name, key in (("mean_delta_q", "mean"), ("median_delta_q", "median"), ("max_delta_q", "max")):
+        bound = getattr(bounds, name)
+        if bound is None:
+            continue
+        value = statistics.get(key)
+        if value is None:
+            return f"{name}: no reflection to compare, so the bound {bound:g} cannot be met"
+        if value > bound:
+            return f"{key} |delta_q| = {value:.4g} 1/Angstrom exceeds fail_if.{name}={bound:g}"
+    return None
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def main(args=None):
@@ -218,6 +310,9 @@ def main(args=None):
     except QConsistencyError as error:
         print(f"dials.q_consistency: error: {error}", file=sys.stderr)
         return 1
+    except GateFailed as failure:
+        print(f"dials.q_consistency: fail_if: {failure}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("dials.q_consistency: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,223 @@
+"""PNG figures of Δq (matplotlib, headless Agg backend).
+
+The detector views draw every panel in its true place: panel corners and spots
+are projected from the lab frame (mm) onto the plane perpendicular to the beam,
+seen from the sample. Colour bars are in Å⁻¹ (no 2π).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+from . import geometry
+from .reflection_table import write_atomically
+
+#: Per-row quantities shown as detector heatmaps: file suffix -> (label, getter).
+HEATMAPS = {
+    "norm": ("|Δq| (Å⁻¹)", lambda r, p: np.linalg.norm(r.delta_q, axis=1)),
+    "dqx": ("Δq_x (Å⁻¹)", lambda r, p: r.delta_q[:, 0]),
+    "dqy": ("Δq_y (Å⁻¹)", lambda r, p: r.delta_q[:, 1]),
+    "dqz": ("Δq_z (Å⁻¹)", lambda r, p: r.delta_q[:, 2]),
+    "along_q": ("|q_bragg| - |q_pixel| (Å⁻¹)", lambda r, p: p.along_q),
+    "radial": ("radial Δq (Å⁻¹)", lambda r, p: p.radial),
+    "transverse": ("transverse Δq (Å⁻¹)", lambda r, p: p.transverse),
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def view_basis(s0):
+    """Orthonormal (u, v) across the beam: u is lab X made perpendicular to it, v = b × u."""
+    b = geometry.unit(np.asarray(s0, dtype=float))
+    x = np.array([1.0, 0.0, 0.0]) if abs(b[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    u = geometry.unit(x - (x @ b) * b)
+    return u, np.cross(b, u)
+
+
+def _project(lab, basis):
+    u, v = basis
+    return np.stack([lab @ u, lab @ v], axis=-1)
+
+
+def panel_outline(panel, basis):
+    size = panel.image_size * panel.pixel_size
+    corners = np.array([[0, 0], [size[0], 0], [size[0], size[1]], [0, size[1]]], dtype=float)
+    return _project(geometry.lab_coordinates(panel.origin, panel.fast, panel.slow, corners), basis)
+
+
+def spot_lab_positions(experiments, result):
+    """Lab position (mm) of each used row's q_pixel spot (NaN elsewhere)."""
+    lab = np.full((len(result.reason), 3), np.nan)
+    for index, experiment in enumerate(experiments):
+        rows = np.flatnonzero(result.used & (result.experiment == index))
+        if rows.size:
+            panels = experiment.detector.panels
+            d = np.array([p.d_matrix for p in panels])[result.panel[rows]]
+            lab[rows] = geometry.lab_coordinates(d[:, :, 2], d[:, :, 0], d[:, :, 1], result.position_mm[rows])
+    return lab
+
+
+def _draw_panels(ax, detector, basis):
+    from matplotlib.patches import Polygon
+
+    for index, panel in enumerate(detector.panels):
+        ax.add_patch(Polygon(panel_outline(panel, basis), closed=True, fill=False, lw=0.6, ec="0.4", label=f"panel {index}"))
+    ax.set_aspect("equal")
+    ax.autoscale_view()
+    ax.set_xlabel("mm across the beam (lab X side)")
+    ax.set_ylabel("mm")
+
+
+def detector_heatmap(experiments, result, parts, quantity="norm"):
+    """(figure, number of panels drawn) for one per-row quantity over the detector."""
+    plt = _pyplot()
+    label, getter = HEATMAPS[quantity]
+    detector = experiments[0].detector
+    basis = view_basis(experiments[0].beam.s0)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    _draw_panels(ax, detector, basis)
+    used = result.used
+    xy = _project(spot_lab_positions(experiments, result)[used], basis)
+    values = np.asarray(getter(result, parts))[used]
+    signed = quantity != "norm"
+    limit = float(np.nanmax(np.abs(values))) if values.size and np.isfinite(values).any() else 1.0
+    scatter = ax.scatter(
+        xy[:, 0], xy[:, 1], c=values, s=6, cmap="coolwarm" if signed else "viridis",
+        vmin=-limit if signed else 0.0, vmax=limit or 1.0,
+    )
+    fig.colorbar(scatter, ax=ax, label=label)
+    ax.set_title(f"{label} on the detector ({used.sum()} reflections)")
+    return fig, len(detector.panels)
+
+
+def arrow_map(experiments, result, parts):
+    """(figure, panels drawn): in-plane residuals (model spot - q_pixel spot) as arrows."""
+    plt = _pyplot()
+    detector = experiments[0].detector
+    basis = view_basis(experiments[0].beam.s0)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    _draw_panels(ax, detector, basis)
+    used = result.used & np.all(np.isfinite(parts.delta_xy), axis=1)
+    start = spot_lab_positions(experiments, result)[used]
+    d = _panel_axes(experiments, result, used)
+    delta_lab = parts.delta_xy[used, :1] * d[:, :, 0] + parts.delta_xy[used, 1:] * d[:, :, 1]
+    xy, dxy = _project(start, basis), _project(delta_lab, basis)
+    size = np.linalg.norm(dxy, axis=1)
+    typical = float(np.median(size)) if size.size else 0.0
+    extent = float(np.ptp(xy[:, 0])) if xy.size else 1.0
+    scale = 0.02 * extent / typical if typical > 0 else 1.0
+    ax.quiver(xy[:, 0], xy[:, 1], dxy[:, 0] * scale, dxy[:, 1] * scale, angles="xy", scale_units="xy", scale=1, width=0.002)
+    ax.set_title(f"in-plane residuals, arrows × {scale:.3g} (median {typical:.3g} mm)")
+    return fig, len(detector.panels)
+
+
+def _panel_axes(experiments, result, rows):
+    d = np.full((len(result.reason), 3, 3), np.nan)
+    for index, experiment in enumerate(experiments):
+        mine = np.flatnonzero(rows & (result.experiment == index))
+        if mine.size:
+            d[mine] = np.array([p.d_matrix for p in experiment.detector.panels])[result.panel[mine]]
+    return d[rows]
+
+
+def components_vs_pixel(experiments, result, parts):
+    plt = _pyplot()
+    used = result.used
+    pixel = np.full((len(result.reason), 2), np.nan)
+    for index, experiment in enumerate(experiments):
+        rows = np.flatnonzero(used & (result.experiment == index))
+        sizes = np.array([p.pixel_size for p in experiment.detector.panels])
+        pixel[rows] = result.position_mm[rows] / sizes[result.panel[rows]]
+    fig, axes = plt.subplots(3, 2, figsize=(9, 8), sharex="col")
+    for row, name in enumerate("xyz"):
+        for column, axis_name in enumerate(("fast", "slow")):
+            ax = axes[row, column]
+            ax.scatter(pixel[used, column], result.delta_q[used, row], s=3)
+            ax.axhline(0, color="0.5", lw=0.5)
+            ax.set_ylabel(f"Δq_{name} (Å⁻¹)")
+            if row == 2:
+                ax.set_xlabel(f"{axis_name} pixel")
+    fig.suptitle("Δq components against panel position")
+    return fig
+
+
+def histogram(result):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    norms = np.linalg.norm(result.delta_q[result.used], axis=1)
+    ax.hist(norms, bins=50)
+    ax.set_xlabel("|Δq| (Å⁻¹)")
+    ax.set_ylabel("reflections")
+    return fig
+
+
+def against_resolution(result):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    used = result.used
+    q = np.linalg.norm(result.q_bragg[used], axis=1)
+    ax.scatter(q**2, np.linalg.norm(result.delta_q[used], axis=1), s=3)
+    ticks = ax.get_xticks()
+    ax.set_xticks(ticks[ticks > 0])
+    ax.set_xticklabels([f"{1 / np.sqrt(t):.2f}" for t in ticks[ticks > 0]])
+    ax.set_xlabel("d (Å), linear in 1/d²")
+    ax.set_ylabel("|Δq| (Å⁻¹)")
+    return fig
+
+
+def against_image(experiments, result):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for index, experiment in enumerate(experiments):
+        rows = result.used & (result.experiment == index)
+        if not rows.any() or not experiment.is_rotation:
+            continue
+        image = experiment.scan.array_index_from_angle(result.phi[rows]) + experiment.scan.image_range[0]
+        ax.scatter(image, np.linalg.norm(result.delta_q[rows], axis=1), s=3, label=f"experiment {index}")
+    ax.set_xlabel("image number")
+    ax.set_ylabel("|Δq| (Å⁻¹)")
+    return fig
+
+
+def _save(fig, path):
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_atomically(path, buffer.getvalue())
+    return path
+
+
+def plot_path(target: str, name: str) -> str:
+    """A directory (existing, or ending in a separator) gets ``name.png``; anything else is a prefix."""
+    if target.endswith(os.sep) or os.path.isdir(target):
+        os.makedirs(target, exist_ok=True)
+        return os.path.join(target, f"{name}.png")
+    return f"{target}{name}.png"
+
+
+def write_plots(target, experiments, result, parts) -> list[str]:
+    """Write every figure; returns the paths. Nothing is written without used rows."""
+    if not result.used.any():
+        return []
+    written = []
+    for quantity in HEATMAPS:
+        fig, _ = detector_heatmap(experiments, result, parts, quantity)
+        written.append(_save(fig, plot_path(target, f"detector_{quantity}")))
+    written.append(_save(arrow_map(experiments, result, parts)[0], plot_path(target, "detector_arrows")))
+    written.append(_save(components_vs_pixel(experiments, result, parts), plot_path(target, "components_vs_pixel")))
+    written.append(_save(histogram(result), plot_path(target, "histogram")))
+    written.append(_save(against_resolution(result), plot_path(target, "vs_resolution")))
+    if any(e.is_rotation for e in experiments):
+        written.append(_save(against_image(experiments, result), plot_path(target, "vs_image")))
+    return written
