@@ -140,11 +140,14 @@ def residual_statistics(result: QResult, parts, rows) -> dict:
     return stats
 
 
-def resolution_shells(d_spacing, n_shells: int) -> np.ndarray:
-    """Shell edges in Å (high to low d) of equal volume in reciprocal space (1/d³)."""
+def resolution_shells(d_spacing, n_shells: int):
+    """(shell index per value, edges in Å from low to high resolution): equal volumes in 1/d³."""
     inverse_cubed = 1.0 / np.asarray(d_spacing, dtype=float) ** 3
-    edges = np.linspace(inverse_cubed.min(), inverse_cubed.max(), n_shells + 1)
-    return edges ** (-1.0 / 3.0)
+    low, high = inverse_cubed.min(), inverse_cubed.max()
+    width = (high - low) / n_shells or 1.0
+    shell = np.clip(np.floor((inverse_cubed - low) / width).astype(int), 0, n_shells - 1)
+    edges = np.linspace(low, high, n_shells + 1) ** (-1.0 / 3.0)
+    return shell, edges
 
 
 def _grouped(result, parts, used, labelled_rows) -> list[dict]:
@@ -214,17 +217,15 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
     )
     d_spacing = 1.0 / np.linalg.norm(result.q_bragg[used], axis=1)
     if n_shells > 0 and np.all(np.isfinite(d_spacing)):
-        edges = resolution_shells(d_spacing, n_shells)
-        d_all = np.full(len(used), np.nan)
-        d_all[used] = d_spacing
-        shells = []
-        for i in range(n_shells):
-            low, high = edges[i], edges[i + 1]
-            last = i == n_shells - 1
-            with np.errstate(invalid="ignore"):
-                rows = (d_all <= low) & ((d_all >= high) if last else (d_all > high))
-            shells.append(({"d_max": float(low), "d_min": float(high)}, rows))
-        summary.per_resolution_shell = _grouped(result, parts, used, shells)
+        shell, edges = resolution_shells(d_spacing, n_shells)
+        shell_of_row = np.full(len(used), -1)
+        shell_of_row[used] = shell
+        summary.per_resolution_shell = _grouped(
+            result,
+            parts,
+            used,
+            [({"d_max": float(edges[i]), "d_min": float(edges[i + 1])}, shell_of_row == i) for i in range(n_shells)],
+        )
     return summary
 
 

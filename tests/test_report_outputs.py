@@ -1,0 +1,125 @@
+"""Figures, the JSON report, the new columns and the fail_if gate."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dials_qconsistency import plots
+from dials_qconsistency.decomposition import decompose
+from dials_qconsistency.gallery import rotation_cases
+from dials_qconsistency.reflection_table import ReflectionTable
+from conftest import EXAMPLES, run_core
+from test_command_line import run_command
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _panels_drawn(fig):
+    return sum(1 for patch in fig.axes[0].patches if (patch.get_label() or "").startswith("panel "))
+
+
+@pytest.mark.parametrize("stem", ["rotation", "stills"])
+def test_every_figure_is_written_and_non_empty(tmp_path, stem):
+    experiments, _, _, result = run_core(os.path.join(EXAMPLES, stem + ".expt"), os.path.join(EXAMPLES, stem + ".refl"), q_pixel_source="observed")
+    parts = decompose(experiments, result)
+    written = plots.write_plots(str(tmp_path) + os.sep, experiments, result, parts)
+    names = {os.path.basename(p) for p in written}
+    expected = {f"detector_{q}.png" for q in plots.HEATMAPS} | {
+        "detector_arrows.png", "components_vs_pixel.png", "histogram.png", "vs_resolution.png",
+    }
+    if stem == "rotation":
+        expected.add("vs_image.png")
+    assert names == expected
+    for path in written:
+        data = open(path, "rb").read()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, path
+    assert not [p for p in os.listdir(tmp_path) if not p.endswith(".png")]  # no temporary files left
+
+
+def test_detector_views_draw_every_panel_of_the_cspad(shared):
+    experiments, _, _, result = run_core(
+        shared("dials_current", "cspad_stills_refined.expt"), shared("dials_current", "cspad_stills_refined.refl"),
+        q_pixel_source="observed",
+    )
+    parts = decompose(experiments, result)
+    for quantity in plots.HEATMAPS:
+        fig, n = plots.detector_heatmap(experiments, result, parts, quantity)
+        assert n == 64 and _panels_drawn(fig) == 64
+    fig, n = plots.arrow_map(experiments, result, parts)
+    assert _panels_drawn(fig) == 64
+    # the spots lie inside the drawn layout
+    xy = plots._project(plots.spot_lab_positions(experiments, result)[result.used], plots.view_basis(experiments[0].beam.s0))
+    corners = np.concatenate([plots.panel_outline(p, plots.view_basis(experiments[0].beam.s0)) for p in experiments[0].detector.panels])
+    assert xy.min(axis=0).tolist() >= (corners.min(axis=0) - 1).tolist()
+    assert xy.max(axis=0).tolist() <= (corners.max(axis=0) + 1).tolist()
+
+
+def test_plot_names_prefix_directory_and_none(tmp_path):
+    assert plots.plot_path("run1_", "histogram") == "run1_histogram.png"
+    assert plots.plot_path(str(tmp_path), "histogram") == os.path.join(str(tmp_path), "histogram.png")
+    done = run_command(
+        os.path.join(EXAMPLES, "stills.expt"), os.path.join(EXAMPLES, "stills.refl"), "output.plots=None", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_json_report_schema_and_gate(tmp_path):
+    done = run_command(
+        os.path.join(EXAMPLES, "rotation.expt"), os.path.join(EXAMPLES, "rotation.refl"), "q_pixel.source=observed",
+        "output.json=report.json", "output.plots=figs/", "fail_if.mean_delta_q=0.05", cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {"overall", "per_experiment", "per_panel", "per_panel_group", "per_resolution_shell", "diagnosis", "settings"} <= set(report)
+    assert report["settings"]["q_pixel_source"] == "observed" and report["settings"]["phi"] == "calculated"
+    table = ReflectionTable.from_file(str(tmp_path / "q_consistency.refl"))
+    norms = table.get("delta_q.norm")
+    used = np.isfinite(norms)
+    assert report["overall"]["delta_q"]["mean"] == pytest.approx(norms[used].mean(), rel=1e-12)
+    assert report["overall"]["delta_q"]["n"] == int(used.sum())
+    assert len(report["per_panel"]) == 4 and sum(p["n"] for p in report["per_panel"]) == used.sum()
+    assert sum(s["n"] for s in report["per_resolution_shell"]) == used.sum()
+    assert [d["scope"] for d in report["diagnosis"]] == ["pooled", "experiment 0"]
+    assert all(d["consistent"] for d in report["diagnosis"])
+    xy = table.get("delta_q.xy.mm")[used]
+    rms_xy = np.sqrt(np.mean(np.sum(xy**2, axis=1)))
+    assert report["per_experiment"][0]["residuals"]["rms_in_plane_mm"] == pytest.approx(rms_xy, rel=1e-12)
+    assert len(list((tmp_path / "figs").glob("*.png"))) == 12
+
+    # the same run with a bound it cannot meet: exit 2, one line, outputs still written
+    done = run_command(
+        os.path.join(EXAMPLES, "rotation.expt"), os.path.join(EXAMPLES, "rotation.refl"), "q_pixel.source=observed",
+        "output.plots=None", f"fail_if.max_delta_q={0.5 * norms[used].max()}", "output.reflections=gated.refl", cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "max |delta_q|" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "gated.refl").exists()
+
+
+def test_broken_model_named_in_log_and_json(tmp_path):
+    case = next(c for c in rotation_cases() if c.name == "minus90_about_x")
+    (tmp_path / "broken.expt").write_text(json.dumps(case.document))
+    case.table.write(str(tmp_path / "truth.refl"))
+    done = run_command("broken.expt", "truth.refl", "output.json=r.json", "output.plots=None", "fail_if.mean_delta_q=0.02", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "lab_axis_rotation" in done.stdout and "about lab X" in done.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    finding = report["diagnosis"][0]["findings"][0]
+    assert finding["mistake"] == "lab_axis_rotation" and abs(finding["size"]["angle_deg"] - 90) < 0.1
+
+
+def test_decomposition_columns_in_output(tmp_path):
+    done = run_command(os.path.join(EXAMPLES, "stills.expt"), os.path.join(EXAMPLES, "stills.refl"), "output.plots=None", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    table = ReflectionTable.from_file(str(tmp_path / "q_consistency.refl"))
+    delpsi = table.get("delta_q.delpsi.rad")
+    used = np.isfinite(table.get("delta_q.norm"))
+    # the simulator writes DIALS' delpsical.rad; the program recovers it from the models
+    assert np.abs(delpsi[used] - table.get("delpsical.rad")[used]).max() <= 1e-12
+    assert np.isnan(table.get("delta_q.delphi.rad")).all()
+    assert table.column_type("delta_q.xy.mm") == "vec2<double>"
