@@ -76,7 +76,7 @@ def test_two_level_hierarchy_composes_like_explicit_rotations():
         {"__id__": "ExperimentList", "experiment": [{"detector": 0}], "detector": [tiled_detector(160.0)]}
     )[0].detector.panels
     root = np.column_stack([[1, 0, 0], [0, -1, 0], [0, 0, -1]])  # [f s n] of the root
-    width, height = 400 * 0.172, 300 * 0.172
+    width = 400 * 0.172
     # group 1: tilted 3° about its fast axis; its panel 0 turned 1° in plane
     g_orientation = root @ np.column_stack([[1, 0, 0], Rx(math.radians(3)) @ [0, 1, 0], Rx(math.radians(3)) @ [0, 0, 1]])
     g_origin = root @ [-width - 1.0, 2.0, 1.5] + [0, 0, -160.0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dials_qconsistency.analysis import S1_NEITHER, S1_OBSERVED, S1_PREDICTED, summarise
+from dials_qconsistency.analysis import S1_OBSERVED, S1_PREDICTED, summarise
 from conftest import max_norm, run_core
 
 EXACT = 1e-9  # Å⁻¹
