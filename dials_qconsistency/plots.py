@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from . import geometry
+from .decomposition import panel_frames
 from .reflection_table import write_atomically
 
 #: Per-row quantities shown as detector heatmaps: file suffix -> (label, getter).
@@ -57,14 +58,8 @@ def panel_outline(panel, basis):
 
 def spot_lab_positions(experiments, result):
     """Lab position (mm) of each used row's q_pixel spot (NaN elsewhere)."""
-    lab = np.full((len(result.reason), 3), np.nan)
-    for index, experiment in enumerate(experiments):
-        rows = np.flatnonzero(result.used & (result.experiment == index))
-        if rows.size:
-            panels = experiment.detector.panels
-            d = np.array([p.d_matrix for p in panels])[result.panel[rows]]
-            lab[rows] = geometry.lab_coordinates(d[:, :, 2], d[:, :, 0], d[:, :, 1], result.position_mm[rows])
-    return lab
+    d = panel_frames(experiments, result)
+    return geometry.lab_coordinates(d[:, :, 2], d[:, :, 0], d[:, :, 1], result.position_mm)
 
 
 def _draw_panels(ax, detector, basis):
@@ -109,7 +104,7 @@ def arrow_map(experiments, result, parts):
     _draw_panels(ax, detector, basis)
     used = result.used & np.all(np.isfinite(parts.delta_xy), axis=1)
     start = spot_lab_positions(experiments, result)[used]
-    d = _panel_axes(experiments, result, used)
+    d = panel_frames(experiments, result)[used]
     delta_lab = parts.delta_xy[used, :1] * d[:, :, 0] + parts.delta_xy[used, 1:] * d[:, :, 1]
     xy, dxy = _project(start, basis), _project(delta_lab, basis)
     size = np.linalg.norm(dxy, axis=1)
@@ -119,15 +114,6 @@ def arrow_map(experiments, result, parts):
     ax.quiver(xy[:, 0], xy[:, 1], dxy[:, 0] * scale, dxy[:, 1] * scale, angles="xy", scale_units="xy", scale=1, width=0.002)
     ax.set_title(f"in-plane residuals, arrows × {scale:.3g} (median {typical:.3g} mm)")
     return fig, len(detector.panels)
-
-
-def _panel_axes(experiments, result, rows):
-    d = np.full((len(result.reason), 3, 3), np.nan)
-    for index, experiment in enumerate(experiments):
-        mine = np.flatnonzero(rows & (result.experiment == index))
-        if mine.size:
-            d[mine] = np.array([p.d_matrix for p in experiment.detector.panels])[result.panel[mine]]
-    return d[rows]
 
 
 def components_vs_pixel(experiments, result, parts):
