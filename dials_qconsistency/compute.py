@@ -21,12 +21,11 @@ REASONS = (
     "used",
     "not indexed (id < 0)",
     "Miller index is (0, 0, 0)",
-    "s1 is zero",
-    "position or angle is not finite",
-    "no calculated position (xyzcal.mm x = y = 0)",
+    "not predicted (xyzcal.mm x = y = 0, as DIALS marks it)",
+    "not observed (xyzobs x = y = 0)",
     "no Miller index (the table is not indexed)",
 )
-USED, NOT_INDEXED, ZERO_HKL, ZERO_S1, NOT_FINITE, NOT_PREDICTED, NO_INDEXING = range(len(REASONS))
+USED, NOT_INDEXED, ZERO_HKL, NOT_PREDICTED, NOT_OBSERVED, NO_INDEXING = range(len(REASONS))
 
 POSITION_COLUMNS = {
     "calculated": "xyzcal.mm",
@@ -35,6 +34,16 @@ POSITION_COLUMNS = {
 }
 PHI_COLUMNS = {"calculated": "xyzcal.mm", "observed": "xyzobs.mm.value"}
 REQUIRED_COLUMNS = ("id", "miller_index", "panel", "s1", "xyzcal.mm")
+#: Per-row shape each column the core reads must have.
+COLUMN_SHAPES = {
+    "id": (),
+    "panel": (),
+    "miller_index": (3,),
+    "s1": (3,),
+    "xyzcal.mm": (3,),
+    "xyzobs.mm.value": (3,),
+    "xyzobs.px.value": (3,),
+}
 
 
 @dataclass
@@ -65,6 +74,28 @@ class QResult:
     panel: np.ndarray  # (N,) panel index
     phi: np.ndarray  # (N,) rotation angle (rad) used for q_bragg (NaN for stills)
     notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def blank(cls, reason, experiment, panel, notes, observed=False) -> "QResult":
+        """Every vector NaN: rows are filled in as they are computed."""
+        n = len(reason)
+        nan = lambda *shape: np.full((n,) + shape, np.nan)
+        return cls(
+            q_bragg=nan(3),
+            q_pixel=nan(3),
+            q_pred=nan(3),
+            reason=reason,
+            experiment=experiment,
+            q_pixel_calculated=nan(3),
+            q_pixel_observed=nan(3) if observed else None,
+            outside_scan=np.zeros(n, dtype=bool),
+            s0=nan(3),
+            rotation_axis=nan(3),
+            position_mm=nan(2),
+            panel=panel,
+            phi=nan(),
+            notes=list(notes),
+        )
 
     @property
     def used(self) -> np.ndarray:
@@ -129,21 +160,31 @@ def experiment_index(ids: np.ndarray, identifiers: dict, experiments, path: str 
 
 
 def compute_q(experiments, columns, identifiers, options: Options = None, path: str = None) -> QResult:
-    """Compute q_bragg, q_pixel and q_pred for all rows of a table."""
+    """Compute q_bragg, q_pixel and q_pred for all rows of a table.
+
+    Raises :class:`QConsistencyError` (naming ``path``) when the table cannot be
+    used: no rows, a missing or misshapen column, ids or panels that the
+    experiment list does not have, or indexed rows whose numbers are corrupt
+    (not finite, or s1 = 0 beside a calculated position).
+    """
     options = options or Options()
     if options.q_pixel_source not in POSITION_COLUMNS:
         raise QConsistencyError(f"unknown q_pixel source {options.q_pixel_source!r}")
     if options.phi not in PHI_COLUMNS:
         raise QConsistencyError(f"unknown phi choice {options.phi!r}")
-    position_column = POSITION_COLUMNS[options.q_pixel_source]
+    n = _row_count(columns, path)
+    notes = getattr(experiments, "notes", [])
     if not any(name in columns for name in ("miller_index", "s1", "xyzcal.mm")):
-        return _nothing_indexed(experiments, columns)
-    for name in REQUIRED_COLUMNS + (position_column, PHI_COLUMNS[options.phi]):
-        if name not in columns:
-            raise QConsistencyError(f"has no {name!r} column", path)
+        notes = list(notes) + ["the table has no miller_index, s1 or xyzcal.mm (spot-finding output?): nothing is indexed"]
+        reason = np.full(n, NO_INDEXING, dtype=np.int8)
+        return QResult.blank(reason, np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64), notes)
+    position_column = POSITION_COLUMNS[options.q_pixel_source]
+    phi_column = PHI_COLUMNS[options.phi]
+    optional = ("xyzobs.mm.value",) if "xyzobs.mm.value" in columns else ()
+    needed = list(dict.fromkeys(REQUIRED_COLUMNS + (position_column, phi_column) + optional))
+    _check_columns(columns, needed, n, path)
 
     ids = np.asarray(columns["id"])
-    n = len(ids)
     hkl = np.asarray(columns["miller_index"])
     s1 = np.asarray(columns["s1"], dtype=float)
     panel = np.asarray(columns["panel"]).astype(np.int64)
@@ -151,79 +192,115 @@ def compute_q(experiments, columns, identifiers, options: Options = None, path: 
     position = np.asarray(columns[position_column], dtype=float)
     xyzobs = columns.get("xyzobs.mm.value")
     xyzobs = None if xyzobs is None else np.asarray(xyzobs, dtype=float)
+    phi_all = np.asarray(columns[phi_column], dtype=float)[:, 2]
 
     exp_of_row = experiment_index(ids, identifiers, experiments, path)
     reason = np.full(n, USED, dtype=np.int8)
+    if options.q_pixel_source != "calculated":
+        reason[(position[:, 0] == 0) & (position[:, 1] == 0)] = NOT_OBSERVED
     reason[(xyzcal[:, 0] == 0) & (xyzcal[:, 1] == 0)] = NOT_PREDICTED
-    phi_all = np.asarray(columns[PHI_COLUMNS[options.phi]], dtype=float)[:, 2]
-    reason[~np.all(np.isfinite(position[:, :2]), axis=1) | ~np.isfinite(phi_all)] = NOT_FINITE
-    reason[~np.any(s1 != 0, axis=1)] = ZERO_S1
     reason[~np.any(hkl != 0, axis=1)] = ZERO_HKL
     reason[exp_of_row < 0] = NOT_INDEXED
+    indexed = (exp_of_row >= 0) & np.any(hkl != 0, axis=1)
+    _check_values(columns, [name for name in needed if name not in ("id", "miller_index", "panel")], indexed, reason, path)
 
-    nan3 = np.full((n, 3), np.nan)
-    result = QResult(
-        q_bragg=nan3.copy(),
-        q_pixel=nan3.copy(),
-        q_pred=nan3.copy(),
-        reason=reason,
-        experiment=exp_of_row,
-        q_pixel_calculated=nan3.copy(),
-        q_pixel_observed=None if xyzobs is None else nan3.copy(),
-        outside_scan=np.zeros(n, dtype=bool),
-        s0=nan3.copy(),
-        rotation_axis=nan3.copy(),
-        position_mm=np.full((n, 2), np.nan),
-        panel=panel,
-        phi=np.full(n, np.nan),
-        notes=list(getattr(experiments, "notes", [])),
-    )
-
+    result = QResult.blank(reason, exp_of_row, panel, notes, observed=xyzobs is not None)
     for index, experiment in enumerate(experiments):
         rows = np.flatnonzero((exp_of_row == index) & (reason == USED))
         if rows.size == 0:
             continue
-        _check_experiment(experiment, index, panel[rows], path)
+        _check_experiment(experiment, index, panel[rows], phi_all[rows], path)
         _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result)
     return result
 
 
-def _nothing_indexed(experiments, columns) -> QResult:
-    """A spot list with no indexing columns: every row counted as not indexed."""
-    n = len(next(iter(columns.values()))) if columns else 0
-    nan3 = np.full((n, 3), np.nan)
-    return QResult(
-        q_bragg=nan3,
-        q_pixel=nan3.copy(),
-        q_pred=nan3.copy(),
-        reason=np.full(n, NO_INDEXING, dtype=np.int8),
-        experiment=np.full(n, -1, dtype=np.int64),
-        q_pixel_calculated=nan3.copy(),
-        q_pixel_observed=None,
-        outside_scan=np.zeros(n, dtype=bool),
-        s0=nan3.copy(),
-        rotation_axis=nan3.copy(),
-        position_mm=np.full((n, 2), np.nan),
-        panel=np.full(n, -1, dtype=np.int64),
-        phi=np.full(n, np.nan),
-        notes=list(getattr(experiments, "notes", []))
-        + ["the table has no miller_index, s1 or xyzcal.mm (spot-finding output?): nothing is indexed"],
-    )
+def _row_count(columns, path) -> int:
+    """The number of rows; an empty table is an error (nothing can be checked)."""
+    lengths = {len(values) for values in columns.values()}
+    if len(lengths) > 1:
+        raise QConsistencyError(f"columns have different lengths {sorted(lengths)}", path)
+    n = lengths.pop() if lengths else 0
+    if n == 0:
+        raise QConsistencyError("has no reflections (an empty table): nothing to check", path)
+    return n
 
 
-def _check_experiment(experiment, index, panels, path):
+def _check_columns(columns, names, n, path):
+    """Every column the core reads is present with N rows of its DIALS shape."""
+    for name in names:
+        if name not in columns:
+            raise QConsistencyError(f"has no {name!r} column", path)
+        shape = np.shape(columns[name])
+        if shape != (n,) + COLUMN_SHAPES[name]:
+            raise QConsistencyError(
+                f"column {name!r} holds {_per_row(shape[1:])} per row, expected {_per_row(COLUMN_SHAPES[name])}", path
+            )
+
+
+def _per_row(shape) -> str:
+    size = int(np.prod(shape, dtype=int))
+    return "one number" if size == 1 and not shape else f"{size} numbers"
+
+
+def _check_values(columns, names, indexed, reason, path):
+    """Indexed rows must carry finite numbers, and s1 = 0 only where DIALS marks no prediction."""
+    for name in names:
+        values = np.asarray(columns[name], dtype=float)
+        bad = indexed & ~np.all(np.isfinite(values), axis=1)
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise QConsistencyError(
+                f"column {name!r} is NaN or infinite in {rows.size} indexed row(s) (first: row {rows[0]}); "
+                "the table is corrupt",
+                path,
+            )
+    s1 = np.asarray(columns["s1"], dtype=float)
+    bad = indexed & (reason != NOT_PREDICTED) & ~np.any(s1 != 0, axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise QConsistencyError(
+            f"column 's1' is (0, 0, 0) in {rows.size} indexed row(s) that have a calculated position "
+            f"(first: row {rows[0]}); DIALS writes s1 = 0 only beside xyzcal.mm = 0, so the table is corrupt",
+            path,
+        )
+
+
+def _check_experiment(experiment, index, panels, phi, path):
+    """The models an experiment's used rows need are there and agree with the table."""
     if experiment.crystal is None:
         raise QConsistencyError(f"experiment {index} has indexed reflections but no crystal model", path)
     if experiment.beam is None or experiment.detector is None:
         raise QConsistencyError(f"experiment {index} has no beam or no detector model", path)
     n_panels = len(experiment.detector.panels)
-    if panels.size and panels.max() >= n_panels:
+    beyond = (panels < 0) | (panels >= n_panels)
+    if beyond.any():
         raise QConsistencyError(
-            f"panel {int(panels.max())} is beyond the {n_panels} panel(s) of experiment {index}'s detector",
+            f"panel {np.asarray(panels[beyond]).astype(np.uint64).max()} is beyond the {n_panels} panel(s) "
+            f"of experiment {index}'s detector",
             path,
         )
-    if experiment.goniometer is not None and experiment.scan is None and experiment.crystal.A_at_scan_points is not None:
-        raise QConsistencyError(f"experiment {index} has a scan-varying crystal but no scan", path)
+    if experiment.goniometer is not None and experiment.scan is None:
+        if experiment.crystal.A_at_scan_points is not None:
+            raise QConsistencyError(f"experiment {index} has a scan-varying crystal but no scan", path)
+        if np.any(phi != 0):
+            raise QConsistencyError(
+                f"experiment {index} has a goniometer but no scan, yet its reflections have rotation angles "
+                "(the scan is missing from the experiment list)",
+                path,
+            )
+    if experiment.is_rotation:
+        n_points = experiment.scan.num_images + 1
+        for name, values in (
+            ("A_at_scan_points", experiment.crystal.A_at_scan_points),
+            ("setting_rotation_at_scan_points", experiment.goniometer.setting_rotation_at_scan_points),
+            ("s0_at_scan_points", experiment.beam.s0_at_scan_points),
+        ):
+            if values is not None and len(values) != n_points:
+                raise QConsistencyError(
+                    f"experiment {index}: {name} has {len(values)} states but its scan of "
+                    f"{experiment.scan.num_images} images needs {n_points}",
+                    path,
+                )
 
 
 def _panel_arrays(detector, panel_rows):
@@ -324,12 +401,7 @@ def _scan_varying_states(experiment, n_rows):
     }
     if all(v is None for v in sources.values()):
         return None
-    n_points = scan.num_images + 1
-    for name, values in sources.items():
-        if values is not None and len(values) != n_points:
-            raise QConsistencyError(
-                f"{name} has {len(values)} scan points but the scan of {scan.num_images} images needs {n_points}"
-            )
+    n_points = scan.num_images + 1  # counts checked by _check_experiment
     return {
         "A": sources["A"] if sources["A"] is not None else np.broadcast_to(crystal.A, (n_points, 3, 3)),
         "S": sources["S"] if sources["S"] is not None else np.broadcast_to(gonio.setting_rotation, (n_points, 3, 3)),

@@ -17,18 +17,5 @@ class QConsistencyError(Exception):
         super().__init__(f"{path}: {text}" if path else text)
 
 
-def read_input_file(path: str, what: str) -> bytes:
-    """The bytes of an input file, or a one-line error naming it."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise QConsistencyError("file not found", path) from None
-    except IsADirectoryError:
-        raise QConsistencyError(f"is a directory, not {what}", path) from None
-    except OSError as error:
-        raise QConsistencyError(f"cannot be read ({error.strerror})", path) from None
-
-
 class GateFailed(Exception):
     """A fail_if bound was exceeded: exit status 2 with this one-line reason."""

@@ -15,7 +15,8 @@ import math
 
 import numpy as np
 
-from .errors import QConsistencyError, read_input_file
+from .errors import QConsistencyError
+from .files import read_input_file
 from .geometry import rotation_matrix, unit
 from .models import (
     Beam,

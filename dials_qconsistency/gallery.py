@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .geometry import rotation_matrix
-from .reflection_table import write_atomically
+from .files import write_atomically
 from .simulate import multi_axis_goniometer_dict, simulate_rotation, simulate_stills
 
 TWO_PI = 2 * math.pi

@@ -14,7 +14,6 @@ import numpy as np
 
 from . import geometry
 from .decomposition import panel_frames
-from .reflection_table import write_atomically
 
 #: Per-row quantities shown as detector heatmaps: file suffix -> (label, getter).
 HEATMAPS = {
@@ -175,35 +174,40 @@ def against_image(experiments, result):
     return fig
 
 
-def _save(fig, path):
+def _png(fig) -> bytes:
     plt = _pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    write_atomically(path, buffer.getvalue())
-    return path
+    return buffer.getvalue()
 
 
 def plot_path(target: str, name: str) -> str:
     """A directory (existing, or ending in a separator) gets ``name.png``; anything else is a prefix."""
-    if target.endswith(os.sep) or os.path.isdir(target):
-        os.makedirs(target, exist_ok=True)
+    if is_folder_target(target):
         return os.path.join(target, f"{name}.png")
     return f"{target}{name}.png"
 
 
-def write_plots(target, experiments, result, parts) -> list[str]:
-    """Write every figure; returns the paths. Nothing is written without used rows."""
+def is_folder_target(target: str) -> bool:
+    return target.endswith(os.sep) or os.path.isdir(target)
+
+
+#: Every figure a run can write (``vs_image`` only for rotation data).
+FIGURE_NAMES = [f"detector_{q}" for q in HEATMAPS] + [
+    "detector_arrows", "components_vs_pixel", "histogram", "vs_resolution", "vs_image",
+]
+
+
+def render_plots(target, experiments, result, parts) -> dict[str, bytes]:
+    """Every figure as PNG bytes, keyed by its output path. None without used rows."""
     if not result.used.any():
-        return []
-    written = []
-    for quantity in HEATMAPS:
-        fig, _ = detector_heatmap(experiments, result, parts, quantity)
-        written.append(_save(fig, plot_path(target, f"detector_{quantity}")))
-    written.append(_save(arrow_map(experiments, result, parts)[0], plot_path(target, "detector_arrows")))
-    written.append(_save(components_vs_pixel(experiments, result, parts), plot_path(target, "components_vs_pixel")))
-    written.append(_save(histogram(result), plot_path(target, "histogram")))
-    written.append(_save(against_resolution(result), plot_path(target, "vs_resolution")))
+        return {}
+    makers = {f"detector_{q}": (lambda q=q: detector_heatmap(experiments, result, parts, q)[0]) for q in HEATMAPS}
+    makers["detector_arrows"] = lambda: arrow_map(experiments, result, parts)[0]
+    makers["components_vs_pixel"] = lambda: components_vs_pixel(experiments, result, parts)
+    makers["histogram"] = lambda: histogram(result)
+    makers["vs_resolution"] = lambda: against_resolution(result)
     if any(e.is_rotation for e in experiments):
-        written.append(_save(against_image(experiments, result), plot_path(target, "vs_image")))
-    return written
+        makers["vs_image"] = lambda: against_image(experiments, result)
+    return {plot_path(target, name): _png(make()) for name, make in makers.items()}  # one figure open at a time

@@ -15,13 +15,11 @@ byte; numpy views of the fixed-size columns are made on request.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import msgpack
 import numpy as np
 
-from .errors import QConsistencyError, read_input_file
+from .errors import QConsistencyError
+from .files import read_input_file, write_atomically
 
 FILETYPE = "dials::af::reflection_table"
 SUPPORTED_VERSIONS = (1, 2)
@@ -253,36 +251,3 @@ def shoebox_blob_problem(blob: bytes, nrows: int, version: int) -> str | None:
     if offset != size:
         return f"shoebox blob is {size} bytes, its {nrows} rows need {offset}"
     return None
-
-
-def write_atomically(path: str, payload: bytes) -> None:
-    """Write bytes to ``path`` via a temporary file in the same folder.
-
-    On any failure the temporary file is removed and ``path`` is untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    except OSError as error:
-        raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(handle, 0o666 & ~umask)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise

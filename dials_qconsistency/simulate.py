@@ -30,7 +30,8 @@ from .geometry import (
     rotation_matrix,
     stills_rotation,
 )
-from .reflection_table import ReflectionTable, write_atomically
+from .files import write_atomically
+from .reflection_table import ReflectionTable
 
 SILICON_MU = 3.9596  # mm⁻¹, an illustrative value for the simulated sensor
 FLAGS_PREDICTED_OBSERVED_INDEXED = 1 | 2 | 4

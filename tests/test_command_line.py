@@ -121,7 +121,7 @@ def test_bad_input_one_line_error_no_output(shared, tmp_path, case):
         write_without_column(shared("quartz_processed", "refined.refl"), "panel", refl)
         expected = "no_panel.refl: has no 'panel' column"
     else:
-        extra, expected = [f"output.reflections={refl}"], "would overwrite an input file"
+        extra, expected = [f"output.reflections={refl}"], "would overwrite the input file"
     done = run_command(expt, refl, *extra, cwd=tmp_path)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.analysis import S1_OBSERVED, S1_PREDICTED, summarise
+from dials_qconsistency.compute import NOT_PREDICTED, REASONS
 from conftest import max_norm, run_core
 
 EXACT = 1e-9  # Å⁻¹
@@ -121,4 +122,4 @@ def test_centroid_indexed_s1_follows_observations(shared):
     assert only.max_pixel_calculated_vs_pred > 1e-4  # would be a false failure if read as a prediction
     # README: 569 indexed rows; one has no calculated position (xyzcal.mm x = y = 0)
     assert summary.counts["used"] == 568
-    assert summary.counts["no calculated position (xyzcal.mm x = y = 0)"] == 1
+    assert summary.counts[REASONS[NOT_PREDICTED]] == 1

@@ -26,18 +26,18 @@ def _panels_drawn(fig):
 def test_every_figure_is_written_and_non_empty(tmp_path, stem):
     experiments, _, _, result = run_core(os.path.join(EXAMPLES, stem + ".expt"), os.path.join(EXAMPLES, stem + ".refl"), q_pixel_source="observed")
     parts = decompose(experiments, result)
-    written = plots.write_plots(str(tmp_path) + os.sep, experiments, result, parts)
-    names = {os.path.basename(p) for p in written}
+    rendered = plots.render_plots(str(tmp_path) + os.sep, experiments, result, parts)
+    names = {os.path.basename(p) for p in rendered}
     expected = {f"detector_{q}.png" for q in plots.HEATMAPS} | {
         "detector_arrows.png", "components_vs_pixel.png", "histogram.png", "vs_resolution.png",
     }
     if stem == "rotation":
         expected.add("vs_image.png")
     assert names == expected
-    for path in written:
-        data = open(path, "rb").read()
+    assert {os.path.dirname(p) for p in rendered} == {str(tmp_path)}
+    for path, data in rendered.items():
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, path
-    assert not [p for p in os.listdir(tmp_path) if not p.endswith(".png")]  # no temporary files left
+    assert os.listdir(tmp_path) == []  # rendering writes nothing; the command stages the files
 
 
 def test_detector_views_draw_every_panel_of_the_cspad(shared):

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 
 import libtbx.phil
 
@@ -17,8 +18,10 @@ from dials_qconsistency.decomposition import decompose
 from dials_qconsistency.diagnosis import diagnose
 from dials_qconsistency.errors import GateFailed, QConsistencyError
 from dials_qconsistency.experiments import read_experiments
+from dials_qconsistency.files import StagedOutputs, same_file
 from dials_qconsistency.output import add_columns
-from dials_qconsistency.reflection_table import FIXED_TYPES, ReflectionTable, write_atomically
+from dials_qconsistency.plots import FIGURE_NAMES, is_folder_target, plot_path, render_plots
+from dials_qconsistency.reflection_table import FIXED_TYPES, ReflectionTable
 from dials_qconsistency.report import diagnosis_text, json_report, residuals_text, summary_text
 
 logger = logging.getLogger("dials.q_consistency")
@@ -178,25 +181,42 @@ def parse_arguments(args, phil):
     return Arguments(params, experiments, reflections, show_config, show_help, diff)
 
 
+class _LogFile(logging.FileHandler):
+    """The log file; a write that fails (a full disk) must not print a traceback."""
+
+    def handleError(self, record):
+        pass
+
+
 def _setup_logging(log_path):
+    _close_logging()
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
     if log_path:
-        to_file = logging.FileHandler(log_path, mode="w", encoding="utf-8")
+        try:
+            to_file = _LogFile(log_path, mode="w", encoding="utf-8")
+        except OSError as error:
+            raise QConsistencyError(f"cannot be written ({error.strerror})", log_path) from None
         to_file.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(to_file)
+
+
+def _log_to_file_only(message):
+    for handler in logger.handlers:
+        if isinstance(handler, _LogFile):
+            handler.emit(logging.makeLogRecord({"msg": message, "levelno": logging.ERROR}))
 
 
 def _close_logging():
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-        handler.close()
+        try:
+            handler.close()
+        except OSError:  # flushing the log onto a full disk
+            pass
 
 
 def table_columns(table):
@@ -204,8 +224,50 @@ def table_columns(table):
     return {name: table.get(name) for name in table.keys() if table.column_type(name) in FIXED_TYPES}
 
 
+def output_paths(params) -> dict[str, str]:
+    """Every file a run may write, by the parameter that names it."""
+    outputs = {}
+    for name in ("reflections", "json", "log"):
+        path = getattr(params.output, name)
+        if path:
+            outputs[f"output.{name}"] = path
+    target = params.output.plots
+    if target and target != "None":
+        for name in FIGURE_NAMES:
+            outputs[f"output.plots ({name})"] = plot_path(target, name)
+    return outputs
+
+
+def check_output_paths(outputs: dict[str, str], inputs: list[str]) -> None:
+    """Before anything is read or written: no output may replace an input or
+    another output, and each must be writable where it is to go."""
+    seen = {}
+    for parameter, path in outputs.items():
+        for source in inputs:
+            if same_file(path, source):
+                raise QConsistencyError(f"{parameter} would overwrite the input file", path)
+        for other, other_path in seen.items():
+            if same_file(path, other_path):
+                raise QConsistencyError(f"{parameter} and {other} name the same file", path)
+        seen[parameter] = path
+        if os.path.isdir(path):
+            raise QConsistencyError(f"{parameter} cannot be written (it is a directory)", path)
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):  # a plots folder is created; its nearest parent must be a folder
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise QConsistencyError(f"{parameter} cannot be written ({folder} is not a directory)", path)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise QConsistencyError(f"{parameter} cannot be written (no permission to write in {folder})", path)
+
+
 def run(args=None, phil=phil_scope):
-    """Run the program; return 0 on success. Raises QConsistencyError on bad input."""
+    """Run the program; return 0 on success. Raises QConsistencyError on bad input.
+
+    Inputs are read and checked before any file is created; the outputs (table,
+    JSON, figures) are then written all together or not at all. The log file is
+    the one file a run that fails while writing leaves behind: it says why.
+    """
     args = sys.argv[1:] if args is None else list(args)
     arguments = parse_arguments(args, phil)
     if arguments.show_help or not args:
@@ -221,59 +283,73 @@ def run(args=None, phil=phil_scope):
             f"(got {len(arguments.experiments)} and {len(arguments.reflections)}); {usage}"
         )
     expt_path, refl_path = arguments.experiments[0], arguments.reflections[0]
-    out_path = params.output.reflections
-    if out_path and os.path.abspath(out_path) in (os.path.abspath(refl_path), os.path.abspath(expt_path)):
-        raise QConsistencyError("output.reflections would overwrite an input file", out_path)
+    check_output_paths(output_paths(params), [expt_path, refl_path])
+
+    experiments = read_experiments(expt_path)
+    table = ReflectionTable.from_file(refl_path)
+    options = Options(
+        q_pixel_source=params.q_pixel.source,
+        model_state=params.scan_varying.model_state,
+        block_width=params.scan_varying.block_width,
+        phi=params.phi,
+    )
+    result = compute_q(experiments, table_columns(table), table.identifiers, options, path=refl_path)
 
     _setup_logging(params.output.log)
     try:
         logger.info(f"dials.q_consistency {__version__} (standalone backend)")
         if arguments.diff.strip():
             logger.info("The following parameters have been modified:\n%s", arguments.diff)
-        experiments = read_experiments(expt_path)
-        table = ReflectionTable.from_file(refl_path)
         logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}, {table.nrows} rows from {refl_path}")
-
-        options = Options(
-            q_pixel_source=params.q_pixel.source,
-            model_state=params.scan_varying.model_state,
-            block_width=params.scan_varying.block_width,
-            phi=params.phi,
-        )
-        result = compute_q(experiments, table_columns(table), table.identifiers, options, path=refl_path)
         parts = decompose(experiments, result)
         summary = summarise(
             result, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
         )
         diagnoses = diagnose(experiments, result, parts)
-
-        if out_path:
-            replaced = add_columns(table, result, parts)
-            if replaced:
-                logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
-            table.write(out_path)
         logger.info(summary_text(summary, options))
         logger.info(residuals_text(summary))
         logger.info(diagnosis_text(diagnoses))
-        if params.output.json:
-            report = json_report(summary, diagnoses, options, {"experiments": expt_path, "reflections": refl_path})
-            write_atomically(params.output.json, (json.dumps(_finite(report), indent=1) + "\n").encode())
-            logger.info(f"\nSaved the report to {params.output.json}")
-        if params.output.plots and params.output.plots != "None":
-            from dials_qconsistency.plots import write_plots
-
-            written = write_plots(params.output.plots, experiments, result, parts)
-            if written:
-                logger.info(f"Saved {len(written)} figures: {', '.join(written)}")
-        if out_path:
-            logger.info(f"\nSaved {table.nrows} rows with q_bragg, q_pixel, q_pred, delta_q and its parts to {out_path}")
+        write_outputs(params, experiments, table, result, parts, summary, diagnoses, options, (expt_path, refl_path))
         gate = gate_failure(summary.delta_q, params.fail_if)
         if gate:
             logger.info(f"\nfail_if: {gate}")
             raise GateFailed(gate)
+    except QConsistencyError as error:
+        _log_to_file_only(f"\nError: {error}")
+        raise
     finally:
         _close_logging()
     return 0
+
+
+def write_outputs(params, experiments, table, result, parts, summary, diagnoses, options, inputs):
+    """Stage the table, the JSON report and the figures; commit them together."""
+    out_path = params.output.reflections
+    with StagedOutputs() as outputs:
+        if out_path:
+            replaced = add_columns(table, result, parts)
+            if replaced:
+                logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
+            outputs.add(out_path, table.to_bytes())
+        if params.output.json:
+            report = json_report(summary, diagnoses, options, {"experiments": inputs[0], "reflections": inputs[1]})
+            outputs.add(params.output.json, (json.dumps(_finite(report), indent=1) + "\n").encode())
+        figures = []
+        target = params.output.plots
+        if target and target != "None":
+            rendered = render_plots(target, experiments, result, parts)
+            if rendered and is_folder_target(target):
+                outputs.make_folder(target)
+            for path, png in rendered.items():
+                outputs.add(path, png)
+            figures = list(rendered)
+        outputs.commit()
+    if params.output.json:
+        logger.info(f"\nSaved the report to {params.output.json}")
+    if figures:
+        logger.info(f"Saved {len(figures)} figures: {', '.join(figures)}")
+    if out_path:
+        logger.info(f"\nSaved {table.nrows} rows with q_bragg, q_pixel, q_pred, delta_q and its parts to {out_path}")
 
 
 def gate_failure(statistics: dict, bounds) -> str | None:
@@ -308,6 +384,8 @@ def main(args=None):
     try:
         return run(argv)
     except QConsistencyError as error:
+        if debug:
+            traceback.print_exc()
         print(f"dials.q_consistency: error: {error}", file=sys.stderr)
         return 1
     except GateFailed as failure:

@@ -1,0 +1,148 @@
+"""Reading input files and writing output files without leaving debris.
+
+Every output of a run goes through :class:`StagedOutputs`: each file is first
+written in full (and fsync'ed) to a hidden temporary file beside its target;
+only when all of them have been written are they renamed into place. A failure
+at any point (unwritable folder, full disk, an error in the program) removes
+the temporary files, so a run leaves either all its outputs or none, and never
+a partial file. Inputs are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from .errors import QConsistencyError
+
+TEMPORARY_PREFIX = ".tmp-q_consistency-"
+
+
+def read_input_file(path: str, what: str) -> bytes:
+    """The bytes of an input file, or a one-line error naming it."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise QConsistencyError("file not found", path) from None
+    except IsADirectoryError:
+        raise QConsistencyError(f"is a directory, not {what}", path) from None
+    except OSError as error:
+        raise QConsistencyError(f"cannot be read ({error.strerror})", path) from None
+
+
+def same_file(a: str, b: str) -> bool:
+    """Do two paths name the same file (after links and relative parts)?"""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _write_fully(descriptor: int, payload: bytes) -> None:
+    view = memoryview(payload)
+    while view:
+        written = os.write(descriptor, view)
+        view = view[written:]
+
+
+class StagedOutputs:
+    """A set of output files written all together or not at all.
+
+    Use as a context manager: :meth:`add` writes a temporary file per output,
+    :meth:`commit` renames them into place; leaving the block without a commit
+    (an exception) removes every temporary file.
+    """
+
+    def __init__(self):
+        self._staged: list[tuple[str, str]] = []  # (temporary, target)
+        self._made_folders: list[str] = []
+        self._committed = False
+
+    def __enter__(self) -> "StagedOutputs":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.abort()
+
+    def make_folder(self, folder: str) -> None:
+        """Create an output folder (and its parents); removed again on abort if still empty."""
+        missing = []
+        folder = os.path.abspath(folder)
+        while folder and not os.path.exists(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        for path in reversed(missing):
+            try:
+                os.mkdir(path)
+            except OSError as error:
+                raise QConsistencyError(f"cannot be created ({error.strerror})", path) from None
+            self._made_folders.append(path)
+
+    def add(self, path: str, payload: bytes) -> None:
+        """Write ``payload`` to a temporary file that will become ``path``."""
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise QConsistencyError("cannot be written (it is a directory)", path)
+        try:
+            descriptor, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=folder)
+        except OSError as error:
+            raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
+        self._staged.append((temporary, path))
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(descriptor, 0o666 & ~umask)
+            _write_fully(descriptor, payload)
+            os.fsync(descriptor)
+        except OSError as error:
+            raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
+        finally:
+            os.close(descriptor)
+
+    def commit(self) -> list[str]:
+        """Rename every staged file into place; returns the target paths."""
+        targets = []
+        try:
+            while self._staged:
+                temporary, path = self._staged[0]
+                try:
+                    os.replace(temporary, path)
+                except OSError as error:
+                    raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
+                self._staged.pop(0)
+                targets.append(path)
+        except BaseException:
+            for path in targets:  # all or nothing: take back what was renamed
+                _remove(path)
+            raise
+        self._committed = True
+        return targets
+
+    def abort(self) -> None:
+        """Remove every temporary file not yet committed."""
+        while self._staged:
+            _remove(self._staged.pop()[0])
+        if not self._committed:
+            for folder in reversed(self._made_folders):
+                try:
+                    os.rmdir(folder)  # only if empty
+                except OSError:
+                    pass
+            self._made_folders = []
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def write_atomically(path: str, payload: bytes) -> None:
+    """Write one file all-or-nothing (a temporary file, then a rename)."""
+    with StagedOutputs() as outputs:
+        outputs.add(path, payload)
+        outputs.commit()
