@@ -145,27 +145,27 @@ def experiment_index(ids: np.ndarray, identifiers: dict, experiments, path: str 
     used_ids = np.unique(ids[indexed])
     missing = [int(i) for i in used_ids if int(i) not in lookup]
     if missing:
-        detail = (
-            f"identifier {identifiers[missing[0]]!r} of id {missing[0]}"
-            if missing[0] in identifiers
-            else f"id {missing[0]} has no identifier in the table"
-        )
-        raise QConsistencyError(
-            f"{detail} is not in the experiment list: experiments and reflections do not match",
-            path,
-        )
+        first = missing[0]
+        if first in identifiers:
+            problem = f"identifier {identifiers[first]!r} of id {first} is not in the experiment list"
+        else:
+            problem = f"id {first} has no entry in the table's identifiers map"
+        raise QConsistencyError(f"{problem}: experiments and reflections do not match", path)
     for table_id, exp_index in lookup.items():
         result[ids == table_id] = exp_index
     return result
 
 
-def compute_q(experiments, columns, identifiers, options: Options = None, path: str = None) -> QResult:
+def compute_q(
+    experiments, columns, identifiers, options: Options = None, path: str = None, experiments_path: str = None
+) -> QResult:
     """Compute q_bragg, q_pixel and q_pred for all rows of a table.
 
-    Raises :class:`QConsistencyError` (naming ``path``) when the table cannot be
-    used: no rows, a missing or misshapen column, ids or panels that the
+    Raises :class:`QConsistencyError` when the table cannot be used, naming
+    ``path``: no rows, a missing or misshapen column, ids or panels that the
     experiment list does not have, or indexed rows whose numbers are corrupt
-    (not finite, or s1 = 0 beside a calculated position).
+    (not finite, or s1 = 0 beside a calculated position); or naming
+    ``experiments_path`` when an experiment lacks a model its rows need.
     """
     options = options or Options()
     if options.q_pixel_source not in POSITION_COLUMNS:
@@ -209,7 +209,7 @@ def compute_q(experiments, columns, identifiers, options: Options = None, path: 
         rows = np.flatnonzero((exp_of_row == index) & (reason == USED))
         if rows.size == 0:
             continue
-        _check_experiment(experiment, index, panel[rows], phi_all[rows], path)
+        _check_experiment(experiment, index, panel[rows], phi_all[rows], path, experiments_path or path)
         _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result)
     return result
 
@@ -265,12 +265,12 @@ def _check_values(columns, names, indexed, reason, path):
         )
 
 
-def _check_experiment(experiment, index, panels, phi, path):
+def _check_experiment(experiment, index, panels, phi, path, experiments_path):
     """The models an experiment's used rows need are there and agree with the table."""
     if experiment.crystal is None:
-        raise QConsistencyError(f"experiment {index} has indexed reflections but no crystal model", path)
+        raise QConsistencyError(f"experiment {index} has no crystal model, but {path} has indexed reflections for it", experiments_path)
     if experiment.beam is None or experiment.detector is None:
-        raise QConsistencyError(f"experiment {index} has no beam or no detector model", path)
+        raise QConsistencyError(f"experiment {index} has no beam or no detector model", experiments_path)
     n_panels = len(experiment.detector.panels)
     beyond = (panels < 0) | (panels >= n_panels)
     if beyond.any():
@@ -279,28 +279,12 @@ def _check_experiment(experiment, index, panels, phi, path):
             f"of experiment {index}'s detector",
             path,
         )
-    if experiment.goniometer is not None and experiment.scan is None:
-        if experiment.crystal.A_at_scan_points is not None:
-            raise QConsistencyError(f"experiment {index} has a scan-varying crystal but no scan", path)
-        if np.any(phi != 0):
-            raise QConsistencyError(
-                f"experiment {index} has a goniometer but no scan, yet its reflections have rotation angles "
-                "(the scan is missing from the experiment list)",
-                path,
-            )
-    if experiment.is_rotation:
-        n_points = experiment.scan.num_images + 1
-        for name, values in (
-            ("A_at_scan_points", experiment.crystal.A_at_scan_points),
-            ("setting_rotation_at_scan_points", experiment.goniometer.setting_rotation_at_scan_points),
-            ("s0_at_scan_points", experiment.beam.s0_at_scan_points),
-        ):
-            if values is not None and len(values) != n_points:
-                raise QConsistencyError(
-                    f"experiment {index}: {name} has {len(values)} states but its scan of "
-                    f"{experiment.scan.num_images} images needs {n_points}",
-                    path,
-                )
+    if experiment.goniometer is not None and experiment.scan is None and np.any(phi != 0):
+        raise QConsistencyError(
+            f"experiment {index} has a goniometer but no scan, yet its reflections in {path} have rotation "
+            "angles (the scan is missing from the experiment list)",
+            experiments_path,
+        )
 
 
 def _panel_arrays(detector, panel_rows):

@@ -43,14 +43,28 @@ class _Bad(Exception):
 def read_experiments(path: str) -> ExperimentList:
     """Read an ``.expt`` (or old ``experiments.json``) file."""
     raw = read_input_file(path, "an experiment list")
+    if not raw.strip():
+        raise QConsistencyError("is empty, not an experiment list", path)
+    if raw[:1] == b"\x93" or raw[:2] == b"\x80\x02":
+        raise QConsistencyError("is a reflection table or a pickle, not an experiment list (.expt JSON)", path)
     try:
-        document = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise QConsistencyError(f"is not JSON, so not an experiment list ({error})", path) from None
+        text = raw.decode("utf-8")
+        document = json.loads(text)
+    except UnicodeDecodeError:
+        raise QConsistencyError("is not JSON text, so not an experiment list (.expt)", path) from None
+    except RecursionError:
+        raise QConsistencyError("is JSON nested too deeply to be an experiment list", path) from None
+    except json.JSONDecodeError as error:
+        ends_early = error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string")
+        problem = "ends in the middle of the JSON (a half-written file?)" if ends_early and text.strip() else (
+            "is not JSON, so not an experiment list")
+        raise QConsistencyError(f"{problem} ({error.msg} at line {error.lineno})", path) from None
     try:
         return experiments_from_dict(document)
     except _Bad as error:
         raise QConsistencyError(str(error), path) from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, np.linalg.LinAlgError) as error:
+        raise QConsistencyError(f"is a malformed experiment list ({type(error).__name__}: {str(error):.80})", path) from None
 
 
 def experiments_from_dict(document) -> ExperimentList:
@@ -91,23 +105,55 @@ def experiments_from_dict(document) -> ExperimentList:
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise _Bad(f"experiment {index} is not a JSON object")
-        experiments.append(
-            Experiment(
-                identifier=str(entry.get("identifier", "")),
-                beam=model("beam", entry, index),
-                detector=model("detector", entry, index),
-                goniometer=model("goniometer", entry, index),
-                scan=model("scan", entry, index),
-                crystal=model("crystal", entry, index),
-            )
+        experiment = Experiment(
+            identifier=str(entry.get("identifier", "")),
+            beam=model("beam", entry, index),
+            detector=model("detector", entry, index),
+            goniometer=model("goniometer", entry, index),
+            scan=model("scan", entry, index),
+            crystal=model("crystal", entry, index),
         )
+        _check_scan_points(experiment, index)
+        experiments.append(experiment)
     return ExperimentList(experiments, sorted(set(notes)))
+
+
+def _check_scan_points(experiment, index) -> None:
+    """Scan-varying models need a scan, with one state per image boundary."""
+    states = {
+        "A_at_scan_points": getattr(experiment.crystal, "A_at_scan_points", None),
+        "setting_rotation_at_scan_points": getattr(experiment.goniometer, "setting_rotation_at_scan_points", None),
+        "s0_at_scan_points": getattr(experiment.beam, "s0_at_scan_points", None),
+    }
+    for name, values in states.items():
+        if values is None:
+            continue
+        if experiment.scan is None:
+            raise _Bad(f"experiment {index} has {name} (a scan-varying model) but no scan")
+        needed = experiment.scan.num_images + 1
+        if len(values) != needed:
+            raise _Bad(
+                f"experiment {index}: {name} has {len(values)} states but its scan of "
+                f"{experiment.scan.num_images} images needs {needed}"
+            )
 
 
 def _vec(values, n=3) -> np.ndarray:
     array = np.asarray(values, dtype=float)
     if array.shape != (n,):
         raise _Bad(f"expected {n} numbers, got {values!r:.60}")
+    if not np.all(np.isfinite(array)):
+        raise _Bad(f"holds a number that is not finite: {values!r:.60}")
+    return array
+
+
+def _scan_points(values, shape) -> np.ndarray | None:
+    """A model's per-scan-point values (finite), or None when absent."""
+    if not values:
+        return None
+    array = np.asarray(values, dtype=float).reshape((-1,) + shape)
+    if not np.all(np.isfinite(array)):
+        raise _Bad("has scan-point values that are not finite")
     return array
 
 
@@ -118,7 +164,7 @@ def _mat(values) -> np.ndarray:
 def _beam(d) -> Beam:
     kind = d.get("__id__", "monochromatic")
     if kind not in ("monochromatic", "Beam"):
-        raise _Bad(f"beam type {kind!r} is not supported (only monochromatic beams are)")
+        raise _Bad(f"beam type {kind!r:.40} is not supported (only monochromatic beams are)")
     if "direction" in d:
         direction = unit(_vec(d["direction"]))
         wavelength = float(d["wavelength"])
@@ -131,11 +177,7 @@ def _beam(d) -> Beam:
     if not wavelength > 0:
         raise _Bad(f"wavelength {wavelength} is not positive")
     s0 = -direction / wavelength
-    scan_points = d.get("s0_at_scan_points")
-    if scan_points:
-        scan_points = np.asarray(scan_points, dtype=float).reshape(-1, 3)
-    else:
-        scan_points = None
+    scan_points = _scan_points(d.get("s0_at_scan_points"), (3,))
     return Beam(s0=s0, wavelength=wavelength, s0_at_scan_points=scan_points)
 
 
@@ -228,11 +270,7 @@ def _detector(d, notes) -> Detector:
 
 
 def _goniometer(d) -> Goniometer:
-    scan_points = d.get("setting_rotation_at_scan_points")
-    if scan_points:
-        scan_points = np.asarray(scan_points, dtype=float).reshape(-1, 3, 3)
-    else:
-        scan_points = None
+    scan_points = _scan_points(d.get("setting_rotation_at_scan_points"), (3, 3))
     if {"axes", "angles", "scan_axis"} <= set(d):
         axes = [_vec(a) for a in d["axes"]]
         angles = [math.radians(float(a)) for a in d["angles"]]
@@ -274,14 +312,20 @@ def _scan(d) -> Scan:
     return Scan((first, last), oscillation)
 
 
+#: dxtbx crystal model types (``__id__``); all carry A = U·B the same way.
+CRYSTAL_TYPES = ("crystal", "MosaicCrystalKabsch2010", "MosaicCrystalSauter2014")
+
+
 def _crystal(d) -> Crystal:
+    kind = d.get("__id__", "crystal")
+    if kind not in CRYSTAL_TYPES:
+        raise _Bad(f"crystal type {kind!r:.40} is not a dxtbx crystal model ({', '.join(CRYSTAL_TYPES)})")
     real_space = np.array(
         [_vec(d["real_space_a"]), _vec(d["real_space_b"]), _vec(d["real_space_c"])]
     )
+    volume = abs(np.linalg.det(real_space))
+    if not volume > 1e-9 * np.prod(np.linalg.norm(real_space, axis=1)):
+        raise _Bad("real-space axes a, b, c do not span a cell (zero volume)")
     A = np.linalg.inv(real_space)
-    scan_points = d.get("A_at_scan_points")
-    if scan_points:
-        scan_points = np.asarray(scan_points, dtype=float).reshape(-1, 3, 3)
-    else:
-        scan_points = None
+    scan_points = _scan_points(d.get("A_at_scan_points"), (3, 3))
     return Crystal(A=A, A_at_scan_points=scan_points, space_group=str(d.get("space_group_hall_symbol", "")))

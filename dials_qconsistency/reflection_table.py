@@ -15,6 +15,8 @@ byte; numpy views of the fixed-size columns are made on request.
 
 from __future__ import annotations
 
+import os
+
 import msgpack
 import numpy as np
 
@@ -40,11 +42,15 @@ FIXED_TYPES = {
 #: Column types carried through untouched (variable-length records).
 OPAQUE_TYPES = ("Shoebox<>", "FrameSlicedShoebox<>", "std::string")
 
-PICKLE_HINT = (
-    "is a Python pickle (a reflection table from DIALS before 2.0), not msgpack; "
-    "convert it with an old DIALS (dials.python -c \"from dials.array_family import "
-    "flex; flex.reflection_table.from_pickle('IN').as_file('OUT.refl')\")"
-)
+def pickle_hint(path: str) -> str:
+    """What a pickled table is and the DIALS command that converts it."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    target = f"{stem}_msgpack.refl" if path.endswith(".refl") else f"{stem}.refl"
+    return (
+        "is a Python pickle (the reflection-table format of older DIALS versions), not msgpack; "
+        "convert it with DIALS, which still reads pickles: dials.python -c \"from dials.array_family import "
+        f"flex; flex.reflection_table.from_file('{path}').as_file('{target}')\""
+    )
 
 
 def row_bytes(type_name: str) -> int:
@@ -127,7 +133,7 @@ class ReflectionTable:
         if not raw:
             raise QConsistencyError("is empty, not a reflection table", path)
         if raw[:1] == b"\x80" or raw[:1] in (b"(", b"c"):
-            raise QConsistencyError(PICKLE_HINT, path)
+            raise QConsistencyError(pickle_hint(path), path)
         if raw[:1] != b"\x93":  # every table is a msgpack array of three
             raise QConsistencyError("is not a DIALS reflection table (not msgpack)", path)
         try:
@@ -150,24 +156,26 @@ class ReflectionTable:
         if not (isinstance(obj, list) and len(obj) == 3 and obj[0] == FILETYPE):
             raise bad("is not a DIALS reflection table (no dials::af::reflection_table header)")
         version, header = obj[1], obj[2]
-        if not isinstance(version, int) or version not in SUPPORTED_VERSIONS:
-            raise bad(f"reflection table version {version!r} is not supported (1 or 2 are)")
+        if not _is_int(version) or version not in SUPPORTED_VERSIONS:
+            raise bad(f"reflection table version {version!r:.20} is not supported (1 or 2 are)")
         if not isinstance(header, dict):
             raise bad("reflection table header is not a map")
         unknown = set(header) - {"identifiers", "nrows", "data"}
         if unknown:
-            raise bad(f"unknown key {sorted(map(str, unknown))[0]!r} in the table header")
+            raise bad(f"unknown key {sorted(map(str, unknown))[0]!r:.40} in the table header")
         nrows = header.get("nrows")
-        if not isinstance(nrows, int) or isinstance(nrows, bool) or nrows < 0:
+        if not _is_int(nrows) or nrows < 0:
             raise bad("reflection table has no valid nrows")
         identifiers = header.get("identifiers", {})
         if not isinstance(identifiers, dict) or not all(
-            isinstance(k, int) and isinstance(v, str) for k, v in identifiers.items()
+            _is_int(k) and isinstance(v, str) for k, v in identifiers.items()
         ):
             raise bad("identifiers map is not {int: string}")
         data = header.get("data", {})
         if not isinstance(data, dict):
             raise bad("column data is not a map")
+        if not all(isinstance(name, str) for name in data):
+            raise bad("a column name is not a string")
 
         table = cls(nrows, identifiers, version)
         table._header_order = list(header)
@@ -206,8 +214,8 @@ def _check_column(name, entry, nrows, version, path) -> Column:
     count, blob = payload
     if not isinstance(blob, bytes):
         raise bad("data blob is not binary")
-    if count != nrows:
-        raise bad(f"has {count} rows but the table has {nrows}")
+    if not _is_int(count) or count != nrows:
+        raise bad(f"has {count!r:.20} rows but the table has {nrows}")
     if type_name in FIXED_TYPES:
         expected = nrows * row_bytes(type_name)
         if len(blob) != expected:
@@ -219,6 +227,10 @@ def _check_column(name, entry, nrows, version, path) -> Column:
     elif type_name not in OPAQUE_TYPES:
         raise bad(f"unknown column type {type_name!r}")
     return Column(type_name, blob)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 _SHOEBOX_HEADER = np.dtype([("panel", "<u4"), ("bbox", "<i4", (6,)), ("flag", "u1")])

@@ -253,8 +253,11 @@ def check_output_paths(outputs: dict[str, str], inputs: list[str]) -> None:
         if os.path.isdir(path):
             raise QConsistencyError(f"{parameter} cannot be written (it is a directory)", path)
         folder = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(folder):  # a plots folder is created; its nearest parent must be a folder
-            folder = os.path.dirname(folder)
+        if parameter.startswith("output.plots"):  # a plots folder is created: its nearest parent must exist
+            while not os.path.exists(folder):
+                folder = os.path.dirname(folder)
+        elif not os.path.exists(folder):
+            raise QConsistencyError(f"{parameter} cannot be written (no folder {folder})", path)
         if not os.path.isdir(folder):
             raise QConsistencyError(f"{parameter} cannot be written ({folder} is not a directory)", path)
         if not os.access(folder, os.W_OK | os.X_OK):
@@ -293,7 +296,9 @@ def run(args=None, phil=phil_scope):
         block_width=params.scan_varying.block_width,
         phi=params.phi,
     )
-    result = compute_q(experiments, table_columns(table), table.identifiers, options, path=refl_path)
+    result = compute_q(
+        experiments, table_columns(table), table.identifiers, options, path=refl_path, experiments_path=expt_path
+    )
 
     _setup_logging(params.output.log)
     try:

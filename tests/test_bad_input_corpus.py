@@ -1,0 +1,665 @@
+"""A corpus of malformed and awkward inputs, made from the real DIALS files.
+
+Every malformed case must end with exit status 1 and exactly one line on
+stderr that names the offending file and the problem, with no traceback, no
+file left in the working folder (not even the log: inputs are checked before
+anything is written) and every input file unchanged (sha256). The awkward but
+legitimate cases must give the right numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import resource
+import shutil
+import subprocess
+import sys
+
+import msgpack
+import numpy as np
+import pytest
+
+from dials_qconsistency.command_line.q_consistency import main
+from dials_qconsistency.compute import NOT_INDEXED, NOT_PREDICTED, REASONS
+from dials_qconsistency.reflection_table import ReflectionTable
+from conftest import REPO_ROOT, SHARED_DATA, run_core
+from test_command_line import run_command
+
+QUARTZ = ("quartz_processed", "refined")  # scan-varying rotation, one experiment
+SSX = ("ssx_CuNiR_test_data", "indexed")  # five stills with shoeboxes
+
+
+def shared_path(pair, ext):
+    return os.path.join(SHARED_DATA, pair[0], pair[1] + ext)
+
+
+def table_object(pair=QUARTZ):
+    return msgpack.unpackb(open(shared_path(pair, ".refl"), "rb").read(), raw=False, strict_map_key=False)
+
+
+def column(obj, name):
+    """A writable numpy copy of a fixed-size column of a decoded table."""
+    dtype = {"s1": "<f8", "xyzcal.mm": "<f8", "xyzobs.mm.value": "<f8", "panel": "<u8", "id": "<i4"}[name]
+    return np.frombuffer(obj[2]["data"][name][1][1], dtype=dtype).copy()
+
+
+def set_column(obj, name, values):
+    obj[2]["data"][name][1][1] = np.ascontiguousarray(values).tobytes()
+
+
+def first_used_row(obj):
+    """A row that is indexed and predicted in the quartz table."""
+    ids = column(obj, "id")
+    xyzcal = column(obj, "xyzcal.mm").reshape(-1, 3)
+    return int(np.flatnonzero((ids >= 0) & (xyzcal[:, 0] != 0))[0])
+
+
+def expt_document(pair=QUARTZ):
+    return json.load(open(shared_path(pair, ".expt")))
+
+
+# -- the cases ---------------------------------------------------------------------------
+# Each builder gets the case folder and returns (arguments, the file the message must name,
+# a fragment of the message). Files it writes are the case's inputs.
+
+CASES = {}
+
+
+def case(name):
+    def register(builder):
+        CASES[name] = builder
+        return builder
+    return register
+
+
+def refl_bytes(folder, payload, name="bad.refl", pair=QUARTZ):
+    path = os.path.join(folder, name)
+    open(path, "wb").write(payload)
+    return [shared_path(pair, ".expt"), path], path
+
+
+def refl_object(folder, obj, pair=QUARTZ, name="bad.refl"):
+    return refl_bytes(folder, msgpack.packb(obj, use_bin_type=True), name, pair)
+
+
+def expt_json(folder, document, pair=QUARTZ):
+    path = os.path.join(folder, "bad.expt")
+    open(path, "w").write(json.dumps(document) if not isinstance(document, str) else document)
+    return [path, shared_path(pair, ".refl")], path
+
+
+def raw_quartz():
+    return open(shared_path(QUARTZ, ".refl"), "rb").read()
+
+
+@case("truncated msgpack")
+def _(folder):
+    args, path = refl_bytes(folder, raw_quartz()[: len(raw_quartz()) // 2])
+    return args, path, "is truncated or not a msgpack reflection table"
+
+
+@case("truncated inside the header")
+def _(folder):
+    args, path = refl_bytes(folder, raw_quartz()[:40])
+    return args, path, "is truncated"
+
+
+@case("wrong leading magic")
+def _(folder):
+    args, path = refl_bytes(folder, b"\x00" + raw_quartz()[1:])
+    return args, path, "is not a DIALS reflection table (not msgpack)"
+
+
+@case("an HDF5 file named .refl")
+def _(folder):
+    args, path = refl_bytes(folder, b"\x89HDF\r\n\x1a\n" + bytes(64))
+    return args, path, "not msgpack"
+
+
+@case("pickle from old DIALS")
+def _(folder):
+    args, path = refl_bytes(folder, pickle.dumps({"miller_index": [(1, 2, 3)]}, protocol=2))
+    return args, path, (
+        "is a Python pickle (the reflection-table format of older DIALS versions), not msgpack; convert it with DIALS"
+        f", which still reads pickles: dials.python -c \"from dials.array_family import flex; "
+        f"flex.reflection_table.from_file('{path}').as_file('bad_msgpack.refl')\""
+    )
+
+
+@case("empty file")
+def _(folder):
+    args, path = refl_bytes(folder, b"")
+    return args, path, "is empty, not a reflection table"
+
+
+@case("trailing bytes")
+def _(folder):
+    args, path = refl_bytes(folder, raw_quartz() + b"\xc0")
+    return args, path, "has trailing bytes after the reflection table"
+
+
+@case("msgpack that is not a table")
+def _(folder):
+    args, path = refl_object(folder, ["dials::something_else", 1, {}])
+    return args, path, "no dials::af::reflection_table header"
+
+
+@case("header not a map")
+def _(folder):
+    obj = table_object()
+    obj[2] = [1, 2, 3]
+    args, path = refl_object(folder, obj)
+    return args, path, "reflection table header is not a map"
+
+
+@case("unknown column type")
+def _(folder):
+    obj = table_object()
+    obj[2]["data"]["rlp"][0] = "vec3<float>"
+    args, path = refl_object(folder, obj)
+    return args, path, "column 'rlp': unknown column type 'vec3<float>'"
+
+
+@case("nrows disagrees with a column")
+def _(folder):
+    obj = table_object()
+    obj[2]["nrows"] = 506
+    args, path = refl_object(folder, obj)
+    return args, path, "has 505 rows but the table has 506"
+
+
+@case("blob of the wrong length")
+def _(folder):
+    obj = table_object()
+    obj[2]["data"]["s1"][1][1] = obj[2]["data"]["s1"][1][1][:-8]
+    args, path = refl_object(folder, obj)
+    return args, path, "column 's1': blob is 12112 bytes, expected 12120 for 505 rows of vec3<double>"
+
+
+@case("truncated shoebox blob")
+def _(folder):
+    obj = table_object()
+    obj[2]["data"]["shoebox"][1][1] = obj[2]["data"]["shoebox"][1][1][:-100]
+    args, path = refl_object(folder, obj)
+    return args, path, "column 'shoebox': shoebox"
+
+
+@case("unsupported table version")
+def _(folder):
+    obj = table_object()
+    obj[1] = 3
+    args, path = refl_object(folder, obj)
+    return args, path, "reflection table version 3 is not supported (1 or 2 are)"
+
+
+def _without(name):
+    def build(folder):
+        obj = table_object()
+        del obj[2]["data"][name]
+        args, path = refl_object(folder, obj)
+        return args, path, f"has no {name!r} column"
+    return build
+
+
+for _name in ("miller_index", "id", "s1", "xyzcal.mm", "panel"):
+    case(f"no {_name} column")(_without(_name))
+
+
+@case("no xyzobs.mm.value with q_pixel.source=observed")
+def _(folder):
+    args, path, message = _without("xyzobs.mm.value")(folder)
+    return args + ["q_pixel.source=observed"], path, message
+
+
+@case("a column of the wrong shape")
+def _(folder):
+    obj = table_object()
+    entry = obj[2]["data"]["s1"]
+    entry[0], entry[1][1] = "double", entry[1][1][: 505 * 8]
+    args, path = refl_object(folder, obj)
+    return args, path, "column 's1' holds one number per row, expected 3 numbers"
+
+
+@case("id beyond the experiment list (no identifiers)")
+def _(folder):
+    obj = table_object()
+    obj[2]["identifiers"] = {}
+    ids = column(obj, "id")
+    ids[first_used_row(obj)] = 4
+    set_column(obj, "id", ids)
+    args, path = refl_object(folder, obj)
+    return args, path, "id 4 is beyond the 1 experiment(s) in the experiment list"
+
+
+@case("id missing from the identifiers map")
+def _(folder):
+    obj = table_object()
+    ids = column(obj, "id")
+    ids[first_used_row(obj)] = 7
+    set_column(obj, "id", ids)
+    args, path = refl_object(folder, obj)
+    return args, path, "id 7 has no entry in the table's identifiers map"
+
+
+@case("identifiers that do not match the .expt")
+def _(folder):
+    obj = table_object()
+    obj[2]["identifiers"] = {0: "00000000-not-this-experiment"}
+    args, path = refl_object(folder, obj)
+    return args, path, "identifier '00000000-not-this-experiment' of id 0 is not in the experiment list"
+
+
+@case("panel beyond the detector")
+def _(folder):
+    obj = table_object()
+    panels = column(obj, "panel")
+    panels[first_used_row(obj)] = 3
+    set_column(obj, "panel", panels)
+    args, path = refl_object(folder, obj)
+    return args, path, "panel 3 is beyond the 1 panel(s) of experiment 0's detector"
+
+
+@case("panel number that wraps negative")
+def _(folder):
+    obj = table_object()
+    panels = column(obj, "panel")
+    panels[first_used_row(obj)] = np.iinfo(np.uint64).max
+    set_column(obj, "panel", panels)
+    args, path = refl_object(folder, obj)
+    return args, path, f"panel {np.iinfo(np.uint64).max} is beyond the 1 panel(s)"
+
+
+def _bad_number(name, value, extra=()):
+    def build(folder):
+        obj = table_object()
+        values = column(obj, name).reshape(-1, 3)
+        row = first_used_row(obj)
+        values[row, 1] = value
+        set_column(obj, name, values)
+        args, path = refl_object(folder, obj)
+        return args + list(extra), path, f"column {name!r} is NaN or infinite in 1 indexed row(s) (first: row {row})"
+    return build
+
+
+case("NaN calculated position")(_bad_number("xyzcal.mm", np.nan))
+case("infinite observed position")(_bad_number("xyzobs.mm.value", np.inf, ["q_pixel.source=observed"]))
+case("NaN s1")(_bad_number("s1", np.nan))
+
+
+@case("zero s1 beside a calculated position")
+def _(folder):
+    obj = table_object()
+    s1 = column(obj, "s1").reshape(-1, 3)
+    row = first_used_row(obj)
+    s1[row] = 0
+    set_column(obj, "s1", s1)
+    args, path = refl_object(folder, obj)
+    return args, path, f"column 's1' is (0, 0, 0) in 1 indexed row(s) that have a calculated position (first: row {row})"
+
+
+@case("empty table")
+def _(folder):
+    obj = table_object()
+    obj[2]["nrows"] = 0
+    for name, entry in obj[2]["data"].items():
+        entry[1] = [0, b""]
+    args, path = refl_object(folder, obj)
+    return args, path, "has no reflections (an empty table)"
+
+
+@case("reflection table given twice (no .expt)")
+def _(folder):
+    path = os.path.join(folder, "copy.refl")
+    shutil.copy(shared_path(QUARTZ, ".refl"), path)
+    return [path, shared_path(QUARTZ, ".refl")], None, "give one experiment list and one reflection table (got 0 and 2)"
+
+
+# .expt cases
+
+
+@case(".expt that is not JSON")
+def _(folder):
+    args, path = expt_json(folder, "<?xml version='1.0'?><experiments/>")
+    return args, path, "is not JSON, so not an experiment list"
+
+
+@case(".expt cut short (crashed job)")
+def _(folder):
+    text = open(shared_path(QUARTZ, ".expt")).read()
+    args, path = expt_json(folder, text[: len(text) // 3])
+    return args, path, "ends in the middle of the JSON (a half-written file?)"
+
+
+@case(".expt that is a reflection table")
+def _(folder):
+    path = os.path.join(folder, "swapped.expt")
+    shutil.copy(shared_path(QUARTZ, ".refl"), path)
+    return [path, shared_path(QUARTZ, ".refl")], path, "is a reflection table or a pickle, not an experiment list"
+
+
+@case(".expt JSON that is not an ExperimentList")
+def _(folder):
+    args, path = expt_json(folder, {"__id__": "imageset", "experiment": []})
+    return args, path, "is not a dxtbx ExperimentList"
+
+
+@case(".expt with an unknown beam model type")
+def _(folder):
+    document = expt_document()
+    document["beam"][0]["__id__"] = "WobblyBeam"
+    args, path = expt_json(folder, document)
+    return args, path, "beam 0: beam type 'WobblyBeam' is not supported"
+
+
+@case(".expt with an unknown crystal model type")
+def _(folder):
+    document = expt_document()
+    document["crystal"][0]["__id__"] = "QuasiCrystal"
+    args, path = expt_json(folder, document)
+    return args, path, "crystal 0: crystal type 'QuasiCrystal' is not a dxtbx crystal model"
+
+
+@case(".expt with an unknown px_mm_strategy")
+def _(folder):
+    document = expt_document()
+    document["detector"][0]["panels"][0]["px_mm_strategy"] = {"type": "MagicPxMmStrategy"}
+    args, path = expt_json(folder, document)
+    return args, path, "unknown px_mm_strategy 'MagicPxMmStrategy'"
+
+
+@case("experiment without a crystal")
+def _(folder):
+    document = expt_document()
+    del document["experiment"][0]["crystal"]
+    args, path = expt_json(folder, document)
+    return args, path, f"experiment 0 has no crystal model, but {args[1]} has indexed reflections for it"
+
+
+@case("goniometer without a scan (rotation reflections)")
+def _(folder):
+    document = expt_document()
+    del document["experiment"][0]["scan"]
+    for crystal in document["crystal"]:
+        crystal.pop("A_at_scan_points", None)
+    args, path = expt_json(folder, document)
+    return args, path, f"experiment 0 has a goniometer but no scan, yet its reflections in {args[1]} have rotation angles"
+
+
+@case("scan-varying crystal without a scan")
+def _(folder):
+    document = expt_document()
+    del document["experiment"][0]["scan"]
+    args, path = expt_json(folder, document)
+    return args, path, "experiment 0 has A_at_scan_points (a scan-varying model) but no scan"
+
+
+@case("wrong number of scan-varying states")
+def _(folder):
+    document = expt_document()
+    document["crystal"][0]["A_at_scan_points"] = document["crystal"][0]["A_at_scan_points"][:-1]
+    args, path = expt_json(folder, document)
+    return args, path, "experiment 0: A_at_scan_points has 100 states but its scan of 100 images needs 101"
+
+
+@case("experiment refers to a model that is not there")
+def _(folder):
+    document = expt_document()
+    document["experiment"][0]["beam"] = 3
+    args, path = expt_json(folder, document)
+    return args, path, "experiment 0 refers to beam 3, which is not in the file"
+
+
+@case("NaN in a panel origin")
+def _(folder):
+    document = expt_document()
+    document["detector"][0]["panels"][0]["origin"][0] = float("nan")
+    args, path = expt_json(folder, document)
+    return args, path, "holds a number that is not finite"
+
+
+@case("crystal axes without volume")
+def _(folder):
+    document = expt_document()
+    document["crystal"][0]["real_space_c"] = document["crystal"][0]["real_space_a"]
+    args, path = expt_json(folder, document)
+    return args, path, "real-space axes a, b, c do not span a cell (zero volume)"
+
+
+@case(".expt that is a directory")
+def _(folder):
+    path = os.path.join(folder, "a_folder.expt")
+    os.mkdir(path)
+    return [path, shared_path(QUARTZ, ".refl")], path, "is a directory, not an experiment list"
+
+
+# output cases
+
+
+def _quartz_with(*extra):
+    return [shared_path(QUARTZ, ".expt"), shared_path(QUARTZ, ".refl"), *extra]
+
+
+@case("output folder does not exist")
+def _(folder):
+    target = os.path.join(folder, "no", "such", "folder", "out.refl")
+    return _quartz_with(f"output.reflections={target}"), target, "cannot be written"
+
+
+@case("output below a regular file")
+def _(folder):
+    blocker = os.path.join(folder, "blocker.txt")
+    open(blocker, "w").write("a file, not a folder\n")
+    target = os.path.join(blocker, "out.refl")
+    return _quartz_with(f"output.reflections={target}"), target, "is not a directory"
+
+
+@case("output path is a directory")
+def _(folder):
+    target = os.path.join(folder, "existing_folder")
+    os.mkdir(target)
+    return _quartz_with(f"output.reflections={target}"), target, "output.reflections cannot be written (it is a directory)"
+
+
+@case("output path equal to the input path")
+def _(folder):
+    target = shared_path(QUARTZ, ".refl")
+    return _quartz_with(f"output.reflections={target}"), target, "output.reflections would overwrite the input file"
+
+
+@case("output path reaches the input through a symlink")
+def _(folder):
+    link = os.path.join(folder, "link.refl")
+    os.symlink(shared_path(QUARTZ, ".refl"), link)
+    return _quartz_with(f"output.reflections={link}"), link, "output.reflections would overwrite the input file"
+
+
+@case("log path equal to the input path")
+def _(folder):
+    target = shared_path(QUARTZ, ".refl")
+    return _quartz_with(f"output.log={target}"), target, "output.log would overwrite the input file"
+
+
+@case("JSON report over the experiment list")
+def _(folder):
+    target = shared_path(QUARTZ, ".expt")
+    return _quartz_with(f"output.json={target}"), target, "output.json would overwrite the input file"
+
+
+@case("two outputs with one name")
+def _(folder):
+    target = os.path.join(folder, "same.out")
+    return _quartz_with(f"output.reflections={target}", f"output.json={target}"), target, "output.json and output.reflections name the same file"
+
+
+# -- running them ----------------------------------------------------------------------
+
+
+def sha256(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def snapshot(folder):
+    """Every file below a folder with its hash."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = sha256(path) if not os.path.islink(path) else "link"
+    return found
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_malformed_input_gives_one_line_and_leaves_nothing(shared, tmp_path, monkeypatch, capsys, name):
+    inputs_folder = tmp_path / "inputs"
+    inputs_folder.mkdir()
+    args, named, fragment = CASES[name](str(inputs_folder))
+    run_folder = tmp_path / "run"
+    run_folder.mkdir()
+    monkeypatch.chdir(run_folder)
+    shared_before = {p: sha256(p) for p in (shared_path(QUARTZ, ".expt"), shared_path(QUARTZ, ".refl"))}
+    inputs_before = snapshot(inputs_folder)
+
+    status = main(args)
+
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert status == 1, (captured.out, captured.err)
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith("dials.q_consistency: error: ")
+    assert fragment in lines[0], lines[0]
+    if named:
+        assert f"{named}: " in lines[0], lines[0]
+    assert os.listdir(run_folder) == []  # no output, no log, no temporary file
+    assert snapshot(inputs_folder) == inputs_before  # inputs unchanged, nothing added beside them
+    assert {p: sha256(p) for p in shared_before} == shared_before
+
+
+def test_debug_shows_the_traceback_the_one_line_hides(shared, tmp_path, monkeypatch, capsys):
+    args, named, fragment = CASES["truncated msgpack"](str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(args + ["debug=True"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].endswith(fragment)
+
+
+def test_the_installed_command_gives_the_same_line(shared, tmp_path):
+    """The console script in a fresh process: same one line, status 1, nothing written."""
+    for name in ("pickle from old DIALS", "identifiers that do not match the .expt", "zero s1 beside a calculated position"):
+        inputs = tmp_path / name.replace(" ", "_")
+        inputs.mkdir()
+        args, named, fragment = CASES[name](str(inputs))
+        run_folder = inputs / "run"
+        run_folder.mkdir()
+        done = run_command(*args, cwd=run_folder)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert fragment in done.stderr and f"{named}: " in done.stderr
+        assert os.listdir(run_folder) == []
+
+
+# -- awkward but legitimate: a correct result ------------------------------------------------
+
+
+def test_goniometer_without_scan_on_stills_is_computed_as_stills(shared, tmp_path):
+    """A still with a goniometer but no scan (as some formats import them): q_bragg = A·h."""
+    document = expt_document(SSX)
+    document["goniometer"] = [{"rotation_axis": [1.0, 0.0, 0.0]}]
+    for entry in document["experiment"]:
+        entry["goniometer"] = 0
+    expt = tmp_path / "with_goniometer.expt"
+    expt.write_text(json.dumps(document))
+    plain = run_core(shared_path(SSX, ".expt"), shared_path(SSX, ".refl"))[3]
+    with_goniometer = run_core(str(expt), shared_path(SSX, ".refl"))[3]
+    used = plain.used
+    assert used.sum() == 360 and np.array_equal(with_goniometer.used, used)
+    assert np.array_equal(with_goniometer.q_bragg[used], plain.q_bragg[used])
+    assert np.array_equal(with_goniometer.q_pixel[used], plain.q_pixel[used])
+    assert np.isnan(with_goniometer.phi).all()
+
+
+def test_dials_marker_for_unpredicted_rows_is_counted_not_an_error(shared, tmp_path):
+    """dials.refine writes s1 = 0 and xyzcal.mm = 0 for a reflection it could not predict."""
+    done = run_command(os.path.join(SHARED_DATA, "dials_current", "centroid_refined.expt"),
+                       os.path.join(SHARED_DATA, "dials_current", "centroid_refined.refl"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = run_core(os.path.join(SHARED_DATA, "dials_current", "centroid_refined.expt"),
+                      os.path.join(SHARED_DATA, "dials_current", "centroid_refined.refl"))[3]
+    # 569 rows have id >= 0; row 108, hkl (11, -5, -2), is the one dials.refine could not predict
+    assert int(np.count_nonzero(result.reason == NOT_PREDICTED)) == 1
+    assert result.reason[108] == NOT_PREDICTED and int(result.used.sum()) == 568
+    assert REASONS[NOT_PREDICTED] in done.stdout
+
+
+def test_nan_in_an_unindexed_row_is_left_alone(shared, tmp_path):
+    """Only indexed rows must carry finite numbers: an id = -1 row is counted, not checked."""
+    source = os.path.join(SHARED_DATA, "centroid_test_data", "indexed.refl")
+    table = ReflectionTable.from_file(source)
+    ids = table.get("id")
+    row = int(np.flatnonzero(ids < 0)[0])
+    xyzobs = table.get("xyzobs.mm.value").copy()
+    xyzobs[row] = np.nan
+    table.set_column("xyzobs.mm.value", "vec3<double>", xyzobs)
+    refl = tmp_path / "nan_unindexed.refl"
+    table.write(str(refl))
+    expt = os.path.join(SHARED_DATA, "centroid_test_data", "indexed.expt")
+    before = run_core(expt, source, q_pixel_source="observed")[3]
+    after = run_core(expt, str(refl), q_pixel_source="observed")[3]
+    assert after.reason[row] == NOT_INDEXED
+    assert np.array_equal(after.used, before.used) and int(after.used.sum()) == 568
+    assert np.array_equal(after.q_pixel[after.used], before.q_pixel[before.used])
+
+
+# -- a full disk -------------------------------------------------------------------------
+
+
+def _command_line(*args):
+    return [sys.executable, "-m", "dials_qconsistency.command_line.q_consistency", *args]
+
+
+def _environment():
+    return dict(os.environ, PYTHONPATH=REPO_ROOT, MPLBACKEND="Agg")
+
+
+def test_file_size_limit_leaves_no_output(shared, tmp_path):
+    """The kernel refuses writes past 200 kB (RLIMIT_FSIZE): the 830 kB table cannot be
+    written. One line, status 1, no output or temporary file; the log says why."""
+    limit = 200_000
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "out.refl"
+    done = subprocess.run(
+        _command_line(*_quartz_with(f"output.reflections={out}", "output.json=report.json")),
+        cwd=tmp_path, env=_environment(), capture_output=True, text=True, preexec_fn=limit_file_size,
+    )
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert f"{out}: cannot be written (File too large)" in done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["dials.q_consistency.log"]
+    assert "Error:" in (tmp_path / "dials.q_consistency.log").read_text()
+
+
+def test_full_disk_leaves_no_output(shared, tmp_path):
+    """A real ENOSPC: the outputs go to a 64 kB tmpfs mounted in a private mount namespace."""
+    disk = tmp_path / "small_disk"
+    disk.mkdir()
+    script = (
+        f"mount -t tmpfs -o size=64k tmpfs {disk} || exit 77; "
+        f"{' '.join(_command_line(*_quartz_with(f'output.reflections={disk}/out.refl', f'output.plots={disk}/plots/')))}; "
+        f"status=$?; echo LISTING; ls -A {disk}; exit $status"
+    )
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is not installed: cannot mount a small tmpfs")
+    done = subprocess.run([unshare, "-rm", "sh", "-c", script], cwd=tmp_path, env=_environment(), capture_output=True, text=True)
+    if done.returncode == 77:
+        pytest.skip(f"this machine does not allow a private tmpfs mount: {done.stderr.strip()}")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and f"{disk}/out.refl: cannot be written (No space left on device)" in done.stderr
+    assert done.stdout.split("LISTING\n")[1] == ""  # no table, no plots folder, no temporary file
