@@ -32,7 +32,7 @@ setup(
     package_data={"dials_qconsistency": ["example_data/*"]},
     python_requires=">=3.9",
     install_requires=["numpy", "matplotlib", "msgpack"] + cctbx_requirement(),
-    extras_require={"test": ["pytest"], "standalone": ["cctbx-base"]},
+    extras_require={"test": ["pytest", "hypothesis"], "standalone": ["cctbx-base"]},
     entry_points={
         "console_scripts": [
             "dials.q_consistency = dials_qconsistency.command_line.q_consistency:main",

@@ -15,6 +15,7 @@ import numpy as np
 from . import geometry
 from .errors import QConsistencyError
 from .model_state import integrate_frames, refinement_scan_point
+from .models import MAX_MAGNITUDE
 
 #: Why a row was not used; index = code stored per row (0 = used).
 REASONS = (
@@ -246,12 +247,13 @@ def _check_values(columns, names, indexed, reason, path):
     """Indexed rows must carry finite numbers, and s1 = 0 only where DIALS marks no prediction."""
     for name in names:
         values = np.asarray(columns[name], dtype=float)
-        bad = indexed & ~np.all(np.isfinite(values), axis=1)
+        with np.errstate(invalid="ignore"):
+            bad = indexed & ~np.all(np.abs(values) <= MAX_MAGNITUDE, axis=1)  # False for NaN too
         if bad.any():
             rows = np.flatnonzero(bad)
             raise QConsistencyError(
-                f"column {name!r} is NaN or infinite in {rows.size} indexed row(s) (first: row {rows[0]}); "
-                "the table is corrupt",
+                f"column {name!r} is NaN, infinite or beyond {MAX_MAGNITUDE:g} in {rows.size} indexed row(s) "
+                f"(first: row {rows[0]}); the table is corrupt",
                 path,
             )
     s1 = np.asarray(columns["s1"], dtype=float)

@@ -19,6 +19,7 @@ from .errors import QConsistencyError
 from .files import read_input_file
 from .geometry import rotation_matrix, unit
 from .models import (
+    MAX_MAGNITUDE,
     Beam,
     Crystal,
     Detector,
@@ -42,7 +43,11 @@ class _Bad(Exception):
 
 def read_experiments(path: str) -> ExperimentList:
     """Read an ``.expt`` (or old ``experiments.json``) file."""
-    raw = read_input_file(path, "an experiment list")
+    return experiments_from_bytes(read_input_file(path, "an experiment list"), path)
+
+
+def experiments_from_bytes(raw: bytes, path: str = "<bytes>") -> ExperimentList:
+    """An experiment list from the bytes of an ``.expt`` file; one-line errors name ``path``."""
     if not raw.strip():
         raise QConsistencyError("is empty, not an experiment list", path)
     if raw[:1] == b"\x93" or raw[:2] == b"\x80\x02":
@@ -63,7 +68,7 @@ def read_experiments(path: str) -> ExperimentList:
         return experiments_from_dict(document)
     except _Bad as error:
         raise QConsistencyError(str(error), path) from None
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, np.linalg.LinAlgError) as error:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, np.linalg.LinAlgError) as error:
         raise QConsistencyError(f"is a malformed experiment list ({type(error).__name__}: {str(error):.80})", path) from None
 
 
@@ -97,7 +102,7 @@ def experiments_from_dict(document) -> ExperimentList:
                 cache[key] = readers[kind](models[reference])
             except _Bad as error:
                 raise _Bad(f"{kind} {reference}: {error}") from None
-            except (KeyError, TypeError, ValueError, IndexError, np.linalg.LinAlgError) as error:
+            except (KeyError, TypeError, ValueError, IndexError, OverflowError, np.linalg.LinAlgError) as error:
                 raise _Bad(f"{kind} {reference} is malformed ({type(error).__name__}: {error})") from None
         return cache[key]
 
@@ -144,7 +149,23 @@ def _vec(values, n=3) -> np.ndarray:
         raise _Bad(f"expected {n} numbers, got {values!r:.60}")
     if not np.all(np.isfinite(array)):
         raise _Bad(f"holds a number that is not finite: {values!r:.60}")
+    if np.any(np.abs(array) > MAX_MAGNITUDE):
+        raise _Bad(f"holds a number too large for a model: {values!r:.60}")
     return array
+
+
+def _direction(values) -> np.ndarray:
+    """A unit vector from three model numbers; a zero vector has no direction."""
+    vector = _vec(values)
+    length = np.linalg.norm(vector)
+    if not length > 1e-12:
+        raise _Bad(f"has a direction of zero length: {values!r:.60}")
+    return vector / length
+
+
+def _number(value) -> float:
+    """One finite model number of plausible size."""
+    return float(_vec([value], 1)[0])
 
 
 def _scan_points(values, shape) -> np.ndarray | None:
@@ -152,8 +173,8 @@ def _scan_points(values, shape) -> np.ndarray | None:
     if not values:
         return None
     array = np.asarray(values, dtype=float).reshape((-1,) + shape)
-    if not np.all(np.isfinite(array)):
-        raise _Bad("has scan-point values that are not finite")
+    if not np.all(np.isfinite(array)) or np.any(np.abs(array) > MAX_MAGNITUDE):
+        raise _Bad("has scan-point values that are not finite or too large")
     return array
 
 
@@ -166,23 +187,25 @@ def _beam(d) -> Beam:
     if kind not in ("monochromatic", "Beam"):
         raise _Bad(f"beam type {kind!r:.40} is not supported (only monochromatic beams are)")
     if "direction" in d:
-        direction = unit(_vec(d["direction"]))
-        wavelength = float(d["wavelength"])
+        direction = _direction(d["direction"])
+        wavelength = _number(d["wavelength"])
     elif "s0" in d:
-        s0 = _vec(d["s0"])
-        wavelength = 1.0 / np.linalg.norm(s0)
-        direction = -unit(s0)
+        direction = -_direction(d["s0"])
+        wavelength = 1.0 / np.linalg.norm(_vec(d["s0"]))
     else:
         raise _Bad("has neither direction nor s0")
-    if not wavelength > 0:
-        raise _Bad(f"wavelength {wavelength} is not positive")
+    if not 1e-4 <= wavelength <= 1e4:
+        raise _Bad(f"wavelength {wavelength:g} Å is not a plausible wavelength (1e-4 to 1e4 Å)")
     s0 = -direction / wavelength
     scan_points = _scan_points(d.get("s0_at_scan_points"), (3,))
     return Beam(s0=s0, wavelength=wavelength, s0_at_scan_points=scan_points)
 
 
 def _frame(node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return unit(_vec(node["fast_axis"])), unit(_vec(node["slow_axis"])), _vec(node["origin"])
+    fast, slow = _direction(node["fast_axis"]), _direction(node["slow_axis"])
+    if np.linalg.norm(np.cross(fast, slow)) < 1e-6:
+        raise _Bad(f"fast and slow axes are parallel: {node['fast_axis']!r:.40} and {node['slow_axis']!r:.40}")
+    return fast, slow, _vec(node["origin"])
 
 
 def _compose(parent, local):
@@ -229,12 +252,12 @@ def _detector(d, notes) -> Detector:
 
     panels = []
     for index, (p, (fast, slow, origin)) in enumerate(zip(panel_dicts, frames)):
-        mu = float(p.get("mu", 0.0))
-        thickness = float(p.get("thickness", 0.0))
+        mu = _number(p.get("mu", 0.0))
+        thickness = _number(p.get("thickness", 0.0))
         strategy = (p.get("px_mm_strategy") or {}).get("type", _SIMPLE)
         st = p.get("px_mm_strategy") or {}
         if "mu" in st and "t0" in st:
-            mu, thickness = float(st["mu"]), float(st["t0"])
+            mu, thickness = _number(st["mu"]), _number(st["t0"])
         note = ""
         if strategy not in (_SIMPLE, _PARALLAX, _OFFSET, _OFFSET_PARALLAX):
             raise _Bad(f"panel {index} has unknown px_mm_strategy {strategy!r}")
@@ -272,8 +295,8 @@ def _detector(d, notes) -> Detector:
 def _goniometer(d) -> Goniometer:
     scan_points = _scan_points(d.get("setting_rotation_at_scan_points"), (3, 3))
     if {"axes", "angles", "scan_axis"} <= set(d):
-        axes = [_vec(a) for a in d["axes"]]
-        angles = [math.radians(float(a)) for a in d["angles"]]
+        axes = [_direction(a) for a in d["axes"]]
+        angles = [math.radians(_number(a)) for a in d["angles"]]
         scan_axis = int(d["scan_axis"])
         if not axes or len(angles) != len(axes) or not 0 <= scan_axis < len(axes):
             raise _Bad("multi-axis goniometer axes/angles/scan_axis do not agree")
@@ -284,31 +307,40 @@ def _goniometer(d) -> Goniometer:
         for axis, angle in zip(axes[scan_axis + 1 :], angles[scan_axis + 1 :]):
             setting = rotation_matrix(axis, angle) @ setting
         return Goniometer(unit(axes[scan_axis]), fixed, setting, scan_points, "multi-axis")
-    fixed = _mat(d.get("fixed_rotation", np.eye(3).ravel()))
-    setting = _mat(d.get("setting_rotation", np.eye(3).ravel()))
-    return Goniometer(unit(_vec(d["rotation_axis"])), fixed, setting, scan_points)
+    fixed = _rotation(d.get("fixed_rotation", np.eye(3).ravel()), "fixed_rotation")
+    setting = _rotation(d.get("setting_rotation", np.eye(3).ravel()), "setting_rotation")
+    return Goniometer(_direction(d["rotation_axis"]), fixed, setting, scan_points)
+
+
+def _rotation(values, name) -> np.ndarray:
+    """A 3x3 orthogonal matrix (R·Rᵀ = I to 1e-3). A mirror (det −1) is let through:
+    it is a frame mistake that the diagnosis exists to name."""
+    matrix = _mat(values)
+    if not np.allclose(matrix @ matrix.T, np.eye(3), atol=1e-3):
+        raise _Bad(f"{name} is not a rotation matrix (R·Rᵀ ≠ I): {values!r:.60}")
+    return matrix
 
 
 def _scan(d) -> Scan:
-    first, last = (int(v) for v in d["image_range"])
+    first, last = (int(_number(v)) for v in d["image_range"])
     if last < first:
         raise _Bad(f"image_range {first}..{last} is empty")
     n_images = last - first + 1
     if "properties" in d:
         properties = d["properties"]
-        starts = [math.radians(float(v)) for v in properties.get("oscillation", [])]
+        starts = [math.radians(_number(v)) for v in properties.get("oscillation", [])]
         if not starts:
             oscillation = (0.0, 0.0)
         elif n_images == 1:
             widths = properties.get("oscillation_width", [0.0])
-            oscillation = (starts[0], math.radians(float(widths[0])))
+            oscillation = (starts[0], math.radians(_number(widths[0])))
         else:
             if len(starts) != n_images:
                 raise _Bad(f"has {len(starts)} oscillation angles for {n_images} images")
             oscillation = (starts[0], starts[1] - starts[0])
     else:
         start, width = d.get("oscillation", (0.0, 0.0))
-        oscillation = (math.radians(float(start)), math.radians(float(width)))
+        oscillation = (math.radians(_number(start)), math.radians(_number(width)))
     return Scan((first, last), oscillation)
 
 

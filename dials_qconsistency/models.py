@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: No number in a model or a used table row is larger than this: lengths in mm,
+#: cell edges in Å, angles in degrees or radians and s0/s1 in Å⁻¹ stay far
+#: below it, and anything above would overflow the geometry (squares, products).
+MAX_MAGNITUDE = 1e10
+
 
 @dataclass
 class Beam:

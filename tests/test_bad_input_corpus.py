@@ -280,13 +280,14 @@ def _bad_number(name, value, extra=()):
         values[row, 1] = value
         set_column(obj, name, values)
         args, path = refl_object(folder, obj)
-        return args + list(extra), path, f"column {name!r} is NaN or infinite in 1 indexed row(s) (first: row {row})"
+        return args + list(extra), path, f"column {name!r} is NaN, infinite or beyond 1e+10 in 1 indexed row(s) (first: row {row})"
     return build
 
 
 case("NaN calculated position")(_bad_number("xyzcal.mm", np.nan))
 case("infinite observed position")(_bad_number("xyzobs.mm.value", np.inf, ["q_pixel.source=observed"]))
 case("NaN s1")(_bad_number("s1", np.nan))
+case("absurdly large s1")(_bad_number("s1", 1e300))
 
 
 @case("zero s1 beside a calculated position")
@@ -418,6 +419,30 @@ def _(folder):
     document["detector"][0]["panels"][0]["origin"][0] = float("nan")
     args, path = expt_json(folder, document)
     return args, path, "holds a number that is not finite"
+
+
+@case("a zero-length rotation axis")
+def _(folder):
+    document = expt_document()
+    document["goniometer"][0]["rotation_axis"] = [0.0, 0.0, 0.0]
+    args, path = expt_json(folder, document)
+    return args, path, "goniometer 0: has a direction of zero length"
+
+
+@case("a setting rotation that is not a rotation")
+def _(folder):
+    document = expt_document()
+    document["goniometer"][0]["setting_rotation"] = [1.0, 0, 0, 0, 2.0, 0, 0, 0, 1.0]
+    args, path = expt_json(folder, document)
+    return args, path, "goniometer 0: setting_rotation is not a rotation matrix"
+
+
+@case("a wavelength in metres")
+def _(folder):
+    document = expt_document()
+    document["beam"][0]["wavelength"] = 2.5e-12
+    args, path = expt_json(folder, document)
+    return args, path, "beam 0: wavelength 2.5e-12 Å is not a plausible wavelength (1e-4 to 1e4 Å)"
 
 
 @case("crystal axes without volume")

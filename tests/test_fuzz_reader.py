@@ -1,14 +1,15 @@
-"""Property-based fuzzing: random mutations of real DIALS tables.
+"""Property-based fuzzing: random mutations of real DIALS tables and experiment lists.
 
 Whatever the mutation, reading the table (and, when it reads, computing q
 with its experiment list and writing it back) either works or raises the
-program's own one-line QConsistencyError, never anything else. A short run is
-part of the default suite; ``python -m pytest -m fuzz tests`` runs 10,000
-examples.
+program's own one-line QConsistencyError, never anything else. The same holds
+for mutated ``.expt`` JSON. A short run is part of the default suite;
+``python -m pytest -m fuzz tests`` runs 10,000 examples of each.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import msgpack
@@ -17,13 +18,21 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from dials_qconsistency.analysis import summarise
 from dials_qconsistency.compute import Options, compute_q
+from dials_qconsistency.decomposition import decompose
+from dials_qconsistency.diagnosis import diagnose
 from dials_qconsistency.errors import QConsistencyError
-from dials_qconsistency.experiments import read_experiments
+from dials_qconsistency.experiments import experiments_from_bytes, read_experiments
+from dials_qconsistency.output import add_columns
 from dials_qconsistency.reflection_table import FIXED_TYPES, OPAQUE_TYPES, ReflectionTable
+from dials_qconsistency.report import diagnosis_text, json_report, residuals_text, summary_text
 from conftest import SHARED_DATA
 
 #: Small real pairs: stills with shoeboxes (v1), a rotation sweep (v2), a 64-panel CSPAD (v2).
+#: A numpy warning would be a second line on stderr: any of them fails the fuzzing.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 PAIRS = [
     ("ssx_CuNiR_test_data", "indexed"),
     ("dials_current", "centroid_refined"),
@@ -39,8 +48,8 @@ def _load_pairs():
     loaded = []
     for folder, stem in PAIRS:
         raw = open(os.path.join(SHARED_DATA, folder, stem + ".refl"), "rb").read()
-        experiments = read_experiments(os.path.join(SHARED_DATA, folder, stem + ".expt"))
-        loaded.append((raw, experiments))
+        expt = os.path.join(SHARED_DATA, folder, stem + ".expt")
+        loaded.append((raw, read_experiments(expt), open(expt, "rb").read()))
     return loaded
 
 
@@ -149,22 +158,78 @@ def structure_mutation(draw, raw: bytes) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-class Mutant:
-    """A mutated table; its repr names the source and the size, not 100 kB of bytes."""
+# -- experiment-list mutations (decode the JSON, change one node, re-encode) ----------
 
-    def __init__(self, raw: bytes, pair: int):
-        self.raw, self.pair = raw, pair
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10,
+)
 
-    def __repr__(self):
-        return f"Mutant(from {'/'.join(PAIRS[self.pair])}.refl, {len(self.raw)} bytes, starts {self.raw[:12]!r})"
+
+def _nodes(node, trail=()):
+    """Every (container, key) path in a JSON document."""
+    found = []
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        found.append(trail + (key,))
+        found.extend(_nodes(value, trail + (key,)))
+    return found
 
 
 @st.composite
-def mutants(draw):
+def expt_mutation(draw, raw: bytes) -> bytes:
+    document = json.loads(raw)
+    trail = draw(st.sampled_from(_nodes(document)))
+    parent = document
+    for key in trail[:-1]:
+        parent = parent[key]
+    kind = draw(st.sampled_from(["replace", "delete", "scale", "swap_type"]))
+    value = parent[trail[-1]]
+    if kind == "delete":
+        del parent[trail[-1]]
+    elif kind == "scale" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        parent[trail[-1]] = value * draw(st.sampled_from([0, -1, 1e300, float("nan"), 1.5]))
+    elif kind == "swap_type":
+        parent[trail[-1]] = [value] if not isinstance(value, list) else {"0": value}
+    else:
+        parent[trail[-1]] = draw(json_values)
+    text = json.dumps(document)
+    if draw(st.booleans()):  # and sometimes a byte-level change on top
+        return draw(byte_mutation(text.encode()))
+    return text.encode()
+
+
+class Mutant:
+    """A mutated file; its repr names the source and the size, not 100 kB of bytes."""
+
+    def __init__(self, raw: bytes, pair: int, kind: str):
+        self.raw, self.pair, self.kind = raw, pair, kind
+
+    def __repr__(self):
+        return f"Mutant({self.kind} from {'/'.join(PAIRS[self.pair])}, {len(self.raw)} bytes, starts {self.raw[:12]!r})"
+
+
+@st.composite
+def mutants(draw, kinds=("refl", "refl", "expt")):
     pair = draw(st.integers(0, len(PAIRS) - 1))
-    raw = LOADED[pair][0]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "expt":
+        return Mutant(draw(expt_mutation(LOADED[pair][2])), pair, kind)
     mutate = byte_mutation if draw(st.booleans()) else structure_mutation
-    return Mutant(draw(mutate(raw)), pair)
+    return Mutant(draw(mutate(LOADED[pair][0])), pair, kind)
+
+
+def read_experiment_list(raw: bytes, table_raw: bytes) -> str:
+    """A mutated .expt: read it and, when it reads, compute q for its own table."""
+    try:
+        experiments = experiments_from_bytes(raw, "fuzzed.expt")
+    except QConsistencyError as error:
+        text = str(error)
+        assert "\n" not in text and text.startswith("fuzzed.expt: "), text
+        event("expt: " + text.split(": ", 1)[1][:40])
+        return "error"
+    return read_compute_write(table_raw, experiments)
 
 
 def read_compute_write(raw: bytes, experiments) -> str:
@@ -173,12 +238,22 @@ def read_compute_write(raw: bytes, experiments) -> str:
         table = ReflectionTable.from_bytes(raw, "fuzzed.refl")
         columns = {k: table.get(k) for k in table.keys() if table.column_type(k) in FIXED_TYPES}
         for source in ("calculated", "observed"):
-            compute_q(experiments, columns, table.identifiers, Options(q_pixel_source=source), path="fuzzed.refl")
+            options = Options(q_pixel_source=source)
+            result = compute_q(
+                experiments, columns, table.identifiers, options, path="fuzzed.refl", experiments_path="fuzzed.expt"
+            )
+            # everything the command does after reading, but the figures
+            parts = decompose(experiments, result)
+            summary = summarise(result, experiments, parts, 10, 1)
+            diagnoses = diagnose(experiments, result, parts)
+            json.dumps(json_report(summary, diagnoses, options, {}))
+            summary_text(summary, options), residuals_text(summary), diagnosis_text(diagnoses)
+        add_columns(table, result, parts)
         ReflectionTable.from_bytes(table.to_bytes(), "rewritten.refl")
         return "read"
     except QConsistencyError as error:
         text = str(error)
-        assert "\n" not in text and text.startswith(("fuzzed.refl: ", "rewritten.refl: ")), text
+        assert "\n" not in text and text.startswith(("fuzzed.refl: ", "fuzzed.expt: ", "rewritten.refl: ")), text
         event(text.split(": ", 1)[1][:48])
         return "error"
 
@@ -187,7 +262,10 @@ OUTCOMES: dict[str, int] = {}
 
 
 def check_fuzz(mutant):
-    outcome = read_compute_write(mutant.raw, LOADED[mutant.pair][1])
+    if mutant.kind == "expt":
+        outcome = read_experiment_list(mutant.raw, LOADED[mutant.pair][0])
+    else:
+        outcome = read_compute_write(mutant.raw, LOADED[mutant.pair][1])
     event(outcome)
     OUTCOMES[outcome] = OUTCOMES.get(outcome, 0) + 1
 
@@ -198,26 +276,35 @@ _common = dict(deadline=None, database=None, suppress_health_check=list(HealthCh
 @needs_data
 @settings(max_examples=300, derandomize=True, **_common)
 @given(mutants())
-def test_fuzz_short(example):
-    check_fuzz(example)
+def test_fuzz_short(mutant):
+    check_fuzz(mutant)
 
 
 @needs_data
 @pytest.mark.fuzz
 @settings(max_examples=10_000, **_common)
-@given(mutants())
-def test_fuzz_10000(example):
-    check_fuzz(example)
+@given(mutants(kinds=("refl",)))
+def test_fuzz_tables_10000(mutant):
+    check_fuzz(mutant)
+
+
+@needs_data
+@pytest.mark.fuzz
+@settings(max_examples=10_000, **_common)
+@given(mutants(kinds=("expt",)))
+def test_fuzz_experiment_lists_10000(mutant):
+    check_fuzz(mutant)
 
 
 def test_the_short_run_reached_both_outcomes():
     """Some mutants must still read (the core then runs on them) and some must be refused."""
     if not OUTCOMES:
         pytest.skip("test_fuzz_short did not run in this session")
-    assert OUTCOMES.get("read", 0) >= 20 and OUTCOMES.get("error", 0) >= 100, OUTCOMES
+    assert OUTCOMES.get("read", 0) >= 30 and OUTCOMES.get("error", 0) >= 100, OUTCOMES
 
 
 @needs_data
 def test_the_unmutated_tables_read_and_compute():
     """The fuzzing starts from tables that work: a mutation is what breaks them."""
-    assert [read_compute_write(raw, experiments) for raw, experiments in LOADED] == ["read"] * len(LOADED)
+    assert [read_compute_write(raw, experiments) for raw, experiments, _ in LOADED] == ["read"] * len(LOADED)
+    assert [read_experiment_list(expt, raw) for raw, _, expt in LOADED] == ["read"] * len(LOADED)
