@@ -53,6 +53,22 @@ def pickle_hint(path: str) -> str:
     )
 
 
+#: Leading bytes of files users mistake for a reflection table.
+_KNOWN_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed: gunzip it first"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file, not msgpack"),
+    (b"{", "JSON text (an experiment list?), not msgpack"),
+    (b"\x89PNG", "a PNG image, not msgpack"),
+)
+
+
+def _what_it_is(raw: bytes) -> str:
+    for magic, what in _KNOWN_MAGIC:
+        if raw.startswith(magic):
+            return what
+    return "not msgpack"
+
+
 def row_bytes(type_name: str) -> int:
     """Bytes per row of a fixed-size column type."""
     dtype, shape = FIXED_TYPES[type_name]
@@ -135,7 +151,7 @@ class ReflectionTable:
         if raw[:1] == b"\x80" or raw[:1] in (b"(", b"c"):
             raise QConsistencyError(pickle_hint(path), path)
         if raw[:1] != b"\x93":  # every table is a msgpack array of three
-            raise QConsistencyError("is not a DIALS reflection table (not msgpack)", path)
+            raise QConsistencyError(f"is not a DIALS reflection table ({_what_it_is(raw)})", path)
         try:
             obj = msgpack.unpackb(raw, raw=False, strict_map_key=False, use_list=True)
         except msgpack.ExtraData:

@@ -9,7 +9,7 @@ legitimate cases must give the right numbers.
 
 from __future__ import annotations
 
-import hashlib
+import gzip
 import json
 import os
 import pickle
@@ -26,7 +26,7 @@ from dials_qconsistency.command_line.q_consistency import main
 from dials_qconsistency.compute import NOT_INDEXED, NOT_PREDICTED, REASONS
 from dials_qconsistency.reflection_table import ReflectionTable
 from conftest import REPO_ROOT, SHARED_DATA, run_core
-from test_command_line import run_command
+from test_command_line import run_command, sha
 
 QUARTZ = ("quartz_processed", "refined")  # scan-varying rotation, one experiment
 SSX = ("ssx_CuNiR_test_data", "indexed")  # five stills with shoeboxes
@@ -116,7 +116,20 @@ def _(folder):
 @case("an HDF5 file named .refl")
 def _(folder):
     args, path = refl_bytes(folder, b"\x89HDF\r\n\x1a\n" + bytes(64))
-    return args, path, "not msgpack"
+    return args, path, "is not a DIALS reflection table (an HDF5 file, not msgpack)"
+
+
+@case("a gzip-compressed table")
+def _(folder):
+    args, path = refl_bytes(folder, gzip.compress(raw_quartz()))
+    return args, path, "is not a DIALS reflection table (gzip-compressed: gunzip it first)"
+
+
+@case("experiment list and table swapped")
+def _(folder):
+    path = os.path.join(folder, "swapped.refl")
+    shutil.copy(shared_path(QUARTZ, ".expt"), path)
+    return [shared_path(QUARTZ, ".expt"), path], path, "(JSON text (an experiment list?), not msgpack)"
 
 
 @case("pickle from old DIALS")
@@ -522,17 +535,13 @@ def _(folder):
 # -- running them ----------------------------------------------------------------------
 
 
-def sha256(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
 def snapshot(folder):
     """Every file below a folder with its hash."""
     found = {}
     for root, _, files in os.walk(folder):
         for name in files:
             path = os.path.join(root, name)
-            found[os.path.relpath(path, folder)] = sha256(path) if not os.path.islink(path) else "link"
+            found[os.path.relpath(path, folder)] = sha(path) if not os.path.islink(path) else "link"
     return found
 
 
@@ -548,7 +557,7 @@ def test_malformed_input_gives_one_line_and_leaves_nothing(shared, tmp_path, mon
     run_folder = tmp_path / "run"
     run_folder.mkdir()
     monkeypatch.chdir(run_folder)
-    shared_before = {p: sha256(p) for p in (shared_path(QUARTZ, ".expt"), shared_path(QUARTZ, ".refl"))}
+    shared_before = {p: sha(p) for p in (shared_path(QUARTZ, ".expt"), shared_path(QUARTZ, ".refl"))}
     inputs_before = snapshot(inputs_folder)
 
     status = main(args)
@@ -563,7 +572,7 @@ def test_malformed_input_gives_one_line_and_leaves_nothing(shared, tmp_path, mon
         assert f"{named}: " in lines[0], lines[0]
     assert os.listdir(run_folder) == []  # no output, no log, no temporary file
     assert snapshot(inputs_folder) == inputs_before  # inputs unchanged, nothing added beside them
-    assert {p: sha256(p) for p in shared_before} == shared_before
+    assert {p: sha(p) for p in shared_before} == shared_before
 
 
 def test_debug_shows_the_traceback_the_one_line_hides(shared, tmp_path, monkeypatch, capsys):
@@ -688,3 +697,27 @@ def test_full_disk_leaves_no_output(shared, tmp_path):
     assert done.returncode == 1, done.stderr
     assert done.stderr.count("\n") == 1 and f"{disk}/out.refl: cannot be written (No space left on device)" in done.stderr
     assert done.stdout.split("LISTING\n")[1] == ""  # no table, no plots folder, no temporary file
+
+
+def test_sigterm_while_writing_leaves_no_output(shared, tmp_path, monkeypatch, capsys):
+    """A batch system's time limit arrives after the table is staged and before the
+    figures are: the staged table is removed and no output appears."""
+    from dials_qconsistency import files
+    import signal
+
+    staged = []
+    add = files.StagedOutputs.add
+
+    def add_then_terminate(self, path, payload):
+        add(self, path, payload)
+        staged.append(path)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(files.StagedOutputs, "add", add_then_terminate)
+    monkeypatch.chdir(tmp_path)
+    status = main(_quartz_with("output.plots=None"))
+    err = capsys.readouterr().err
+    assert status == 143 and err == "dials.q_consistency: terminated by SIGTERM (outputs are all written or none)\n"
+    assert staged == ["q_consistency.refl"]  # the table was staged in full before the signal
+    assert sorted(os.listdir(tmp_path)) == ["dials.q_consistency.log"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the handler back

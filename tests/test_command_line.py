@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from dials_qconsistency.reflection_table import ReflectionTable
 from conftest import EXAMPLES, REPO_ROOT
@@ -96,38 +95,6 @@ def test_centroid_indexed_is_not_a_false_failure(shared, tmp_path):
     done = run_command(shared("centroid_test_data", "indexed.expt"), shared("centroid_test_data", "indexed.refl"), cwd=tmp_path)
     assert done.returncode == 0
     assert "s1: observed centroid" in done.stdout and "not a failure" in done.stdout
-
-
-def write_without_column(source, name, target):
-    table = ReflectionTable.from_file(source)
-    del table._columns[name]
-    table.write(str(target))
-
-
-@pytest.mark.parametrize("case", ["missing file", "not a table", "mismatch", "missing column", "output is input"])
-def test_bad_input_one_line_error_no_output(shared, tmp_path, case):
-    expt, refl = shared("quartz_processed", "refined.expt"), shared("quartz_processed", "refined.refl")
-    extra = []
-    if case == "missing file":
-        refl, expected = str(tmp_path / "nowhere.refl"), "nowhere.refl: file not found"
-    elif case == "not a table":
-        refl = str(tmp_path / "junk.refl")
-        open(refl, "wb").write(b"this is not msgpack at all")
-        expected = "junk.refl: is not a DIALS reflection table (not msgpack)"
-    elif case == "mismatch":
-        refl, expected = shared("ssx_CuNiR_test_data", "indexed.refl"), "experiments and reflections do not match"
-    elif case == "missing column":
-        refl = str(tmp_path / "no_panel.refl")
-        write_without_column(shared("quartz_processed", "refined.refl"), "panel", refl)
-        expected = "no_panel.refl: has no 'panel' column"
-    else:
-        extra, expected = [f"output.reflections={refl}"], "would overwrite the input file"
-    done = run_command(expt, refl, *extra, cwd=tmp_path)
-    assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in done.stderr
-    assert not (tmp_path / "q_consistency.refl").exists()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
 
 def test_no_cctbx_extension_is_imported_after_matplotlib(tmp_path):

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import traceback
 
@@ -382,10 +383,19 @@ def _finite(value):
     return value
 
 
+class Terminated(BaseException):
+    """SIGTERM (a batch system's time limit): unwind so that no partial output stays."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def main(args=None):
     """Console entry point: one-line errors and exit status 1 on bad input."""
     argv = sys.argv[1:] if args is None else list(args)
     debug = any(a.replace(" ", "") in ("debug=True", "debug=true") for a in argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(argv)
     except QConsistencyError as error:
@@ -397,8 +407,11 @@ def main(args=None):
         print(f"dials.q_consistency: fail_if: {failure}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("dials.q_consistency: interrupted", file=sys.stderr)
+        print("dials.q_consistency: interrupted (outputs are all written or none)", file=sys.stderr)
         return 130
+    except Terminated:
+        print("dials.q_consistency: terminated by SIGTERM (outputs are all written or none)", file=sys.stderr)
+        return 143
     except Exception as error:  # a bug: say so in one line unless asked for more
         if debug:
             raise
@@ -408,6 +421,8 @@ def main(args=None):
             file=sys.stderr,
         )
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
