@@ -249,22 +249,22 @@ def _check_values(columns, names, indexed, reason, path):
         values = np.asarray(columns[name], dtype=float)
         with np.errstate(invalid="ignore"):
             bad = indexed & ~np.all(np.abs(values) <= MAX_MAGNITUDE, axis=1)  # False for NaN too
-        if bad.any():
-            rows = np.flatnonzero(bad)
-            raise QConsistencyError(
-                f"column {name!r} is NaN, infinite or beyond {MAX_MAGNITUDE:g} in {rows.size} indexed row(s) "
-                f"(first: row {rows[0]}); the table is corrupt",
-                path,
-            )
+        _reject_rows(bad, f"column {name!r} is NaN, infinite or beyond {MAX_MAGNITUDE:g}", "the table is corrupt", path)
     s1 = np.asarray(columns["s1"], dtype=float)
     bad = indexed & (reason != NOT_PREDICTED) & ~np.any(s1 != 0, axis=1)
+    _reject_rows(
+        bad,
+        "column 's1' is (0, 0, 0) beside a calculated position",
+        "DIALS writes s1 = 0 only beside xyzcal.mm = 0, so the table is corrupt",
+        path,
+    )
+
+
+def _reject_rows(bad, problem, conclusion, path):
+    """One line naming how many indexed rows are bad and the first of them."""
     if bad.any():
         rows = np.flatnonzero(bad)
-        raise QConsistencyError(
-            f"column 's1' is (0, 0, 0) in {rows.size} indexed row(s) that have a calculated position "
-            f"(first: row {rows[0]}); DIALS writes s1 = 0 only beside xyzcal.mm = 0, so the table is corrupt",
-            path,
-        )
+        raise QConsistencyError(f"{problem} in {rows.size} indexed row(s) (first: row {rows[0]}); {conclusion}", path)
 
 
 def _check_experiment(experiment, index, panels, phi, path, experiments_path):

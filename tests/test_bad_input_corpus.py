@@ -40,10 +40,15 @@ def table_object(pair=QUARTZ):
     return msgpack.unpackb(open(shared_path(pair, ".refl"), "rb").read(), raw=False, strict_map_key=False)
 
 
+#: numpy dtype and per-row shape of the columns the cases change
+COLUMN_LAYOUT = {"s1": ("<f8", 3), "xyzcal.mm": ("<f8", 3), "xyzobs.mm.value": ("<f8", 3), "panel": ("<u8", 1), "id": ("<i4", 1)}
+
+
 def column(obj, name):
     """A writable numpy copy of a fixed-size column of a decoded table."""
-    dtype = {"s1": "<f8", "xyzcal.mm": "<f8", "xyzobs.mm.value": "<f8", "panel": "<u8", "id": "<i4"}[name]
-    return np.frombuffer(obj[2]["data"][name][1][1], dtype=dtype).copy()
+    dtype, width = COLUMN_LAYOUT[name]
+    values = np.frombuffer(obj[2]["data"][name][1][1], dtype=dtype).copy()
+    return values.reshape(-1, 3) if width == 3 else values
 
 
 def set_column(obj, name, values):
@@ -52,9 +57,21 @@ def set_column(obj, name, values):
 
 def first_used_row(obj):
     """A row that is indexed and predicted in the quartz table."""
-    ids = column(obj, "id")
-    xyzcal = column(obj, "xyzcal.mm").reshape(-1, 3)
-    return int(np.flatnonzero((ids >= 0) & (xyzcal[:, 0] != 0))[0])
+    return int(np.flatnonzero((column(obj, "id") >= 0) & (column(obj, "xyzcal.mm")[:, 0] != 0))[0])
+
+
+def one_value_changed(folder, name, value, index=(), identifiers=None):
+    """The quartz table with ``name[row][index] = value`` in its first used row,
+    written to the case folder: (arguments, table path, row)."""
+    obj = table_object()
+    if identifiers is not None:
+        obj[2]["identifiers"] = identifiers
+    values = column(obj, name)
+    row = first_used_row(obj)
+    values[(row,) + tuple(index)] = value
+    set_column(obj, name, values)
+    args, path = refl_object(folder, obj)
+    return args, path, row
 
 
 def expt_document(pair=QUARTZ):
@@ -89,6 +106,13 @@ def expt_json(folder, document, pair=QUARTZ):
     path = os.path.join(folder, "bad.expt")
     open(path, "w").write(json.dumps(document) if not isinstance(document, str) else document)
     return [path, shared_path(pair, ".refl")], path
+
+
+def copy_of(source, folder, name):
+    """A real file copied into the case folder under another name."""
+    path = os.path.join(folder, name)
+    shutil.copy(source, path)
+    return path
 
 
 def raw_quartz():
@@ -127,8 +151,7 @@ def _(folder):
 
 @case("experiment list and table swapped")
 def _(folder):
-    path = os.path.join(folder, "swapped.refl")
-    shutil.copy(shared_path(QUARTZ, ".expt"), path)
+    path = copy_of(shared_path(QUARTZ, ".expt"), folder, "swapped.refl")
     return [shared_path(QUARTZ, ".expt"), path], path, "(JSON text (an experiment list?), not msgpack)"
 
 
@@ -160,52 +183,45 @@ def _(folder):
     return args, path, "no dials::af::reflection_table header"
 
 
-@case("header not a map")
-def _(folder):
-    obj = table_object()
-    obj[2] = [1, 2, 3]
-    args, path = refl_object(folder, obj)
-    return args, path, "reflection table header is not a map"
+#: Cases that change one node of the decoded quartz table: (name, path to the node,
+#: new value or a function of the old one, message fragment).
+TABLE_EDITS = [
+    ("header not a map", (2,), [1, 2, 3], "reflection table header is not a map"),
+    ("unknown column type", (2, "data", "rlp", 0), "vec3<float>", "column 'rlp': unknown column type 'vec3<float>'"),
+    ("nrows disagrees with a column", (2, "nrows"), 506, "has 505 rows but the table has 506"),
+    ("blob of the wrong length", (2, "data", "s1", 1, 1), lambda blob: blob[:-8],
+     "column 's1': blob is 12112 bytes, expected 12120 for 505 rows of vec3<double>"),
+    ("truncated shoebox blob", (2, "data", "shoebox", 1, 1), lambda blob: blob[:-100],
+     "column 'shoebox': shoebox blob is 692737 bytes, its 505 rows need 692837"),
+    ("unsupported table version", (1,), 3, "reflection table version 3 is not supported (1 or 2 are)"),
+]
 
 
-@case("unknown column type")
-def _(folder):
-    obj = table_object()
-    obj[2]["data"]["rlp"][0] = "vec3<float>"
-    args, path = refl_object(folder, obj)
-    return args, path, "column 'rlp': unknown column type 'vec3<float>'"
+DELETE = object()
 
 
-@case("nrows disagrees with a column")
-def _(folder):
-    obj = table_object()
-    obj[2]["nrows"] = 506
-    args, path = refl_object(folder, obj)
-    return args, path, "has 505 rows but the table has 506"
+def apply_edit(document, keys, value):
+    """Set (or with DELETE remove) the node at ``keys``; a callable value maps the old one."""
+    parent = document
+    for key in keys[:-1]:
+        parent = parent[key]
+    if value is DELETE:
+        del parent[keys[-1]]
+    else:
+        parent[keys[-1]] = value(parent[keys[-1]]) if callable(value) else value
 
 
-@case("blob of the wrong length")
-def _(folder):
-    obj = table_object()
-    obj[2]["data"]["s1"][1][1] = obj[2]["data"]["s1"][1][1][:-8]
-    args, path = refl_object(folder, obj)
-    return args, path, "column 's1': blob is 12112 bytes, expected 12120 for 505 rows of vec3<double>"
+def _edited_table(keys, value, fragment):
+    def build(folder):
+        obj = table_object()
+        apply_edit(obj, keys, value)
+        args, path = refl_object(folder, obj)
+        return args, path, fragment
+    return build
 
 
-@case("truncated shoebox blob")
-def _(folder):
-    obj = table_object()
-    obj[2]["data"]["shoebox"][1][1] = obj[2]["data"]["shoebox"][1][1][:-100]
-    args, path = refl_object(folder, obj)
-    return args, path, "column 'shoebox': shoebox"
-
-
-@case("unsupported table version")
-def _(folder):
-    obj = table_object()
-    obj[1] = 3
-    args, path = refl_object(folder, obj)
-    return args, path, "reflection table version 3 is not supported (1 or 2 are)"
+for _name, _keys, _value, _fragment in TABLE_EDITS:
+    case(_name)(_edited_table(_keys, _value, _fragment))
 
 
 def _without(name):
@@ -238,22 +254,13 @@ def _(folder):
 
 @case("id beyond the experiment list (no identifiers)")
 def _(folder):
-    obj = table_object()
-    obj[2]["identifiers"] = {}
-    ids = column(obj, "id")
-    ids[first_used_row(obj)] = 4
-    set_column(obj, "id", ids)
-    args, path = refl_object(folder, obj)
+    args, path, _ = one_value_changed(folder, "id", 4, identifiers={})
     return args, path, "id 4 is beyond the 1 experiment(s) in the experiment list"
 
 
 @case("id missing from the identifiers map")
 def _(folder):
-    obj = table_object()
-    ids = column(obj, "id")
-    ids[first_used_row(obj)] = 7
-    set_column(obj, "id", ids)
-    args, path = refl_object(folder, obj)
+    args, path, _ = one_value_changed(folder, "id", 7)
     return args, path, "id 7 has no entry in the table's identifiers map"
 
 
@@ -267,32 +274,19 @@ def _(folder):
 
 @case("panel beyond the detector")
 def _(folder):
-    obj = table_object()
-    panels = column(obj, "panel")
-    panels[first_used_row(obj)] = 3
-    set_column(obj, "panel", panels)
-    args, path = refl_object(folder, obj)
+    args, path, _ = one_value_changed(folder, "panel", 3)
     return args, path, "panel 3 is beyond the 1 panel(s) of experiment 0's detector"
 
 
 @case("panel number that wraps negative")
 def _(folder):
-    obj = table_object()
-    panels = column(obj, "panel")
-    panels[first_used_row(obj)] = np.iinfo(np.uint64).max
-    set_column(obj, "panel", panels)
-    args, path = refl_object(folder, obj)
+    args, path, _ = one_value_changed(folder, "panel", np.iinfo(np.uint64).max)
     return args, path, f"panel {np.iinfo(np.uint64).max} is beyond the 1 panel(s)"
 
 
 def _bad_number(name, value, extra=()):
     def build(folder):
-        obj = table_object()
-        values = column(obj, name).reshape(-1, 3)
-        row = first_used_row(obj)
-        values[row, 1] = value
-        set_column(obj, name, values)
-        args, path = refl_object(folder, obj)
+        args, path, row = one_value_changed(folder, name, value, index=(1,))
         return args + list(extra), path, f"column {name!r} is NaN, infinite or beyond 1e+10 in 1 indexed row(s) (first: row {row})"
     return build
 
@@ -305,13 +299,8 @@ case("absurdly large s1")(_bad_number("s1", 1e300))
 
 @case("zero s1 beside a calculated position")
 def _(folder):
-    obj = table_object()
-    s1 = column(obj, "s1").reshape(-1, 3)
-    row = first_used_row(obj)
-    s1[row] = 0
-    set_column(obj, "s1", s1)
-    args, path = refl_object(folder, obj)
-    return args, path, f"column 's1' is (0, 0, 0) in 1 indexed row(s) that have a calculated position (first: row {row})"
+    args, path, row = one_value_changed(folder, "s1", 0.0)
+    return args, path, f"column 's1' is (0, 0, 0) beside a calculated position in 1 indexed row(s) (first: row {row})"
 
 
 @case("empty table")
@@ -326,8 +315,7 @@ def _(folder):
 
 @case("reflection table given twice (no .expt)")
 def _(folder):
-    path = os.path.join(folder, "copy.refl")
-    shutil.copy(shared_path(QUARTZ, ".refl"), path)
+    path = copy_of(shared_path(QUARTZ, ".refl"), folder, "copy.refl")
     return [path, shared_path(QUARTZ, ".refl")], None, "give one experiment list and one reflection table (got 0 and 2)"
 
 
@@ -349,8 +337,7 @@ def _(folder):
 
 @case(".expt that is a reflection table")
 def _(folder):
-    path = os.path.join(folder, "swapped.expt")
-    shutil.copy(shared_path(QUARTZ, ".refl"), path)
+    path = copy_of(shared_path(QUARTZ, ".refl"), folder, "swapped.expt")
     return [path, shared_path(QUARTZ, ".refl")], path, "is a reflection table or a pickle, not an experiment list"
 
 
@@ -360,110 +347,55 @@ def _(folder):
     return args, path, "is not a dxtbx ExperimentList"
 
 
-@case(".expt with an unknown beam model type")
-def _(folder):
-    document = expt_document()
-    document["beam"][0]["__id__"] = "WobblyBeam"
-    args, path = expt_json(folder, document)
-    return args, path, "beam 0: beam type 'WobblyBeam' is not supported"
+#: Cases that edit the quartz experiment list: (name, [(path to a node, new value,
+#: a function of the old one, or DELETE), ...], message fragment; {refl} is the table).
+EXPT_EDITS = [
+    (".expt with an unknown beam model type", [(("beam", 0, "__id__"), "WobblyBeam")],
+     "beam 0: beam type 'WobblyBeam' is not supported"),
+    (".expt with an unknown crystal model type", [(("crystal", 0, "__id__"), "QuasiCrystal")],
+     "crystal 0: crystal type 'QuasiCrystal' is not a dxtbx crystal model"),
+    (".expt with an unknown px_mm_strategy",
+     [(("detector", 0, "panels", 0, "px_mm_strategy"), {"type": "MagicPxMmStrategy"})],
+     "unknown px_mm_strategy 'MagicPxMmStrategy'"),
+    ("experiment without a crystal", [(("experiment", 0, "crystal"), DELETE)],
+     "experiment 0 has no crystal model, but {refl} has indexed reflections for it"),
+    ("goniometer without a scan (rotation reflections)",
+     [(("experiment", 0, "scan"), DELETE), (("crystal", 0, "A_at_scan_points"), DELETE)],
+     "experiment 0 has a goniometer but no scan, yet its reflections in {refl} have rotation angles"),
+    ("scan-varying crystal without a scan", [(("experiment", 0, "scan"), DELETE)],
+     "experiment 0 has A_at_scan_points (a scan-varying model) but no scan"),
+    ("wrong number of scan-varying states", [(("crystal", 0, "A_at_scan_points"), lambda states: states[:-1])],
+     "experiment 0: A_at_scan_points has 100 states but its scan of 100 images needs 101"),
+    ("experiment refers to a model that is not there", [(("experiment", 0, "beam"), 3)],
+     "experiment 0 refers to beam 3, which is not in the file"),
+    ("NaN in a panel origin", [(("detector", 0, "panels", 0, "origin", 0), float("nan"))],
+     "holds a number that is not finite"),
+    ("a zero-length rotation axis", [(("goniometer", 0, "rotation_axis"), [0.0, 0.0, 0.0])],
+     "goniometer 0: has a direction of zero length"),
+    ("a setting rotation that is not a rotation",
+     [(("goniometer", 0, "setting_rotation"), [1.0, 0, 0, 0, 2.0, 0, 0, 0, 1.0])],
+     "goniometer 0: setting_rotation is not a rotation matrix"),
+    ("a wavelength in metres", [(("beam", 0, "wavelength"), 2.5e-12)],
+     "beam 0: wavelength 2.5e-12 Å is not a plausible wavelength (1e-4 to 1e4 Å)"),
+    ("crystal axes without volume", [(("crystal", 0, "real_space_a"), [4.9, 0.0, 0.0]),
+                                     (("crystal", 0, "real_space_b"), [0.0, 4.9, 0.0]),
+                                     (("crystal", 0, "real_space_c"), [4.9, 4.9, 0.0])],
+     "real-space axes a, b, c do not span a cell (zero volume)"),
+]
 
 
-@case(".expt with an unknown crystal model type")
-def _(folder):
-    document = expt_document()
-    document["crystal"][0]["__id__"] = "QuasiCrystal"
-    args, path = expt_json(folder, document)
-    return args, path, "crystal 0: crystal type 'QuasiCrystal' is not a dxtbx crystal model"
+def _edited_experiments(edits, fragment):
+    def build(folder):
+        document = expt_document()
+        for keys, value in edits:
+            apply_edit(document, keys, value)
+        args, path = expt_json(folder, document)
+        return args, path, fragment.format(refl=args[1])
+    return build
 
 
-@case(".expt with an unknown px_mm_strategy")
-def _(folder):
-    document = expt_document()
-    document["detector"][0]["panels"][0]["px_mm_strategy"] = {"type": "MagicPxMmStrategy"}
-    args, path = expt_json(folder, document)
-    return args, path, "unknown px_mm_strategy 'MagicPxMmStrategy'"
-
-
-@case("experiment without a crystal")
-def _(folder):
-    document = expt_document()
-    del document["experiment"][0]["crystal"]
-    args, path = expt_json(folder, document)
-    return args, path, f"experiment 0 has no crystal model, but {args[1]} has indexed reflections for it"
-
-
-@case("goniometer without a scan (rotation reflections)")
-def _(folder):
-    document = expt_document()
-    del document["experiment"][0]["scan"]
-    for crystal in document["crystal"]:
-        crystal.pop("A_at_scan_points", None)
-    args, path = expt_json(folder, document)
-    return args, path, f"experiment 0 has a goniometer but no scan, yet its reflections in {args[1]} have rotation angles"
-
-
-@case("scan-varying crystal without a scan")
-def _(folder):
-    document = expt_document()
-    del document["experiment"][0]["scan"]
-    args, path = expt_json(folder, document)
-    return args, path, "experiment 0 has A_at_scan_points (a scan-varying model) but no scan"
-
-
-@case("wrong number of scan-varying states")
-def _(folder):
-    document = expt_document()
-    document["crystal"][0]["A_at_scan_points"] = document["crystal"][0]["A_at_scan_points"][:-1]
-    args, path = expt_json(folder, document)
-    return args, path, "experiment 0: A_at_scan_points has 100 states but its scan of 100 images needs 101"
-
-
-@case("experiment refers to a model that is not there")
-def _(folder):
-    document = expt_document()
-    document["experiment"][0]["beam"] = 3
-    args, path = expt_json(folder, document)
-    return args, path, "experiment 0 refers to beam 3, which is not in the file"
-
-
-@case("NaN in a panel origin")
-def _(folder):
-    document = expt_document()
-    document["detector"][0]["panels"][0]["origin"][0] = float("nan")
-    args, path = expt_json(folder, document)
-    return args, path, "holds a number that is not finite"
-
-
-@case("a zero-length rotation axis")
-def _(folder):
-    document = expt_document()
-    document["goniometer"][0]["rotation_axis"] = [0.0, 0.0, 0.0]
-    args, path = expt_json(folder, document)
-    return args, path, "goniometer 0: has a direction of zero length"
-
-
-@case("a setting rotation that is not a rotation")
-def _(folder):
-    document = expt_document()
-    document["goniometer"][0]["setting_rotation"] = [1.0, 0, 0, 0, 2.0, 0, 0, 0, 1.0]
-    args, path = expt_json(folder, document)
-    return args, path, "goniometer 0: setting_rotation is not a rotation matrix"
-
-
-@case("a wavelength in metres")
-def _(folder):
-    document = expt_document()
-    document["beam"][0]["wavelength"] = 2.5e-12
-    args, path = expt_json(folder, document)
-    return args, path, "beam 0: wavelength 2.5e-12 Å is not a plausible wavelength (1e-4 to 1e4 Å)"
-
-
-@case("crystal axes without volume")
-def _(folder):
-    document = expt_document()
-    document["crystal"][0]["real_space_c"] = document["crystal"][0]["real_space_a"]
-    args, path = expt_json(folder, document)
-    return args, path, "real-space axes a, b, c do not span a cell (zero volume)"
+for _name, _edits, _fragment in EXPT_EDITS:
+    case(_name)(_edited_experiments(_edits, _fragment))
 
 
 @case(".expt that is a directory")
