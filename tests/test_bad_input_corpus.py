@@ -22,6 +22,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from dials_qconsistency import plots
 from dials_qconsistency.command_line.q_consistency import main
 from dials_qconsistency.compute import NOT_INDEXED, NOT_PREDICTED, REASONS
 from dials_qconsistency.reflection_table import ReflectionTable
@@ -632,8 +633,8 @@ def test_full_disk_leaves_no_output(shared, tmp_path):
 
 
 def test_sigterm_while_writing_leaves_no_output(shared, tmp_path, monkeypatch, capsys):
-    """A batch system's time limit arrives after the table is staged and before the
-    figures are: the staged table is removed and no output appears."""
+    """A batch system's time limit arrives after the table and two figures are staged
+    in a new plots folder: the staged files and the new folders are removed."""
     from dials_qconsistency import files
     import signal
 
@@ -642,14 +643,23 @@ def test_sigterm_while_writing_leaves_no_output(shared, tmp_path, monkeypatch, c
 
     def add_then_terminate(self, path, payload):
         add(self, path, payload)
-        staged.append(path)
-        os.kill(os.getpid(), signal.SIGTERM)
+        staged.append(os.path.basename(path))
+        if len(staged) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(files.StagedOutputs, "add", add_then_terminate)
     monkeypatch.chdir(tmp_path)
-    status = main(_quartz_with("output.plots=None"))
+    status = main(_quartz_with("output.plots=new/figures/run1_"))
     err = capsys.readouterr().err
     assert status == 143 and err == "dials.q_consistency: terminated by SIGTERM (outputs are all written or none)\n"
-    assert staged == ["q_consistency.refl"]  # the table was staged in full before the signal
-    assert sorted(os.listdir(tmp_path)) == ["dials.q_consistency.log"]
+    assert staged == ["q_consistency.refl", "run1_detector_norm.png", "run1_detector_dqx.png"]
+    assert sorted(os.listdir(tmp_path)) == ["dials.q_consistency.log"]  # no table, no new/ folder
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the handler back
+
+
+def test_plots_go_into_a_new_folder(shared, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(_quartz_with("output.plots=new/figures/run1_", "output.reflections=None")) == 0
+    assert sorted(os.listdir(tmp_path / "new" / "figures")) == sorted(
+        f"run1_{name}.png" for name in plots.FIGURE_NAMES
+    )

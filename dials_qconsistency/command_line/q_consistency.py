@@ -21,7 +21,7 @@ from dials_qconsistency.errors import GateFailed, QConsistencyError
 from dials_qconsistency.experiments import read_experiments
 from dials_qconsistency.files import StagedOutputs, same_file
 from dials_qconsistency.output import add_columns
-from dials_qconsistency.plots import FIGURE_NAMES, is_folder_target, plot_path, render_plots
+from dials_qconsistency.plots import FIGURE_NAMES, plot_path, render_plots
 from dials_qconsistency.reflection_table import FIXED_TYPES, ReflectionTable
 from dials_qconsistency.report import diagnosis_text, json_report, residuals_text, summary_text
 
@@ -344,9 +344,8 @@ def write_outputs(params, experiments, table, result, parts, summary, diagnoses,
         target = params.output.plots
         if target and target != "None":
             rendered = render_plots(target, experiments, result, parts)
-            if rendered and is_folder_target(target):
-                outputs.make_folder(target)
             for path, png in rendered.items():
+                outputs.make_folder(os.path.dirname(path) or ".")  # a new plots folder, removed on failure
                 outputs.add(path, png)
             figures = list(rendered)
         outputs.commit()
