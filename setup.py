@@ -1,6 +1,8 @@
 """dials-qconsistency: a DIALS command-line plugin (dials.q_consistency)."""
 
 import os
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -10,15 +12,19 @@ def cctbx_requirement():
 
     Inside a conda DIALS environment libtbx is importable (from conda's cctbx);
     installing the PyPI wheel over it would break DIALS, so it is not required.
-    DIALS_QCONSISTENCY_NO_CCTBX=1 forces the same.
+    pip builds in an isolated environment that hides the target's packages, so
+    the check runs the target interpreter itself in isolated mode (-I ignores
+    the PYTHONPATH with which pip hides them). DIALS_QCONSISTENCY_NO_CCTBX=1
+    forces the same; the "standalone" extra asks for cctbx-base explicitly.
     """
     if os.environ.get("DIALS_QCONSISTENCY_NO_CCTBX"):
         return []
-    try:
-        import libtbx  # noqa: F401
-    except ImportError:
-        return ["cctbx-base"]
-    return []
+    check = subprocess.run(
+        [sys.executable, "-I", "-c", "import libtbx.phil"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return [] if check.returncode == 0 else ["cctbx-base"]
 
 
 setup(
