@@ -329,7 +329,7 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
         q_bragg = geometry.q_bragg_still(crystal.A, h)
     else:
         gonio, scan = experiment.goniometer, experiment.scan
-        varying = _scan_varying_states(experiment, rows.size)
+        varying = _scan_varying_states(experiment)
         if not varying:
             q_bragg = geometry.q_bragg_rotation(
                 gonio.setting_rotation, gonio.axis, phi, gonio.fixed_rotation, crystal.A, h
@@ -377,7 +377,7 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
         result.q_pixel_observed[rows] = q_obs
 
 
-def _scan_varying_states(experiment, n_rows):
+def _scan_varying_states(experiment):
     """A, S and s0 at every scan point, or None when nothing varies."""
     crystal, beam, gonio, scan = experiment.crystal, experiment.beam, experiment.goniometer, experiment.scan
     sources = {
@@ -387,7 +387,7 @@ def _scan_varying_states(experiment, n_rows):
     }
     if all(v is None for v in sources.values()):
         return None
-    n_points = scan.num_images + 1  # counts checked by _check_experiment
+    n_points = scan.num_images + 1  # counts checked when the .expt was read
     return {
         "A": sources["A"] if sources["A"] is not None else np.broadcast_to(crystal.A, (n_points, 3, 3)),
         "S": sources["S"] if sources["S"] is not None else np.broadcast_to(gonio.setting_rotation, (n_points, 3, 3)),

@@ -184,13 +184,9 @@ def _png(fig) -> bytes:
 
 def plot_path(target: str, name: str) -> str:
     """A directory (existing, or ending in a separator) gets ``name.png``; anything else is a prefix."""
-    if is_folder_target(target):
+    if target.endswith(os.sep) or os.path.isdir(target):
         return os.path.join(target, f"{name}.png")
     return f"{target}{name}.png"
-
-
-def is_folder_target(target: str) -> bool:
-    return target.endswith(os.sep) or os.path.isdir(target)
 
 
 #: Every figure a run can write (``vs_image`` only for rotation data).
