@@ -306,17 +306,19 @@ def _panel_arrays(detector, panel_rows):
 
 
 def panel_millimetres(detector, panel_rows, xy_px):
-    """Panel px (sub-pixel) -> panel mm with each row's panel mapping (parallax included)."""
+    """Panel px (sub-pixel) -> panel mm (N, 2) with each row's panel mapping (parallax included)."""
     p = _panel_arrays(detector, panel_rows)
     return geometry.pixel_to_millimetre(
         xy_px, p["pixel_size"], p["origin"], p["fast"], p["slow"], p["mu"], p["thickness"], p["parallax"]
     )
 
 
-def lab_positions(detector, panel_rows, xy_mm):
-    """Lab positions (mm) of panel coordinates in mm."""
+def panel_q(detector, panel_rows, xy_mm, s0):
+    """q (N, 3) Å⁻¹ at panel positions (mm) on each row's panel, the same
+    function dials.q_map evaluates at every pixel."""
     p = _panel_arrays(detector, panel_rows)
-    return geometry.lab_coordinates(p["origin"], p["fast"], p["slow"], np.asarray(xy_mm, dtype=float))
+    xy_mm = np.asarray(xy_mm, dtype=float)
+    return geometry.q_at_panel_points(p["origin"], p["fast"], p["slow"], xy_mm[:, 0], xy_mm[:, 1], s0)
 
 
 def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result):
@@ -354,7 +356,7 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
     position_mm = position[rows, :2]
     if options.q_pixel_source == "observed_px":
         position_mm = panel_millimetres(detector, rows_panel, position_mm)
-    q_pixel = geometry.q_from_lab_position(lab_positions(detector, rows_panel, position_mm), s0)
+    q_pixel = panel_q(detector, rows_panel, position_mm, s0)
     result.s0[rows] = s0
     result.position_mm[rows] = position_mm
     result.q_bragg[rows] = q_bragg
@@ -363,17 +365,13 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
     if options.q_pixel_source == "calculated":
         result.q_pixel_calculated[rows] = q_pixel
     else:
-        result.q_pixel_calculated[rows] = geometry.q_from_lab_position(
-            lab_positions(detector, rows_panel, xyzcal[rows, :2]), s0
-        )
+        result.q_pixel_calculated[rows] = panel_q(detector, rows_panel, xyzcal[rows, :2], s0)
     if xyzobs is not None:
         observed = xyzobs[rows, :2]
         finite = np.all(np.isfinite(observed), axis=1)
         q_obs = np.full((rows.size, 3), np.nan)
         if finite.any():
-            q_obs[finite] = geometry.q_from_lab_position(
-                lab_positions(detector, rows_panel[finite], observed[finite]), s0[finite]
-            )
+            q_obs[finite] = panel_q(detector, rows_panel[finite], observed[finite], s0[finite])
         result.q_pixel_observed[rows] = q_obs
 
 

@@ -56,7 +56,7 @@ def rowdot(a, b) -> np.ndarray:
 
 
 def lab_coordinates(origin, fast, slow, xy_mm) -> np.ndarray:
-    """Lab position (mm) of panel coordinates (x along fast, y along slow).
+    """Lab position (mm) of panel coordinates (x along fast, y along slow), (..., 3).
 
     Panel vectors may be one panel's (3,) or one per row (N, 3).
     """
@@ -64,55 +64,100 @@ def lab_coordinates(origin, fast, slow, xy_mm) -> np.ndarray:
     return np.asarray(origin) + xy_mm[..., 0:1] * np.asarray(fast) + xy_mm[..., 1:2] * np.asarray(slow)
 
 
-def attenuation_length(mu, thickness, rays, fast, slow, origin) -> np.ndarray:
-    """Mean absorption depth (mm) along unit rays into a sensor (dxtbx formula).
+def components(vectors):
+    """The x, y and z parts of (3,) or (..., 3) vectors, as three arrays."""
+    vectors = np.asarray(vectors, dtype=float)
+    return vectors[..., 0], vectors[..., 1], vectors[..., 2]
 
-    The sensor normal is taken to point away from the sample; all arguments
-    may be per row.
+
+def panel_points_to_lab(origin, fast, slow, x_mm, y_mm):
+    """Lab position components (lx, ly, lz), mm, of panel points (x along fast, y along slow).
+
+    Panel vectors are one panel's (3,) or one per point (N, 3); ``x_mm`` and
+    ``y_mm`` broadcast against each other, so a row of x and a column of y give
+    a whole pixel grid without building (ny, nx, 3) temporaries.
     """
-    normal = np.cross(fast, slow)
-    normal = np.where((rowdot(origin, normal) < 0)[..., None], -normal, normal)
-    cos_t = rowdot(rays, normal)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return (1.0 / mu) - (thickness / cos_t + 1.0 / mu) * np.exp(-mu * thickness / cos_t)
+    o, f, s = components(origin), components(fast), components(slow)
+    return tuple(o[i] + x_mm * f[i] + y_mm * s[i] for i in range(3))
 
 
-def _parallax_shift(xy_mm, origin, fast, slow, mu, thickness):
-    """(ray · fast, ray · slow) · depth: how far parallax moves a panel point."""
-    rays = unit(lab_coordinates(origin, fast, slow, xy_mm))
-    depth = attenuation_length(mu, thickness, rays, fast, slow, origin)
-    return np.stack([rowdot(rays, fast), rowdot(rays, slow)], axis=-1) * np.asarray(depth)[..., None]
+def q_from_lab_components(lx, ly, lz, s0):
+    """q = k_out − k_in (Å⁻¹) as components (qx, qy, qz) for scattering towards lab points (mm).
 
-
-def pixel_to_millimetre(xy_px, pixel_size, origin, fast, slow, mu=0.0, thickness=0.0, parallax=False):
-    """Panel px -> mm, sub-pixel; parallax-corrected like dxtbx where asked.
-
-    The simple mapping scales by the pixel size; the parallax-corrected one
-    (``ParallaxCorrectedPxMmStrategy.to_millimeter``) then moves the point back
-    along the ray by the attenuation length. Panel values may be per row.
+    The one implementation of position → q: the per-reflection q_pixel of
+    dials.q_consistency and the per-pixel maps of dials.q_map both end here.
+    ``s0`` is (3,) or one per point (N, 3); |k_out| = |s0|.
     """
-    xy = np.asarray(xy_px, dtype=float) * np.asarray(pixel_size, dtype=float)
-    parallax = np.asarray(parallax, dtype=bool)
-    if not parallax.any():
-        return xy
-    shift = _parallax_shift(xy, origin, fast, slow, mu, thickness)
-    return np.where(parallax[..., None], xy - shift, xy)
-
-
-def millimetre_to_pixel(xy_mm, pixel_size, origin, fast, slow, mu=0.0, thickness=0.0, parallax=False):
-    """Panel mm -> px, the dxtbx inverse (used by the simulator and tests)."""
-    xy = np.asarray(xy_mm, dtype=float)
-    parallax = np.asarray(parallax, dtype=bool)
-    if parallax.any():
-        xy = np.where(parallax[..., None], xy + _parallax_shift(xy, origin, fast, slow, mu, thickness), xy)
-    return xy / np.asarray(pixel_size, dtype=float)
+    s = components(s0)
+    scale = np.sqrt(s[0] * s[0] + s[1] * s[1] + s[2] * s[2]) / np.sqrt(lx * lx + ly * ly + lz * lz)
+    return lx * scale - s[0], ly * scale - s[1], lz * scale - s[2]
 
 
 def q_from_lab_position(lab_mm, s0) -> np.ndarray:
-    """q = k_out - k_in for scattering towards lab positions (mm); s0 (N,3) or (3,)."""
-    s0 = np.asarray(s0, dtype=float)
-    wavenumber = np.linalg.norm(s0, axis=-1, keepdims=True)
-    return unit(lab_mm) * wavenumber - s0
+    """q = k_out - k_in (N, 3) for scattering towards lab positions (N, 3) mm."""
+    return np.stack(q_from_lab_components(*components(lab_mm), s0), axis=-1)
+
+
+def q_at_panel_points(origin, fast, slow, x_mm, y_mm, s0) -> np.ndarray:
+    """q (..., 3) Å⁻¹ for scattering towards panel points in mm (broadcast as
+    :func:`panel_points_to_lab`)."""
+    return np.stack(q_from_lab_components(*panel_points_to_lab(origin, fast, slow, x_mm, y_mm), s0), axis=-1)
+
+
+def _parallax_shift(x_mm, y_mm, origin, fast, slow, mu, thickness):
+    """How far parallax moves a panel point along fast and slow (mm).
+
+    The ray from the sample to the point, times dxtbx's mean absorption depth
+    ``1/μ − (t/cos θ + 1/μ)·exp(−μ t / cos θ)`` (θ from the sensor normal,
+    which points away from the sample). Panel values may be per point.
+    """
+    lx, ly, lz = panel_points_to_lab(origin, fast, slow, x_mm, y_mm)
+    inverse_length = 1.0 / np.sqrt(lx * lx + ly * ly + lz * lz)
+    f, s = components(fast), components(slow)
+    normal = components(np.cross(fast, slow))
+    o = components(origin)
+    away = np.where(o[0] * normal[0] + o[1] * normal[1] + o[2] * normal[2] < 0, -1.0, 1.0)
+    cos_t = (lx * normal[0] + ly * normal[1] + lz * normal[2]) * inverse_length * away
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        depth = (1.0 / mu) - (thickness / cos_t + 1.0 / mu) * np.exp(-mu * thickness / cos_t)
+    along_fast = (lx * f[0] + ly * f[1] + lz * f[2]) * inverse_length
+    along_slow = (lx * s[0] + ly * s[1] + lz * s[2]) * inverse_length
+    return along_fast * depth, along_slow * depth
+
+
+def pixel_to_panel_mm(x_px, y_px, pixel_size, origin, fast, slow, mu=0.0, thickness=0.0, parallax=False):
+    """Panel px -> mm (x, y), sub-pixel; parallax-corrected like dxtbx where asked.
+
+    The simple mapping scales by the pixel size; the parallax-corrected one
+    (``ParallaxCorrectedPxMmStrategy.to_millimeter``) then moves the point back
+    along the ray by the absorption depth. Panel values may be per point; the
+    coordinates broadcast (a row of x and a column of y give a grid).
+    """
+    pixel_size = np.asarray(pixel_size, dtype=float)
+    x = np.asarray(x_px, dtype=float) * pixel_size[..., 0]
+    y = np.asarray(y_px, dtype=float) * pixel_size[..., 1]
+    parallax = np.asarray(parallax, dtype=bool)
+    if not parallax.any():
+        return x, y
+    dx, dy = _parallax_shift(x, y, origin, fast, slow, mu, thickness)
+    return np.where(parallax, x - dx, x), np.where(parallax, y - dy, y)
+
+
+def pixel_to_millimetre(xy_px, pixel_size, origin, fast, slow, mu=0.0, thickness=0.0, parallax=False):
+    """:func:`pixel_to_panel_mm` for stacked (..., 2) coordinates."""
+    xy_px = np.asarray(xy_px, dtype=float)
+    x, y = pixel_to_panel_mm(xy_px[..., 0], xy_px[..., 1], pixel_size, origin, fast, slow, mu, thickness, parallax)
+    return np.stack([x, y], axis=-1)
+
+
+def millimetre_to_pixel(xy_mm, pixel_size, origin, fast, slow, mu=0.0, thickness=0.0, parallax=False):
+    """Panel mm (..., 2) -> px, the dxtbx inverse (used by the simulator and tests)."""
+    x, y = np.asarray(xy_mm, dtype=float)[..., 0], np.asarray(xy_mm, dtype=float)[..., 1]
+    parallax = np.asarray(parallax, dtype=bool)
+    if parallax.any():
+        dx, dy = _parallax_shift(x, y, origin, fast, slow, mu, thickness)
+        x, y = np.where(parallax, x + dx, x), np.where(parallax, y + dy, y)
+    return np.stack([x, y], axis=-1) / np.asarray(pixel_size, dtype=float)
 
 
 def q_bragg_still(A, hkl) -> np.ndarray:
