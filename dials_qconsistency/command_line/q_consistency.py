@@ -6,9 +6,7 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
-import traceback
 
 import libtbx.phil
 
@@ -19,11 +17,21 @@ from dials_qconsistency.decomposition import decompose
 from dials_qconsistency.diagnosis import diagnose
 from dials_qconsistency.errors import GateFailed, QConsistencyError
 from dials_qconsistency.experiments import read_experiments
-from dials_qconsistency.files import StagedOutputs, same_file
+from dials_qconsistency.files import StagedOutputs
 from dials_qconsistency.output import add_columns
 from dials_qconsistency.plots import FIGURE_NAMES, plot_path, render_plots
 from dials_qconsistency.reflection_table import FIXED_TYPES, ReflectionTable
 from dials_qconsistency.report import diagnosis_text, json_report, residuals_text, summary_text
+
+from .program import (
+    check_output_paths,
+    close_logging,
+    log_to_file_only,
+    parse_arguments,
+    run_program,
+    setup_logging,
+    show_config,
+)
 
 logger = logging.getLogger("dials.q_consistency")
 
@@ -130,96 +138,6 @@ debug = False
 usage = "dials.q_consistency [options] refined.expt refined.refl [key=value ...]"
 
 
-class Arguments:
-    """The parsed command line of the standalone backend."""
-
-    def __init__(self, params, experiments, reflections, show_config, show_help, diff):
-        self.params = params
-        self.experiments = experiments
-        self.reflections = reflections
-        self.show_config = show_config
-        self.show_help = show_help
-        self.diff = diff
-
-
-def parse_arguments(args, phil):
-    """Files by type, PHIL files and key=value words; -c and -h flags."""
-    sources, experiments, reflections = [], [], []
-    show_config = show_help = False
-    interpreter = phil.command_line_argument_interpreter(home_scope="")
-    for arg in args:
-        if arg in ("-c", "--show-config"):
-            show_config = True
-        elif arg in ("-h", "--help"):
-            show_help = True
-        elif arg.startswith("-") and not os.path.exists(arg):
-            raise QConsistencyError(f"unknown option {arg!r} (try -h)")
-        elif os.path.isfile(arg) and arg.endswith((".phil", ".params", ".eff")):
-            try:
-                with open(arg) as handle:
-                    sources.append(libtbx.phil.parse(handle.read(), source_info=arg))
-            except Exception as error:  # libtbx raises several kinds
-                raise QConsistencyError(f"is not a valid PHIL file ({error})", arg) from None
-        elif "=" in arg and not os.path.exists(arg):
-            try:
-                sources.append(interpreter.process(arg=arg))
-            except Exception as error:
-                raise QConsistencyError(f"bad parameter {arg!r}: {error}") from None
-        elif arg.endswith(".refl"):
-            reflections.append(arg)
-        elif arg.endswith((".expt", ".json")):
-            experiments.append(arg)
-        elif not os.path.exists(arg):
-            raise QConsistencyError("file not found", arg)
-        else:
-            raise QConsistencyError("is neither an experiment list (.expt) nor a reflection table (.refl)", arg)
-    try:
-        working = phil.fetch(sources=sources)
-        params = working.extract()
-    except Exception as error:
-        raise QConsistencyError(f"bad parameter: {error}") from None
-    diff = phil.fetch_diff(source=working).as_str()
-    return Arguments(params, experiments, reflections, show_config, show_help, diff)
-
-
-class _LogFile(logging.FileHandler):
-    """The log file; a write that fails (a full disk) must not print a traceback."""
-
-    def handleError(self, record):
-        pass
-
-
-def _setup_logging(log_path):
-    _close_logging()
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(console)
-    if log_path:
-        try:
-            to_file = _LogFile(log_path, mode="w", encoding="utf-8")
-        except OSError as error:
-            raise QConsistencyError(f"cannot be written ({error.strerror})", log_path) from None
-        to_file.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(to_file)
-
-
-def _log_to_file_only(message):
-    for handler in logger.handlers:
-        if isinstance(handler, _LogFile):
-            handler.emit(logging.makeLogRecord({"msg": message, "levelno": logging.ERROR}))
-
-
-def _close_logging():
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        try:
-            handler.close()
-        except OSError:  # flushing the log onto a full disk
-            pass
-
-
 def table_columns(table):
     """Numpy views of every fixed-size column of a standalone table."""
     return {name: table.get(name) for name in table.keys() if table.column_type(name) in FIXED_TYPES}
@@ -239,32 +157,6 @@ def output_paths(params) -> dict[str, str]:
     return outputs
 
 
-def check_output_paths(outputs: dict[str, str], inputs: list[str]) -> None:
-    """Before anything is read or written: no output may replace an input or
-    another output, and each must be writable where it is to go."""
-    seen = {}
-    for parameter, path in outputs.items():
-        for source in inputs:
-            if same_file(path, source):
-                raise QConsistencyError(f"{parameter} would overwrite the input file", path)
-        for other, other_path in seen.items():
-            if same_file(path, other_path):
-                raise QConsistencyError(f"{parameter} and {other} name the same file", path)
-        seen[parameter] = path
-        if os.path.isdir(path):
-            raise QConsistencyError(f"{parameter} cannot be written (it is a directory)", path)
-        folder = os.path.dirname(os.path.abspath(path))
-        if parameter.startswith("output.plots"):  # a plots folder is created: its nearest parent must exist
-            while not os.path.exists(folder):
-                folder = os.path.dirname(folder)
-        elif not os.path.exists(folder):
-            raise QConsistencyError(f"{parameter} cannot be written (no folder {folder})", path)
-        if not os.path.isdir(folder):
-            raise QConsistencyError(f"{parameter} cannot be written ({folder} is not a directory)", path)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise QConsistencyError(f"{parameter} cannot be written (no permission to write in {folder})", path)
-
-
 def run(args=None, phil=phil_scope):
     """Run the program; return 0 on success. Raises QConsistencyError on bad input.
 
@@ -278,7 +170,7 @@ def run(args=None, phil=phil_scope):
         print(f"Usage: {usage}\n{help_message}")
         return 0
     if arguments.show_config:
-        print(phil.fetch(sources=[phil.format(arguments.params)]).as_str())
+        show_config(phil, arguments.params)
         return 0
     params = arguments.params
     if len(arguments.experiments) != 1 or len(arguments.reflections) != 1:
@@ -301,7 +193,7 @@ def run(args=None, phil=phil_scope):
         experiments, table_columns(table), table.identifiers, options, path=refl_path, experiments_path=expt_path
     )
 
-    _setup_logging(params.output.log)
+    setup_logging(logger, params.output.log)
     try:
         logger.info(f"dials.q_consistency {__version__} (standalone backend)")
         if arguments.diff.strip():
@@ -321,10 +213,10 @@ def run(args=None, phil=phil_scope):
             logger.info(f"\nfail_if: {gate}")
             raise GateFailed(gate)
     except QConsistencyError as error:
-        _log_to_file_only(f"\nError: {error}")
+        log_to_file_only(logger, f"\nError: {error}")
         raise
     finally:
-        _close_logging()
+        close_logging(logger)
     return 0
 
 
@@ -382,46 +274,9 @@ def _finite(value):
     return value
 
 
-class Terminated(BaseException):
-    """SIGTERM (a batch system's time limit): unwind so that no partial output stays."""
-
-
-def _terminate(signum, frame):
-    raise Terminated(signum)
-
-
 def main(args=None):
     """Console entry point: one-line errors and exit status 1 on bad input."""
-    argv = sys.argv[1:] if args is None else list(args)
-    debug = any(a.replace(" ", "") in ("debug=True", "debug=true") for a in argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return run(argv)
-    except QConsistencyError as error:
-        if debug:
-            traceback.print_exc()
-        print(f"dials.q_consistency: error: {error}", file=sys.stderr)
-        return 1
-    except GateFailed as failure:
-        print(f"dials.q_consistency: fail_if: {failure}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dials.q_consistency: interrupted (outputs are all written or none)", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("dials.q_consistency: terminated by SIGTERM (outputs are all written or none)", file=sys.stderr)
-        return 143
-    except Exception as error:  # a bug: say so in one line unless asked for more
-        if debug:
-            raise
-        print(
-            f"dials.q_consistency: internal error: {type(error).__name__}: {error} "
-            "(run again with debug=True for a traceback)",
-            file=sys.stderr,
-        )
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_program("dials.q_consistency", run, sys.argv[1:] if args is None else list(args))
 
 
 if __name__ == "__main__":

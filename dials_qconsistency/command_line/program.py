@@ -1,0 +1,195 @@
+"""What every command of this package shares: the command line, the log, checks
+on output paths and the exit statuses (standalone backend).
+
+Arguments follow DIALS programs: files by extension, ``.phil`` files and
+``key=value`` words for the PHIL scope, ``-c`` to show the configuration and
+``-h`` for help. Errors are one line naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import traceback
+
+import libtbx.phil
+
+from dials_qconsistency.errors import GateFailed, QConsistencyError
+from dials_qconsistency.files import same_file
+
+EXPERIMENT_EXTENSIONS = (".expt", ".json")
+REFLECTION_EXTENSIONS = (".refl",)
+
+
+class Arguments:
+    """A parsed command line: the extracted parameters, the input files by kind, the flags."""
+
+    def __init__(self, params, experiments, reflections, show_config, show_help, diff):
+        self.params = params
+        self.experiments = experiments
+        self.reflections = reflections
+        self.show_config = show_config
+        self.show_help = show_help
+        self.diff = diff
+
+
+def parse_arguments(args, phil, accept_reflections=True):
+    """Files by type, PHIL files and key=value words; -c and -h flags."""
+    sources, experiments, reflections = [], [], []
+    show_config = show_help = False
+    interpreter = phil.command_line_argument_interpreter(home_scope="")
+    for arg in args:
+        if arg in ("-c", "--show-config"):
+            show_config = True
+        elif arg in ("-h", "--help"):
+            show_help = True
+        elif arg.startswith("-") and not os.path.exists(arg):
+            raise QConsistencyError(f"unknown option {arg!r} (try -h)")
+        elif os.path.isfile(arg) and arg.endswith((".phil", ".params", ".eff")):
+            try:
+                with open(arg) as handle:
+                    sources.append(libtbx.phil.parse(handle.read(), source_info=arg))
+            except Exception as error:  # libtbx raises several kinds
+                raise QConsistencyError(f"is not a valid PHIL file ({error})", arg) from None
+        elif "=" in arg and not os.path.exists(arg):
+            try:
+                sources.append(interpreter.process(arg=arg))
+            except Exception as error:
+                raise QConsistencyError(f"bad parameter {arg!r}: {error}") from None
+        elif arg.endswith(REFLECTION_EXTENSIONS) and accept_reflections:
+            reflections.append(arg)
+        elif arg.endswith(EXPERIMENT_EXTENSIONS):
+            experiments.append(arg)
+        elif not os.path.exists(arg):
+            raise QConsistencyError("file not found", arg)
+        elif accept_reflections:
+            raise QConsistencyError("is neither an experiment list (.expt) nor a reflection table (.refl)", arg)
+        else:
+            raise QConsistencyError("is not an experiment list (.expt)", arg)
+    try:
+        working = phil.fetch(sources=sources)
+        params = working.extract()
+    except Exception as error:
+        raise QConsistencyError(f"bad parameter: {error}") from None
+    diff = phil.fetch_diff(source=working).as_str()
+    return Arguments(params, experiments, reflections, show_config, show_help, diff)
+
+
+def show_config(phil, params):
+    print(phil.fetch(sources=[phil.format(params)]).as_str())
+
+
+class _LogFile(logging.FileHandler):
+    """The log file; a write that fails (a full disk) must not print a traceback."""
+
+    def handleError(self, record):
+        pass
+
+
+def setup_logging(logger, log_path):
+    """Messages to stdout and, when a path is given, to the log file."""
+    close_logging(logger)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(console)
+    if log_path:
+        try:
+            to_file = _LogFile(log_path, mode="w", encoding="utf-8")
+        except OSError as error:
+            raise QConsistencyError(f"cannot be written ({error.strerror})", log_path) from None
+        to_file.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(to_file)
+
+
+def log_to_file_only(logger, message):
+    for handler in logger.handlers:
+        if isinstance(handler, _LogFile):
+            handler.emit(logging.makeLogRecord({"msg": message, "levelno": logging.ERROR}))
+
+
+def close_logging(logger):
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        try:
+            handler.close()
+        except OSError:  # flushing the log onto a full disk
+            pass
+
+
+def check_output_paths(outputs: dict[str, str], inputs: list[str]) -> None:
+    """Before anything is read or written: no output may replace an input or
+    another output, and each must be writable where it is to go.
+
+    ``outputs`` maps the parameter naming a file to the path; parameters that
+    start with ``output.plots`` may name a folder that does not exist yet.
+    """
+    seen = {}
+    for parameter, path in outputs.items():
+        for source in inputs:
+            if same_file(path, source):
+                raise QConsistencyError(f"{parameter} would overwrite the input file", path)
+        for other, other_path in seen.items():
+            if same_file(path, other_path):
+                raise QConsistencyError(f"{parameter} and {other} name the same file", path)
+        seen[parameter] = path
+        if os.path.isdir(path):
+            raise QConsistencyError(f"{parameter} cannot be written (it is a directory)", path)
+        folder = os.path.dirname(os.path.abspath(path))
+        if parameter.startswith("output.plots"):  # a plots folder is created: its nearest parent must exist
+            while not os.path.exists(folder):
+                folder = os.path.dirname(folder)
+        elif not os.path.exists(folder):
+            raise QConsistencyError(f"{parameter} cannot be written (no folder {folder})", path)
+        if not os.path.isdir(folder):
+            raise QConsistencyError(f"{parameter} cannot be written ({folder} is not a directory)", path)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise QConsistencyError(f"{parameter} cannot be written (no permission to write in {folder})", path)
+
+
+class Terminated(BaseException):
+    """SIGTERM (a batch system's time limit): unwind so that no partial output stays."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+def run_program(name, run, argv):
+    """Run ``run(argv)`` as a console command; returns its exit status.
+
+    0 success; 1 bad input (one line on stderr naming the file) or an internal
+    error; 2 a fail_if gate; 130 interrupted; 143 SIGTERM. ``debug=True`` on
+    the command line shows tracebacks.
+    """
+    debug = any(a.replace(" ", "") in ("debug=True", "debug=true") for a in argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run(argv)
+    except QConsistencyError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return 1
+    except GateFailed as failure:
+        print(f"{name}: fail_if: {failure}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (outputs are all written or none)", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{name}: terminated by SIGTERM (outputs are all written or none)", file=sys.stderr)
+        return 143
+    except Exception as error:  # a bug: say so in one line unless asked for more
+        if debug:
+            raise
+        print(
+            f"{name}: internal error: {type(error).__name__}: {error} (run again with debug=True for a traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
