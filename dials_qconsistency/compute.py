@@ -14,7 +14,7 @@ import numpy as np
 
 from . import geometry
 from .errors import QConsistencyError
-from .model_state import integrate_frames, refinement_scan_point
+from .model_state import integrate_setting, refinement_scan_point, scan_varying_states
 from .models import MAX_MAGNITUDE
 
 #: Why a row was not used; index = code stored per row (0 = used).
@@ -331,14 +331,15 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
         q_bragg = geometry.q_bragg_still(crystal.A, h)
     else:
         gonio, scan = experiment.goniometer, experiment.scan
-        varying = _scan_varying_states(experiment)
+        varying = scan_varying_states(experiment)
         if not varying:
             q_bragg = geometry.q_bragg_rotation(
                 gonio.setting_rotation, gonio.axis, phi, gonio.fixed_rotation, crystal.A, h
             )
             S = gonio.setting_rotation
         elif options.model_state == "integrate":
-            q_bragg, s0, S, outside = _integrate_style(experiment, varying, phi, h)
+            M, s0, S, outside = integrate_setting(experiment, varying, phi)
+            q_bragg = geometry.matvec(M, h)
             result.outside_scan[rows] = outside
         else:
             phi_blocks = xyzobs[rows, 2] if xyzobs is not None else phi
@@ -373,41 +374,3 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
         if finite.any():
             q_obs[finite] = panel_q(detector, rows_panel[finite], observed[finite], s0[finite])
         result.q_pixel_observed[rows] = q_obs
-
-
-def _scan_varying_states(experiment):
-    """A, S and s0 at every scan point, or None when nothing varies."""
-    crystal, beam, gonio, scan = experiment.crystal, experiment.beam, experiment.goniometer, experiment.scan
-    sources = {
-        "A": crystal.A_at_scan_points,
-        "S": gonio.setting_rotation_at_scan_points,
-        "s0": beam.s0_at_scan_points,
-    }
-    if all(v is None for v in sources.values()):
-        return None
-    n_points = scan.num_images + 1  # counts checked when the .expt was read
-    return {
-        "A": sources["A"] if sources["A"] is not None else np.broadcast_to(crystal.A, (n_points, 3, 3)),
-        "S": sources["S"] if sources["S"] is not None else np.broadcast_to(gonio.setting_rotation, (n_points, 3, 3)),
-        "s0": sources["s0"] if sources["s0"] is not None else np.broadcast_to(beam.s0, (n_points, 3)),
-    }
-
-
-def _integrate_style(experiment, varying, phi, h):
-    """Linear interpolation of lab-frame r between image boundaries (dials.integrate)."""
-    gonio, scan = experiment.goniometer, experiment.scan
-    frame, pair, alpha, outside = integrate_frames(scan, phi)
-    phi_begin = scan.angle_from_array_index(frame)
-    phi_end = scan.angle_from_array_index(frame + 1)
-    r1 = geometry.q_bragg_rotation(varying["S"][pair], gonio.axis, phi_begin, gonio.fixed_rotation, varying["A"][pair], h)
-    r2 = geometry.q_bragg_rotation(
-        varying["S"][pair + 1], gonio.axis, phi_end, gonio.fixed_rotation, varying["A"][pair + 1], h
-    )
-    q_bragg = r1 + alpha[:, None] * (r2 - r1)
-    s0a, s0b = varying["s0"][pair], varying["s0"][pair + 1]
-    wavenumber = 0.5 * (np.linalg.norm(s0a, axis=1) + np.linalg.norm(s0b, axis=1))
-    ua, ub = geometry.unit(s0a), geometry.unit(s0b)
-    s0 = wavenumber[:, None] * (alpha[:, None] * (ub - ua) + ua)
-    # the rotation axis for the Δφ decomposition: S of the nearer image boundary
-    S = np.where((alpha < 0.5)[:, None, None], varying["S"][pair], varying["S"][pair + 1])
-    return q_bragg, s0, S, outside

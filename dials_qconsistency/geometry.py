@@ -173,6 +173,11 @@ def q_bragg_rotation(S, axis, phi, F, A, hkl) -> np.ndarray:
     return matvec(S, r_rotated)
 
 
+def setting_matrices(S, axis, phi, F, A) -> np.ndarray:
+    """Lab-frame setting matrices M = S · R(axis, φ) · F · A (r_lab = M · h); S, A, φ may be per row."""
+    return np.matmul(np.matmul(np.matmul(S, rotation_matrices(axis, phi)), F), A)
+
+
 def ewald_rotation_angles(r, axis, s0) -> np.ndarray:
     """Both angles δ (rad) about ``axis`` that put R(axis, δ)·r on the Ewald sphere.
 

@@ -1,6 +1,7 @@
 """Which scan-varying model state each reflection of rotation data uses.
 
-Two choices, both reproducing a DIALS program exactly:
+Two choices for reflections, both reproducing a DIALS program exactly, and the
+model at one image for per-pixel maps:
 
 * ``refinement`` — what dials.refine used: reflections are grouped in blocks
   of *observed* φ (``block_width`` degrees, counted from the scan start) and
@@ -19,6 +20,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from .geometry import setting_matrices, unit
 
 DEG2RAD = math.pi / 180.0
 
@@ -79,3 +82,79 @@ def integrate_frames(scan, phi):
     pair = np.clip(frame - scan.array_range[0], 0, scan.num_images - 1)
     outside = (frame < scan.array_range[0]) | (frame >= scan.array_range[1])
     return frame, pair, alpha, outside
+
+
+def scan_varying_states(experiment):
+    """A, S and s0 at every scan point (n = images + 1), or None when nothing varies.
+
+    Models that do not vary are repeated; without a crystal A is the identity.
+    """
+    crystal, beam, gonio, scan = experiment.crystal, experiment.beam, experiment.goniometer, experiment.scan
+    sources = {
+        "A": crystal.A_at_scan_points if crystal is not None else None,
+        "S": gonio.setting_rotation_at_scan_points,
+        "s0": beam.s0_at_scan_points,
+    }
+    if all(v is None for v in sources.values()):
+        return None
+    n_points = scan.num_images + 1  # counts checked when the .expt was read
+    A = crystal.A if crystal is not None else np.eye(3)
+    return {
+        "A": sources["A"] if sources["A"] is not None else np.broadcast_to(A, (n_points, 3, 3)),
+        "S": sources["S"] if sources["S"] is not None else np.broadcast_to(gonio.setting_rotation, (n_points, 3, 3)),
+        "s0": sources["s0"] if sources["s0"] is not None else np.broadcast_to(beam.s0, (n_points, 3)),
+    }
+
+
+def integrate_setting(experiment, varying, phi):
+    """dials.integrate's scan-varying model at rotation angles φ (rad).
+
+    Returns ``(M, s0, S, outside)``: the lab-frame setting matrices (r = M·h),
+    linear between the states at the two ends of each φ's image (the predictor
+    interpolates r, and r is linear in M); s0 with the interpolated direction
+    and the mean wavenumber; the setting rotation S of the nearer image end (for
+    the Δφ decomposition); and which φ lie outside the scan.
+    """
+    gonio, scan = experiment.goniometer, experiment.scan
+    frame, pair, alpha, outside = integrate_frames(scan, phi)
+    phi_begin = scan.angle_from_array_index(frame)
+    phi_end = scan.angle_from_array_index(frame + 1)
+    M_begin = setting_matrices(varying["S"][pair], gonio.axis, phi_begin, gonio.fixed_rotation, varying["A"][pair])
+    M_end = setting_matrices(varying["S"][pair + 1], gonio.axis, phi_end, gonio.fixed_rotation, varying["A"][pair + 1])
+    a = alpha[:, None, None]
+    M = M_begin + a * (M_end - M_begin)
+    s0a, s0b = varying["s0"][pair], varying["s0"][pair + 1]
+    wavenumber = 0.5 * (np.linalg.norm(s0a, axis=1) + np.linalg.norm(s0b, axis=1))
+    ua, ub = unit(s0a), unit(s0b)
+    s0 = wavenumber[:, None] * (alpha[:, None] * (ub - ua) + ua)
+    S = np.where((alpha < 0.5)[:, None, None], varying["S"][pair], varying["S"][pair + 1])
+    return M, s0, S, outside
+
+
+def image_setting(experiment, image=None):
+    """The model at the centre of one image, for per-pixel maps.
+
+    Returns ``(M, s0, phi)`` with r_lab = M·h (Å⁻¹): stills give (A, s0, None);
+    rotation data give φ (rad) at the centre of ``image`` (its number in the
+    scan, the first image by default), the static model evaluated exactly
+    (M = S·R(φ)·F·A) or the scan-varying one interpolated as dials.integrate
+    does. M is None when the experiment has no crystal.
+    """
+    crystal, beam = experiment.crystal, experiment.beam
+    if not experiment.is_rotation:
+        return (crystal.A if crystal is not None else None), np.asarray(beam.s0, dtype=float), None
+    scan, gonio = experiment.scan, experiment.goniometer
+    first, last = scan.image_range
+    image = first if image is None else image
+    if not first <= image <= last:
+        raise ValueError(f"image {image} is outside the scan (images {first} to {last})")
+    phi = float(scan.angle_from_array_index(scan.array_range[0] + (image - first) + 0.5))
+    varying = scan_varying_states(experiment)
+    if varying is None:
+        A = crystal.A if crystal is not None else np.eye(3)
+        M = setting_matrices(gonio.setting_rotation, gonio.axis, phi, gonio.fixed_rotation, A)
+        s0 = np.asarray(beam.s0, dtype=float)
+    else:
+        M, s0, _, _ = integrate_setting(experiment, varying, np.array([phi]))
+        M, s0 = M[0], s0[0]
+    return (M if crystal is not None else None), s0, phi
