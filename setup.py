@@ -37,11 +37,12 @@ setup(
     packages=find_packages(include=["dials_qconsistency", "dials_qconsistency.*"]),
     package_data={"dials_qconsistency": ["example_data/*"]},
     python_requires=">=3.9",
-    install_requires=["numpy", "matplotlib", "msgpack"] + cctbx_requirement(),
+    install_requires=["numpy", "matplotlib", "msgpack", "h5py"] + cctbx_requirement(),
     extras_require={"test": ["pytest", "hypothesis"], "standalone": ["cctbx-base"]},
     entry_points={
         "console_scripts": [
             "dials.q_consistency = dials_qconsistency.command_line.q_consistency:main",
+            "dials.q_map = dials_qconsistency.command_line.q_map:main",
         ]
     },
 )

@@ -102,9 +102,24 @@ class StagedOutputs:
         finally:
             os.close(descriptor)
 
+    def reserve(self, path: str) -> str:
+        """A temporary file that will become ``path``, for writers that need a
+        file name (h5py, zipfile); the caller writes and closes it before commit."""
+        self.add(path, b"")
+        return self._staged[-1][0]
+
     def commit(self) -> list[str]:
         """Rename every staged file into place; returns the target paths."""
         targets = []
+        for temporary, path in self._staged:  # files written by others since they were reserved
+            try:
+                descriptor = os.open(temporary, os.O_RDONLY)
+                try:
+                    os.fsync(descriptor)
+                finally:
+                    os.close(descriptor)
+            except OSError as error:
+                raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
         try:
             while self._staged:
                 temporary, path = self._staged[0]

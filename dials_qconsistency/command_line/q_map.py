@@ -1,0 +1,293 @@
+"""dials.q_map: q, |q|, d, 2θ, azimuth (and fractional hkl) at every pixel of every panel."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import libtbx.phil
+import numpy as np
+
+from dials_qconsistency import __version__
+from dials_qconsistency.errors import QConsistencyError
+from dials_qconsistency.experiments import read_experiments
+from dials_qconsistency.files import StagedOutputs
+from dials_qconsistency.map_files import WRITERS
+from dials_qconsistency.model_state import image_setting
+from dials_qconsistency.pixel_map import QUANTITIES, MapSetting, panel_blocks, pixel_centres
+
+from .program import (
+    check_output_paths,
+    close_logging,
+    log_to_file_only,
+    parse_arguments,
+    run_program,
+    setup_logging,
+    show_config,
+)
+
+logger = logging.getLogger("dials.q_map")
+
+help_message = """
+Compute, at the centre of every pixel of every panel, the scattering vector
+q = k_out - k_in (DIALS laboratory frame, 1/Angstrom, no 2pi) from the beam and
+detector models, with |q|, the d-spacing, 2theta and the azimuth about the beam
+and, on request, fractional Miller indices h = (S.R(phi).F.A)^-1 . q of the
+crystal model at one image (A^-1 . q for stills).
+
+Pixel centres go through each panel's own px -> mm mapping (parallax included),
+the same functions that give dials.q_consistency its q_pixel. The maps are
+computed and written a block of rows at a time, so memory stays near one block.
+
+Examples::
+
+  dials.q_map imported.expt
+
+  dials.q_map refined.expt miller_indices=True image=50 output.npz=q_map.npz
+
+  dials.q_map refined.expt panels=0,1 subsample=4 precision=float64
+
+The HDF5 file has a group experiment_<i>/panel_<j> per panel with the datasets
+q (ny, nx, 3), q_norm, d_spacing, two_theta, azimuth [, miller_index (ny, nx, 3)]
+and the sampled pixel-centre coordinates x_px (nx) and y_px (ny); every dataset
+carries its units as an attribute. The .npz holds the same arrays under the same
+names (experiment_0/panel_0/q ...) and the attributes as JSON under 'metadata'.
+"""
+
+phil_scope = libtbx.phil.parse(
+    """
+image = None
+  .type = int
+  .help = "Rotation data: the image (its number in the scan) at whose centre"
+          "phi the Miller indices, and a scan-varying beam, are evaluated;"
+          "default the first image of each scan. Stills ignore it."
+experiments = None
+  .type = ints(value_min=0)
+  .help = "Only these experiments (0-based); default all."
+panels = None
+  .type = ints(value_min=0)
+  .help = "Only these panels (0-based); default all."
+subsample = 1
+  .type = int(value_min=1)
+  .help = "Every n-th pixel along both panel axes (pixel centres 0.5, n+0.5, ...)."
+miller_indices = False
+  .type = bool
+  .help = "Also write fractional Miller indices (needs a crystal model)."
+precision = *float32 float64
+  .type = choice
+  .help = "Floating-point type of the maps written."
+nproc = Auto
+  .type = int(value_min=1)
+  .help = "Threads computing row blocks (Auto: the number of cores)."
+rows_per_block = 256
+  .type = int(value_min=1)
+  .help = "Rows computed and written at a time: memory is a few blocks."
+  .expert_level = 1
+output {
+  hdf5 = q_map.h5
+    .type = path
+    .help = "The maps as HDF5 (h5py); None for none."
+  npz = None
+    .type = path
+    .help = "The maps as a NumPy .npz archive; None for none."
+  log = dials.q_map.log
+    .type = path
+}
+debug = False
+  .type = bool
+  .help = "Show a traceback for unexpected errors."
+"""
+)
+
+usage = "dials.q_map [options] models.expt [key=value ...]"
+
+
+def output_paths(params) -> dict[str, str]:
+    return {f"output.{name}": getattr(params.output, name) for name in ("hdf5", "npz", "log") if getattr(params.output, name)}
+
+
+def selected(indices, count, what, path):
+    """The chosen indices (all by default), each checked against ``count``."""
+    if indices is None:
+        return list(range(count))
+    for index in indices:
+        if index >= count:
+            raise QConsistencyError(f"{what}={index} does not exist (there are {count})", path)
+    return list(indices)
+
+
+def map_plan(experiments, params, path):
+    """[(experiment index, MapSetting, image, φ, [panel indices])] after checking every choice."""
+    plan = []
+    for index in selected(params.experiments, len(experiments), "experiments", path):
+        experiment = experiments[index]
+        for model in ("beam", "detector"):
+            if getattr(experiment, model) is None:
+                raise QConsistencyError(f"experiment {index} has no {model}", path)
+        if params.miller_indices and experiment.crystal is None:
+            raise QConsistencyError(f"experiment {index} has no crystal, so miller_indices=True cannot be met", path)
+        try:
+            M, s0, phi = image_setting(experiment, params.image)
+        except ValueError as error:
+            raise QConsistencyError(f"experiment {index}: {error}", path) from None
+        image = None
+        if phi is not None:
+            image = experiment.scan.image_range[0] if params.image is None else params.image
+        panels = selected(params.panels, len(experiment.detector.panels), "panels", path)
+        plan.append((index, MapSetting(s0, M if params.miller_indices else None), image, phi, panels))
+    return plan
+
+
+def run(args=None, phil=phil_scope):
+    """Run the program; return 0 on success. Raises QConsistencyError on bad input.
+
+    Every choice is checked before a file is created; the map files are staged
+    and renamed into place only when complete.
+    """
+    args = sys.argv[1:] if args is None else list(args)
+    arguments = parse_arguments(args, phil, accept_reflections=False)
+    if arguments.show_help or not args:
+        print(f"Usage: {usage}\n{help_message}")
+        return 0
+    if arguments.show_config:
+        show_config(phil, arguments.params)
+        return 0
+    params = arguments.params
+    if len(arguments.experiments) != 1:
+        raise QConsistencyError(f"give one experiment list (got {len(arguments.experiments)}); {usage}")
+    expt_path = arguments.experiments[0]
+    if not (params.output.hdf5 or params.output.npz):
+        raise QConsistencyError("nothing to write: set output.hdf5 or output.npz")
+    if params.output.hdf5:
+        try:
+            import h5py  # noqa: F401
+        except ImportError:
+            raise QConsistencyError("output.hdf5 needs h5py (pip install h5py); or use output.npz") from None
+    check_output_paths(output_paths(params), [expt_path])
+    experiments = read_experiments(expt_path)
+    plan = map_plan(experiments, params, expt_path)
+
+    setup_logging(logger, params.output.log)
+    try:
+        logger.info(f"dials.q_map {__version__} (standalone backend)")
+        if arguments.diff.strip():
+            logger.info("The following parameters have been modified:\n%s", arguments.diff)
+        logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}")
+        write_maps(params, experiments, plan, expt_path)
+    except QConsistencyError as error:
+        log_to_file_only(logger, f"\nError: {error}")
+        raise
+    finally:
+        close_logging(logger)
+    return 0
+
+
+def write_maps(params, experiments, plan, expt_path):
+    """Compute every selected panel in row blocks and stream it to the writers."""
+    dtype = np.dtype(params.precision)
+    names = [n for n in QUANTITIES if n != "miller_index" or params.miller_indices]
+    workers = params.nproc if isinstance(params.nproc, int) else (os.cpu_count() or 1)
+    attributes = {
+        "program": "dials.q_map",
+        "version": __version__,
+        "experiments": os.path.abspath(expt_path),
+        "frame": "DIALS laboratory frame (imgCIF); lengths in mm",
+        "q_convention": "q = s1 - s0 = k_out - k_in, |s0| = 1/wavelength, no 2pi",
+        "pixel_centres": "(i + 0.5) px along each panel axis, every subsample-th pixel",
+    }
+    targets = [getattr(params.output, kind) for kind in ("hdf5", "npz") if getattr(params.output, kind)]
+    with StagedOutputs() as staged:
+        writers = []
+        try:
+            for kind in ("hdf5", "npz"):
+                path = getattr(params.output, kind)
+                if path:
+                    writers.append(WRITERS[kind](staged.reserve(path), attributes))
+            for index, setting, image, phi, panels in plan:
+                experiment = experiments[index]
+                group = f"experiment_{index}"
+                for writer in writers:
+                    writer.set_group_attributes(group, experiment_attributes(experiment, setting, image, phi))
+                line = f"Experiment {index}" + (f", image {image} (phi {np.degrees(phi):.3f} deg)" if image is not None else "")
+                logger.info(line + f", wavelength {1.0 / setting.wavenumber:.5f} A:")
+                for panel_index in panels:
+                    panel = experiment.detector.panels[panel_index]
+                    extent = write_panel(writers, f"{group}/panel_{panel_index}", panel, setting, names, params, dtype, workers)
+                    logger.info(panel_line(panel_index, panel, extent))
+            for writer in writers:
+                writer.close()
+        except BaseException as error:
+            for writer in writers:
+                writer.abort()
+            if isinstance(error, OSError):  # h5py and zipfile report a full disk so
+                raise QConsistencyError(f"cannot be written ({error.strerror or error})", " and ".join(targets)) from None
+            raise
+        staged.commit()
+    for kind in ("hdf5", "npz"):
+        if getattr(params.output, kind):
+            logger.info(f"Saved the maps to {getattr(params.output, kind)}")
+
+
+def experiment_attributes(experiment, setting, image, phi) -> dict:
+    return {
+        "identifier": experiment.identifier,
+        "wavelength": 1.0 / setting.wavenumber,
+        "s0": setting.s0,
+        "image": image,
+        "phi_degrees": None if phi is None else float(np.degrees(phi)),
+        "setting_matrix": setting.setting,
+        "setting_matrix_meaning": None if setting.setting is None else "r_lab = M . h (1/Angstrom)",
+    }
+
+
+def write_panel(writers, group, panel, setting, names, params, dtype, workers):
+    """One panel, block by block; returns the (min, max) of |q| for the log."""
+    x = pixel_centres(panel.image_size[0], params.subsample)
+    y = pixel_centres(panel.image_size[1], params.subsample)
+    datasets = {}
+    for name in names:
+        units, per_pixel, description = QUANTITIES[name]
+        shape = (y.size, x.size) + ((per_pixel,) if per_pixel > 1 else ())
+        datasets[name] = (shape, dtype, units, description)
+    attributes = {
+        "name": panel.name,
+        "origin": panel.origin,
+        "fast_axis": panel.fast,
+        "slow_axis": panel.slow,
+        "pixel_size": panel.pixel_size,
+        "image_size": panel.image_size,
+        "subsample": params.subsample,
+        "parallax_corrected": bool(panel.parallax),
+        "mu": panel.mu,
+        "thickness": panel.thickness,
+    }
+    for writer in writers:
+        writer.begin_panel(group, attributes, datasets, {"x_px": x, "y_px": y})
+    low, high = np.inf, -np.inf
+    blocks = panel_blocks(panel, setting, names, params.subsample, params.rows_per_block, dtype, workers)
+    for start, stop, arrays in blocks:
+        norm = arrays["q_norm"]
+        low, high = min(low, float(np.nanmin(norm))), max(high, float(np.nanmax(norm)))
+        for writer in writers:
+            writer.write_rows(start, stop, arrays)
+    for writer in writers:
+        writer.end_panel()
+    return low, high
+
+
+def panel_line(index, panel, extent) -> str:
+    low, high = extent
+    with np.errstate(divide="ignore"):
+        d_max, d_min = 1.0 / low, 1.0 / high
+    size = f"{int(panel.image_size[0])} x {int(panel.image_size[1])} px"
+    return f"  panel {index} ({panel.name or 'unnamed'}, {size}): |q| {low:.5f} to {high:.5f} 1/A, d {d_min:.3f} to {d_max:.2f} A"
+
+
+def main(args=None):
+    """Console entry point: one-line errors and exit status 1 on bad input."""
+    return run_program("dials.q_map", run, sys.argv[1:] if args is None else list(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

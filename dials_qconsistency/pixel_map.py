@@ -1,0 +1,150 @@
+"""Per-pixel maps of q for dials.q_map (pure numpy, a panel at a time in row blocks).
+
+Every pixel centre (x + 0.5, y + 0.5) px goes through the panel's own px -> mm
+mapping (parallax included), to the lab frame, and to q = k_out − k_in in Å⁻¹
+without 2π, with the same functions that give dials.q_consistency its q_pixel.
+From q: |q|, the d-spacing 1/|q| (Å), 2θ and the azimuth (degrees) and, with a
+crystal, fractional Miller indices h = M⁻¹·q for the model at one image.
+
+The azimuth is measured about the beam, from the lab x axis projected onto the
+plane normal to the beam, towards ``unit(−s0) × x`` (lab y for a beam along
+−z): the usual angle about the direct beam seen from the sample.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import geometry
+
+#: name -> (units, values per pixel, description); the order of the output datasets.
+QUANTITIES = {
+    "q": ("1/Angstrom", 3, "k_out - k_in in the DIALS laboratory frame (imgCIF), no 2pi"),
+    "q_norm": ("1/Angstrom", 1, "|q| = 2 sin(theta) / lambda"),
+    "d_spacing": ("Angstrom", 1, "1 / |q|"),
+    "two_theta": ("degree", 1, "scattering angle 2 theta"),
+    "azimuth": ("degree", 1, "angle about the beam from lab x (projected), right-handed about -s0"),
+    "miller_index": ("1 (fractional)", 3, "h = M^-1 q for the crystal model at the chosen image"),
+}
+
+
+@dataclass
+class MapSetting:
+    """The beam and (optionally) crystal setting a map is computed for.
+
+    ``s0`` (Å⁻¹) in the lab frame; ``setting`` M with r_lab = M·h, or None.
+    """
+
+    s0: np.ndarray
+    setting: np.ndarray | None = None
+
+    @property
+    def wavenumber(self) -> float:
+        return float(np.linalg.norm(self.s0))
+
+    def azimuth_basis(self):
+        """Unit vectors (e_x, e_y) spanning the plane normal to the beam."""
+        towards_source = geometry.unit(-np.asarray(self.s0, dtype=float))
+        reference = np.array([1.0, 0.0, 0.0])
+        if abs(towards_source @ reference) > 0.9:  # a beam along x: measure from y
+            reference = np.array([0.0, 1.0, 0.0])
+        e_x = geometry.unit(reference - (reference @ towards_source) * towards_source)
+        return e_x, np.cross(towards_source, e_x)
+
+
+def pixel_centres(size: int, subsample: int = 1) -> np.ndarray:
+    """Pixel-centre coordinates (px) along one panel axis, every ``subsample``-th pixel."""
+    return np.arange(0, int(size), int(subsample), dtype=float) + 0.5
+
+
+def pixel_q(panel, s0, x_px, y_px):
+    """q components (qx, qy, qz), Å⁻¹, at panel pixel coordinates (sub-pixel allowed).
+
+    ``x_px`` and ``y_px`` broadcast: points (N,) and (N,), or a grid as a row
+    (1, nx) and a column (ny, 1).
+    """
+    x_mm, y_mm = geometry.pixel_to_panel_mm(
+        x_px, y_px, panel.pixel_size, panel.origin, panel.fast, panel.slow, panel.mu, panel.thickness, panel.parallax
+    )
+    lab = geometry.panel_points_to_lab(panel.origin, panel.fast, panel.slow, x_mm, y_mm)
+    return geometry.q_from_lab_components(*lab, s0)
+
+
+def block_quantities(panel, setting: MapSetting, x_px, y_px, names, dtype=np.float32) -> dict:
+    """The requested quantities for a grid (rows ``y_px`` × columns ``x_px``), each (ny, nx[, 3])."""
+    x = np.asarray(x_px, dtype=float)[None, :]
+    y = np.asarray(y_px, dtype=float)[:, None]
+    return quantities_at(panel, setting, x, y, names, dtype)
+
+
+def quantities_at(panel, setting: MapSetting, x_px, y_px, names, dtype=np.float64) -> dict:
+    """The requested quantities at pixel coordinates that broadcast (points or a grid)."""
+    shape = np.broadcast_shapes(np.shape(x_px), np.shape(y_px))
+    qx, qy, qz = (np.broadcast_to(c, shape) for c in pixel_q(panel, setting.s0, x_px, y_px))
+    out = {}
+    if "q" in names:
+        out["q"] = _stack(dtype, qx, qy, qz)
+    norm = np.sqrt(qx * qx + qy * qy + qz * qz)
+    if "q_norm" in names:
+        out["q_norm"] = norm.astype(dtype, copy=False)
+    if "d_spacing" in names:
+        with np.errstate(divide="ignore"):
+            out["d_spacing"] = (1.0 / norm).astype(dtype, copy=False)
+    if "two_theta" in names:
+        sin_theta = np.minimum(norm / (2.0 * setting.wavenumber), 1.0)
+        out["two_theta"] = np.degrees(2.0 * np.arcsin(sin_theta)).astype(dtype, copy=False)
+    if "azimuth" in names:
+        e_x, e_y = setting.azimuth_basis()
+        along_x = qx * e_x[0] + qy * e_x[1] + qz * e_x[2]
+        along_y = qx * e_y[0] + qy * e_y[1] + qz * e_y[2]
+        out["azimuth"] = np.degrees(np.arctan2(along_y, along_x)).astype(dtype, copy=False)
+    if "miller_index" in names:
+        inverse = np.linalg.inv(setting.setting)
+        out["miller_index"] = _stack(
+            dtype, *(inverse[i, 0] * qx + inverse[i, 1] * qy + inverse[i, 2] * qz for i in range(3))
+        )
+    return out
+
+
+def _stack(dtype, *parts) -> np.ndarray:
+    out = np.empty(parts[0].shape + (len(parts),), dtype=dtype)
+    for i, part in enumerate(parts):
+        out[..., i] = part
+    return out
+
+
+def row_blocks(n_rows: int, rows_per_block: int):
+    """Consecutive (start, stop) row ranges covering ``n_rows``."""
+    return [(start, min(start + rows_per_block, n_rows)) for start in range(0, n_rows, rows_per_block)]
+
+
+def panel_blocks(panel, setting, names, subsample=1, rows_per_block=256, dtype=np.float32, workers=1):
+    """Yield ``(start, stop, quantities)`` for the sampled rows of one panel, in order.
+
+    Blocks are computed by ``workers`` threads (numpy releases the GIL) with at
+    most two blocks per worker in flight, so memory stays near a few blocks.
+    """
+    x = pixel_centres(panel.image_size[0], subsample)
+    y = pixel_centres(panel.image_size[1], subsample)
+    blocks = row_blocks(y.size, rows_per_block)
+
+    def compute(block):
+        start, stop = block
+        return start, stop, block_quantities(panel, setting, x, y[start:stop], names, dtype)
+
+    if workers <= 1:
+        for block in blocks:
+            yield compute(block)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending = collections.deque()
+        for block in blocks:
+            pending.append(pool.submit(compute, block))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
