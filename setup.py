@@ -38,7 +38,7 @@ setup(
     package_data={"dials_qconsistency": ["example_data/*"]},
     python_requires=">=3.9",
     install_requires=["numpy", "matplotlib", "msgpack", "h5py"] + cctbx_requirement(),
-    extras_require={"test": ["pytest", "hypothesis"], "standalone": ["cctbx-base"]},
+    extras_require={"test": ["pytest", "hypothesis"], "standalone": ["cctbx-base"], "benchmark": ["pyFAI", "scipy"]},
     entry_points={
         "console_scripts": [
             "dials.q_consistency = dials_qconsistency.command_line.q_consistency:main",

@@ -117,20 +117,30 @@ def _stack(dtype, *parts) -> np.ndarray:
     return out
 
 
+#: Pixels in a block by default: about 1 MB per float64 temporary, some twenty of
+#: them per block in flight, so a worker needs tens of MB whatever the panel.
+BLOCK_PIXELS = 1 << 17
+
+
+def default_rows_per_block(n_columns: int) -> int:
+    return max(1, BLOCK_PIXELS // max(1, int(n_columns)))
+
+
 def row_blocks(n_rows: int, rows_per_block: int):
     """Consecutive (start, stop) row ranges covering ``n_rows``."""
     return [(start, min(start + rows_per_block, n_rows)) for start in range(0, n_rows, rows_per_block)]
 
 
-def panel_blocks(panel, setting, names, subsample=1, rows_per_block=256, dtype=np.float32, workers=1):
+def panel_blocks(panel, setting, names, subsample=1, rows_per_block=None, dtype=np.float32, workers=1):
     """Yield ``(start, stop, quantities)`` for the sampled rows of one panel, in order.
 
+    ``rows_per_block`` None: about :data:`BLOCK_PIXELS` pixels a block.
     Blocks are computed by ``workers`` threads (numpy releases the GIL) with at
     most two blocks per worker in flight, so memory stays near a few blocks.
     """
     x = pixel_centres(panel.image_size[0], subsample)
     y = pixel_centres(panel.image_size[1], subsample)
-    blocks = row_blocks(y.size, rows_per_block)
+    blocks = row_blocks(y.size, rows_per_block or default_rows_per_block(x.size))
 
     def compute(block):
         start, stop = block

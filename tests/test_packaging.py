@@ -20,7 +20,8 @@ import zipfile
 from conftest import REPO_ROOT
 
 
-def wheel_requirements(python, out_dir):
+def wheel_metadata(python, out_dir):
+    """(Requires-Dist lines, entry_points.txt) of the wheel pip builds here."""
     subprocess.run(
         [python, "-m", "pip", "wheel", "--no-deps", "-q", "-w", out_dir, REPO_ROOT],
         check=True, capture_output=True, text=True,
@@ -29,7 +30,8 @@ def wheel_requirements(python, out_dir):
     with zipfile.ZipFile(wheel) as archive:
         metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
         lines = archive.read(metadata).decode().splitlines()
-    return [line.split(": ", 1)[1] for line in lines if line.startswith("Requires-Dist: ")]
+        entry_points = archive.read(metadata.replace("METADATA", "entry_points.txt")).decode()
+    return [line.split(": ", 1)[1] for line in lines if line.startswith("Requires-Dist: ")], entry_points
 
 
 def test_cctbx_base_only_where_no_cctbx_is_installed(tmp_path):
@@ -37,8 +39,11 @@ def test_cctbx_base_only_where_no_cctbx_is_installed(tmp_path):
     venv.EnvBuilder(with_pip=True).create(env)
     python = str(env / "bin" / "python")
 
-    plain = wheel_requirements(python, str(tmp_path / "plain"))
+    plain, entry_points = wheel_metadata(python, str(tmp_path / "plain"))
     assert "cctbx-base" in plain  # a fresh environment gets it
+    assert "dials.q_consistency = dials_qconsistency.command_line.q_consistency:main" in entry_points
+    assert "dials.q_map = dials_qconsistency.command_line.q_map:main" in entry_points
+    assert "h5py" in plain
 
     purelib = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -48,7 +53,7 @@ def test_cctbx_base_only_where_no_cctbx_is_installed(tmp_path):
     os.makedirs(stub)
     for name in ("__init__.py", "phil.py"):
         open(os.path.join(stub, name), "w").close()
-    with_cctbx = wheel_requirements(python, str(tmp_path / "with_cctbx"))
+    with_cctbx, _ = wheel_metadata(python, str(tmp_path / "with_cctbx"))
     assert "cctbx-base" not in with_cctbx  # the environment's own cctbx is left alone
     assert 'cctbx-base; extra == "standalone"' in with_cctbx  # still there on request
     assert [r for r in plain if r != "cctbx-base"] == with_cctbx

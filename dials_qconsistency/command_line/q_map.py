@@ -80,9 +80,10 @@ precision = *float32 float64
 nproc = Auto
   .type = int(value_min=1)
   .help = "Threads computing row blocks (Auto: the number of cores)."
-rows_per_block = 256
+rows_per_block = Auto
   .type = int(value_min=1)
-  .help = "Rows computed and written at a time: memory is a few blocks."
+  .help = "Rows computed and written at a time (Auto: about 131072 pixels):"
+          "memory is a few blocks per thread."
   .expert_level = 1
 output {
   hdf5 = q_map.h5
@@ -265,7 +266,8 @@ def write_panel(writers, group, panel, setting, names, params, dtype, workers):
     for writer in writers:
         writer.begin_panel(group, attributes, datasets, {"x_px": x, "y_px": y})
     low, high = np.inf, -np.inf
-    blocks = panel_blocks(panel, setting, names, params.subsample, params.rows_per_block, dtype, workers)
+    rows = params.rows_per_block if isinstance(params.rows_per_block, int) else None
+    blocks = panel_blocks(panel, setting, names, params.subsample, rows, dtype, workers)
     for start, stop, arrays in blocks:
         norm = arrays["q_norm"]
         low, high = min(low, float(np.nanmin(norm))), max(high, float(np.nanmax(norm)))
