@@ -38,7 +38,12 @@ setup(
     package_data={"dials_qconsistency": ["example_data/*"]},
     python_requires=">=3.9",
     install_requires=["numpy", "matplotlib", "msgpack", "h5py"] + cctbx_requirement(),
-    extras_require={"test": ["pytest", "hypothesis"], "standalone": ["cctbx-base"], "benchmark": ["pyFAI", "scipy"]},
+    extras_require={
+        "test": ["pytest", "hypothesis", "mpi4py"],
+        "mpi": ["mpi4py"],
+        "standalone": ["cctbx-base"],
+        "benchmark": ["pyFAI", "scipy", "mpi4py"],
+    },
     entry_points={
         "console_scripts": [
             "dials.q_consistency = dials_qconsistency.command_line.q_consistency:main",

@@ -56,7 +56,8 @@ class StagedOutputs:
     (an exception) removes every temporary file.
     """
 
-    def __init__(self):
+    def __init__(self, prefix: str = TEMPORARY_PREFIX):
+        self._prefix = prefix
         self._staged: list[tuple[str, str]] = []  # (temporary, target)
         self._made_folders: list[str] = []
         self._committed = False
@@ -87,7 +88,7 @@ class StagedOutputs:
         if os.path.isdir(path):
             raise QConsistencyError("cannot be written (it is a directory)", path)
         try:
-            descriptor, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=folder)
+            descriptor, temporary = tempfile.mkstemp(prefix=self._prefix, dir=folder)
         except OSError as error:
             raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
         self._staged.append((temporary, path))
@@ -107,6 +108,16 @@ class StagedOutputs:
         file name (h5py, zipfile); the caller writes and closes it before commit."""
         self.add(path, b"")
         return self._staged[-1][0]
+
+    def detach(self) -> list[tuple[str, str]]:
+        """Hand the staged (temporary, target) pairs to another StagedOutputs
+        (a worker process's files, committed by the run that merges them)."""
+        staged, self._staged = self._staged, []
+        return staged
+
+    def adopt(self, temporary: str, path: str) -> None:
+        """Take over a file staged elsewhere: committed or removed with the rest."""
+        self._staged.append((temporary, path))
 
     def commit(self) -> list[str]:
         """Rename every staged file into place; returns the target paths."""
@@ -154,6 +165,19 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def remove_leftovers(folders, prefix: str) -> None:
+    """Remove temporary files starting with ``prefix`` (a run's own, after its
+    workers were stopped mid-write)."""
+    for folder in set(folders):
+        try:
+            names = os.listdir(folder or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(prefix):
+                _remove(os.path.join(folder or ".", name))
 
 
 def write_atomically(path: str, payload: bytes) -> None:

@@ -143,3 +143,80 @@ def json_report(summary, diagnoses, options, files) -> dict:
         "diagnosis": [d.as_dict() for d in diagnoses],
         "notes": summary.notes,
     }
+
+
+# --- runs over many files -------------------------------------------------------------------
+
+STATISTIC_NAMES = ("n", "mean", "median", "rms", "p95", "max")
+
+
+def campaign_text(merged, outcomes, options, worst: int = 10) -> str:
+    """The merged summary of a run over many files, and its worst files."""
+    lines = [f"Files: {merged.n_files}; rows in the tables: {merged.n_rows}"]
+    for reason, count in merged.counts.items():
+        if count or reason == "used":
+            lines.append(f"  {reason:<48} {count:>10}")
+    lines.append(
+        f"q_pixel from {options.q_pixel_source} positions; q_bragg at the {options.phi} rotation angle; "
+        f"scan-varying model state: {options.model_state}"
+    )
+    if not merged.delta_q["n"]:
+        lines.append("Nothing to compare: no file has an indexed reflection with a position and s1.")
+        return "\n".join(lines)
+    lines.append("")
+    lines.append("|delta_q| = |q_bragg - q_pixel| over every file (1/Angstrom, no 2pi; exact, not estimated):")
+    lines.append(f"{'':<14}{'n':>8}  {'mean':>9}  {'median':>9}  {'RMS':>9}  {'95th pct':>9}  {'max':>9}")
+    lines.append(_stats_row("all files", merged.delta_q))
+    lines.append(f"Mean |delta_q| {merged.delta_q['mean']:.4g}: {merged.verdict}.")
+    ranked = sorted((o for o in outcomes if o.delta_q.get("n")), key=lambda o: -o.delta_q["mean"])[:worst]
+    if ranked:
+        lines.append("")
+        lines.append(f"The {len(ranked)} files with the largest mean |delta_q| (every file: the log and the CSV):")
+        for o in ranked:
+            lines.append(f"  {o.delta_q['mean']:.3e}  n={o.delta_q['n']:<8} {o.reflections}")
+    return "\n".join(lines)
+
+
+def file_line(outcome) -> str:
+    stats = outcome.delta_q
+    mean = _fmt(stats.get("mean"))
+    return f"file {outcome.index}: {outcome.reflections}: {stats.get('n', 0)} used, mean |delta_q| {mean}, {outcome.verdict}"
+
+
+def _csv(header, rows) -> bytes:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if v is None else (repr(v) if isinstance(v, float) else v) for v in row])
+    return buffer.getvalue().encode()
+
+
+def per_file_csv(outcomes) -> bytes:
+    """One row per file: its paths, row counts, |Δq| statistics, verdict and s1 kind."""
+    header = ["file", "experiments", "reflections", "output", "rows", "used", "not_used"]
+    header += [f"delta_q_{name}" for name in STATISTIC_NAMES] + ["verdict", "s1"]
+    rows = []
+    for o in outcomes:
+        used = o.counts.get("used", 0)
+        rows.append(
+            [o.index, o.experiments, o.reflections, o.output or "", o.n_rows, used, o.n_rows - used]
+            + [o.delta_q.get(name) for name in STATISTIC_NAMES]
+            + [o.verdict, "; ".join(o.s1)]
+        )
+    return _csv(header, rows)
+
+
+def per_image_csv(outcomes) -> bytes:
+    """One row per image (rotation data) or still (experiment) of every file."""
+    header = ["file", "reflections", "experiment", "identifier", "image"]
+    header += [f"delta_q_{name}" for name in STATISTIC_NAMES]
+    rows = []
+    for o in outcomes:
+        for image in o.images:
+            rows.append([o.index, o.reflections, image["experiment"], image["identifier"], image["image"]]
+                        + [image[name] for name in STATISTIC_NAMES])
+    return _csv(header, rows)

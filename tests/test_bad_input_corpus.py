@@ -320,7 +320,7 @@ def _(folder):
 @case("reflection table given twice (no .expt)")
 def _(folder):
     path = copy_of(shared_path(QUARTZ, ".refl"), folder, "copy.refl")
-    return [path, shared_path(QUARTZ, ".refl")], None, "give one experiment list and one reflection table (got 0 and 2)"
+    return [path, shared_path(QUARTZ, ".refl")], None, "give experiment lists (.expt) and reflection tables (.refl) to pair (got 0 and 2)"
 
 
 # .expt cases

@@ -17,7 +17,6 @@ import traceback
 import libtbx.phil
 
 from dials_qconsistency.errors import GateFailed, QConsistencyError
-from dials_qconsistency.files import same_file
 
 EXPERIMENT_EXTENSIONS = (".expt", ".json")
 REFLECTION_EXTENSIONS = (".refl",)
@@ -120,34 +119,61 @@ def close_logging(logger):
             pass
 
 
+def _identity(path):
+    """(device, inode) of an existing file, else None."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino)
+
+
 def check_output_paths(outputs: dict[str, str], inputs: list[str]) -> None:
     """Before anything is read or written: no output may replace an input or
     another output, and each must be writable where it is to go.
 
     ``outputs`` maps the parameter naming a file to the path; parameters that
     start with ``output.plots`` may name a folder that does not exist yet.
+    Paths are compared after links (real paths and inodes), in time linear in
+    the number of files, so runs over thousands of pairs check quickly.
     """
-    seen = {}
+    input_names = {os.path.realpath(p) for p in inputs}
+    input_ids = {_identity(p) for p in inputs} - {None}
+    seen_names, seen_ids = {}, {}
+    folders = {}
     for parameter, path in outputs.items():
-        for source in inputs:
-            if same_file(path, source):
-                raise QConsistencyError(f"{parameter} would overwrite the input file", path)
-        for other, other_path in seen.items():
-            if same_file(path, other_path):
-                raise QConsistencyError(f"{parameter} and {other} name the same file", path)
-        seen[parameter] = path
+        real, identity = os.path.realpath(path), _identity(path)
+        if real in input_names or identity in input_ids:
+            raise QConsistencyError(f"{parameter} would overwrite the input file", path)
+        other = seen_names.get(real) or (seen_ids.get(identity) if identity else None)
+        if other:
+            raise QConsistencyError(f"{parameter} and {other} name the same file", path)
+        seen_names[real] = parameter
+        if identity:
+            seen_ids[identity] = parameter
         if os.path.isdir(path):
             raise QConsistencyError(f"{parameter} cannot be written (it is a directory)", path)
         folder = os.path.dirname(os.path.abspath(path))
-        if parameter.startswith("output.plots"):  # a plots folder is created: its nearest parent must exist
-            while not os.path.exists(folder):
-                folder = os.path.dirname(folder)
-        elif not os.path.exists(folder):
-            raise QConsistencyError(f"{parameter} cannot be written (no folder {folder})", path)
-        if not os.path.isdir(folder):
-            raise QConsistencyError(f"{parameter} cannot be written ({folder} is not a directory)", path)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise QConsistencyError(f"{parameter} cannot be written (no permission to write in {folder})", path)
+        creatable = parameter.startswith("output.plots")  # a plots folder is created
+        if (folder, creatable) not in folders:
+            folders[(folder, creatable)] = _folder_problem(folder, creatable)
+        problem = folders[(folder, creatable)]
+        if problem:
+            raise QConsistencyError(f"{parameter} cannot be written ({problem})", path)
+
+
+def _folder_problem(folder, creatable):
+    """Why files cannot be written in ``folder`` (None if they can)."""
+    if creatable:  # its nearest existing parent must be writable
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+    elif not os.path.exists(folder):
+        return f"no folder {folder}"
+    if not os.path.isdir(folder):
+        return f"{folder} is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"no permission to write in {folder}"
+    return None
 
 
 class Terminated(BaseException):

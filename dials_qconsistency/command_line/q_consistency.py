@@ -12,17 +12,27 @@ import libtbx.phil
 
 from dials_qconsistency import __version__
 from dials_qconsistency.analysis import summarise
+from dials_qconsistency.campaign import FileOutcome, describe, table_columns
 from dials_qconsistency.compute import Options, compute_q
 from dials_qconsistency.decomposition import decompose
 from dials_qconsistency.diagnosis import diagnose
 from dials_qconsistency.errors import GateFailed, QConsistencyError
 from dials_qconsistency.experiments import read_experiments
 from dials_qconsistency.files import StagedOutputs
+from dials_qconsistency.inputs import expand, is_pattern, pair_files
 from dials_qconsistency.output import add_columns
 from dials_qconsistency.plots import FIGURE_NAMES, plot_path, render_plots
-from dials_qconsistency.reflection_table import FIXED_TYPES, ReflectionTable
-from dials_qconsistency.report import diagnosis_text, json_report, residuals_text, summary_text
+from dials_qconsistency.reflection_table import ReflectionTable
+from dials_qconsistency.report import (
+    diagnosis_text,
+    json_report,
+    per_file_csv,
+    per_image_csv,
+    residuals_text,
+    summary_text,
+)
 
+from .many import run_many
 from .program import (
     check_output_paths,
     close_logging,
@@ -100,7 +110,8 @@ scan_varying {
 output {
   reflections = q_consistency.refl
     .type = path
-    .help = "The output reflection table: the input plus the q columns."
+    .help = "The output reflection table: the input plus the q columns. With"
+            "several inputs, one table per input named <input>_<this name>."
   log = dials.q_consistency.log
     .type = path
   json = None
@@ -111,6 +122,12 @@ output {
     .type = str
     .help = "PNG figures: a file-name prefix, or a directory (existing, or"
             "ending in /). None switches them off."
+  per_file_csv = None
+    .type = path
+    .help = "One CSV row per input file: counts and |delta_q| statistics."
+  per_image_csv = None
+    .type = path
+    .help = "One CSV row per image (rotation) or still: |delta_q| statistics."
 }
 statistics {
   resolution_shells = 10
@@ -129,24 +146,38 @@ fail_if {
   max_delta_q = None
     .type = float(value_min=0)
 }
+input {
+  pairing = *auto name order
+    .type = choice
+    .help = "With several inputs: pair each .refl with the .expt of the same"
+            "name (path without extension), in the order given, or auto (by"
+            "name when every file has its partner, else by order)."
+}
+nproc = 1
+  .type = int(value_min=1)
+  .help = "With several inputs: worker processes, one file at a time each."
+mp {
+  method = *multiprocessing mpi
+    .type = choice
+    .help = "mpi: run under mpirun with mpi4py; the ranks split the files and"
+            "rank 0 merges the statistics and writes the summary."
+}
 debug = False
   .type = bool
   .help = "Show a traceback for unexpected errors."
 """
 )
 
-usage = "dials.q_consistency [options] refined.expt refined.refl [key=value ...]"
-
-
-def table_columns(table):
-    """Numpy views of every fixed-size column of a standalone table."""
-    return {name: table.get(name) for name in table.keys() if table.column_type(name) in FIXED_TYPES}
+usage = (
+    "dials.q_consistency [options] refined.expt refined.refl [key=value ...]\n"
+    "       dials.q_consistency [options] 'run*/indexed_*.expt' 'run*/indexed_*.refl' [nproc=N] [key=value ...]"
+)
 
 
 def output_paths(params) -> dict[str, str]:
     """Every file a run may write, by the parameter that names it."""
     outputs = {}
-    for name in ("reflections", "json", "log"):
+    for name in ("reflections", "json", "per_file_csv", "per_image_csv", "log"):
         path = getattr(params.output, name)
         if path:
             outputs[f"output.{name}"] = path
@@ -173,22 +204,22 @@ def run(args=None, phil=phil_scope):
         show_config(phil, arguments.params)
         return 0
     params = arguments.params
-    if len(arguments.experiments) != 1 or len(arguments.reflections) != 1:
-        raise QConsistencyError(
-            f"give one experiment list and one reflection table "
-            f"(got {len(arguments.experiments)} and {len(arguments.reflections)}); {usage}"
-        )
-    expt_path, refl_path = arguments.experiments[0], arguments.reflections[0]
-    check_output_paths(output_paths(params), [expt_path, refl_path])
-
-    experiments = read_experiments(expt_path)
-    table = ReflectionTable.from_file(refl_path)
+    experiments_paths = [p for arg in arguments.experiments for p in (expand(arg) if is_pattern(arg) else [arg])]
+    reflections_paths = [p for arg in arguments.reflections for p in (expand(arg) if is_pattern(arg) else [arg])]
+    pairs = pair_files(experiments_paths, reflections_paths, params.input.pairing)
     options = Options(
         q_pixel_source=params.q_pixel.source,
         model_state=params.scan_varying.model_state,
         block_width=params.scan_varying.block_width,
         phi=params.phi,
     )
+    if len(pairs) > 1 or params.mp.method == "mpi":
+        return run_many(params, arguments, pairs, options, logger, gate_failure, _finite)
+    ((expt_path, refl_path),) = pairs
+    check_output_paths(output_paths(params), [expt_path, refl_path])
+
+    experiments = read_experiments(expt_path)
+    table = ReflectionTable.from_file(refl_path)
     result = compute_q(
         experiments, table_columns(table), table.identifiers, options, path=refl_path, experiments_path=expt_path
     )
@@ -229,9 +260,18 @@ def write_outputs(params, experiments, table, result, parts, summary, diagnoses,
             if replaced:
                 logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
             outputs.add(out_path, table.to_bytes())
+        summaries = (params.output.json, params.output.per_file_csv, params.output.per_image_csv)
+        if any(summaries):  # the per-file and per-image records of a run over many files
+            outcome = FileOutcome(0, inputs[0], inputs[1], out_path)
+            describe(outcome, experiments, table, result, summary)
         if params.output.json:
             report = json_report(summary, diagnoses, options, {"experiments": inputs[0], "reflections": inputs[1]})
+            report["images"] = outcome.images
             outputs.add(params.output.json, (json.dumps(_finite(report), indent=1) + "\n").encode())
+        if params.output.per_file_csv:
+            outputs.add(params.output.per_file_csv, per_file_csv([outcome]))
+        if params.output.per_image_csv:
+            outputs.add(params.output.per_image_csv, per_image_csv([outcome]))
         figures = []
         target = params.output.plots
         if target and target != "None":
@@ -243,6 +283,9 @@ def write_outputs(params, experiments, table, result, parts, summary, diagnoses,
         outputs.commit()
     if params.output.json:
         logger.info(f"\nSaved the report to {params.output.json}")
+    for name in ("per_file_csv", "per_image_csv"):
+        if getattr(params.output, name):
+            logger.info(f"Saved {getattr(params.output, name)}")
     if figures:
         logger.info(f"Saved {len(figures)} figures: {', '.join(figures)}")
     if out_path:

@@ -1,0 +1,177 @@
+"""Many pairs in one run: process each file alone, merge the statistics exactly.
+
+A file is read, computed, written (to a staged temporary file) and reduced to
+what the merge needs — its counts, its |Δq| statistics, per-image statistics
+and the |Δq| of every used reflection (8 bytes each) — before the next file is
+read, so memory is the largest single table plus those 8 bytes a reflection.
+The merged statistics are those of the concatenation of every file's |Δq| in
+file order: exact (numpy's median and linear 95th percentile of all values, no
+sketch or approximation), and bit-identical whether the files were processed
+one after another, by ``nproc`` processes or by MPI ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .analysis import band, grouped_statistics, norm_statistics, summarise
+from .compute import REASONS, compute_q
+from .decomposition import decompose
+from .errors import QConsistencyError
+from .experiments import read_experiments
+from .files import StagedOutputs
+from .output import add_columns
+from .reflection_table import FIXED_TYPES, ReflectionTable
+
+STATISTICS = ("n", "mean", "median", "rms", "p95", "max")
+
+
+@dataclass
+class FileJob:
+    index: int
+    experiments: str
+    reflections: str
+    output: str | None  # the output table, or None for none
+    options: object  # compute.Options
+    temporary_prefix: str  # staged files of this run start with it
+
+
+@dataclass
+class FileOutcome:
+    index: int
+    experiments: str
+    reflections: str
+    output: str | None
+    staged: str | None = None  # the temporary file that becomes ``output``
+    n_rows: int = 0
+    counts: dict = field(default_factory=dict)
+    delta_q: dict = field(default_factory=dict)
+    verdict: str = ""
+    s1: list = field(default_factory=list)
+    norms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    images: list = field(default_factory=list)
+    error: str | None = None  # a one-line error: the run fails, nothing is written
+
+
+def table_columns(table):
+    """Numpy views of every fixed-size column of a standalone table."""
+    return {name: table.get(name) for name in table.keys() if table.column_type(name) in FIXED_TYPES}
+
+
+def image_keys(experiments, result, rows):
+    """(experiment index, image number or -1 for stills) of each row.
+
+    The image of a rotation reflection is the one its φ (the angle q_bragg
+    used) falls in, clamped to the scan; a still is its experiment.
+    """
+    experiment = result.experiment[rows]
+    image = np.full(rows.size, -1, dtype=np.int64)
+    for index in np.unique(experiment):
+        model = experiments[int(index)]
+        mine = experiment == index
+        if model.is_rotation:
+            scan = model.scan
+            offset = np.floor(scan.array_index_from_angle(result.phi[rows][mine])) - scan.array_range[0]
+            image[mine] = scan.image_range[0] + np.clip(offset, 0, scan.num_images - 1).astype(np.int64)
+    return experiment.astype(np.int64), image
+
+
+def per_image_statistics(experiments, result, norms_all) -> list[dict]:
+    """|Δq| statistics per (experiment, image), without a loop over images."""
+    rows = np.flatnonzero(result.used)
+    if rows.size == 0:
+        return []
+    experiment, image = image_keys(experiments, result, rows)
+    span = int(image.max()) + 2
+    keys, stats = grouped_statistics(experiment * span + (image + 1), norms_all[rows])
+    out = []
+    for i, key in enumerate(keys):
+        index, image_number = divmod(int(key), span)
+        entry = {"experiment": index, "identifier": experiments[index].identifier,
+                 "image": image_number - 1 if image_number > 0 else None}
+        entry.update({name: (int(stats[name][i]) if name == "n" else float(stats[name][i])) for name in STATISTICS})
+        out.append(entry)
+    return out
+
+
+def process_file(job: FileJob) -> FileOutcome:
+    """Read, compute and stage one pair; reduce it to what the merge needs.
+
+    Errors come back in ``error`` (and nothing of this file stays on disk), so
+    that parallel workers and MPI ranks always report.
+    """
+    outcome = FileOutcome(job.index, job.experiments, job.reflections, job.output)
+    staged = StagedOutputs(prefix=job.temporary_prefix)
+    try:
+        experiments = read_experiments(job.experiments)
+        table = ReflectionTable.from_file(job.reflections)
+        result = compute_q(
+            experiments, table_columns(table), table.identifiers, job.options,
+            path=job.reflections, experiments_path=job.experiments,
+        )
+        describe(outcome, experiments, table, result, summarise(result, experiments))
+        if job.output:
+            add_columns(table, result, decompose(experiments, result))
+            staged.add(job.output, table.to_bytes())
+            ((outcome.staged, _),) = staged.detach()
+    except QConsistencyError as error:
+        staged.abort()
+        outcome.error = str(error)
+    return outcome
+
+
+def describe(outcome: FileOutcome, experiments, table, result, summary) -> None:
+    """Fill in what the merge, the JSON and the CSV files need of one file."""
+    norms_all = np.linalg.norm(result.delta_q, axis=1)
+    outcome.n_rows = table.nrows
+    outcome.counts = summary.counts
+    outcome.delta_q = summary.delta_q
+    outcome.verdict = summary.verdict
+    outcome.s1 = sorted({e.s1_kind for e in summary.experiments})
+    outcome.norms = norms_all[result.used]
+    outcome.images = per_image_statistics(experiments, result, norms_all)
+
+
+@dataclass
+class Merged:
+    """Counts and |Δq| statistics of every file together."""
+
+    n_files: int
+    n_rows: int
+    counts: dict
+    delta_q: dict
+    verdict: str
+
+
+def merge(outcomes: list[FileOutcome]) -> Merged:
+    """Exact merged statistics: of all used |Δq| concatenated in file order."""
+    outcomes = sorted(outcomes, key=lambda o: o.index)
+    counts = {reason: sum(o.counts.get(reason, 0) for o in outcomes) for reason in REASONS}
+    norms = np.concatenate([o.norms for o in outcomes]) if outcomes else np.zeros(0)
+    delta_q = norm_statistics(norms)
+    verdict = band(delta_q["mean"]) if delta_q["n"] else "nothing to compare"
+    return Merged(len(outcomes), sum(o.n_rows for o in outcomes), counts, delta_q, verdict)
+
+
+def file_record(outcome: FileOutcome) -> dict:
+    """One file's summary, as the JSON report and the per-file CSV give it."""
+    return {
+        "index": outcome.index,
+        "experiments": outcome.experiments,
+        "reflections": outcome.reflections,
+        "output": outcome.output,
+        "rows": outcome.n_rows,
+        "counts": outcome.counts,
+        "delta_q": outcome.delta_q,
+        "verdict": outcome.verdict,
+        "s1": outcome.s1,
+    }
+
+
+def temporary_prefix() -> str:
+    """Staged files of this run (and its workers) start with this: after a hard
+    stop the run can find and remove whatever a killed worker left."""
+    return f".tmp-q_consistency-{os.getpid()}-"

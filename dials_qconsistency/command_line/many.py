@@ -1,0 +1,154 @@
+"""dials.q_consistency over many pairs: per-file tables, merged statistics, CSV.
+
+Used when several pairs are given (or ``mp.method=mpi``). Each file is read,
+computed and staged on its own (one process per file with ``nproc``, the
+files split between ranks with MPI); the merge, the log, the JSON and the CSV
+files come from the one process (rank 0) that has every file's outcome. Table
+outputs are committed together with the summary, or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from dials_qconsistency import __version__
+from dials_qconsistency.campaign import FileJob, file_record, merge, temporary_prefix
+from dials_qconsistency.errors import GateFailed, QConsistencyError
+from dials_qconsistency.files import StagedOutputs, remove_leftovers
+from dials_qconsistency.inputs import output_table_names
+from dials_qconsistency.parallel import SKIPPED, mpi_world, run_mpi, run_pool, run_serial
+from dials_qconsistency.progress import Progress
+from dials_qconsistency.report import campaign_text, file_line, per_file_csv, per_image_csv
+
+from .program import check_output_paths, close_logging, log_to_file_only, setup_logging
+
+
+def table_outputs(params, pairs) -> list:
+    """The output table of each pair (None when tables are switched off)."""
+    if not params.output.reflections:
+        return [None] * len(pairs)
+    if len(pairs) == 1:
+        return [params.output.reflections]
+    return output_table_names([refl for _, refl in pairs], params.output.reflections)
+
+
+def summary_outputs(params) -> dict:
+    return {
+        f"output.{name}": getattr(params.output, name)
+        for name in ("json", "per_file_csv", "per_image_csv", "log")
+        if getattr(params.output, name)
+    }
+
+
+def run_many(params, arguments, pairs, options, logger, gate_failure, finite) -> int:
+    """Process every pair; returns the exit status (MPI ranks other than 0 return
+    rank 0's status without printing)."""
+    comm = mpi_world() if params.mp.method == "mpi" else None
+    root = comm is None or comm.Get_rank() == 0
+    tables = table_outputs(params, pairs)
+    outputs = {f"output.reflections ({os.path.basename(refl)})": table for (_, refl), table in zip(pairs, tables) if table}
+    outputs.update(summary_outputs(params))
+    try:
+        check_output_paths(outputs, [path for pair in pairs for path in pair])
+    except QConsistencyError:
+        if root:
+            raise
+        return 1
+
+    prefix = temporary_prefix() if comm is None else comm.bcast(temporary_prefix(), root=0)
+    jobs = [FileJob(i, expt, refl, table, options, prefix) for i, ((expt, refl), table) in enumerate(zip(pairs, tables))]
+    if root:
+        setup_logging(logger, params.output.log)
+    status = 0
+    try:
+        if root:
+            logger.info(f"dials.q_consistency {__version__} (standalone backend)")
+            if arguments.diff.strip():
+                logger.info("The following parameters have been modified:\n%s", arguments.diff)
+            workers = f"{comm.Get_size()} MPI ranks" if comm else f"{params.nproc} process(es)"
+            logger.info(f"{len(pairs)} pairs of files, {workers}")
+        status = _process_and_write(params, jobs, comm, options, logger, gate_failure, finite)
+    except QConsistencyError as error:
+        if root:
+            log_to_file_only(logger, f"\nError: {error}")
+        status = error
+    except GateFailed as failure:
+        status = failure
+    finally:
+        if root:  # only rank 0 commits, so only it may clear what a stopped worker left
+            close_logging(logger)
+            remove_leftovers({os.path.dirname(os.path.abspath(t)) for t in tables if t}, prefix)
+    if comm is not None:
+        code = comm.bcast(_code(status) if root else None, root=0)
+        if not root:
+            return code
+    if isinstance(status, BaseException):
+        raise status
+    return status
+
+
+def _code(status) -> int:
+    if isinstance(status, GateFailed):
+        return 2
+    return 1 if isinstance(status, BaseException) else int(status)
+
+
+def _process_and_write(params, jobs, comm, options, logger, gate_failure, finite) -> int:
+    root = comm is None or comm.Get_rank() == 0
+    progress = Progress(len(jobs) if comm is None else len(jobs[comm.Get_rank()::comm.Get_size()])) if root else None
+
+    def done(outcome):
+        if root:
+            if not outcome.error:
+                log_to_file_only(logger, file_line(outcome))
+            progress.update(1, outcome.n_rows)
+
+    with StagedOutputs() as staged:
+        try:
+            if comm is not None:
+                outcomes = run_mpi(jobs, comm, done)
+            elif params.nproc > 1:
+                outcomes = run_pool(jobs, params.nproc, done)
+            else:
+                outcomes = run_serial(jobs, done)
+        finally:
+            if progress is not None:
+                progress.close()
+        if not root:
+            return 0
+        for outcome in outcomes:
+            if outcome.staged:
+                staged.adopt(outcome.staged, outcome.output)
+        failed = [o for o in outcomes if o.error and o.error != SKIPPED]
+        if failed:
+            raise QConsistencyError(failed[0].error)
+        merged = merge(outcomes)
+        logger.info(campaign_text(merged, outcomes, options))
+        logger.info("\nFigures, the residual analysis and the diagnosis are made for one pair at a time.")
+        if params.output.json:
+            report = {
+                "program": "dials.q_consistency",
+                "version": __version__,
+                "merged": {"files": merged.n_files, "rows": merged.n_rows, "counts": merged.counts,
+                           "delta_q": merged.delta_q, "verdict": merged.verdict},
+                "files": [file_record(o) for o in outcomes],
+                "images": [{"file": o.index, **image} for o in outcomes for image in o.images],
+            }
+            staged.add(params.output.json, (json.dumps(finite(report), indent=1) + "\n").encode())
+        if params.output.per_file_csv:
+            staged.add(params.output.per_file_csv, per_file_csv(outcomes))
+        if params.output.per_image_csv:
+            staged.add(params.output.per_image_csv, per_image_csv(outcomes))
+        staged.commit()
+    written = sum(1 for o in outcomes if o.output)
+    if written:
+        logger.info(f"\nSaved {written} tables with the q columns ({outcomes[0].output} ...)")
+    for name in ("json", "per_file_csv", "per_image_csv"):
+        if getattr(params.output, name):
+            logger.info(f"Saved {getattr(params.output, name)}")
+    gate = gate_failure(merged.delta_q, params.fail_if)
+    if gate:
+        logger.info(f"\nfail_if: {gate}")
+        raise GateFailed(gate)
+    return 0

@@ -1,0 +1,89 @@
+"""Running many files: one after another, in ``nproc`` processes, or on MPI ranks.
+
+Every runner returns the :class:`campaign.FileOutcome` of every file in file
+order (MPI: on rank 0; the other ranks get None), so the merge and everything
+written after it are the same whichever ran the files. After the first file
+that fails, the files not yet started are skipped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+
+from .campaign import FileJob, FileOutcome, process_file
+
+SKIPPED = "skipped after an earlier error"
+
+_abort = None  # a multiprocessing.Event in each worker
+
+
+def _init_worker(event):
+    """Workers die quietly when the run stops them; the parent handles Ctrl-C and
+    removes what they left (forked workers would inherit its handlers)."""
+    global _abort
+    _abort = event
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _process_unless_aborted(job: FileJob) -> FileOutcome:
+    if _abort is not None and _abort.is_set():
+        return FileOutcome(job.index, job.experiments, job.reflections, job.output, error=SKIPPED)
+    outcome = process_file(job)
+    if outcome.error and _abort is not None:
+        _abort.set()
+    return outcome
+
+
+def run_serial(jobs, on_done=None) -> list[FileOutcome]:
+    outcomes = []
+    for job in jobs:
+        outcome = process_file(job) if not any(o.error for o in outcomes) else FileOutcome(
+            job.index, job.experiments, job.reflections, job.output, error=SKIPPED
+        )
+        outcomes.append(outcome)
+        if on_done:
+            on_done(outcome)
+    return outcomes
+
+
+def _context():
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def run_pool(jobs, nproc: int, on_done=None) -> list[FileOutcome]:
+    """``nproc`` worker processes, one file at a time each; results in file order."""
+    context = _context()
+    event = context.Event()
+    outcomes = []
+    with context.Pool(nproc, initializer=_init_worker, initargs=(event,)) as pool:
+        for outcome in pool.imap(_process_unless_aborted, jobs, chunksize=1):
+            outcomes.append(outcome)
+            if on_done:
+                on_done(outcome)
+    return outcomes
+
+
+def mpi_world():
+    """MPI.COMM_WORLD (mpi4py), or a one-line error saying what is missing."""
+    from .errors import QConsistencyError
+
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        raise QConsistencyError(
+            f"mp.method=mpi needs mpi4py and an MPI library ({error}); "
+            "install them (pip install mpi4py; apt install openmpi-bin) and start the program with mpirun"
+        ) from None
+    return MPI.COMM_WORLD
+
+
+def run_mpi(jobs, comm, on_done=None):
+    """Rank r takes files r, r + size, ...; rank 0 gathers every outcome in file order."""
+    mine = run_serial(jobs[comm.Get_rank()::comm.Get_size()], on_done)
+    gathered = comm.gather(mine, root=0)
+    if comm.Get_rank() != 0:
+        return None
+    return sorted((o for part in gathered for o in part), key=lambda o: o.index)
