@@ -78,9 +78,16 @@ class QResult:
 
     @classmethod
     def blank(cls, reason, experiment, panel, notes, observed=False) -> "QResult":
-        """Every vector NaN: rows are filled in as they are computed."""
+        """Every vector NaN where a row will not be used; used rows are filled in
+        as they are computed (so they are not written twice)."""
         n = len(reason)
-        nan = lambda *shape: np.full((n,) + shape, np.nan)
+        unused = np.asarray(reason) != USED
+
+        def nan(*shape):
+            values = np.empty((n,) + shape)
+            values[unused] = np.nan
+            return values
+
         return cls(
             q_bragg=nan(3),
             q_pixel=nan(3),
@@ -305,6 +312,17 @@ def _panel_arrays(detector, panel_rows):
     }
 
 
+def panel_groups(panel_rows):
+    """(panel, row positions) for each panel in ``panel_rows``; one group with
+    ``slice(None)`` when every row is on the same panel (no gathering then)."""
+    panel_rows = np.asarray(panel_rows)
+    if panel_rows.size and np.all(panel_rows == panel_rows[0]):
+        return [(int(panel_rows[0]), slice(None))]
+    order = np.argsort(panel_rows, kind="stable")
+    panels, starts = np.unique(panel_rows[order], return_index=True)
+    return [(int(p), rows) for p, rows in zip(panels, np.split(order, starts[1:]))]
+
+
 def panel_millimetres(detector, panel_rows, xy_px):
     """Panel px (sub-pixel) -> panel mm (N, 2) with each row's panel mapping (parallax included)."""
     p = _panel_arrays(detector, panel_rows)
@@ -315,20 +333,40 @@ def panel_millimetres(detector, panel_rows, xy_px):
 
 def panel_q(detector, panel_rows, xy_mm, s0):
     """q (N, 3) Å⁻¹ at panel positions (mm) on each row's panel, the same
-    function dials.q_map evaluates at every pixel."""
-    p = _panel_arrays(detector, panel_rows)
+    function dials.q_map evaluates at every pixel (one panel at a time)."""
     xy_mm = np.asarray(xy_mm, dtype=float)
-    return geometry.q_at_panel_points(p["origin"], p["fast"], p["slow"], xy_mm[:, 0], xy_mm[:, 1], s0)
+    s0 = np.broadcast_to(np.asarray(s0, dtype=float), (len(xy_mm), 3))
+    out = np.empty((len(xy_mm), 3))
+    for index, rows in panel_groups(panel_rows):
+        p = detector.panels[index]
+        q = geometry.q_from_lab_components(
+            *geometry.panel_points_to_lab(p.origin, p.fast, p.slow, xy_mm[rows, 0], xy_mm[rows, 1]), s0[rows]
+        )
+        for axis in range(3):
+            out[rows, axis] = q[axis]
+    return out
+
+
+def _put(target, rows, values):
+    """target[rows] = values, without fancy indexing when ``rows`` is every row."""
+    if rows.size == len(target):
+        target[...] = values
+    else:
+        target[rows] = values
 
 
 def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result):
     crystal, beam, detector = experiment.crystal, experiment.beam, experiment.detector
-    h = hkl[rows].astype(float)
-    phi = phi_all[rows]
+    every = rows.size == len(hkl)  # one experiment, every row used: no gathering
+    take = (lambda values: values) if every else (lambda values: values[rows])
+    h = take(hkl).astype(float)
+    phi = take(phi_all)
     s0 = np.broadcast_to(beam.s0, (rows.size, 3))
 
     if not experiment.is_rotation:
         q_bragg = geometry.q_bragg_still(crystal.A, h)
+        _put(result.rotation_axis, rows, np.nan)  # stills: no axis, no φ
+        _put(result.phi, rows, np.nan)
     else:
         gonio, scan = experiment.goniometer, experiment.scan
         varying = scan_varying_states(experiment)
@@ -340,37 +378,40 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
         elif options.model_state == "integrate":
             M, s0, S, outside = integrate_setting(experiment, varying, phi)
             q_bragg = geometry.matvec(M, h)
-            result.outside_scan[rows] = outside
+            _put(result.outside_scan, rows, outside)
         else:
-            phi_blocks = xyzobs[rows, 2] if xyzobs is not None else phi
+            phi_blocks = take(xyzobs[:, 2]) if xyzobs is not None else phi
             block_point, outside = refinement_scan_point(scan, phi_blocks, options.block_width)
             point = np.clip(block_point, 0, scan.num_images)
-            result.outside_scan[rows] = outside | (point != block_point)
+            _put(result.outside_scan, rows, outside | (point != block_point))
             A = varying["A"][point]
             S = varying["S"][point]
             s0 = varying["s0"][point]
             q_bragg = geometry.q_bragg_rotation(S, gonio.axis, phi, gonio.fixed_rotation, A, h)
-        result.rotation_axis[rows] = geometry.matvec(S, gonio.axis)
-        result.phi[rows] = phi
+        _put(result.rotation_axis, rows, geometry.matvec(S, gonio.axis))
+        _put(result.phi, rows, phi)
 
-    rows_panel = panel[rows]
-    position_mm = position[rows, :2]
+    rows_panel = take(panel)
+    position_mm = take(position[:, :2])
     if options.q_pixel_source == "observed_px":
         position_mm = panel_millimetres(detector, rows_panel, position_mm)
     q_pixel = panel_q(detector, rows_panel, position_mm, s0)
-    result.s0[rows] = s0
-    result.position_mm[rows] = position_mm
-    result.q_bragg[rows] = q_bragg
-    result.q_pixel[rows] = q_pixel
-    result.q_pred[rows] = s1[rows] - s0
+    _put(result.s0, rows, s0)
+    _put(result.position_mm, rows, position_mm)
+    _put(result.q_bragg, rows, q_bragg)
+    _put(result.q_pixel, rows, q_pixel)
+    _put(result.q_pred, rows, take(s1) - s0)
     if options.q_pixel_source == "calculated":
-        result.q_pixel_calculated[rows] = q_pixel
+        _put(result.q_pixel_calculated, rows, q_pixel)
     else:
-        result.q_pixel_calculated[rows] = panel_q(detector, rows_panel, xyzcal[rows, :2], s0)
+        _put(result.q_pixel_calculated, rows, panel_q(detector, rows_panel, take(xyzcal[:, :2]), s0))
     if xyzobs is not None:
-        observed = xyzobs[rows, :2]
+        observed = take(xyzobs[:, :2])
         finite = np.all(np.isfinite(observed), axis=1)
-        q_obs = np.full((rows.size, 3), np.nan)
-        if finite.any():
-            q_obs[finite] = panel_q(detector, rows_panel[finite], observed[finite], s0[finite])
-        result.q_pixel_observed[rows] = q_obs
+        if finite.all():
+            q_obs = panel_q(detector, rows_panel, observed, s0)
+        else:
+            q_obs = np.full((rows.size, 3), np.nan)
+            if finite.any():
+                q_obs[finite] = panel_q(detector, rows_panel[finite], observed[finite], s0[finite])
+        _put(result.q_pixel_observed, rows, q_obs)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import geometry
-from .compute import s1_is_prediction
+from .compute import panel_groups, s1_is_prediction
 
 
 @dataclass
@@ -61,6 +61,17 @@ def panel_frames(experiments, result):
             stack = np.array([p.d_matrix for p in experiment.detector.panels])
             d[rows] = stack[result.panel[rows]]
     return d
+
+
+def _panel_groups(experiments, result, used_rows):
+    """(panel model, positions in ``used_rows``) for every experiment and panel."""
+    experiment_of = result.experiment[used_rows]
+    for index, experiment in enumerate(experiments):
+        mine = np.flatnonzero(experiment_of == index)
+        if mine.size == 0:
+            continue
+        for panel, rows in panel_groups(result.panel[used_rows[mine]]):
+            yield experiment.detector.panels[panel], (mine if isinstance(rows, slice) else mine[rows])
 
 
 def onto_sphere(q_bragg, s0, rotation_axis):
@@ -105,15 +116,17 @@ def decompose(experiments, result) -> Decomposition:
         mine = result.experiment[used_rows] == index
         if mine.any() and s1_is_prediction(result, used_rows[mine]):
             model_spot[mine] = result.q_pred[used_rows[mine]]
-    d = panel_frames(experiments, result)[used]
-    xy_bragg = geometry.panel_intersection(d, s0 + model_spot)
     xy_pixel = result.position_mm[used]
+    xy_bragg, delta_lab, beam_centre, spot = (np.empty((used_rows.size, k)) for k in (2, 3, 3, 3))
+    for panel, rows in _panel_groups(experiments, result, used_rows):  # one panel's d matrix at a time
+        xy_bragg[rows] = geometry.panel_intersection(panel.d_matrix, s0[rows] + model_spot[rows])
+        delta = xy_bragg[rows] - xy_pixel[rows]
+        delta_lab[rows] = delta[:, :1] * panel.fast + delta[:, 1:] * panel.slow
+        beam_centre[rows] = geometry.lab_coordinates(
+            panel.origin, panel.fast, panel.slow, geometry.panel_intersection(panel.d_matrix, s0[rows])
+        )
+        spot[rows] = geometry.lab_coordinates(panel.origin, panel.fast, panel.slow, xy_pixel[rows])
     delta_xy = xy_bragg - xy_pixel
-
-    fast, slow, origin = d[:, :, 0], d[:, :, 1], d[:, :, 2]
-    delta_lab = delta_xy[:, :1] * fast + delta_xy[:, 1:] * slow
-    beam_centre = geometry.lab_coordinates(origin, fast, slow, geometry.panel_intersection(d, s0))
-    spot = geometry.lab_coordinates(origin, fast, slow, xy_pixel)
     with np.errstate(invalid="ignore", divide="ignore"):
         radial_dir = geometry.unit(spot - beam_centre)
         transverse_dir = geometry.unit(np.cross(radial_dir, beam_centre))

@@ -82,8 +82,9 @@ class StagedOutputs:
                 raise QConsistencyError(f"cannot be created ({error.strerror})", path) from None
             self._made_folders.append(path)
 
-    def add(self, path: str, payload: bytes) -> None:
-        """Write ``payload`` to a temporary file that will become ``path``."""
+    def add(self, path: str, payload) -> None:
+        """Write ``payload`` (bytes, or a function that writes to a file
+        descriptor) to a temporary file that will become ``path``."""
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):
             raise QConsistencyError("cannot be written (it is a directory)", path)
@@ -96,7 +97,10 @@ class StagedOutputs:
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(descriptor, 0o666 & ~umask)
-            _write_fully(descriptor, payload)
+            if callable(payload):
+                payload(descriptor)
+            else:
+                _write_fully(descriptor, payload)
             os.fsync(descriptor)
         except OSError as error:
             raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
@@ -180,7 +184,7 @@ def remove_leftovers(folders, prefix: str) -> None:
                 _remove(os.path.join(folder or ".", name))
 
 
-def write_atomically(path: str, payload: bytes) -> None:
+def write_atomically(path: str, payload) -> None:
     """Write one file all-or-nothing (a temporary file, then a rename)."""
     with StagedOutputs() as outputs:
         outputs.add(path, payload)

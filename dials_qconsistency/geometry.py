@@ -162,15 +162,42 @@ def millimetre_to_pixel(xy_mm, pixel_size, origin, fast, slow, mu=0.0, thickness
 
 def q_bragg_still(A, hkl) -> np.ndarray:
     """Stills: r = A · h (A (3,3) or (N,3,3))."""
-    return matvec(A, np.asarray(hkl, dtype=float))
+    A, hkl = np.asarray(A, dtype=float), np.asarray(hkl, dtype=float)
+    return hkl @ A.T if A.ndim == 2 else matvec(A, hkl)
 
 
 def q_bragg_rotation(S, axis, phi, F, A, hkl) -> np.ndarray:
-    """Rotation data: r = S · R(axis, φ) · F · A · h; S, A may be per row."""
-    r_crystal = matvec(A, np.asarray(hkl, dtype=float))
+    """Rotation data: r = S · R(axis, φ) · F · A · h; S, A may be per row.
+
+    With one S and one A (a static model) the constant products are single
+    3×3 matrix products and R(φ) is applied by Rodrigues' formula to the
+    vectors, without building a matrix per row.
+    """
+    hkl = np.asarray(hkl, dtype=float)
+    S, A = np.asarray(S, dtype=float), np.asarray(A, dtype=float)
+    if S.ndim == 2 and A.ndim == 2:
+        r_goniometer = hkl @ (np.asarray(F, dtype=float) @ A).T
+        return rotate_about_axis(r_goniometer, axis, phi) @ S.T
+    r_crystal = matvec(A, hkl)
     r_goniometer = matvec(F, r_crystal)
-    r_rotated = matvec(rotation_matrices(axis, phi), r_goniometer)
+    r_rotated = rotate_about_axis(r_goniometer, axis, phi)
     return matvec(S, r_rotated)
+
+
+def rotate_about_axis(vectors, axis, angles) -> np.ndarray:
+    """Right-handed rotation of each row of ``vectors`` (N, 3) by its angle (rad)
+    about one ``axis`` (Rodrigues: v cos θ + (e × v) sin θ + e (e·v)(1 − cos θ))."""
+    e = unit(np.asarray(axis, dtype=float))
+    v = np.asarray(vectors, dtype=float)
+    angles = np.asarray(angles, dtype=float)
+    c, s = np.cos(angles), np.sin(angles)
+    vx, vy, vz = v[..., 0], v[..., 1], v[..., 2]
+    along = (e[0] * vx + e[1] * vy + e[2] * vz) * (1.0 - c)
+    out = np.empty(np.broadcast_shapes(v.shape, angles.shape + (3,)))
+    out[..., 0] = vx * c + (e[1] * vz - e[2] * vy) * s + e[0] * along
+    out[..., 1] = vy * c + (e[2] * vx - e[0] * vz) * s + e[1] * along
+    out[..., 2] = vz * c + (e[0] * vy - e[1] * vx) * s + e[2] * along
+    return out
 
 
 def setting_matrices(S, axis, phi, F, A) -> np.ndarray:
@@ -245,7 +272,9 @@ def panel_intersection(d_matrix, rays) -> np.ndarray:
     ``d_matrix`` = [fast | slow | origin] (3, 3) or one per row; NaN where the
     ray runs parallel to the plane or points away from it.
     """
-    v = matvec(np.linalg.inv(d_matrix), np.asarray(rays, dtype=float))
+    d_matrix = np.asarray(d_matrix, dtype=float)
+    rays = np.asarray(rays, dtype=float)
+    v = rays @ np.linalg.inv(d_matrix).T if d_matrix.ndim == 2 else matvec(np.linalg.inv(d_matrix), rays)
     with np.errstate(divide="ignore", invalid="ignore"):
         xy = v[..., :2] / v[..., 2:3]
     return np.where((v[..., 2:3] > 0), xy, np.nan)

@@ -11,17 +11,26 @@ float64, ``cctbx::miller::index<>`` N x 3 int32, ...). Shoebox columns are a
 variable-length stream of per-row records. Every column is kept as the bytes it
 was read as, so a column the program does not change is written back byte for
 byte; numpy views of the fixed-size columns are made on request.
+
+Files are memory-mapped and their columns left in place (:mod:`msgpack_lite`):
+reading touches only the header and the columns that are used, and writing
+copies every unchanged column from the input file to the output file in the
+kernel (``copy_file_range``), so neither a read nor a write copies the table
+through Python, and memory holds only the columns computed on.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import weakref
 
 import msgpack
 import numpy as np
 
 from .errors import QConsistencyError
-from .files import read_input_file, write_atomically
+from .files import write_atomically
+from .msgpack_lite import BinRef, MalformedError, TrailingBytesError, bin_header, map_header, unpack
 
 FILETYPE = "dials::af::reflection_table"
 SUPPORTED_VERSIONS = (1, 2)
@@ -75,20 +84,64 @@ def row_bytes(type_name: str) -> int:
     return dtype.itemsize * int(np.prod(shape, dtype=int))
 
 
+class SourceFile:
+    """An input table file kept open (and mapped) while its columns are in use."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.descriptor = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.descriptor)
+        size = os.fstat(self.descriptor).st_size
+        self.map = mmap.mmap(self.descriptor, size, access=mmap.ACCESS_READ) if size else b""
+
+
 class Column:
-    """One column: its DIALS type name and its raw binary blob."""
+    """One column: its DIALS type name and its raw binary blob (any buffer).
 
-    __slots__ = ("type_name", "blob", "changed")
+    ``source`` and ``offset`` say where an unchanged blob lies in its input
+    file, so that it can be copied file to file when the table is written.
+    """
 
-    def __init__(self, type_name: str, blob: bytes, changed: bool = False):
+    __slots__ = ("type_name", "blob", "changed", "source", "offset")
+
+    def __init__(self, type_name: str, blob, changed: bool = False, source=None, offset: int = 0):
         self.type_name = type_name
         self.blob = blob
         self.changed = changed
+        self.source = source
+        self.offset = offset
+
+    @property
+    def nbytes(self) -> int:
+        return memoryview(self.blob).nbytes
 
     def as_array(self, nrows: int) -> np.ndarray:
         """A read-only numpy view of a fixed-size column."""
         dtype, shape = FIXED_TYPES[self.type_name]
-        return np.frombuffer(self.blob, dtype=dtype).reshape((nrows,) + shape)
+        array = np.frombuffer(self.blob, dtype=dtype).reshape((nrows,) + shape)
+        array.flags.writeable = False
+        return array
+
+
+def _write_fully(descriptor: int, payload) -> None:
+    view = memoryview(payload).cast("B")
+    while view:
+        written = os.write(descriptor, view[: 1 << 30])
+        view = view[written:]
+
+
+def _copy_range(source: SourceFile, offset: int, length: int, descriptor: int) -> None:
+    """Copy ``length`` bytes at ``offset`` of the source file to ``descriptor``
+    in the kernel; through memory where the kernel cannot."""
+    done = 0
+    try:
+        while done < length:
+            copied = os.copy_file_range(source.descriptor, descriptor, length - done, offset + done)
+            if copied == 0:
+                raise OSError("copy_file_range copied nothing")
+            done += copied
+    except (AttributeError, OSError):  # an old kernel or Python, another file system
+        _write_fully(descriptor, memoryview(source.map)[offset + done: offset + length])
 
 
 class ReflectionTable:
@@ -120,7 +173,7 @@ class ReflectionTable:
         return self._columns[name].type_name
 
     def column_blob(self, name: str) -> bytes:
-        return self._columns[name].blob
+        return bytes(self._columns[name].blob)
 
     def get(self, name: str) -> np.ndarray:
         """The column as a numpy array (N,) or (N, k); fixed-size types only."""
@@ -137,35 +190,49 @@ class ReflectionTable:
             raise ValueError(
                 f"column {name}: shape {array.shape} != {(self.nrows,) + shape}"
             )
-        self._columns[name] = Column(type_name, array.tobytes(), changed=True)
+        self._columns[name] = Column(type_name, array, changed=True)  # written straight from the array
 
     # -- reading --------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str) -> "ReflectionTable":
-        return cls.from_bytes(read_input_file(path, "a reflection table"), path)
+        """Read a table, its columns left in the memory-mapped file."""
+        try:
+            source = SourceFile(path)
+        except FileNotFoundError:
+            raise QConsistencyError("file not found", path) from None
+        except IsADirectoryError:
+            raise QConsistencyError("is a directory, not a reflection table", path) from None
+        except OSError as error:
+            raise QConsistencyError(f"cannot be read ({error.strerror})", path) from None
+        return cls._parse(source.map, path, source)
 
     @classmethod
     def from_bytes(cls, raw: bytes, path: str = "<bytes>") -> "ReflectionTable":
-        if not raw:
+        return cls._parse(raw, path)
+
+    @classmethod
+    def _parse(cls, raw, path: str, source: SourceFile | None = None) -> "ReflectionTable":
+        if not len(raw):
             raise QConsistencyError("is empty, not a reflection table", path)
-        if raw[:1] == b"\x80" or raw[:1] in (b"(", b"c"):
+        start = bytes(raw[:8])
+        if start[:1] == b"\x80" or start[:1] in (b"(", b"c"):
             raise QConsistencyError(pickle_hint(path), path)
-        if raw[:1] != b"\x93":  # every table is a msgpack array of three
-            raise QConsistencyError(f"is not a DIALS reflection table ({_what_it_is(raw)})", path)
+        if start[:1] != b"\x93":  # every table is a msgpack array of three
+            raise QConsistencyError(f"is not a DIALS reflection table ({_what_it_is(start)})", path)
         try:
-            obj = msgpack.unpackb(raw, raw=False, strict_map_key=False, use_list=True)
-        except msgpack.ExtraData:
+            obj = unpack(raw)
+        except TrailingBytesError:
             raise QConsistencyError(
                 "has trailing bytes after the reflection table (corrupt file)", path
             ) from None
-        except (ValueError, msgpack.UnpackException, TypeError, UnicodeDecodeError):
+        except MalformedError:
             raise QConsistencyError(
                 "is truncated or not a msgpack reflection table", path
             ) from None
-        return cls._from_object(obj, path)
+        return cls._from_object(obj, path, memoryview(raw), source)
 
     @classmethod
-    def _from_object(cls, obj, path: str) -> "ReflectionTable":
+    def _from_object(cls, obj, path: str, view=None, source=None) -> "ReflectionTable":
         def bad(problem):
             return QConsistencyError(problem, path)
 
@@ -196,29 +263,62 @@ class ReflectionTable:
         table = cls(nrows, identifiers, version)
         table._header_order = list(header)
         for name, entry in data.items():
-            table._columns[name] = _check_column(name, entry, nrows, version, path)
+            table._columns[name] = _check_column(name, entry, nrows, version, path, view, source)
         names = list(data)
         table._sorted_on_read = names == sorted(names)
         return table
 
     # -- writing --------------------------------------------------------------
-    def to_bytes(self) -> bytes:
+    def _pieces(self):
+        """The file as consecutive pieces: bytes of msgpack framing, and Columns.
+
+        The same bytes as ``msgpack.packb([FILETYPE, version, header],
+        use_bin_type=True)``, written without building the whole file in memory.
+        """
         names = list(self._columns)
         if self._sorted_on_read:
             names = sorted(names)
-        data = {name: [self._columns[name].type_name, [self.nrows, self._columns[name].blob]] for name in names}
-        parts = {"identifiers": self.identifiers, "nrows": self.nrows, "data": data}
-        header = {key: parts[key] for key in self._header_order}
-        for key in ("identifiers", "nrows", "data"):
-            header.setdefault(key, parts[key])
-        return msgpack.packb([FILETYPE, self.version, header], use_bin_type=True)
+        keys = list(self._header_order) + [k for k in ("identifiers", "nrows", "data") if k not in self._header_order]
+        pack = lambda value: msgpack.packb(value, use_bin_type=True)
+        framing = [b"\x93" + pack(FILETYPE) + pack(self.version) + map_header(len(keys))]
+        for key in keys:
+            framing.append(pack(key))
+            if key == "identifiers":
+                framing.append(pack(self.identifiers))
+            elif key == "nrows":
+                framing.append(pack(self.nrows))
+            else:
+                framing.append(map_header(len(names)))
+                for name in names:
+                    column = self._columns[name]
+                    framing.append(pack(name) + b"\x92" + pack(column.type_name) + b"\x92" + pack(self.nrows)
+                                   + bin_header(column.nbytes))
+                    yield b"".join(framing)
+                    framing = []
+                    yield column
+        if framing:
+            yield b"".join(framing)
+
+    def to_bytes(self) -> bytes:
+        return b"".join(bytes(piece.blob) if isinstance(piece, Column) else piece for piece in self._pieces())
+
+    def write_to(self, descriptor: int) -> None:
+        """Write the file to an open descriptor; unchanged columns go file to file."""
+        for piece in self._pieces():
+            if isinstance(piece, Column):
+                if piece.source is not None and not piece.changed:
+                    _copy_range(piece.source, piece.offset, piece.nbytes, descriptor)
+                else:
+                    _write_fully(descriptor, piece.blob)
+            else:
+                _write_fully(descriptor, piece)
 
     def write(self, path: str) -> None:
         """Write the table atomically: a temporary file, then a rename."""
-        write_atomically(path, self.to_bytes())
+        write_atomically(path, self.write_to)
 
 
-def _check_column(name, entry, nrows, version, path) -> Column:
+def _check_column(name, entry, nrows, version, path, view=None, source=None) -> Column:
     def bad(problem):
         return QConsistencyError(f"column {name!r}: {problem}", path)
 
@@ -228,21 +328,23 @@ def _check_column(name, entry, nrows, version, path) -> Column:
     if not (isinstance(payload, list) and len(payload) == 2):
         raise bad("data is not [nrows, blob]")
     count, blob = payload
-    if not isinstance(blob, bytes):
+    if not isinstance(blob, BinRef):
         raise bad("data blob is not binary")
+    offset = blob.offset
+    blob = view[offset: offset + blob.length]
     if not _is_int(count) or count != nrows:
         raise bad(f"has {count!r:.20} rows but the table has {nrows}")
     if type_name in FIXED_TYPES:
         expected = nrows * row_bytes(type_name)
-        if len(blob) != expected:
-            raise bad(f"blob is {len(blob)} bytes, expected {expected} for {nrows} rows of {type_name}")
+        if blob.nbytes != expected:
+            raise bad(f"blob is {blob.nbytes} bytes, expected {expected} for {nrows} rows of {type_name}")
     elif type_name == "Shoebox<>":
         problem = shoebox_blob_problem(blob, nrows, version)
         if problem:
             raise bad(problem)
     elif type_name not in OPAQUE_TYPES:
         raise bad(f"unknown column type {type_name!r}")
-    return Column(type_name, blob)
+    return Column(type_name, blob, source=source, offset=offset)
 
 
 def _is_int(value) -> bool:
@@ -259,7 +361,7 @@ def shoebox_blob_problem(blob: bytes, nrows: int, version: int) -> str | None:
     the flag is 1 or 2, float32 data, a mask (int32 for flag 1, uint8 for
     flag 2) and float32 background over the bbox volume.
     """
-    size = len(blob)
+    size = memoryview(blob).nbytes
     offset = 0
     header_size = _SHOEBOX_HEADER.itemsize
     for _ in range(nrows):

@@ -1,0 +1,238 @@
+"""Benchmark dials.q_consistency at scale: 1M and 10M reflections, 8 files over MPI.
+
+    pip install ".[benchmark]"        # mpi4py; and apt install openmpi-bin for MPI
+    python benchmarks/bench_scale.py [--sizes 1e6 1e7] [--folder /tmp/qc-bench] [--json out.json]
+
+Synthetic tables (``synthetic_data.py``: a simulated sweep's exact predictions
+repeated, with the ~30 columns of an integrated table) are written once into
+``--folder``. Every measurement then runs in a fresh process, so its peak
+resident memory (``ru_maxrss``) is its own; the page cache is warm (the files
+were just written), as when a pipeline reads what the step before it wrote.
+
+* ``I/O floor``      read the table and write it back, computing nothing
+* ``read``, ``compute``, ``write``: the stages of one run, timed inside it
+  (compute = the q vectors, their decomposition, the statistics, the new columns)
+* ``end-to-end``     the whole command (``output.plots=None``), process start to exit
+* ``per-reflection loop``: the same formulas one reflection at a time through the
+  models, as ad-hoc scripts do; timed on a subset and scaled to the table
+* ``MPI``            8 files with 1 and with 2 ranks (``mpirun``), end to end
+
+Targets (issue 7): end-to-end <= 1.5 x the I/O floor; >= 100 x the loop;
+10M reflections under 4 GB peak RSS; 2 MPI ranks >= 1.7 x faster than 1 on 8 files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+
+def _peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- measurements, each run in its own process -------------------------------------------------
+
+
+def io_floor(expt, refl, out):
+    from dials_qconsistency.reflection_table import ReflectionTable
+
+    start = time.perf_counter()
+    table = ReflectionTable.from_file(refl)
+    table.write(out)
+    return {"seconds": time.perf_counter() - start, "rows": table.nrows}
+
+
+def stages(expt, refl, out):
+    """Read, compute and write timed separately, the way the command does them."""
+    from dials_qconsistency.analysis import summarise
+    from dials_qconsistency.campaign import table_columns
+    from dials_qconsistency.compute import Options, compute_q
+    from dials_qconsistency.decomposition import decompose
+    from dials_qconsistency.experiments import read_experiments
+    from dials_qconsistency.output import add_columns
+    from dials_qconsistency.reflection_table import ReflectionTable
+
+    t0 = time.perf_counter()
+    experiments = read_experiments(expt)
+    table = ReflectionTable.from_file(refl)
+    t1 = time.perf_counter()
+    result = compute_q(experiments, table_columns(table), table.identifiers, Options())
+    parts = decompose(experiments, result)
+    summarise(result, experiments, parts)
+    add_columns(table, result, parts)
+    t2 = time.perf_counter()
+    table.write(out)
+    t3 = time.perf_counter()
+    return {"read": t1 - t0, "compute": t2 - t1, "write": t3 - t2, "rows": table.nrows}
+
+
+def end_to_end(expt, refl, out):
+    from dials_qconsistency.command_line.q_consistency import run
+
+    start = time.perf_counter()
+    run([expt, refl, f"output.reflections={out}", "output.plots=None", f"output.log={out}.log"])
+    return {"seconds": time.perf_counter() - start}
+
+
+def per_reflection_loop(expt, refl, subset):
+    """One reflection at a time through the models (the ad-hoc script way)."""
+    from dials_qconsistency.experiments import read_experiments
+    from dials_qconsistency.geometry import rotation_matrix
+    from dials_qconsistency.reflection_table import ReflectionTable
+
+    experiments = read_experiments(expt)
+    table = ReflectionTable.from_file(refl)
+    hkl, ids, panels = table.get("miller_index"), table.get("id"), table.get("panel")
+    xyz = table.get("xyzcal.mm")
+    n = min(subset, table.nrows)
+    start = time.perf_counter()
+    out = []
+    for i in range(n):
+        experiment = experiments[int(ids[i])]
+        gonio, crystal, beam = experiment.goniometer, experiment.crystal, experiment.beam
+        panel = experiment.detector.panels[int(panels[i])]
+        R = rotation_matrix(gonio.axis, float(xyz[i, 2]))
+        q_bragg = gonio.setting_rotation @ R @ gonio.fixed_rotation @ crystal.A @ hkl[i].astype(float)
+        lab = panel.origin + xyz[i, 0] * panel.fast + xyz[i, 1] * panel.slow
+        s1 = lab / np.linalg.norm(lab) * np.linalg.norm(beam.s0)
+        q_pixel = s1 - beam.s0
+        out.append(np.linalg.norm(q_bragg - q_pixel))
+    seconds = time.perf_counter() - start
+    return {"seconds_subset": seconds, "subset": n, "seconds": seconds * table.nrows / n, "rows": table.nrows,
+            "max_delta_q": float(max(out))}
+
+
+MEASUREMENTS = {"io_floor": io_floor, "stages": stages, "end_to_end": end_to_end}
+
+
+def child(args):
+    expt, refl = args.pair
+    out = os.path.join(os.path.dirname(refl), f"out_{args.child}.refl")
+    if args.child == "loop":
+        result = per_reflection_loop(expt, refl, args.subset)
+    else:
+        result = MEASUREMENTS[args.child](expt, refl, out)
+    for path in (out, out + ".log"):
+        if os.path.exists(path):
+            os.unlink(path)
+    result["peak_rss_mb"] = _peak_mb()
+    print(json.dumps(result))
+
+
+def run_child(name, pair, subset=20000):
+    command = [sys.executable, __file__, "--child", name, "--pair", *pair, "--subset", str(subset)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def mpi_run(ranks, folder):
+    """8 files end to end under mpirun with ``ranks`` ranks; (seconds, peak RSS of rank 0's process tree)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1")
+    work = os.path.join(folder, f"mpi_{ranks}")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    command = [shutil.which("mpirun"), "-n", str(ranks), sys.executable, "-m",
+               "dials_qconsistency.command_line.q_consistency", os.path.join(folder, "files8", "*.expt"),
+               os.path.join(folder, "files8", "*.refl"), "mp.method=mpi", "output.json=report.json"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=work, env=env, check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    merged = json.load(open(os.path.join(work, "report.json")))["merged"]
+    shutil.rmtree(work)
+    return seconds, merged
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7])
+    parser.add_argument("--folder", default="/tmp/qc-bench")
+    parser.add_argument("--mpi-rows", type=float, default=4e6, help="rows over the 8 MPI files")
+    parser.add_argument("--json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--pair", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--subset", type=int, default=20000, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    from synthetic_data import write_pairs
+
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB, "
+               f"Python {platform.python_version()}, numpy {np.__version__}")
+    print(f"machine: {machine}\n")
+    results = {"machine": machine, "sizes": {}}
+    header = f"{'rows':>6} {'what':24s} {'seconds':>8} {'M refl/s':>9} {'peak RSS MB':>12}"
+    print(header)
+    for size in args.sizes:
+        n = int(size)
+        label = f"{n / 1e6:g}M"
+        folder = os.path.join(args.folder, label)
+        pair = os.path.join(folder, "sweep_000.expt"), os.path.join(folder, "sweep_000.refl")
+        if not os.path.exists(pair[1]):
+            write_pairs(folder, n, 1)
+        mb = os.path.getsize(pair[1]) / 1e6
+        floor = run_child("io_floor", pair)
+        staged = run_child("stages", pair)
+        whole = run_child("end_to_end", pair)
+        loop = run_child("loop", pair)
+        entry = {"table_mb": mb, "io_floor": floor, "stages": staged, "end_to_end": whole, "loop": loop}
+        results["sizes"][label] = entry
+        rows = [("I/O floor (read+write)", floor["seconds"], floor["peak_rss_mb"]),
+                ("read", staged["read"], None), ("compute", staged["compute"], None),
+                ("write", staged["write"], staged["peak_rss_mb"]),
+                ("end-to-end (command)", whole["seconds"], whole["peak_rss_mb"]),
+                (f"loop ({loop['subset']} rows, scaled)", loop["seconds"], None)]
+        for what, seconds, peak in rows:
+            print(f"{label:>6} {what:24s} {seconds:8.2f} {n / seconds / 1e6:9.3f} "
+                  f"{'' if peak is None else f'{peak:12.0f}'}")
+        print(f"{label:>6} table {mb:.0f} MB; end-to-end / I/O floor = {whole['seconds'] / floor['seconds']:.2f}; "
+              f"speed-up over the loop = {loop['seconds'] / whole['seconds']:.0f}x")
+
+    if shutil.which("mpirun"):
+        folder8 = os.path.join(args.folder, "files8")
+        if not os.path.exists(os.path.join(folder8, "sweep_007.refl")):
+            write_pairs(folder8, int(args.mpi_rows), 8)
+        one, merged_one = mpi_run(1, args.folder)
+        two, merged_two = mpi_run(2, args.folder)
+        results["mpi"] = {"rows": int(args.mpi_rows), "files": 8, "seconds_1_rank": one, "seconds_2_ranks": two,
+                          "identical_statistics": merged_one == merged_two}
+        print(f"\nMPI, 8 files, {args.mpi_rows / 1e6:g}M rows: 1 rank {one:.2f} s, 2 ranks {two:.2f} s, "
+              f"speed-up {one / two:.2f}x; merged statistics identical: {merged_one == merged_two}")
+
+    print("\ntargets:")
+    for label, entry in results["sizes"].items():
+        ratio = entry["end_to_end"]["seconds"] / entry["io_floor"]["seconds"]
+        speed = entry["loop"]["seconds"] / entry["end_to_end"]["seconds"]
+        print(f"  {label}: end-to-end {ratio:.2f} x the I/O floor ({'met' if ratio <= 1.5 else 'NOT met'}: <= 1.5); "
+              f"{speed:.0f} x the per-reflection loop ({'met' if speed >= 100 else 'NOT met'}: >= 100)")
+        if label == "10M":
+            peak = entry["end_to_end"]["peak_rss_mb"]
+            print(f"  10M: peak RSS {peak / 1024:.2f} GB ({'met' if peak < 4096 else 'NOT met'}: < 4 GB)")
+    if "mpi" in results:
+        speed = results["mpi"]["seconds_1_rank"] / results["mpi"]["seconds_2_ranks"]
+        print(f"  MPI: 2 ranks {speed:.2f} x faster than 1 ({'met' if speed >= 1.7 else 'NOT met'}: >= 1.7)")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
