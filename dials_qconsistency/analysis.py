@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import geometry
 from .compute import REASONS, S1_MATCH_TOLERANCE, USED, QResult
 
 #: Interpretation bands for mean |Δq| in Å⁻¹ (upper bound, verdict).
@@ -151,6 +152,53 @@ def _rms(values) -> float | None:
     return float(np.sqrt(np.mean(values**2))) if values.size else None
 
 
+class UsedRows:
+    """The per-row values the statistics need, for used rows only, computed once.
+
+    Groupings (experiment, panel, panel group, resolution shell) then select
+    positions among the used rows instead of masking every row of the table.
+    """
+
+    def __init__(self, result: QResult, parts, used):
+        self.rows = np.flatnonzero(used)
+        every = self.rows.size == len(used)
+        pick = (lambda values: values) if every else (lambda values: values[self.rows])
+        self.norm = geometry.norms(pick(result.q_bragg) - pick(result.q_pixel))
+        self.parts = parts is not None
+        if not self.parts:
+            return
+        self.delta_xy = pick(parts.delta_xy)
+        self.in_plane = np.hypot(self.delta_xy[:, 0], self.delta_xy[:, 1])
+        self.radial_mm, self.transverse_mm = pick(parts.radial_mm), pick(parts.transverse_mm)
+        self.radial, self.transverse = pick(parts.radial), pick(parts.transverse)
+        self.along = pick(parts.along_q)
+        self.angle = np.degrees(pick(parts.angle))
+        self.rotation = pick(parts.rotation)
+
+    def statistics(self, positions) -> dict:
+        """residual_statistics of the used rows at ``positions`` (an index array or slice)."""
+        stats = norm_statistics(self.norm[positions])
+        if not self.parts:
+            return stats
+        along, angle, rotation = self.along[positions], self.angle[positions], self.rotation[positions]
+        stats.update(
+            {
+                "rms_in_plane_mm": _rms(self.in_plane[positions]),
+                "rms_x_mm": _rms(self.delta_xy[positions, 0]),
+                "rms_y_mm": _rms(self.delta_xy[positions, 1]),
+                "rms_radial_mm": _rms(self.radial_mm[positions]),
+                "rms_transverse_mm": _rms(self.transverse_mm[positions]),
+                "rms_radial": _rms(self.radial[positions]),
+                "rms_transverse": _rms(self.transverse[positions]),
+                "mean_along_q": float(np.mean(along)) if along.size else None,
+                "rms_along_q": _rms(along),
+                "rms_delta_phi_deg": _rms(angle[rotation]),
+                "rms_delta_psi_deg": _rms(angle[~rotation]),
+            }
+        )
+        return stats
+
+
 def residual_statistics(result: QResult, parts, rows) -> dict:
     """|Δq| statistics and RMS of each decomposed part over a boolean row selection.
 
@@ -159,27 +207,7 @@ def residual_statistics(result: QResult, parts, rows) -> dict:
     rms radial and transverse (Å⁻¹); mean and rms of |q_bragg| - |q_pixel|
     (Å⁻¹); rms Δφ (rotation rows) and Δψ (still rows) in degrees.
     """
-    norms = np.linalg.norm(result.delta_q[rows], axis=1)
-    stats = norm_statistics(norms)
-    along = parts.along_q[rows]
-    angle = np.degrees(parts.angle[rows])
-    rotation = parts.rotation[rows]
-    stats.update(
-        {
-            "rms_in_plane_mm": _rms(parts.in_plane_mm[rows]),
-            "rms_x_mm": _rms(parts.delta_xy[rows, 0]),
-            "rms_y_mm": _rms(parts.delta_xy[rows, 1]),
-            "rms_radial_mm": _rms(parts.radial_mm[rows]),
-            "rms_transverse_mm": _rms(parts.transverse_mm[rows]),
-            "rms_radial": _rms(parts.radial[rows]),
-            "rms_transverse": _rms(parts.transverse[rows]),
-            "mean_along_q": float(np.mean(along)) if along.size else None,
-            "rms_along_q": _rms(along),
-            "rms_delta_phi_deg": _rms(angle[rotation]),
-            "rms_delta_psi_deg": _rms(angle[~rotation]),
-        }
-    )
-    return stats
+    return UsedRows(result, parts, rows).statistics(slice(None))
 
 
 def resolution_shells(d_spacing, n_shells: int):
@@ -192,26 +220,29 @@ def resolution_shells(d_spacing, n_shells: int):
     return shell, edges
 
 
-def _grouped(result, parts, used, labelled_rows) -> list[dict]:
+def _grouped(table: UsedRows, labelled) -> list[dict]:
+    """Statistics of each labelled selection (a mask over the used rows) that is not empty."""
     out = []
-    for label, rows in labelled_rows:
-        rows = rows & used
-        if rows.any():
-            out.append({**label, **residual_statistics(result, parts, rows)})
+    for label, mask in labelled:
+        positions = np.flatnonzero(mask)
+        if positions.size:
+            out.append({**label, **table.statistics(positions)})
     return out
 
 
 def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hierarchy_level: int = 1) -> Summary:
     used = result.used
     counts = {REASONS[code]: int(np.count_nonzero(result.reason == code)) for code in range(len(REASONS))}
-    norms = np.linalg.norm(result.delta_q, axis=1)
-    overall = norm_statistics(norms[used])
+    table = UsedRows(result, parts, used)
+    overall = norm_statistics(table.norm)
     verdict = band(overall["mean"]) if overall["n"] else "nothing to compare"
     summary = Summary(len(result.reason), counts, overall, verdict, notes=list(result.notes))
+    experiment_of = result.experiment[table.rows]
     for index, experiment in enumerate(experiments):
-        rows = used & (result.experiment == index)
-        if not rows.any():
+        positions = np.flatnonzero(experiment_of == index)
+        if not positions.size:
             continue
+        rows = table.rows[positions]
         cal = _max_norm(result.q_pixel_calculated[rows], result.q_pred[rows])
         obs = (
             _max_norm(result.q_pixel_observed[rows], result.q_pred[rows])
@@ -228,45 +259,36 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
             ExperimentSummary(
                 index=index,
                 kind="rotation" if rotation else "still",
-                delta_q=norm_statistics(norms[rows]),
+                delta_q=norm_statistics(table.norm[positions]),
                 s1_kind=s1_kind,
                 max_pixel_calculated_vs_pred=cal,
                 max_pixel_observed_vs_pred=obs,
                 max_bragg_vs_pred=_max_norm(result.q_bragg[rows], result.q_pred[rows]) if rotation else None,
                 outside_scan=int(np.count_nonzero(result.outside_scan[rows])),
-                residuals=residual_statistics(result, parts, rows) if parts is not None else {},
+                residuals=table.statistics(positions) if parts is not None else {},
             )
         )
     if parts is None or not used.any():
         return summary
-    summary.residuals = residual_statistics(result, parts, used)
-    detector = experiments[int(result.experiment[used][0])].detector
-    panels = np.unique(result.panel[used])
+    summary.residuals = table.statistics(slice(None))
+    detector = experiments[int(experiment_of[0])].detector
+    panel_of = result.panel[table.rows]
+    panels = np.unique(panel_of)
     summary.per_panel = _grouped(
-        result,
-        parts,
-        used,
-        [({"panel": int(p), "name": _panel_name(detector, p)}, result.panel == p) for p in panels],
+        table, [({"panel": int(p), "name": _panel_name(detector, p)}, panel_of == p) for p in panels]
     )
     summary.per_panel_group = _grouped(
-        result,
-        parts,
-        used,
+        table,
         [
-            ({"group": group.name, "depth": group.depth, "panels": list(group.panels)}, np.isin(result.panel, group.panels))
+            ({"group": group.name, "depth": group.depth, "panels": list(group.panels)}, np.isin(panel_of, group.panels))
             for group in detector.groups_at_depth(hierarchy_level)
         ],
     )
-    d_spacing = 1.0 / np.linalg.norm(result.q_bragg[used], axis=1)
+    d_spacing = 1.0 / geometry.norms(result.q_bragg[table.rows])
     if n_shells > 0 and np.all(np.isfinite(d_spacing)):
         shell, edges = resolution_shells(d_spacing, n_shells)
-        shell_of_row = np.full(len(used), -1)
-        shell_of_row[used] = shell
         summary.per_resolution_shell = _grouped(
-            result,
-            parts,
-            used,
-            [({"d_max": float(edges[i]), "d_min": float(edges[i + 1])}, shell_of_row == i) for i in range(n_shells)],
+            table, [({"d_max": float(edges[i]), "d_min": float(edges[i + 1])}, shell == i) for i in range(n_shells)]
         )
     return summary
 

@@ -331,13 +331,14 @@ def panel_millimetres(detector, panel_rows, xy_px):
     )
 
 
-def panel_q(detector, panel_rows, xy_mm, s0):
+def panel_q(detector, panel_rows, xy_mm, s0, groups=None):
     """q (N, 3) Å⁻¹ at panel positions (mm) on each row's panel, the same
-    function dials.q_map evaluates at every pixel (one panel at a time)."""
+    function dials.q_map evaluates at every pixel (one panel at a time).
+    ``groups``: :func:`panel_groups` of ``panel_rows``, if already known."""
     xy_mm = np.asarray(xy_mm, dtype=float)
     s0 = np.broadcast_to(np.asarray(s0, dtype=float), (len(xy_mm), 3))
     out = np.empty((len(xy_mm), 3))
-    for index, rows in panel_groups(panel_rows):
+    for index, rows in groups or panel_groups(panel_rows):
         p = detector.panels[index]
         q = geometry.q_from_lab_components(
             *geometry.panel_points_to_lab(p.origin, p.fast, p.slow, xy_mm[rows, 0], xy_mm[rows, 1]), s0[rows]
@@ -347,10 +348,13 @@ def panel_q(detector, panel_rows, xy_mm, s0):
     return out
 
 
-def _put(target, rows, values):
-    """target[rows] = values, without fancy indexing when ``rows`` is every row."""
+def _put(result, name, rows, values):
+    """result.<name>[rows] = values; when ``rows`` is every row the computed array
+    (or a read-only broadcast of one value) becomes the field, with no copy."""
+    target = getattr(result, name)
     if rows.size == len(target):
-        target[...] = values
+        values = np.asarray(values, dtype=target.dtype)
+        setattr(result, name, values if values.shape == target.shape else np.broadcast_to(values, target.shape))
     else:
         target[rows] = values
 
@@ -365,8 +369,8 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
 
     if not experiment.is_rotation:
         q_bragg = geometry.q_bragg_still(crystal.A, h)
-        _put(result.rotation_axis, rows, np.nan)  # stills: no axis, no φ
-        _put(result.phi, rows, np.nan)
+        _put(result, "rotation_axis", rows, np.nan)  # stills: no axis, no φ
+        _put(result, "phi", rows, np.nan)
     else:
         gonio, scan = experiment.goniometer, experiment.scan
         varying = scan_varying_states(experiment)
@@ -378,40 +382,41 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
         elif options.model_state == "integrate":
             M, s0, S, outside = integrate_setting(experiment, varying, phi)
             q_bragg = geometry.matvec(M, h)
-            _put(result.outside_scan, rows, outside)
+            _put(result, "outside_scan", rows, outside)
         else:
             phi_blocks = take(xyzobs[:, 2]) if xyzobs is not None else phi
             block_point, outside = refinement_scan_point(scan, phi_blocks, options.block_width)
             point = np.clip(block_point, 0, scan.num_images)
-            _put(result.outside_scan, rows, outside | (point != block_point))
+            _put(result, "outside_scan", rows, outside | (point != block_point))
             A = varying["A"][point]
             S = varying["S"][point]
             s0 = varying["s0"][point]
             q_bragg = geometry.q_bragg_rotation(S, gonio.axis, phi, gonio.fixed_rotation, A, h)
-        _put(result.rotation_axis, rows, geometry.matvec(S, gonio.axis))
-        _put(result.phi, rows, phi)
+        _put(result, "rotation_axis", rows, geometry.matvec(S, gonio.axis))  # one vector for a static S
+        _put(result, "phi", rows, phi)
 
     rows_panel = take(panel)
     position_mm = take(position[:, :2])
     if options.q_pixel_source == "observed_px":
         position_mm = panel_millimetres(detector, rows_panel, position_mm)
-    q_pixel = panel_q(detector, rows_panel, position_mm, s0)
-    _put(result.s0, rows, s0)
-    _put(result.position_mm, rows, position_mm)
-    _put(result.q_bragg, rows, q_bragg)
-    _put(result.q_pixel, rows, q_pixel)
-    _put(result.q_pred, rows, take(s1) - s0)
+    groups = panel_groups(rows_panel)
+    q_pixel = panel_q(detector, rows_panel, position_mm, s0, groups)
+    _put(result, "s0", rows, s0)
+    _put(result, "position_mm", rows, position_mm)
+    _put(result, "q_bragg", rows, q_bragg)
+    _put(result, "q_pixel", rows, q_pixel)
+    _put(result, "q_pred", rows, take(s1) - s0)
     if options.q_pixel_source == "calculated":
-        _put(result.q_pixel_calculated, rows, q_pixel)
+        _put(result, "q_pixel_calculated", rows, q_pixel)
     else:
-        _put(result.q_pixel_calculated, rows, panel_q(detector, rows_panel, take(xyzcal[:, :2]), s0))
+        _put(result, "q_pixel_calculated", rows, panel_q(detector, rows_panel, take(xyzcal[:, :2]), s0, groups))
     if xyzobs is not None:
         observed = take(xyzobs[:, :2])
         finite = np.all(np.isfinite(observed), axis=1)
         if finite.all():
-            q_obs = panel_q(detector, rows_panel, observed, s0)
+            q_obs = panel_q(detector, rows_panel, observed, s0, groups)
         else:
             q_obs = np.full((rows.size, 3), np.nan)
             if finite.any():
                 q_obs[finite] = panel_q(detector, rows_panel[finite], observed[finite], s0[finite])
-        _put(result.q_pixel_observed, rows, q_obs)
+        _put(result, "q_pixel_observed", rows, q_obs)

@@ -92,31 +92,21 @@ def decompose(experiments, result) -> Decomposition:
     """Decompose Δq of every used row (NaN elsewhere)."""
     n = len(result.reason)
     used = result.used
-    nan = np.full(n, np.nan)
-    out = Decomposition(
-        q_sphere=np.full((n, 3), np.nan),
-        model_spot=np.full((n, 3), np.nan),
-        angle=nan.copy(),
-        along_q=nan.copy(),
-        xy_bragg=np.full((n, 2), np.nan),
-        delta_xy=np.full((n, 2), np.nan),
-        radial_mm=nan.copy(),
-        transverse_mm=nan.copy(),
-        radial=nan.copy(),
-        transverse=nan.copy(),
-        rotation=np.all(np.isfinite(result.rotation_axis), axis=1),
-    )
+    rotation = np.all(np.isfinite(result.rotation_axis), axis=1)
     if not used.any():
-        return out
-    q_bragg, q_pixel, s0 = result.q_bragg[used], result.q_pixel[used], result.s0[used]
-    angle, q_sphere, _ = onto_sphere(q_bragg, s0, result.rotation_axis[used])
+        nan = lambda *shape: np.full((n,) + shape, np.nan)
+        return Decomposition(nan(3), nan(3), nan(), nan(), nan(2), nan(2), nan(), nan(), nan(), nan(), rotation)
+    every = bool(used.all())
+    pick = (lambda values: values) if every else (lambda values: values[used])
+    q_bragg, q_pixel, s0 = pick(result.q_bragg), pick(result.q_pixel), pick(result.s0)
+    angle, q_sphere, _ = onto_sphere(q_bragg, s0, pick(result.rotation_axis))
     model_spot = q_sphere.copy()
     used_rows = np.flatnonzero(used)
     for index in range(len(experiments)):
         mine = result.experiment[used_rows] == index
         if mine.any() and s1_is_prediction(result, used_rows[mine]):
             model_spot[mine] = result.q_pred[used_rows[mine]]
-    xy_pixel = result.position_mm[used]
+    xy_pixel = pick(result.position_mm)
     xy_bragg, delta_lab, beam_centre, spot = (np.empty((used_rows.size, k)) for k in (2, 3, 3, 3))
     for panel, rows in _panel_groups(experiments, result, used_rows):  # one panel's d matrix at a time
         xy_bragg[rows] = geometry.panel_intersection(panel.d_matrix, s0[rows] + model_spot[rows])
@@ -129,20 +119,30 @@ def decompose(experiments, result) -> Decomposition:
     delta_xy = xy_bragg - xy_pixel
     with np.errstate(invalid="ignore", divide="ignore"):
         radial_dir = geometry.unit(spot - beam_centre)
-        transverse_dir = geometry.unit(np.cross(radial_dir, beam_centre))
+        transverse_dir = geometry.unit(geometry.cross(radial_dir, beam_centre))
         s1_dir = geometry.unit(s0 + q_pixel)
-        transverse_q = geometry.unit(np.cross(s1_dir, geometry.unit(s0)))
-        radial_q = np.cross(s1_dir, transverse_q)
+        transverse_q = geometry.unit(geometry.cross(s1_dir, geometry.unit(s0)))
+        radial_q = geometry.cross(s1_dir, transverse_q)
     in_plane_q = model_spot - q_pixel
 
-    out.q_sphere[used] = q_sphere
-    out.model_spot[used] = model_spot
-    out.angle[used] = angle
-    out.along_q[used] = np.linalg.norm(q_bragg, axis=1) - np.linalg.norm(q_pixel, axis=1)
-    out.xy_bragg[used] = xy_bragg
-    out.delta_xy[used] = delta_xy
-    out.radial_mm[used] = geometry.rowdot(delta_lab, radial_dir)
-    out.transverse_mm[used] = geometry.rowdot(delta_lab, transverse_dir)
-    out.radial[used] = geometry.rowdot(in_plane_q, radial_q)
-    out.transverse[used] = geometry.rowdot(in_plane_q, transverse_q)
-    return out
+    def full(values):
+        """Used rows' values as a column of every row (NaN where not used)."""
+        if every:
+            return values
+        out = np.full((n,) + values.shape[1:], np.nan)
+        out[used] = values
+        return out
+
+    return Decomposition(
+        q_sphere=full(q_sphere),
+        model_spot=full(model_spot),
+        angle=full(angle),
+        along_q=full(geometry.norms(q_bragg) - geometry.norms(q_pixel)),
+        xy_bragg=full(xy_bragg),
+        delta_xy=full(delta_xy),
+        radial_mm=full(geometry.rowdot(delta_lab, radial_dir)),
+        transverse_mm=full(geometry.rowdot(delta_lab, transverse_dir)),
+        radial=full(geometry.rowdot(in_plane_q, radial_q)),
+        transverse=full(geometry.rowdot(in_plane_q, transverse_q)),
+        rotation=rotation,
+    )

@@ -10,10 +10,26 @@ from __future__ import annotations
 import numpy as np
 
 
+def norms(vectors) -> np.ndarray:
+    """Lengths of vectors along the last axis."""
+    vectors = np.asarray(vectors, dtype=float)
+    return np.sqrt(np.einsum("...i,...i->...", vectors, vectors))
+
+
 def unit(vectors: np.ndarray) -> np.ndarray:
     """Normalise vectors along the last axis."""
     vectors = np.asarray(vectors, dtype=float)
-    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / norms(vectors)[..., None]
+
+
+def cross(a, b) -> np.ndarray:
+    """a × b along the last axis (broadcasting), without numpy's axis shuffling."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    out = np.empty(np.broadcast_shapes(a.shape, b.shape))
+    out[..., 0] = a[..., 1] * b[..., 2] - a[..., 2] * b[..., 1]
+    out[..., 1] = a[..., 2] * b[..., 0] - a[..., 0] * b[..., 2]
+    out[..., 2] = a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
+    return out
 
 
 def rotation_matrices(axis, angles) -> np.ndarray:
@@ -218,7 +234,7 @@ def ewald_rotation_angles(r, axis, s0) -> np.ndarray:
     along = rowdot(r, e)
     perpendicular = r - along[..., None] * e
     a = rowdot(perpendicular, s0)
-    b = rowdot(np.cross(e, r), s0)
+    b = rowdot(cross(e, r), s0)
     c = -0.5 * rowdot(r, r) - along * rowdot(e, s0)
     rho = np.hypot(a, b)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -248,13 +264,13 @@ def stills_rotation(r, s0):
     """
     r = np.asarray(r, dtype=float)
     s0 = np.broadcast_to(np.asarray(s0, dtype=float), r.shape)
-    length = np.linalg.norm(r, axis=-1)
-    wavenumber = np.linalg.norm(s0, axis=-1)
+    length = norms(r)
+    wavenumber = norms(s0)
     u = unit(s0)
     with np.errstate(invalid="ignore", divide="ignore"):
         now = np.arccos(np.clip(rowdot(r, u) / length, -1.0, 1.0))
         on_sphere = np.arccos(np.clip(-length / (2.0 * wavenumber), -1.0, 1.0))
-        axis = unit(np.cross(r, s0))
+        axis = unit(cross(r, s0))
     return now - on_sphere, axis
 
 
@@ -263,7 +279,7 @@ def rotate_about(vectors, axes, angles) -> np.ndarray:
     v = np.asarray(vectors, dtype=float)
     e = unit(np.asarray(axes, dtype=float))
     angles = np.asarray(angles, dtype=float)[..., None]
-    return v * np.cos(angles) + np.cross(e, v) * np.sin(angles) + e * rowdot(e, v)[..., None] * (1 - np.cos(angles))
+    return v * np.cos(angles) + cross(e, v) * np.sin(angles) + e * rowdot(e, v)[..., None] * (1 - np.cos(angles))
 
 
 def panel_intersection(d_matrix, rays) -> np.ndarray:
