@@ -46,14 +46,17 @@ def exact_pixels(panel, xy_mm):
     return px
 
 
-def map_at_reflections(experiments, columns, result, rows=None):
-    """The map function evaluated at each used reflection's xyzcal point (its own s0)."""
-    rows = np.flatnonzero(result.used) if rows is None else rows
+def map_at_reflections(experiments, columns, result):
+    """The map function evaluated at each used reflection's xyzcal point (its own s0),
+    a panel of an experiment at a time."""
+    rows = np.flatnonzero(result.used)
     q = np.full((rows.size, 3), np.nan)
-    for n, row in enumerate(rows):
-        panel = experiments[int(result.experiment[row])].detector.panels[int(columns["panel"][row])]
-        x, y = exact_pixels(panel, columns["xyzcal.mm"][row, :2])
-        q[n] = pixel_q(panel, result.s0[row], np.array(x), np.array(y))
+    keys = result.experiment[rows] * 10_000 + columns["panel"][rows].astype(np.int64)
+    for key in np.unique(keys):
+        mine = keys == key
+        panel = experiments[int(key // 10_000)].detector.panels[int(key % 10_000)]
+        x, y = exact_pixels(panel, columns["xyzcal.mm"][rows[mine], :2]).T
+        q[mine] = np.stack(pixel_q(panel, result.s0[rows[mine]], x, y), axis=-1)
     return rows, q
 
 
@@ -168,13 +171,12 @@ def test_map_at_each_reflection_equals_q_pixel(shared, folder, name):
     assert rows.size > 300
     assert np.abs(q - result.q_pixel[rows]).max() <= 1e-9
     # without parallax, DIALS' own xyzcal.px is that point too
-    simple = np.array([not experiments[int(result.experiment[r])].detector.panels[int(columns["panel"][r])].parallax
-                       for r in rows])
+    panels = [experiments[int(result.experiment[r])].detector.panels[int(columns["panel"][r])] for r in rows]
+    simple = np.array([not panel.parallax for panel in panels])
     if simple.any() and "xyzcal.px" in columns:
         q_px = np.array([
-            pixel_q(experiments[int(result.experiment[r])].detector.panels[int(columns["panel"][r])], result.s0[r],
-                    columns["xyzcal.px"][r, 0], columns["xyzcal.px"][r, 1])
-            for r in rows[simple]
+            pixel_q(panel, result.s0[r], columns["xyzcal.px"][r, 0], columns["xyzcal.px"][r, 1])
+            for panel, r in zip(np.array(panels, dtype=object)[simple], rows[simple])
         ])
         assert np.abs(q_px - result.q_pixel[rows[simple]]).max() <= 1e-9
 
