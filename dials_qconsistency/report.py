@@ -16,16 +16,22 @@ def _stats_row(label: str, stats: dict) -> str:
     )
 
 
-def summary_text(summary: Summary, options) -> str:
-    lines = [f"Rows in the table: {summary.n_rows}"]
-    for reason, count in summary.counts.items():
+def _counts_and_choices(first_line, counts, options) -> list[str]:
+    """The row counts by reason (used always shown) and the computation choices."""
+    lines = [first_line]
+    for reason, count in counts.items():
         if count or reason == "used":
-            lines.append(f"  {reason:<48} {count:>8}")
+            lines.append(f"  {reason:<48} {count:>10}")
     lines.append(
         f"q_pixel from {options.q_pixel_source} positions; q_bragg at the {options.phi} rotation angle; "
         f"scan-varying model state: {options.model_state}"
         + (f" (block width {options.block_width:g} deg)" if options.model_state == "refinement" else "")
     )
+    return lines
+
+
+def summary_text(summary: Summary, options) -> str:
+    lines = _counts_and_choices(f"Rows in the table: {summary.n_rows}", summary.counts, options)
     for note in summary.notes:
         lines.append(f"Note: {note}")
     if not summary.delta_q["n"]:
@@ -152,14 +158,7 @@ STATISTIC_NAMES = ("n", "mean", "median", "rms", "p95", "max")
 
 def campaign_text(merged, outcomes, options, worst: int = 10) -> str:
     """The merged summary of a run over many files, and its worst files."""
-    lines = [f"Files: {merged.n_files}; rows in the tables: {merged.n_rows}"]
-    for reason, count in merged.counts.items():
-        if count or reason == "used":
-            lines.append(f"  {reason:<48} {count:>10}")
-    lines.append(
-        f"q_pixel from {options.q_pixel_source} positions; q_bragg at the {options.phi} rotation angle; "
-        f"scan-varying model state: {options.model_state}"
-    )
+    lines = _counts_and_choices(f"Files: {merged.n_files}; rows in the tables: {merged.n_rows}", merged.counts, options)
     if not merged.delta_q["n"]:
         lines.append("Nothing to compare: no file has an indexed reflection with a position and s1.")
         return "\n".join(lines)

@@ -16,6 +16,18 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 EXAMPLES = os.path.join(REPO_ROOT, "examples")
 
 
+#: Real pairs whose .expt and .refl share a name (so that pairing by name finds them).
+REAL_PAIRS = [
+    ("ssx_CuNiR_test_data", "indexed"),
+    ("ssx_CuNiR_test_data", "integrated"),
+    ("centroid_test_data", "indexed"),
+    ("dials_current", "centroid_refined"),
+    ("dials_current", "cspad_stills_refined"),
+    ("quartz_processed", "refined"),
+    ("quartz_processed", "integrated"),
+]
+
+
 @pytest.fixture
 def shared():
     """Path builder for ../shared/data; skips when the folder is absent."""

@@ -16,7 +16,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, run_core
+from conftest import REAL_PAIRS, REPO_ROOT, run_core
 from dials_qconsistency.analysis import norm_statistics
 from dials_qconsistency.campaign import FileJob, process_file
 from dials_qconsistency.command_line.q_consistency import main
@@ -25,16 +25,7 @@ from dials_qconsistency.errors import QConsistencyError
 from dials_qconsistency.inputs import output_table_names, pair_files
 from dials_qconsistency.progress import Progress
 
-# real pairs whose .expt and .refl share a name, so that pairing by name finds them
-REAL = [
-    ("ssx_CuNiR_test_data", "indexed"),
-    ("ssx_CuNiR_test_data", "integrated"),
-    ("centroid_test_data", "indexed"),
-    ("dials_current", "centroid_refined"),
-    ("dials_current", "cspad_stills_refined"),
-    ("quartz_processed", "refined"),
-    ("quartz_processed", "integrated"),
-]
+REAL = REAL_PAIRS
 
 
 def sha(path):

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, run_core
+from conftest import REAL_PAIRS, REPO_ROOT, run_core
 from dials_qconsistency import geometry
 from dials_qconsistency.command_line import q_map
 from dials_qconsistency.experiments import read_experiments
@@ -23,15 +23,7 @@ from dials_qconsistency.model_state import image_setting
 from dials_qconsistency.models import Panel
 from dials_qconsistency.pixel_map import MapSetting, QUANTITIES, panel_blocks, pixel_q, quantities_at
 
-PAIRS = [
-    ("ssx_CuNiR_test_data", "indexed"),
-    ("ssx_CuNiR_test_data", "integrated"),
-    ("centroid_test_data", "indexed"),
-    ("dials_current", "centroid_refined"),
-    ("dials_current", "cspad_stills_refined"),
-    ("quartz_processed", "refined"),
-    ("quartz_processed", "integrated"),
-]
+PAIRS = REAL_PAIRS
 ALL = list(QUANTITIES)
 
 

@@ -80,6 +80,19 @@ def show_config(phil, params):
     print(phil.fetch(sources=[phil.format(params)]).as_str())
 
 
+def parse_or_show(args, phil, usage, help_message, accept_reflections=True):
+    """The parsed command line, or None when it only asked for help (or was
+    empty) or for the configuration (-c), which are then printed."""
+    arguments = parse_arguments(args, phil, accept_reflections)
+    if arguments.show_help or not args:
+        print(f"Usage: {usage}\n{help_message}")
+        return None
+    if arguments.show_config:
+        show_config(phil, arguments.params)
+        return None
+    return arguments
+
+
 class _LogFile(logging.FileHandler):
     """The log file; a write that fails (a full disk) must not print a traceback."""
 

@@ -37,10 +37,9 @@ from .program import (
     check_output_paths,
     close_logging,
     log_to_file_only,
-    parse_arguments,
+    parse_or_show,
     run_program,
     setup_logging,
-    show_config,
 )
 
 logger = logging.getLogger("dials.q_consistency")
@@ -196,12 +195,8 @@ def run(args=None, phil=phil_scope):
     the one file a run that fails while writing leaves behind: it says why.
     """
     args = sys.argv[1:] if args is None else list(args)
-    arguments = parse_arguments(args, phil)
-    if arguments.show_help or not args:
-        print(f"Usage: {usage}\n{help_message}")
-        return 0
-    if arguments.show_config:
-        show_config(phil, arguments.params)
+    arguments = parse_or_show(args, phil, usage, help_message)
+    if arguments is None:
         return 0
     params = arguments.params
     experiments_paths = [p for arg in arguments.experiments for p in (expand(arg) if is_pattern(arg) else [arg])]

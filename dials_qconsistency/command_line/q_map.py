@@ -21,10 +21,9 @@ from .program import (
     check_output_paths,
     close_logging,
     log_to_file_only,
-    parse_arguments,
+    parse_or_show,
     run_program,
     setup_logging,
-    show_config,
 )
 
 logger = logging.getLogger("dials.q_map")
@@ -147,12 +146,8 @@ def run(args=None, phil=phil_scope):
     and renamed into place only when complete.
     """
     args = sys.argv[1:] if args is None else list(args)
-    arguments = parse_arguments(args, phil, accept_reflections=False)
-    if arguments.show_help or not args:
-        print(f"Usage: {usage}\n{help_message}")
-        return 0
-    if arguments.show_config:
-        show_config(phil, arguments.params)
+    arguments = parse_or_show(args, phil, usage, help_message, accept_reflections=False)
+    if arguments is None:
         return 0
     params = arguments.params
     if len(arguments.experiments) != 1:
