@@ -88,29 +88,46 @@ def grouped_statistics(groups, values) -> tuple[np.ndarray, dict]:
     }
 
 
-def _norms(a, b) -> np.ndarray:
-    d = np.linalg.norm(a - b, axis=1)
-    return d[np.isfinite(d)]
+#: Rows handled at a time where a row-wise difference of vectors is reduced.
+CHUNK_ROWS = 1 << 20
 
 
-def _max_norm(a, b) -> float | None:
-    d = _norms(a, b)
+def distances(a, b, rows=slice(None)) -> np.ndarray:
+    """|a − b| of the selected rows, finite values only, a chunk of rows at a
+    time (no temporary the size of the table)."""
+    if isinstance(rows, slice):
+        rows = np.arange(len(a))[rows]
+    parts = []
+    for start in range(0, rows.size, CHUNK_ROWS):
+        chunk = rows[start:start + CHUNK_ROWS]
+        d = geometry.norms(a[chunk] - b[chunk])
+        parts.append(d[np.isfinite(d)])
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _largest(d) -> float | None:
     return float(d.max()) if d.size else None
 
 
 def classify_s1(q_pixel_calculated, q_pixel_observed, q_pred) -> str:
+    """Is s1 a prediction, an observed centroid, or neither? (see :func:`classify_s1_distances`)"""
+    observed = None if q_pixel_observed is None else distances(q_pixel_observed, q_pred)
+    return classify_s1_distances(distances(q_pixel_calculated, q_pred), observed)
+
+
+def classify_s1_distances(calculated, observed) -> str:
     """Is s1 a prediction, an observed centroid, or neither?
 
-    A prediction ends exactly at xyzcal.mm. After dials.index s1 was computed
-    from the observed centroids with the geometry of that moment, so it points
-    at xyzobs.mm.value exactly or, once the detector was refined, much closer
-    to it than to xyzcal.mm (median distance less than half).
+    ``calculated`` and ``observed`` are |q_pixel − q_pred| at the calculated and
+    observed positions. A prediction ends exactly at xyzcal.mm. After
+    dials.index s1 was computed from the observed centroids with the geometry
+    of that moment, so it points at xyzobs.mm.value exactly or, once the
+    detector was refined, much closer to it than to xyzcal.mm (median distance
+    less than half).
     """
-    calculated = _norms(q_pixel_calculated, q_pred)
     if calculated.size and calculated.max() <= S1_MATCH_TOLERANCE:
         return S1_PREDICTED
-    if q_pixel_observed is not None:
-        observed = _norms(q_pixel_observed, q_pred)
+    if observed is not None:
         if observed.size and (
             observed.max() <= S1_MATCH_TOLERANCE
             or (calculated.size and np.median(observed) < 0.5 * np.median(calculated))
@@ -163,7 +180,10 @@ class UsedRows:
         self.rows = np.flatnonzero(used)
         every = self.rows.size == len(used)
         pick = (lambda values: values) if every else (lambda values: values[self.rows])
-        self.norm = geometry.norms(pick(result.q_bragg) - pick(result.q_pixel))
+        self.norm = np.empty(self.rows.size)
+        for start in range(0, self.rows.size, CHUNK_ROWS):
+            chunk = self.rows[start:start + CHUNK_ROWS]
+            self.norm[start:start + chunk.size] = geometry.norms(result.q_bragg[chunk] - result.q_pixel[chunk])
         self.parts = parts is not None
         if not self.parts:
             return
@@ -243,17 +263,11 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
         if not positions.size:
             continue
         rows = table.rows[positions]
-        cal = _max_norm(result.q_pixel_calculated[rows], result.q_pred[rows])
-        obs = (
-            _max_norm(result.q_pixel_observed[rows], result.q_pred[rows])
-            if result.q_pixel_observed is not None
-            else None
-        )
-        s1_kind = classify_s1(
-            result.q_pixel_calculated[rows],
-            None if result.q_pixel_observed is None else result.q_pixel_observed[rows],
-            result.q_pred[rows],
-        )
+        calculated = distances(result.q_pixel_calculated, result.q_pred, rows)
+        observed = None if result.q_pixel_observed is None else distances(result.q_pixel_observed, result.q_pred, rows)
+        cal, obs = _largest(calculated), None if observed is None else _largest(observed)
+        s1_kind = classify_s1_distances(calculated, observed)
+        del calculated, observed
         rotation = experiment.is_rotation
         summary.experiments.append(
             ExperimentSummary(
@@ -263,7 +277,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
                 s1_kind=s1_kind,
                 max_pixel_calculated_vs_pred=cal,
                 max_pixel_observed_vs_pred=obs,
-                max_bragg_vs_pred=_max_norm(result.q_bragg[rows], result.q_pred[rows]) if rotation else None,
+                max_bragg_vs_pred=_largest(distances(result.q_bragg, result.q_pred, rows)) if rotation else None,
                 outside_scan=int(np.count_nonzero(result.outside_scan[rows])),
                 residuals=table.statistics(positions) if parts is not None else {},
             )
@@ -284,7 +298,10 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
             for group in detector.groups_at_depth(hierarchy_level)
         ],
     )
-    d_spacing = 1.0 / geometry.norms(result.q_bragg[table.rows])
+    d_spacing = np.empty(table.rows.size)
+    for start in range(0, table.rows.size, CHUNK_ROWS):
+        chunk = table.rows[start:start + CHUNK_ROWS]
+        d_spacing[start:start + chunk.size] = 1.0 / geometry.norms(result.q_bragg[chunk])
     if n_shells > 0 and np.all(np.isfinite(d_spacing)):
         shell, edges = resolution_shells(d_spacing, n_shells)
         summary.per_resolution_shell = _grouped(

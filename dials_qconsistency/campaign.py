@@ -115,7 +115,7 @@ def process_file(job: FileJob) -> FileOutcome:
         describe(outcome, experiments, table, result, summarise(result, experiments))
         if job.output:
             add_columns(table, result, decompose(experiments, result))
-            staged.add(job.output, table.to_bytes())
+            staged.add(job.output, table.write_to)
             ((outcome.staged, _),) = staged.detach()
     except QConsistencyError as error:
         staged.abort()

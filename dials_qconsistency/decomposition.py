@@ -36,11 +36,9 @@ from .compute import panel_groups, s1_is_prediction
 @dataclass
 class Decomposition:
     q_sphere: np.ndarray  # (N, 3) q_bragg rotated onto the Ewald sphere
-    model_spot: np.ndarray  # (N, 3) the model's q on the sphere (q_sphere, or q_pred when s1 is a prediction)
     angle: np.ndarray  # (N,) Δφ or Δψ, rad
     along_q: np.ndarray  # (N,)
-    xy_bragg: np.ndarray  # (N, 2) panel mm of the q_sphere spot
-    delta_xy: np.ndarray  # (N, 2) fast, slow mm
+    delta_xy: np.ndarray  # (N, 2) fast, slow mm: the model's spot minus the spot behind q_pixel
     radial_mm: np.ndarray
     transverse_mm: np.ndarray
     radial: np.ndarray  # Å⁻¹
@@ -88,35 +86,61 @@ def onto_sphere(q_bragg, s0, rotation_axis):
     return angle, geometry.rotate_about(q_bragg, axis, angle), rotation
 
 
+#: Rows decomposed at a time: the temporaries stay near a dozen arrays of this
+#: many vectors however large the table.
+CHUNK_ROWS = 1 << 20
+
+
 def decompose(experiments, result) -> Decomposition:
-    """Decompose Δq of every used row (NaN elsewhere)."""
+    """Decompose Δq of every used row (NaN elsewhere), a chunk of rows at a time."""
     n = len(result.reason)
     used = result.used
     rotation = np.all(np.isfinite(result.rotation_axis), axis=1)
-    if not used.any():
-        nan = lambda *shape: np.full((n,) + shape, np.nan)
-        return Decomposition(nan(3), nan(3), nan(), nan(), nan(2), nan(2), nan(), nan(), nan(), nan(), rotation)
-    every = bool(used.all())
-    pick = (lambda values: values) if every else (lambda values: values[used])
-    q_bragg, q_pixel, s0 = pick(result.q_bragg), pick(result.q_pixel), pick(result.s0)
-    angle, q_sphere, _ = onto_sphere(q_bragg, s0, pick(result.rotation_axis))
-    model_spot = q_sphere.copy()
     used_rows = np.flatnonzero(used)
-    for index in range(len(experiments)):
-        mine = result.experiment[used_rows] == index
-        if mine.any() and s1_is_prediction(result, used_rows[mine]):
-            model_spot[mine] = result.q_pred[used_rows[mine]]
-    xy_pixel = pick(result.position_mm)
-    xy_bragg, delta_lab, beam_centre, spot = (np.empty((used_rows.size, k)) for k in (2, 3, 3, 3))
-    for panel, rows in _panel_groups(experiments, result, used_rows):  # one panel's d matrix at a time
-        xy_bragg[rows] = geometry.panel_intersection(panel.d_matrix, s0[rows] + model_spot[rows])
-        delta = xy_bragg[rows] - xy_pixel[rows]
-        delta_lab[rows] = delta[:, :1] * panel.fast + delta[:, 1:] * panel.slow
-        beam_centre[rows] = geometry.lab_coordinates(
-            panel.origin, panel.fast, panel.slow, geometry.panel_intersection(panel.d_matrix, s0[rows])
+    m = used_rows.size
+    fields = {"q_sphere": 3, "angle": 0, "along_q": 0, "delta_xy": 2,
+              "radial_mm": 0, "transverse_mm": 0, "radial": 0, "transverse": 0}
+    parts = {name: np.empty((m, k) if k else m) for name, k in fields.items()}
+    predicted = [index for index in range(len(experiments))
+                 if s1_is_prediction(result, used_rows[result.experiment[used_rows] == index])]
+    every = m == n and m <= CHUNK_ROWS  # one chunk of every row: no gathering
+    for start in range(0, m, CHUNK_ROWS):
+        chunk = slice(start, min(start + CHUNK_ROWS, m))
+        rows = slice(None) if every else used_rows[chunk]
+        values = _decompose_rows(experiments, result, rows, used_rows[chunk], predicted)
+        for name, array in values.items():
+            parts[name][chunk] = array
+
+    def full(values):
+        """Used rows' values as a column of every row (NaN where not used)."""
+        if m == n:
+            return values
+        out = np.full((n,) + values.shape[1:], np.nan)
+        out[used] = values
+        return out
+
+    return Decomposition(**{name: full(values) for name, values in parts.items()}, rotation=rotation)
+
+
+def _decompose_rows(experiments, result, rows, row_numbers, predicted) -> dict:
+    """The parts of Δq for some used rows (``rows`` indexes the result; ``row_numbers``
+    are the same rows as numbers); ``predicted``: experiments whose s1 is a prediction."""
+    q_bragg, q_pixel, s0 = result.q_bragg[rows], result.q_pixel[rows], result.s0[rows]
+    angle, q_sphere, _ = onto_sphere(q_bragg, s0, result.rotation_axis[rows])
+    model_spot = q_sphere.copy()
+    if predicted:
+        from_prediction = np.isin(result.experiment[row_numbers], predicted)
+        model_spot[from_prediction] = result.q_pred[row_numbers[from_prediction]]
+    xy_pixel = result.position_mm[rows]
+    xy_bragg, delta_lab, beam_centre, spot = (np.empty((row_numbers.size, k)) for k in (2, 3, 3, 3))
+    for panel, group in _panel_groups(experiments, result, row_numbers):  # one panel's d matrix at a time
+        xy_bragg[group] = geometry.panel_intersection(panel.d_matrix, s0[group] + model_spot[group])
+        delta = xy_bragg[group] - xy_pixel[group]
+        delta_lab[group] = delta[:, :1] * panel.fast + delta[:, 1:] * panel.slow
+        beam_centre[group] = geometry.lab_coordinates(
+            panel.origin, panel.fast, panel.slow, geometry.panel_intersection(panel.d_matrix, s0[group])
         )
-        spot[rows] = geometry.lab_coordinates(panel.origin, panel.fast, panel.slow, xy_pixel[rows])
-    delta_xy = xy_bragg - xy_pixel
+        spot[group] = geometry.lab_coordinates(panel.origin, panel.fast, panel.slow, xy_pixel[group])
     with np.errstate(invalid="ignore", divide="ignore"):
         radial_dir = geometry.unit(spot - beam_centre)
         transverse_dir = geometry.unit(geometry.cross(radial_dir, beam_centre))
@@ -124,25 +148,13 @@ def decompose(experiments, result) -> Decomposition:
         transverse_q = geometry.unit(geometry.cross(s1_dir, geometry.unit(s0)))
         radial_q = geometry.cross(s1_dir, transverse_q)
     in_plane_q = model_spot - q_pixel
-
-    def full(values):
-        """Used rows' values as a column of every row (NaN where not used)."""
-        if every:
-            return values
-        out = np.full((n,) + values.shape[1:], np.nan)
-        out[used] = values
-        return out
-
-    return Decomposition(
-        q_sphere=full(q_sphere),
-        model_spot=full(model_spot),
-        angle=full(angle),
-        along_q=full(geometry.norms(q_bragg) - geometry.norms(q_pixel)),
-        xy_bragg=full(xy_bragg),
-        delta_xy=full(delta_xy),
-        radial_mm=full(geometry.rowdot(delta_lab, radial_dir)),
-        transverse_mm=full(geometry.rowdot(delta_lab, transverse_dir)),
-        radial=full(geometry.rowdot(in_plane_q, radial_q)),
-        transverse=full(geometry.rowdot(in_plane_q, transverse_q)),
-        rotation=rotation,
-    )
+    return {
+        "q_sphere": q_sphere,
+        "angle": angle,
+        "along_q": geometry.norms(q_bragg) - geometry.norms(q_pixel),
+        "delta_xy": xy_bragg - xy_pixel,
+        "radial_mm": geometry.rowdot(delta_lab, radial_dir),
+        "transverse_mm": geometry.rowdot(delta_lab, transverse_dir),
+        "radial": geometry.rowdot(in_plane_q, radial_q),
+        "transverse": geometry.rowdot(in_plane_q, transverse_q),
+    }

@@ -11,9 +11,10 @@ import numpy as np
 
 
 def norms(vectors) -> np.ndarray:
-    """Lengths of vectors along the last axis."""
-    vectors = np.asarray(vectors, dtype=float)
-    return np.sqrt(np.einsum("...i,...i->...", vectors, vectors))
+    """Lengths of 3-vectors along the last axis: sqrt((x² + y²) + z²), the same
+    bits as ``np.linalg.norm(v, axis=-1)`` and the same whatever the row count."""
+    x, y, z = components(vectors)
+    return np.sqrt(x * x + y * y + z * z)
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:
@@ -59,6 +60,22 @@ def rotation_matrices(axis, angles) -> np.ndarray:
 def rotation_matrix(axis, angle: float) -> np.ndarray:
     """One right-handed rotation matrix (3, 3); angle in radians."""
     return rotation_matrices(axis, np.asarray(angle, dtype=float))
+
+
+def apply_matrix(matrix, vectors) -> np.ndarray:
+    """One (3, 3) matrix applied to every row of ``vectors`` (..., 3).
+
+    Written out element by element, so each row's result is the same bits
+    whatever the number of rows (a BLAS product may round differently for
+    different array sizes, and results must not depend on how rows are chunked).
+    """
+    m = np.asarray(matrix, dtype=float)
+    v = np.asarray(vectors, dtype=float)
+    x, y, z = v[..., 0], v[..., 1], v[..., 2]
+    out = np.empty(v.shape)
+    for i in range(3):
+        out[..., i] = m[i, 0] * x + m[i, 1] * y + m[i, 2] * z
+    return out
 
 
 def matvec(matrices: np.ndarray, vectors: np.ndarray) -> np.ndarray:
@@ -179,7 +196,7 @@ def millimetre_to_pixel(xy_mm, pixel_size, origin, fast, slow, mu=0.0, thickness
 def q_bragg_still(A, hkl) -> np.ndarray:
     """Stills: r = A · h (A (3,3) or (N,3,3))."""
     A, hkl = np.asarray(A, dtype=float), np.asarray(hkl, dtype=float)
-    return hkl @ A.T if A.ndim == 2 else matvec(A, hkl)
+    return apply_matrix(A, hkl) if A.ndim == 2 else matvec(A, hkl)
 
 
 def q_bragg_rotation(S, axis, phi, F, A, hkl) -> np.ndarray:
@@ -192,8 +209,8 @@ def q_bragg_rotation(S, axis, phi, F, A, hkl) -> np.ndarray:
     hkl = np.asarray(hkl, dtype=float)
     S, A = np.asarray(S, dtype=float), np.asarray(A, dtype=float)
     if S.ndim == 2 and A.ndim == 2:
-        r_goniometer = hkl @ (np.asarray(F, dtype=float) @ A).T
-        return rotate_about_axis(r_goniometer, axis, phi) @ S.T
+        r_goniometer = apply_matrix(np.asarray(F, dtype=float) @ A, hkl)
+        return apply_matrix(S, rotate_about_axis(r_goniometer, axis, phi))
     r_crystal = matvec(A, hkl)
     r_goniometer = matvec(F, r_crystal)
     r_rotated = rotate_about_axis(r_goniometer, axis, phi)
@@ -290,7 +307,7 @@ def panel_intersection(d_matrix, rays) -> np.ndarray:
     """
     d_matrix = np.asarray(d_matrix, dtype=float)
     rays = np.asarray(rays, dtype=float)
-    v = rays @ np.linalg.inv(d_matrix).T if d_matrix.ndim == 2 else matvec(np.linalg.inv(d_matrix), rays)
+    v = apply_matrix(np.linalg.inv(d_matrix), rays) if d_matrix.ndim == 2 else matvec(np.linalg.inv(d_matrix), rays)
     with np.errstate(divide="ignore", invalid="ignore"):
         xy = v[..., :2] / v[..., 2:3]
     return np.where((v[..., 2:3] > 0), xy, np.nan)

@@ -90,3 +90,19 @@ def test_radial_and_transverse_match_dials_definition(shared):
     transverse /= np.linalg.norm(transverse, axis=1)[:, None]
     assert np.abs(parts.radial_mm[rows] - np.einsum("ij,ij->i", delta, radial)).max() <= 1e-9
     assert np.abs(parts.transverse_mm[rows] - np.einsum("ij,ij->i", delta, transverse)).max() <= 1e-9
+
+
+@pytest.mark.parametrize("folder,stem,options", PAIRS, ids=[f"{f}/{s}" for f, s, _ in PAIRS])
+def test_decomposing_in_chunks_changes_no_bit(shared, folder, stem, options, monkeypatch):
+    """Large tables are decomposed a chunk of rows at a time: 100-row chunks here
+    (with unused rows between them) give exactly the one-chunk result."""
+    from dials_qconsistency import decomposition
+
+    experiments, _, _, result = run_core(shared(folder, stem + ".expt"), shared(folder, stem + ".refl"),
+                                         q_pixel_source="observed", **options)
+    whole = decompose(experiments, result)
+    monkeypatch.setattr(decomposition, "CHUNK_ROWS", 100)
+    chunked = decompose(experiments, result)
+    assert result.used.sum() > 300
+    for name in ("q_sphere", "angle", "along_q", "delta_xy", "radial_mm", "transverse_mm", "radial", "transverse"):
+        assert np.array_equal(getattr(whole, name), getattr(chunked, name), equal_nan=True), name

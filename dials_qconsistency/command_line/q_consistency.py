@@ -254,7 +254,7 @@ def write_outputs(params, experiments, table, result, parts, summary, diagnoses,
             replaced = add_columns(table, result, parts)
             if replaced:
                 logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
-            outputs.add(out_path, table.to_bytes())
+            outputs.add(out_path, table.write_to)  # streamed: unchanged columns file to file
         summaries = (params.output.json, params.output.per_file_csv, params.output.per_image_csv)
         if any(summaries):  # the per-file and per-image records of a run over many files
             outcome = FileOutcome(0, inputs[0], inputs[1], out_path)
