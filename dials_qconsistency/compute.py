@@ -331,21 +331,28 @@ def panel_millimetres(detector, panel_rows, xy_px):
     )
 
 
-def panel_q(detector, panel_rows, xy_mm, s0, groups=None):
+def panel_q(detector, panel_rows, xy_mm, s0):
     """q (N, 3) Å⁻¹ at panel positions (mm) on each row's panel, the same
-    function dials.q_map evaluates at every pixel (one panel at a time).
-    ``groups``: :func:`panel_groups` of ``panel_rows``, if already known."""
+    function dials.q_map evaluates at every pixel.
+
+    Each row's panel vectors are looked up component by component (np.take on
+    the few panels), so rows are neither sorted nor scattered; one panel's
+    rows give the same bits as the map's scalar panel vectors.
+    """
     xy_mm = np.asarray(xy_mm, dtype=float)
-    s0 = np.broadcast_to(np.asarray(s0, dtype=float), (len(xy_mm), 3))
-    out = np.empty((len(xy_mm), 3))
-    for index, rows in groups or panel_groups(panel_rows):
-        p = detector.panels[index]
-        q = geometry.q_from_lab_components(
-            *geometry.panel_points_to_lab(p.origin, p.fast, p.slow, xy_mm[rows, 0], xy_mm[rows, 1]), s0[rows]
-        )
-        for axis in range(3):
-            out[rows, axis] = q[axis]
-    return out
+    panel_rows = np.asarray(panel_rows)
+    panels = detector.panels
+    if panel_rows.size and np.all(panel_rows == panel_rows[0]):
+        p = panels[int(panel_rows[0])]
+        origin, fast, slow = p.origin, p.fast, p.slow
+    else:
+        def per_row(attr):
+            table = np.array([getattr(p, attr) for p in panels], dtype=float)
+            return np.stack([np.take(table[:, i], panel_rows) for i in range(3)], axis=-1)
+
+        origin, fast, slow = per_row("origin"), per_row("fast"), per_row("slow")
+    lab = geometry.panel_points_to_lab(origin, fast, slow, xy_mm[:, 0], xy_mm[:, 1])
+    return np.stack(geometry.q_from_lab_components(*lab, s0), axis=-1)
 
 
 def _put(result, name, rows, values):
@@ -399,8 +406,7 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
     position_mm = take(position[:, :2])
     if options.q_pixel_source == "observed_px":
         position_mm = panel_millimetres(detector, rows_panel, position_mm)
-    groups = panel_groups(rows_panel)
-    q_pixel = panel_q(detector, rows_panel, position_mm, s0, groups)
+    q_pixel = panel_q(detector, rows_panel, position_mm, s0)
     _put(result, "s0", rows, s0)
     _put(result, "position_mm", rows, position_mm)
     _put(result, "q_bragg", rows, q_bragg)
@@ -409,12 +415,12 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
     if options.q_pixel_source == "calculated":
         _put(result, "q_pixel_calculated", rows, q_pixel)
     else:
-        _put(result, "q_pixel_calculated", rows, panel_q(detector, rows_panel, take(xyzcal[:, :2]), s0, groups))
+        _put(result, "q_pixel_calculated", rows, panel_q(detector, rows_panel, take(xyzcal[:, :2]), s0))
     if xyzobs is not None:
         observed = take(xyzobs[:, :2])
         finite = np.all(np.isfinite(observed), axis=1)
         if finite.all():
-            q_obs = panel_q(detector, rows_panel, observed, s0, groups)
+            q_obs = panel_q(detector, rows_panel, observed, s0)
         else:
             q_obs = np.full((rows.size, 3), np.nan)
             if finite.any():

@@ -103,10 +103,9 @@ def decompose(experiments, result) -> Decomposition:
     parts = {name: np.empty((m, k) if k else m) for name, k in fields.items()}
     predicted = [index for index in range(len(experiments))
                  if s1_is_prediction(result, used_rows[result.experiment[used_rows] == index])]
-    every = m == n and m <= CHUNK_ROWS  # one chunk of every row: no gathering
     for start in range(0, m, CHUNK_ROWS):
         chunk = slice(start, min(start + CHUNK_ROWS, m))
-        rows = slice(None) if every else used_rows[chunk]
+        rows = chunk if m == n else used_rows[chunk]  # every row used: views, no gathering
         values = _decompose_rows(experiments, result, rows, used_rows[chunk], predicted)
         for name, array in values.items():
             parts[name][chunk] = array
