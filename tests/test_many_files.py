@@ -261,3 +261,13 @@ def test_progress_bar_only_on_a_terminal_and_only_after_two_seconds():
     quiet.update(4, 10)
     quiet.close()
     assert pipe.getvalue() == ""
+
+
+def test_the_same_table_given_twice_is_refused_before_anything_is_written(real_inputs, tmp_path, capsys, monkeypatch):
+    """Two inputs that would write one output table: a one-line error, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    expt, refl = real_inputs[0]
+    assert main([expt, refl, expt, refl, "input.pairing=order"]) == 1
+    err = capsys.readouterr().err
+    assert "name the same file" in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["inputs"]

@@ -17,11 +17,28 @@ from dials_qconsistency.campaign import FileJob, file_record, merge, temporary_p
 from dials_qconsistency.errors import GateFailed, QConsistencyError
 from dials_qconsistency.files import StagedOutputs, remove_leftovers
 from dials_qconsistency.inputs import output_table_names
-from dials_qconsistency.parallel import SKIPPED, mpi_world, run_mpi, run_pool, run_serial
+from dials_qconsistency.parallel import (
+    SKIPPED,
+    mpi_world,
+    run_mpi,
+    run_pool,
+    run_serial,
+)
 from dials_qconsistency.progress import Progress
-from dials_qconsistency.report import campaign_text, file_line, per_file_csv, per_image_csv
+from dials_qconsistency.report import (
+    campaign_text,
+    file_line,
+    per_file_csv,
+    per_image_csv,
+)
 
-from .program import check_output_paths, close_logging, log_to_file_only, setup_logging
+from .program import (
+    check_output_paths,
+    close_logging,
+    log_header,
+    log_to_file_only,
+    setup_logging,
+)
 
 
 def table_outputs(params, pairs) -> list:
@@ -47,7 +64,8 @@ def run_many(params, arguments, pairs, options, logger, gate_failure, finite) ->
     comm = mpi_world() if params.mp.method == "mpi" else None
     root = comm is None or comm.Get_rank() == 0
     tables = table_outputs(params, pairs)
-    outputs = {f"output.reflections ({os.path.basename(refl)})": table for (_, refl), table in zip(pairs, tables) if table}
+    outputs = {f"output.reflections (file {i}, {refl})": table
+               for i, ((_, refl), table) in enumerate(zip(pairs, tables)) if table}
     outputs.update(summary_outputs(params))
     try:
         check_output_paths(outputs, [path for pair in pairs for path in pair])
@@ -63,9 +81,7 @@ def run_many(params, arguments, pairs, options, logger, gate_failure, finite) ->
     status = 0
     try:
         if root:
-            logger.info(f"dials.q_consistency {__version__} (standalone backend)")
-            if arguments.diff.strip():
-                logger.info("The following parameters have been modified:\n%s", arguments.diff)
+            log_header(logger, "dials.q_consistency", __version__, arguments)
             workers = f"{comm.Get_size()} MPI ranks" if comm else f"{params.nproc} process(es)"
             logger.info(f"{len(pairs)} pairs of files, {workers}")
         status = _process_and_write(params, jobs, comm, options, logger, gate_failure, finite)

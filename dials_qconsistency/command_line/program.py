@@ -117,6 +117,13 @@ def setup_logging(logger, log_path):
         logger.addHandler(to_file)
 
 
+def log_header(logger, program, version, arguments):
+    """The program and version, and the parameters changed from their defaults."""
+    logger.info(f"{program} {version} (standalone backend)")
+    if arguments.diff.strip():
+        logger.info("The following parameters have been modified:\n%s", arguments.diff)
+
+
 def log_to_file_only(logger, message):
     for handler in logger.handlers:
         if isinstance(handler, _LogFile):

@@ -36,6 +36,7 @@ from .many import run_many
 from .program import (
     check_output_paths,
     close_logging,
+    log_header,
     log_to_file_only,
     parse_or_show,
     run_program,
@@ -221,9 +222,7 @@ def run(args=None, phil=phil_scope):
 
     setup_logging(logger, params.output.log)
     try:
-        logger.info(f"dials.q_consistency {__version__} (standalone backend)")
-        if arguments.diff.strip():
-            logger.info("The following parameters have been modified:\n%s", arguments.diff)
+        log_header(logger, "dials.q_consistency", __version__, arguments)
         logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}, {table.nrows} rows from {refl_path}")
         parts = decompose(experiments, result)
         summary = summarise(

@@ -15,11 +15,17 @@ from dials_qconsistency.experiments import read_experiments
 from dials_qconsistency.files import StagedOutputs
 from dials_qconsistency.map_files import WRITERS
 from dials_qconsistency.model_state import image_setting
-from dials_qconsistency.pixel_map import QUANTITIES, MapSetting, panel_blocks, pixel_centres
+from dials_qconsistency.pixel_map import (
+    QUANTITIES,
+    MapSetting,
+    panel_blocks,
+    pixel_centres,
+)
 
 from .program import (
     check_output_paths,
     close_logging,
+    log_header,
     log_to_file_only,
     parse_or_show,
     run_program,
@@ -166,9 +172,7 @@ def run(args=None, phil=phil_scope):
 
     setup_logging(logger, params.output.log)
     try:
-        logger.info(f"dials.q_map {__version__} (standalone backend)")
-        if arguments.diff.strip():
-            logger.info("The following parameters have been modified:\n%s", arguments.diff)
+        log_header(logger, "dials.q_map", __version__, arguments)
         logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}")
         write_maps(params, experiments, plan, expt_path)
     except QConsistencyError as error:
