@@ -346,9 +346,9 @@ def panel_q(detector, panel_rows, xy_mm, s0):
         p = panels[int(panel_rows[0])]
         origin, fast, slow = p.origin, p.fast, p.slow
     else:
-        def per_row(attr):
+        def per_row(attr):  # components of each row's panel vector
             table = np.array([getattr(p, attr) for p in panels], dtype=float)
-            return np.stack([np.take(table[:, i], panel_rows) for i in range(3)], axis=-1)
+            return tuple(np.take(table[:, i], panel_rows) for i in range(3))
 
         origin, fast, slow = per_row("origin"), per_row("fast"), per_row("slow")
     lab = geometry.panel_points_to_lab(origin, fast, slow, xy_mm[:, 0], xy_mm[:, 1])

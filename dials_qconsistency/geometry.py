@@ -98,7 +98,10 @@ def lab_coordinates(origin, fast, slow, xy_mm) -> np.ndarray:
 
 
 def components(vectors):
-    """The x, y and z parts of (3,) or (..., 3) vectors, as three arrays."""
+    """The x, y and z parts of (3,) or (..., 3) vectors, as three arrays (a
+    tuple of three parts is returned as it is)."""
+    if isinstance(vectors, tuple):
+        return vectors
     vectors = np.asarray(vectors, dtype=float)
     return vectors[..., 0], vectors[..., 1], vectors[..., 2]
 
@@ -206,11 +209,24 @@ def q_bragg_rotation(S, axis, phi, F, A, hkl) -> np.ndarray:
     3×3 matrix products and R(φ) is applied by Rodrigues' formula to the
     vectors, without building a matrix per row.
     """
-    hkl = np.asarray(hkl, dtype=float)
     S, A = np.asarray(S, dtype=float), np.asarray(A, dtype=float)
     if S.ndim == 2 and A.ndim == 2:
-        r_goniometer = apply_matrix(np.asarray(F, dtype=float) @ A, hkl)
-        return apply_matrix(S, rotate_about_axis(r_goniometer, axis, phi))
+        hkl = np.asarray(hkl)
+        h, k, l = (hkl[..., i].astype(float) for i in range(3))
+        FA = np.asarray(F, dtype=float) @ A
+        x, y, z = (FA[i, 0] * h + FA[i, 1] * k + FA[i, 2] * l for i in range(3))
+        e = unit(np.asarray(axis, dtype=float))
+        angles = np.asarray(phi, dtype=float)
+        c, s = np.cos(angles), np.sin(angles)
+        along = (e[0] * x + e[1] * y + e[2] * z) * (1.0 - c)
+        rx = x * c + (e[1] * z - e[2] * y) * s + e[0] * along
+        ry = y * c + (e[2] * x - e[0] * z) * s + e[1] * along
+        rz = z * c + (e[0] * y - e[1] * x) * s + e[2] * along
+        out = np.empty(rx.shape + (3,))
+        for i in range(3):
+            out[..., i] = S[i, 0] * rx + S[i, 1] * ry + S[i, 2] * rz
+        return out
+    hkl = np.asarray(hkl, dtype=float)
     r_crystal = matvec(A, hkl)
     r_goniometer = matvec(F, r_crystal)
     r_rotated = rotate_about_axis(r_goniometer, axis, phi)
