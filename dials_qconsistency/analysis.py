@@ -109,12 +109,6 @@ def _largest(d) -> float | None:
     return float(d.max()) if d.size else None
 
 
-def classify_s1(q_pixel_calculated, q_pixel_observed, q_pred) -> str:
-    """Is s1 a prediction, an observed centroid, or neither? (see :func:`classify_s1_distances`)"""
-    observed = None if q_pixel_observed is None else distances(q_pixel_observed, q_pred)
-    return classify_s1_distances(distances(q_pixel_calculated, q_pred), observed)
-
-
 def classify_s1_distances(calculated, observed) -> str:
     """Is s1 a prediction, an observed centroid, or neither?
 

@@ -31,16 +31,6 @@ def read_input_file(path: str, what: str) -> bytes:
         raise QConsistencyError(f"cannot be read ({error.strerror})", path) from None
 
 
-def same_file(a: str, b: str) -> bool:
-    """Do two paths name the same file (after links and relative parts)?"""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _write_fully(descriptor: int, payload: bytes) -> None:
     view = memoryview(payload)
     while view:

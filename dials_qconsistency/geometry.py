@@ -134,12 +134,6 @@ def q_from_lab_position(lab_mm, s0) -> np.ndarray:
     return np.stack(q_from_lab_components(*components(lab_mm), s0), axis=-1)
 
 
-def q_at_panel_points(origin, fast, slow, x_mm, y_mm, s0) -> np.ndarray:
-    """q (..., 3) Å⁻¹ for scattering towards panel points in mm (broadcast as
-    :func:`panel_points_to_lab`)."""
-    return np.stack(q_from_lab_components(*panel_points_to_lab(origin, fast, slow, x_mm, y_mm), s0), axis=-1)
-
-
 def _parallax_shift(x_mm, y_mm, origin, fast, slow, mu, thickness):
     """How far parallax moves a panel point along fast and slow (mm).
 
