@@ -151,7 +151,7 @@ class Summary:
     verdict: str
     experiments: list[ExperimentSummary] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    residuals: dict = field(default_factory=dict)  # residual_statistics of all used rows
+    residuals: dict = field(default_factory=dict)  # UsedRows.statistics of all used rows
     per_panel: list[dict] = field(default_factory=list)
     per_panel_group: list[dict] = field(default_factory=list)
     per_resolution_shell: list[dict] = field(default_factory=list)
@@ -190,7 +190,13 @@ class UsedRows:
         self.rotation = pick(parts.rotation)
 
     def statistics(self, positions) -> dict:
-        """residual_statistics of the used rows at ``positions`` (an index array or slice)."""
+        """Statistics of the used rows at ``positions`` (an index array or slice).
+
+        Keys: n, mean/median/rms/p95/max of |Δq| (Å⁻¹); rms of the in-plane
+        residual and its fast (x), slow (y), radial and transverse parts (mm);
+        rms radial and transverse (Å⁻¹); mean and rms of |q_bragg| - |q_pixel|
+        (Å⁻¹); rms Δφ (rotation rows) and Δψ (still rows) in degrees.
+        """
         stats = norm_statistics(self.norm[positions])
         if not self.parts:
             return stats
@@ -211,17 +217,6 @@ class UsedRows:
             }
         )
         return stats
-
-
-def residual_statistics(result: QResult, parts, rows) -> dict:
-    """|Δq| statistics and RMS of each decomposed part over a boolean row selection.
-
-    Keys: n, mean/median/rms/p95/max of |Δq| (Å⁻¹); rms of the in-plane
-    residual and its fast (x), slow (y), radial and transverse parts (mm);
-    rms radial and transverse (Å⁻¹); mean and rms of |q_bragg| - |q_pixel|
-    (Å⁻¹); rms Δφ (rotation rows) and Δψ (still rows) in degrees.
-    """
-    return UsedRows(result, parts, rows).statistics(slice(None))
 
 
 def resolution_shells(d_spacing, n_shells: int):

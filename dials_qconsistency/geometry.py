@@ -209,13 +209,7 @@ def q_bragg_rotation(S, axis, phi, F, A, hkl) -> np.ndarray:
         h, k, l = (hkl[..., i].astype(float) for i in range(3))
         FA = np.asarray(F, dtype=float) @ A
         x, y, z = (FA[i, 0] * h + FA[i, 1] * k + FA[i, 2] * l for i in range(3))
-        e = unit(np.asarray(axis, dtype=float))
-        angles = np.asarray(phi, dtype=float)
-        c, s = np.cos(angles), np.sin(angles)
-        along = (e[0] * x + e[1] * y + e[2] * z) * (1.0 - c)
-        rx = x * c + (e[1] * z - e[2] * y) * s + e[0] * along
-        ry = y * c + (e[2] * x - e[0] * z) * s + e[1] * along
-        rz = z * c + (e[0] * y - e[1] * x) * s + e[2] * along
+        rx, ry, rz = _rodrigues(x, y, z, axis, phi)
         out = np.empty(rx.shape + (3,))
         for i in range(3):
             out[..., i] = S[i, 0] * rx + S[i, 1] * ry + S[i, 2] * rz
@@ -227,20 +221,23 @@ def q_bragg_rotation(S, axis, phi, F, A, hkl) -> np.ndarray:
     return matvec(S, r_rotated)
 
 
-def rotate_about_axis(vectors, axis, angles) -> np.ndarray:
-    """Right-handed rotation of each row of ``vectors`` (N, 3) by its angle (rad)
-    about one ``axis`` (Rodrigues: v cos θ + (e × v) sin θ + e (e·v)(1 − cos θ))."""
+def _rodrigues(x, y, z, axis, angles):
+    """Components of the right-handed rotation of (x, y, z) by ``angles`` (rad)
+    about one ``axis``: v cos θ + (e × v) sin θ + e (e·v)(1 − cos θ)."""
     e = unit(np.asarray(axis, dtype=float))
-    v = np.asarray(vectors, dtype=float)
     angles = np.asarray(angles, dtype=float)
     c, s = np.cos(angles), np.sin(angles)
-    vx, vy, vz = v[..., 0], v[..., 1], v[..., 2]
-    along = (e[0] * vx + e[1] * vy + e[2] * vz) * (1.0 - c)
-    out = np.empty(np.broadcast_shapes(v.shape, angles.shape + (3,)))
-    out[..., 0] = vx * c + (e[1] * vz - e[2] * vy) * s + e[0] * along
-    out[..., 1] = vy * c + (e[2] * vx - e[0] * vz) * s + e[1] * along
-    out[..., 2] = vz * c + (e[0] * vy - e[1] * vx) * s + e[2] * along
-    return out
+    along = (e[0] * x + e[1] * y + e[2] * z) * (1.0 - c)
+    return (
+        x * c + (e[1] * z - e[2] * y) * s + e[0] * along,
+        y * c + (e[2] * x - e[0] * z) * s + e[1] * along,
+        z * c + (e[0] * y - e[1] * x) * s + e[2] * along,
+    )
+
+
+def rotate_about_axis(vectors, axis, angles) -> np.ndarray:
+    """Right-handed rotation of each row of ``vectors`` (N, 3) by its angle (rad) about one ``axis``."""
+    return np.stack(_rodrigues(*components(vectors), axis, angles), axis=-1)
 
 
 def setting_matrices(S, axis, phi, F, A) -> np.ndarray:

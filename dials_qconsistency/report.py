@@ -9,6 +9,9 @@ def _fmt(value, spec=".3e") -> str:
     return "-" if value is None else format(value, spec)
 
 
+STATS_HEADER = f"{'':<14}{'n':>8}  {'mean':>9}  {'median':>9}  {'RMS':>9}  {'95th pct':>9}  {'max':>9}"
+
+
 def _stats_row(label: str, stats: dict) -> str:
     return (
         f"{label:<14}{stats['n']:>8}  {_fmt(stats['mean'])}  {_fmt(stats['median'])}  "
@@ -40,7 +43,7 @@ def summary_text(summary: Summary, options) -> str:
 
     lines.append("")
     lines.append("|delta_q| = |q_bragg - q_pixel| (1/Angstrom, no 2pi):")
-    lines.append(f"{'':<14}{'n':>8}  {'mean':>9}  {'median':>9}  {'RMS':>9}  {'95th pct':>9}  {'max':>9}")
+    lines.append(STATS_HEADER)
     lines.append(_stats_row("all", summary.delta_q))
     for e in summary.experiments:
         lines.append(_stats_row(f"expt {e.index} ({e.kind[:3]})", e.delta_q))
@@ -164,7 +167,7 @@ def campaign_text(merged, outcomes, options, worst: int = 10) -> str:
         return "\n".join(lines)
     lines.append("")
     lines.append("|delta_q| = |q_bragg - q_pixel| over every file (1/Angstrom, no 2pi; exact, not estimated):")
-    lines.append(f"{'':<14}{'n':>8}  {'mean':>9}  {'median':>9}  {'RMS':>9}  {'95th pct':>9}  {'max':>9}")
+    lines.append(STATS_HEADER)
     lines.append(_stats_row("all files", merged.delta_q))
     lines.append(f"Mean |delta_q| {merged.delta_q['mean']:.4g}: {merged.verdict}.")
     ranked = sorted((o for o in outcomes if o.delta_q.get("n")), key=lambda o: -o.delta_q["mean"])[:worst]
