@@ -69,7 +69,6 @@ def io_floor(expt, refl, out):
 def stages(expt, refl, out):
     """Read, compute and write timed separately, the way the command does them."""
     from dials_qconsistency.analysis import summarise
-    from dials_qconsistency.campaign import table_columns
     from dials_qconsistency.compute import Options, compute_q
     from dials_qconsistency.decomposition import decompose
     from dials_qconsistency.experiments import read_experiments
@@ -80,7 +79,7 @@ def stages(expt, refl, out):
     experiments = read_experiments(expt)
     table = ReflectionTable.from_file(refl)
     t1 = time.perf_counter()
-    result = compute_q(experiments, table_columns(table), table.identifiers, Options())
+    result = compute_q(experiments, table.columns(), table.identifiers, Options())
     parts = decompose(experiments, result)
     summarise(result, experiments, parts)
     add_columns(table, result, parts)

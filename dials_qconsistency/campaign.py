@@ -21,10 +21,9 @@ from .analysis import band, grouped_statistics, norm_statistics, summarise
 from .compute import REASONS, compute_q
 from .decomposition import decompose
 from .errors import QConsistencyError
-from .experiments import read_experiments
+from . import backends
 from .files import StagedOutputs
 from .output import add_columns
-from .reflection_table import FIXED_TYPES, ReflectionTable
 
 STATISTICS = ("n", "mean", "median", "rms", "p95", "max")
 
@@ -37,6 +36,7 @@ class FileJob:
     output: str | None  # the output table, or None for none
     options: object  # compute.Options
     temporary_prefix: str  # staged files of this run start with it
+    backend: str = "standalone"  # resolved: native | standalone
 
 
 @dataclass
@@ -54,11 +54,6 @@ class FileOutcome:
     norms: np.ndarray = field(default_factory=lambda: np.zeros(0))
     images: list = field(default_factory=list)
     error: str | None = None  # a one-line error: the run fails, nothing is written
-
-
-def table_columns(table):
-    """Numpy views of every fixed-size column of a standalone table."""
-    return {name: table.get(name) for name in table.keys() if table.column_type(name) in FIXED_TYPES}
 
 
 def image_keys(experiments, result, rows):
@@ -106,16 +101,17 @@ def process_file(job: FileJob) -> FileOutcome:
     outcome = FileOutcome(job.index, job.experiments, job.reflections, job.output)
     staged = StagedOutputs(prefix=job.temporary_prefix)
     try:
-        experiments = read_experiments(job.experiments)
-        table = ReflectionTable.from_file(job.reflections)
+        backend = backends.get(job.backend)
+        experiments = backend.read_experiments(job.experiments)
+        table = backend.read_table(job.reflections)
         result = compute_q(
-            experiments, table_columns(table), table.identifiers, job.options,
+            experiments, table.columns(), table.identifiers, job.options,
             path=job.reflections, experiments_path=job.experiments,
         )
         describe(outcome, experiments, table, result, summarise(result, experiments))
         if job.output:
             add_columns(table, result, decompose(experiments, result))
-            staged.add(job.output, table.write_to)
+            table.stage(staged, job.output)
             ((outcome.staged, _),) = staged.detach()
     except QConsistencyError as error:
         staged.abort()

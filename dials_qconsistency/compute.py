@@ -324,7 +324,17 @@ def panel_groups(panel_rows):
 
 
 def panel_millimetres(detector, panel_rows, xy_px):
-    """Panel px (sub-pixel) -> panel mm (N, 2) with each row's panel mapping (parallax included)."""
+    """Panel px (sub-pixel) -> panel mm (N, 2) with each row's panel mapping (parallax included).
+
+    Panels read by the native backend map with dxtbx's own PxMmStrategy, one
+    call per panel over all its rows.
+    """
+    if detector.panels[0].pixel_to_millimetre is not None:
+        xy_px = np.asarray(xy_px, dtype=float)
+        xy_mm = np.empty(xy_px.shape)
+        for index, rows in panel_groups(panel_rows):
+            xy_mm[rows] = detector.panels[index].pixel_to_millimetre(xy_px[rows])
+        return xy_mm
     p = _panel_arrays(detector, panel_rows)
     return geometry.pixel_to_millimetre(
         xy_px, p["pixel_size"], p["origin"], p["fast"], p["slow"], p["mu"], p["thickness"], p["parallax"]

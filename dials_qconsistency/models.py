@@ -32,7 +32,8 @@ class Panel:
     """One detector panel with lab-frame (composed) origin and unit axes (mm).
 
     ``parallax`` selects the parallax-corrected pixel->mm mapping, which needs
-    ``mu`` (mm⁻¹) and ``thickness`` (mm) > 0.
+    ``mu`` (mm⁻¹) and ``thickness`` (mm) > 0; a panel read by the native
+    backend maps pixels with dxtbx instead (``pixel_to_millimetre``).
     """
 
     name: str
@@ -45,6 +46,9 @@ class Panel:
     mu: float = 0.0
     parallax: bool = False
     note: str = ""  # anything the reader had to decide about the mapping
+    #: The native backend's px -> mm: dxtbx's own mapping of (N, 2) arrays. None:
+    #: the numpy mapping above (simple, or parallax-corrected as dxtbx does it).
+    pixel_to_millimetre: object = field(default=None, repr=False, compare=False)
 
     @property
     def d_matrix(self) -> np.ndarray:

@@ -182,6 +182,10 @@ class ReflectionTable:
             raise TypeError(f"column {name} of type {column.type_name} has no array view")
         return column.as_array(self.nrows)
 
+    def columns(self) -> dict[str, np.ndarray]:
+        """Numpy views of every fixed-size column (what the numpy core reads)."""
+        return {name: self.get(name) for name, column in self._columns.items() if column.type_name in FIXED_TYPES}
+
     def set_column(self, name: str, type_name: str, values) -> None:
         """Add or replace a fixed-size column from an array of N rows."""
         dtype, shape = FIXED_TYPES[type_name]
@@ -312,6 +316,10 @@ class ReflectionTable:
                     _write_fully(descriptor, piece.blob)
             else:
                 _write_fully(descriptor, piece)
+
+    def stage(self, outputs, path: str) -> None:
+        """Write the table as one of a :class:`files.StagedOutputs`' files."""
+        outputs.add(path, self.write_to)
 
     def write(self, path: str) -> None:
         """Write the table atomically: a temporary file, then a rename."""

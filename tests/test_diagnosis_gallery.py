@@ -8,7 +8,6 @@ to 0.1° in angle, 1e-3 in scale and 0.01 mm in length, as the issue asks.
 import numpy as np
 import pytest
 
-from dials_qconsistency.command_line.q_consistency import table_columns
 from dials_qconsistency.compute import compute_q
 from dials_qconsistency.decomposition import decompose
 from dials_qconsistency.diagnosis import axis_angle, diagnose, hkl_expression, kabsch, reindexing_operator
@@ -20,7 +19,7 @@ CASES = all_cases()
 
 def _diagnoses(case):
     experiments = experiments_from_dict(case.document)
-    result = compute_q(experiments, table_columns(case.table), case.table.identifiers)
+    result = compute_q(experiments, case.table.columns(), case.table.identifiers)
     return diagnose(experiments, result, decompose(experiments, result))
 
 

@@ -75,9 +75,12 @@ def run_many(params, arguments, pairs, options, logger, gate_failure, finite) ->
         return 1
 
     prefix = temporary_prefix() if comm is None else comm.bcast(temporary_prefix(), root=0)
-    jobs = [FileJob(i, expt, refl, table, options, prefix) for i, ((expt, refl), table) in enumerate(zip(pairs, tables))]
+    jobs = [
+        FileJob(i, expt, refl, table, options, prefix, arguments.backend)
+        for i, ((expt, refl), table) in enumerate(zip(pairs, tables))
+    ]
     if root:
-        setup_logging(logger, params.output.log)
+        setup_logging(logger, params.output.log, arguments)
     status = 0
     try:
         if root:

@@ -16,14 +16,20 @@ import traceback
 
 import libtbx.phil
 
+from dials_qconsistency import backends
 from dials_qconsistency.errors import GateFailed, QConsistencyError
+from dials_qconsistency.inputs import expand, is_pattern
 
 EXPERIMENT_EXTENSIONS = (".expt", ".json")
 REFLECTION_EXTENSIONS = (".refl",)
 
 
 class Arguments:
-    """A parsed command line: the extracted parameters, the input files by kind, the flags."""
+    """A parsed command line: the extracted parameters, the input files by kind, the flags.
+
+    ``backend`` is the resolved backend (standalone or native); ``loaded`` the
+    (experiments, reflections) data DIALS' parser read, by path (native only).
+    """
 
     def __init__(self, params, experiments, reflections, show_config, show_help, diff):
         self.params = params
@@ -32,6 +38,9 @@ class Arguments:
         self.show_config = show_config
         self.show_help = show_help
         self.diff = diff
+        self.backend = "standalone"
+        self.loaded = None
+        self.verbosity = 0
 
 
 def parse_arguments(args, phil, accept_reflections=True):
@@ -93,6 +102,48 @@ def parse_or_show(args, phil, usage, help_message, accept_reflections=True):
     return arguments
 
 
+def peek_backend(args, phil) -> str:
+    """The ``backend=`` choice among the arguments, before any file is read
+    (``auto`` when the scope has no such parameter or the words do not parse:
+    the parser that runs next names the problem)."""
+    words = [arg for arg in args if not arg.startswith("-")]
+    try:
+        params = parse_arguments(words, phil).params
+    except QConsistencyError:
+        return "auto"
+    return getattr(params, "backend", "standalone")
+
+
+def parse_command_line(args, phil, usage, help_message, accept_reflections=True):
+    """The parsed command line with its backend resolved, or None when only
+    help or the configuration was asked for (then printed).
+
+    The standalone backend parses here; the native one with DIALS' own
+    ArgumentParser, which reads the input files (one pair) itself.
+    """
+    backend = backends.resolve(peek_backend(args, phil))
+    if backend == "standalone":
+        arguments = parse_or_show(args, phil, usage, help_message, accept_reflections)
+    else:
+        from dials_qconsistency import native
+
+        parsed = native.parse(_expand_file_patterns(args), phil, usage, help_message, accept_reflections)
+        if parsed is None:
+            return None
+        params, verbosity, diff, experiments, reflections, loaded = parsed
+        arguments = Arguments(params, experiments, reflections, False, False, diff)
+        arguments.loaded, arguments.verbosity = loaded, verbosity
+    if arguments is not None:
+        arguments.backend = backend
+    return arguments
+
+
+def _expand_file_patterns(args):
+    """Quoted globs of input files, expanded (DIALS' parser takes file names)."""
+    extensions = EXPERIMENT_EXTENSIONS + REFLECTION_EXTENSIONS
+    return [p for arg in args for p in (expand(arg) if arg.endswith(extensions) and is_pattern(arg) else [arg])]
+
+
 class _LogFile(logging.FileHandler):
     """The log file; a write that fails (a full disk) must not print a traceback."""
 
@@ -100,9 +151,15 @@ class _LogFile(logging.FileHandler):
         pass
 
 
-def setup_logging(logger, log_path):
-    """Messages to stdout and, when a path is given, to the log file."""
+def setup_logging(logger, log_path, arguments=None):
+    """Messages to stdout and, when a path is given, to the log file; with the
+    native backend through DIALS' own logging configuration."""
     close_logging(logger)
+    if arguments is not None and arguments.backend == "native":
+        from dials_qconsistency import native
+
+        native.setup_logging(logger, log_path, arguments.verbosity)
+        return
     logger.setLevel(logging.INFO)
     logger.propagate = False
     console = logging.StreamHandler(sys.stdout)
@@ -119,20 +176,38 @@ def setup_logging(logger, log_path):
 
 def log_header(logger, program, version, arguments):
     """The program and version, and the parameters changed from their defaults."""
-    logger.info(f"{program} {version} (standalone backend)")
+    logger.info(f"{program} {version} ({arguments.backend} backend)")
+    if arguments.backend == "native":
+        from dials_qconsistency import native
+
+        logger.info(native.version_line())
     if arguments.diff.strip():
         logger.info("The following parameters have been modified:\n%s", arguments.diff)
 
 
 def log_to_file_only(logger, message):
-    for handler in logger.handlers:
-        if isinstance(handler, _LogFile):
-            handler.emit(logging.makeLogRecord({"msg": message, "levelno": logging.ERROR}))
+    """Write ``message`` to the log file alone (not the console), e.g. the error
+    that ends a run, which stderr shows; DIALS' log file handler included."""
+    record = logging.makeLogRecord({"msg": message, "levelno": logging.ERROR})
+    for handler in _handlers(logger):
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(record)
+
+
+def _handlers(logger):
+    """The handlers a record of ``logger`` reaches (its own and its parents')."""
+    while logger is not None:
+        yield from logger.handlers
+        logger = logger.parent if logger.propagate else None
 
 
 def close_logging(logger):
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
+    """Remove and close the handlers of this run (with the native backend, the
+    ones dials.util.log.config added)."""
+    added = [(logger, handler) for handler in logger.handlers] + getattr(logger, "native_handlers", [])
+    logger.native_handlers = []
+    for owner, handler in added:
+        owner.removeHandler(handler)
         try:
             handler.close()
         except OSError:  # flushing the log onto a full disk

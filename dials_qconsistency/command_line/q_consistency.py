@@ -10,19 +10,17 @@ import sys
 
 import libtbx.phil
 
-from dials_qconsistency import __version__
+from dials_qconsistency import __version__, backends
 from dials_qconsistency.analysis import summarise
-from dials_qconsistency.campaign import FileOutcome, describe, table_columns
+from dials_qconsistency.campaign import FileOutcome, describe
 from dials_qconsistency.compute import Options, compute_q
 from dials_qconsistency.decomposition import decompose
 from dials_qconsistency.diagnosis import diagnose
 from dials_qconsistency.errors import GateFailed, QConsistencyError
-from dials_qconsistency.experiments import read_experiments
 from dials_qconsistency.files import StagedOutputs
 from dials_qconsistency.inputs import expand, is_pattern, pair_files
 from dials_qconsistency.output import add_columns
 from dials_qconsistency.plots import FIGURE_NAMES, plot_path, render_plots
-from dials_qconsistency.reflection_table import ReflectionTable
 from dials_qconsistency.report import (
     diagnosis_text,
     json_report,
@@ -38,7 +36,7 @@ from .program import (
     close_logging,
     log_header,
     log_to_file_only,
-    parse_or_show,
+    parse_command_line,
     run_program,
     setup_logging,
 )
@@ -162,6 +160,12 @@ mp {
     .help = "mpi: run under mpirun with mpi4py; the ranks split the files and"
             "rank 0 merges the statistics and writes the summary."
 }
+backend = *auto native standalone
+  .type = choice
+  .help = "native: DIALS' option parser, dxtbx models and flex.reflection_table"
+          "(written with as_file); standalone: this package's own .expt and"
+          ".refl readers and writer; auto: native when DIALS and dxtbx can be"
+          "imported. Both give the same numbers."
 debug = False
   .type = bool
   .help = "Show a traceback for unexpected errors."
@@ -196,7 +200,7 @@ def run(args=None, phil=phil_scope):
     the one file a run that fails while writing leaves behind: it says why.
     """
     args = sys.argv[1:] if args is None else list(args)
-    arguments = parse_or_show(args, phil, usage, help_message)
+    arguments = parse_command_line(args, phil, usage, help_message)
     if arguments is None:
         return 0
     params = arguments.params
@@ -214,13 +218,13 @@ def run(args=None, phil=phil_scope):
     ((expt_path, refl_path),) = pairs
     check_output_paths(output_paths(params), [expt_path, refl_path])
 
-    experiments = read_experiments(expt_path)
-    table = ReflectionTable.from_file(refl_path)
+    backend = backends.get(arguments.backend)
+    experiments, table = backends.read_pair(backend, expt_path, refl_path, arguments.loaded)
     result = compute_q(
-        experiments, table_columns(table), table.identifiers, options, path=refl_path, experiments_path=expt_path
+        experiments, table.columns(), table.identifiers, options, path=refl_path, experiments_path=expt_path
     )
 
-    setup_logging(logger, params.output.log)
+    setup_logging(logger, params.output.log, arguments)
     try:
         log_header(logger, "dials.q_consistency", __version__, arguments)
         logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}, {table.nrows} rows from {refl_path}")
@@ -253,7 +257,7 @@ def write_outputs(params, experiments, table, result, parts, summary, diagnoses,
             replaced = add_columns(table, result, parts)
             if replaced:
                 logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
-            outputs.add(out_path, table.write_to)  # streamed: unchanged columns file to file
+            table.stage(outputs, out_path)  # standalone: unchanged columns go file to file
         summaries = (params.output.json, params.output.per_file_csv, params.output.per_image_csv)
         if any(summaries):  # the per-file and per-image records of a run over many files
             outcome = FileOutcome(0, inputs[0], inputs[1], out_path)

@@ -1,0 +1,96 @@
+"""Where the arrays come from and how the table goes back to disk.
+
+Two backends feed the same numpy core (:mod:`compute`, :mod:`decomposition`,
+:mod:`analysis`); they differ only in reading and writing:
+
+- ``standalone``: this package's readers for ``.expt`` JSON and ``.refl``
+  msgpack, and its own writer. Needs nothing of cctbx but ``libtbx.phil``.
+- ``native``: inside a DIALS environment, DIALS' option parser, the dxtbx
+  models and ``flex.reflection_table`` with its own ``as_file``
+  (:mod:`dials_qconsistency.native`).
+
+``backend=auto`` takes the native one when both ``dials`` and ``dxtbx`` can be
+imported. Whether they can is decided without importing them: importing a
+cctbx extension module after matplotlib can crash a process that has the
+``cctbx-base`` wheel, so nothing of cctbx is imported unless it is used.
+
+A backend reads an experiment list into :class:`models.ExperimentList` and a
+table into an object with ``nrows``, ``identifiers`` (table id -> experiment
+identifier), ``columns()`` (name -> numpy array), ``set_column(name, type,
+values)``, ``in`` and ``stage(outputs, path)`` (write through a
+:class:`files.StagedOutputs`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from .errors import QConsistencyError
+
+CHOICES = ("auto", "native", "standalone")
+
+
+def dials_importable() -> bool:
+    """Are DIALS and dxtbx installed (found, not imported)?"""
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in ("dials", "dxtbx"))
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve(choice: str) -> str:
+    """The backend a ``backend=`` choice means here: native or standalone.
+
+    (libtbx.phil extracts the choice ``auto`` as its ``Auto`` object, whose
+    string is "Auto".)
+    """
+    choice = str(choice).lower()
+    if choice not in CHOICES:
+        raise QConsistencyError(f"unknown backend {choice!r} (choose from {', '.join(CHOICES)})")
+    if choice == "auto":
+        return "native" if dials_importable() else "standalone"
+    if choice == "native" and not dials_importable():
+        raise QConsistencyError(
+            "backend=native needs DIALS and dxtbx, which cannot be imported here "
+            "(they come from conda-forge); use backend=standalone or auto"
+        )
+    return choice
+
+
+class Standalone:
+    """This package's own readers and writer."""
+
+    name = "standalone"
+
+    @staticmethod
+    def read_experiments(path):
+        from .experiments import read_experiments
+
+        return read_experiments(path)
+
+    @staticmethod
+    def read_table(path):
+        from .reflection_table import ReflectionTable
+
+        return ReflectionTable.from_file(path)
+
+
+def read_pair(backend, experiments_path, reflections_path, loaded=None):
+    """(models.ExperimentList, table) of one pair: what DIALS' parser already
+    read (``loaded``, native), or read now."""
+    if loaded:
+        experiments, tables = loaded
+        return (
+            backend.experiments(experiments[experiments_path], experiments_path),
+            backend.table(tables[reflections_path]),
+        )
+    return backend.read_experiments(experiments_path), backend.read_table(reflections_path)
+
+
+def get(name: str):
+    """The backend object of a resolved name."""
+    if name == "native":
+        from . import native
+
+        return native.Native
+    return Standalone

@@ -1,0 +1,351 @@
+"""The native backend: DIALS' option parser, dxtbx models, flex.reflection_table.
+
+Used inside a DIALS environment (``backend=auto`` with DIALS importable, or
+``backend=native``). Only the source of the arrays and the table writer differ
+from the standalone backend; q is computed by the same numpy core.
+
+What is taken from dxtbx (lab frame, mm, radians, Å⁻¹):
+
+- beam: ``get_s0()`` and ``get_wavelength()``; ``get_s0_at_scan_point(i)``
+- detector: each panel's lab-frame ``get_origin()``, ``get_fast_axis()``,
+  ``get_slow_axis()`` (the hierarchy already composed by dxtbx), pixel and
+  image size, ``get_mu()``, ``get_thickness()``; pixels -> mm through the
+  panel's own ``pixel_to_millimeter`` (its PxMmStrategy, parallax included);
+  the groups of the hierarchy from ``Detector.to_dict()``, which names panels
+  by index
+- goniometer: ``get_rotation_axis_datum()``, ``get_fixed_rotation()``,
+  ``get_setting_rotation()``; ``get_setting_rotation_at_scan_point(i)``
+- scan: ``get_image_range()``, ``get_oscillation(deg=False)``
+- crystal: ``get_A()`` (= U·B), ``get_A_at_scan_point(i)``
+
+Nothing here is imported unless the native backend is chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from . import models
+from .errors import QConsistencyError
+
+#: The columns the numpy core reads (compute.COLUMN_SHAPES), taken from the flex table.
+CORE_COLUMNS = ("id", "panel", "miller_index", "s1", "xyzcal.mm", "xyzobs.mm.value", "xyzobs.px.value")
+
+
+def _vector(values, n=3) -> np.ndarray:
+    return np.array(list(values), dtype=float).reshape(n)
+
+
+def _matrix(values) -> np.ndarray:
+    """A dxtbx/scitbx mat3 (9 numbers, row-major) as a 3x3 array."""
+    return np.array(list(values), dtype=float).reshape(3, 3)
+
+
+def _scan_points(model, count_name, getter_name, convert):
+    """``convert`` of each scan point of a model (None when it has none)."""
+    count = int(getattr(model, count_name)())
+    if count == 0:
+        return None
+    getter = getattr(model, getter_name)
+    return np.array([convert(getter(i)) for i in range(count)])
+
+
+def beam_model(beam) -> models.Beam:
+    kind = type(beam).__name__
+    if "Polychromatic" in kind or "TOF" in kind:
+        raise ValueError(f"beam type {kind!r} is not supported (only monochromatic beams are)")
+    return models.Beam(
+        s0=_vector(beam.get_s0()),
+        wavelength=float(beam.get_wavelength()),
+        s0_at_scan_points=_scan_points(beam, "get_num_scan_points", "get_s0_at_scan_point", _vector),
+    )
+
+
+def _pixel_to_millimetre(panel):
+    """The panel's own px -> mm mapping on (N, 2) arrays (dxtbx's PxMmStrategy)."""
+
+    def mapping(xy_px):
+        from dxtbx import flumpy
+
+        xy = flumpy.vec_from_numpy(np.ascontiguousarray(xy_px, dtype=float).reshape(-1, 2))
+        return np.array(flumpy.to_numpy(panel.pixel_to_millimeter(xy)), dtype=float).reshape(-1, 2)
+
+    return mapping
+
+
+def _hierarchy_groups(hierarchy) -> list[models.PanelGroup]:
+    """Groups below the root of ``Detector.to_dict()['hierarchy']``, as the standalone reader finds them."""
+    groups = []
+
+    def walk(node, depth):
+        if "panel" in node:
+            return [int(node["panel"])]
+        below = [index for child in node.get("children", []) for index in walk(child, depth + 1)]
+        if depth > 0:
+            groups.append(models.PanelGroup(str(node.get("name", "")) or f"group {len(groups)}", depth, below))
+        return below
+
+    if hierarchy:
+        walk(hierarchy, 0)
+    return sorted(groups, key=lambda group: (group.depth, group.panels[0] if group.panels else -1))
+
+
+def detector_model(detector, notes) -> models.Detector:
+    panels = []
+    for index, panel in enumerate(detector):
+        strategy = type(panel.get_px_mm_strategy()).__name__
+        parallax = "Parallax" in strategy
+        panels.append(
+            models.Panel(
+                name=str(panel.get_name()),
+                origin=_vector(panel.get_origin()),
+                fast=_vector(panel.get_fast_axis()),
+                slow=_vector(panel.get_slow_axis()),
+                pixel_size=_vector(panel.get_pixel_size(), 2),
+                image_size=np.array(list(panel.get_image_size()), dtype=int).reshape(2),
+                thickness=float(panel.get_thickness()),
+                mu=float(panel.get_mu()),
+                parallax=parallax,
+                note=f"panel {index}: pixels -> mm through dxtbx's {strategy}",
+                pixel_to_millimetre=_pixel_to_millimetre(panel),
+            )
+        )
+    return models.Detector(panels, _hierarchy_groups(detector.to_dict().get("hierarchy")))
+
+
+def goniometer_model(goniometer) -> models.Goniometer:
+    kind = "multi-axis" if hasattr(goniometer, "get_axes") else "single-axis"
+    return models.Goniometer(
+        axis=_vector(goniometer.get_rotation_axis_datum()),
+        fixed_rotation=_matrix(goniometer.get_fixed_rotation()),
+        setting_rotation=_matrix(goniometer.get_setting_rotation()),
+        setting_rotation_at_scan_points=_scan_points(
+            goniometer, "get_num_scan_points", "get_setting_rotation_at_scan_point", _matrix
+        ),
+        kind=kind,
+    )
+
+
+def scan_model(scan) -> models.Scan:
+    first, last = (int(i) for i in scan.get_image_range())
+    start, width = (float(v) for v in scan.get_oscillation(deg=False))
+    return models.Scan((first, last), (start, width))
+
+
+def crystal_model(crystal) -> models.Crystal:
+    try:
+        space_group = crystal.get_space_group().type().hall_symbol()
+    except Exception:  # the space group is only reported
+        space_group = ""
+    return models.Crystal(
+        A=_matrix(crystal.get_A()),
+        A_at_scan_points=_scan_points(crystal, "get_num_scan_points", "get_A_at_scan_point", _matrix),
+        space_group=str(space_group),
+    )
+
+
+def experiments_from_dxtbx(experiment_list) -> models.ExperimentList:
+    """A dxtbx ExperimentList as the plain models the numpy core reads."""
+    out = models.ExperimentList()
+    for experiment in experiment_list:
+        convert = lambda model, function: None if model is None else function(model)
+        out.experiments.append(
+            models.Experiment(
+                identifier=str(experiment.identifier),
+                beam=convert(experiment.beam, beam_model),
+                detector=convert(experiment.detector, lambda d: detector_model(d, out.notes)),
+                goniometer=convert(experiment.goniometer, goniometer_model),
+                scan=convert(experiment.scan, scan_model),
+                crystal=convert(experiment.crystal, crystal_model),
+            )
+        )
+    return out
+
+
+# -- the table ------------------------------------------------------------------
+
+def _flex_column(type_name, array):
+    """The flex array (sharing memory, through flumpy) of an output column:
+    double, vec2<double> or vec3<double>; ``array`` must outlive it."""
+    from dxtbx import flumpy
+
+    if type_name in ("vec3<double>", "vec2<double>"):
+        return flumpy.vec_from_numpy(array)
+    if type_name == "double":
+        return flumpy.from_numpy(array)
+    raise TypeError(f"no flex type for {type_name}")
+
+
+class NativeTable:
+    """A ``flex.reflection_table`` seen through the interface the program uses."""
+
+    def __init__(self, table):
+        self.table = table
+        self._keep = []  # numpy arrays that flex columns made by flumpy point into
+
+    @property
+    def nrows(self) -> int:
+        return len(self.table)
+
+    @property
+    def identifiers(self) -> dict:
+        mapping = self.table.experiment_identifiers()
+        return {int(k): str(v) for k, v in zip(mapping.keys(), mapping.values())}
+
+    def __contains__(self, name) -> bool:
+        return name in self.table
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Numpy views (flumpy, no copy) of the columns the numpy core reads."""
+        from dxtbx import flumpy
+
+        return {name: flumpy.to_numpy(self.table[name]) for name in CORE_COLUMNS if name in self.table}
+
+    def set_column(self, name, type_name, values) -> None:
+        array = np.ascontiguousarray(values, dtype=float)
+        if len(array) != self.nrows:
+            raise ValueError(f"column {name}: {len(array)} rows for a table of {self.nrows}")
+        self._keep.append(array)
+        self.table[name] = _flex_column(type_name, array)
+
+    def stage(self, outputs, path) -> None:
+        """Write with DIALS' own ``as_file`` into a staged temporary file."""
+        self.table.as_file(outputs.reserve(path))
+
+
+def _one_line(error) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
+
+
+class Native:
+    """Reads with dxtbx and DIALS; writes with ``as_file``."""
+
+    name = "native"
+
+    @staticmethod
+    def read_experiments(path):
+        from dxtbx.model.experiment_list import ExperimentListFactory
+
+        try:
+            experiment_list = ExperimentListFactory.from_json_file(path, check_format=False)
+        except Exception as error:  # dxtbx raises many kinds
+            raise QConsistencyError(f"cannot be read as an experiment list by dxtbx: {_one_line(error)}", path) from None
+        return Native.experiments(experiment_list, path)
+
+    @staticmethod
+    def experiments(experiment_list, path):
+        try:
+            return experiments_from_dxtbx(experiment_list)
+        except ValueError as error:
+            raise QConsistencyError(str(error), path) from None
+
+    @staticmethod
+    def table(flex_table):
+        return NativeTable(flex_table)
+
+    @staticmethod
+    def read_table(path):
+        from dials.array_family import flex
+
+        try:
+            table = flex.reflection_table.from_file(path)
+        except Exception as error:
+            raise QConsistencyError(f"cannot be read as a reflection table by DIALS: {_one_line(error)}", path) from None
+        return NativeTable(table)
+
+
+# -- the command line and the log ---------------------------------------------------
+
+FILE_EXTENSIONS = (".expt", ".json", ".refl")
+
+
+def parse(args, phil, usage, epilog, accept_reflections=True):
+    """DIALS' ArgumentParser over ``args``.
+
+    Returns None when there is nothing to do (no arguments: the help is
+    printed; ``-c`` and ``-h`` print and exit inside DIALS' parser), else
+    (params, verbosity, diff, experiment paths, reflection paths, loaded).
+    With one experiment list and at most one table, DIALS reads them and
+    ``loaded`` is ({path: ExperimentList}, {path: flex table}); with more, the
+    files are taken out before DIALS sees them (it would read every one up
+    front) and each pair is read on its own later, and ``loaded`` is None.
+    Arguments DIALS cannot handle give one line naming the first of them.
+    """
+    from dials.util.options import ArgumentParser
+    from libtbx.utils import Sorry
+
+    files = [arg for arg in args if _is_file_argument(arg)]
+    read_files = len(files) <= 2
+    parser = ArgumentParser(
+        usage=usage,
+        phil=phil,
+        read_experiments=True,
+        read_reflections=accept_reflections,
+        check_format=False,
+        epilog=epilog,
+    )
+    if not args:
+        parser.print_help()
+        return None
+    words = args if read_files else [arg for arg in args if arg not in files]
+    try:
+        params, options, unhandled = parser.parse_args(args=words, show_diff_phil=False, return_unhandled=True)
+    except Sorry as error:
+        raise QConsistencyError(_one_line(error)) from None
+    if unhandled:
+        raise _unhandled_error(unhandled[0], parser)
+    diff = parser.diff_phil.as_str()
+    if not read_files:
+        experiments = [f for f in files if not f.endswith(".refl")]
+        reflections = [f for f in files if f.endswith(".refl")]
+        return params, options.verbose, diff, experiments, reflections, None
+    experiments = {w.filename: w.data for w in params.input.experiments}
+    reflections = {w.filename: w.data for w in getattr(params.input, "reflections", None) or []}
+    return params, options.verbose, diff, list(experiments), list(reflections), (experiments, reflections)
+
+
+def _is_file_argument(arg) -> bool:
+    """An input file name (not a PHIL word such as output.json=qc.json, not an option)."""
+    if arg.startswith("-") or not arg.endswith(FILE_EXTENSIONS):
+        return False
+    return "=" not in arg or os.path.exists(arg)
+
+
+def _unhandled_error(arg, parser) -> QConsistencyError:
+    """One line for the first argument DIALS' parser could not use."""
+    if not os.path.exists(arg):
+        if "=" in arg:
+            return QConsistencyError(f"bad parameter {arg!r}")
+        return QConsistencyError("file not found", arg)
+    reasons = [e for e in parser._phil_parser.handling_errors.get(arg, []) if not e.validation]
+    if reasons:
+        return QConsistencyError(f"could not be read by DIALS: {_one_line(reasons[0].message)}", arg)
+    return QConsistencyError("is neither an experiment list nor a reflection table DIALS can read", arg)
+
+
+#: The loggers dials.util.log.config gives handlers.
+DIALS_LOGGERS = ("dials", "dxtbx", "xfel", "py.warnings")
+
+
+def setup_logging(logger, log_path, verbosity=0):
+    """DIALS' logging (dials.util.log.config with the log file); the handlers it
+    adds are kept in ``logger.native_handlers`` for close_logging."""
+    import dials.util.log
+
+    owners = [logging.getLogger(name) for name in DIALS_LOGGERS]
+    before = {id(handler) for owner in owners for handler in owner.handlers}
+    dials.util.log.config(verbosity=verbosity, logfile=log_path)
+    logger.native_handlers = [(o, h) for o in owners for h in o.handlers if id(h) not in before]
+    logger.propagate = True
+    logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
+
+
+def version_line() -> str:
+    from dials.util.version import dials_version
+
+    return dials_version()
+

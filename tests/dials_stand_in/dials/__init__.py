@@ -1,0 +1,1 @@
+"""Stand-in for DIALS (tests only): see ../README.txt."""

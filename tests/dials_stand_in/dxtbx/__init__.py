@@ -1,0 +1,1 @@
+"""Stand-in for dxtbx (tests only): see ../README.txt."""
