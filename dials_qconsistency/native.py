@@ -6,7 +6,8 @@ from the standalone backend; q is computed by the same numpy core.
 
 What is taken from dxtbx (lab frame, mm, radians, Å⁻¹):
 
-- beam: ``get_s0()`` and ``get_wavelength()``; ``get_s0_at_scan_point(i)``
+- beam: ``get_s0()`` and ``get_wavelength()``; ``get_s0_at_scan_point(i)`` for
+  each of ``num_scan_points`` (so for the goniometer and crystal)
 - detector: each panel's lab-frame ``get_origin()``, ``get_fast_axis()``,
   ``get_slow_axis()`` (the hierarchy already composed by dxtbx), pixel and
   image size, ``get_mu()``, ``get_thickness()``; pixels -> mm through the
@@ -44,9 +45,10 @@ def _matrix(values) -> np.ndarray:
     return np.array(list(values), dtype=float).reshape(3, 3)
 
 
-def _scan_points(model, count_name, getter_name, convert):
-    """``convert`` of each scan point of a model (None when it has none)."""
-    count = int(getattr(model, count_name)())
+def _scan_points(model, getter_name, convert):
+    """``convert`` of each scan point of a model (None when it has none); the
+    count is dxtbx's ``num_scan_points`` property (beam, goniometer, crystal)."""
+    count = int(model.num_scan_points)
     if count == 0:
         return None
     getter = getattr(model, getter_name)
@@ -60,7 +62,7 @@ def beam_model(beam) -> models.Beam:
     return models.Beam(
         s0=_vector(beam.get_s0()),
         wavelength=float(beam.get_wavelength()),
-        s0_at_scan_points=_scan_points(beam, "get_num_scan_points", "get_s0_at_scan_point", _vector),
+        s0_at_scan_points=_scan_points(beam, "get_s0_at_scan_point", _vector),
     )
 
 
@@ -122,9 +124,7 @@ def goniometer_model(goniometer) -> models.Goniometer:
         axis=_vector(goniometer.get_rotation_axis_datum()),
         fixed_rotation=_matrix(goniometer.get_fixed_rotation()),
         setting_rotation=_matrix(goniometer.get_setting_rotation()),
-        setting_rotation_at_scan_points=_scan_points(
-            goniometer, "get_num_scan_points", "get_setting_rotation_at_scan_point", _matrix
-        ),
+        setting_rotation_at_scan_points=_scan_points(goniometer, "get_setting_rotation_at_scan_point", _matrix),
         kind=kind,
     )
 
@@ -142,7 +142,7 @@ def crystal_model(crystal) -> models.Crystal:
         space_group = ""
     return models.Crystal(
         A=_matrix(crystal.get_A()),
-        A_at_scan_points=_scan_points(crystal, "get_num_scan_points", "get_A_at_scan_point", _matrix),
+        A_at_scan_points=_scan_points(crystal, "get_A_at_scan_point", _matrix),
         space_group=str(space_group),
     )
 

@@ -16,7 +16,7 @@ class _Model:
         for name, value in getters.items():
             setattr(self, name, (lambda v: (lambda *args, **kwargs: v))(value))
         points = [] if points is None else list(points)
-        self.get_num_scan_points = lambda: len(points)
+        self.num_scan_points = len(points)
         if point_getter:
             setattr(self, point_getter, lambda i: points[i])
 
