@@ -366,64 +366,111 @@ def panel_q(detector, panel_rows, xy_mm, s0):
 
 
 def _put(result, name, rows, values):
-    """result.<name>[rows] = values; when ``rows`` is every row the computed array
-    (or a read-only broadcast of one value) becomes the field, with no copy."""
+    """result.<name>[rows] = values, ``rows`` an index array or a slice; when
+    ``rows`` is every row the computed array (or a read-only broadcast of one
+    value) becomes the field, with no copy."""
     target = getattr(result, name)
-    if rows.size == len(target):
+    if isinstance(rows, np.ndarray) and rows.size == len(target):
         values = np.asarray(values, dtype=target.dtype)
         setattr(result, name, values if values.shape == target.shape else np.broadcast_to(values, target.shape))
     else:
         target[rows] = values
 
 
+#: Rows computed at a time. A block's temporaries (at most 24 MB for a vector
+#: column) stay below glibc's largest mmap threshold (32 MB), so each block
+#: reuses the heap memory the one before freed instead of faulting in fresh
+#: pages, which at 10M rows cost more than the arithmetic.
+BLOCK_ROWS = 1 << 20
+
+
 def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result):
+    """Every used row of one experiment, in blocks of :data:`BLOCK_ROWS`.
+
+    What is the same for all its rows (a static model's s0 and rotation axis)
+    is set once, as a broadcast when the experiment has every row; with
+    ``q_pixel.source=calculated`` q_pixel_calculated is then q_pixel itself.
+    """
+    every = rows.size == len(hkl)  # one experiment, every row used: blocks are slices, no gathering
+    varying = scan_varying_states(experiment) if experiment.is_rotation else None
+    if not experiment.is_rotation:
+        _put(result, "rotation_axis", rows, np.nan)  # stills: no axis, no φ
+        _put(result, "phi", rows, np.nan)
+    elif not varying:
+        gonio = experiment.goniometer
+        _put(result, "rotation_axis", rows, geometry.matvec(gonio.setting_rotation, gonio.axis))
+    if not varying:
+        _put(result, "s0", rows, experiment.beam.s0)
+    # Columns used as they are: views of the table's own columns when every row is used.
+    views = set()
+    if every and experiment.is_rotation:
+        _put(result, "phi", rows, phi_all)
+        views.add("phi")
+    if every and options.q_pixel_source != "observed_px":
+        _put(result, "position_mm", rows, position[:, :2])
+        views.add("position_mm")
+    alias = every and options.q_pixel_source == "calculated"
+    for start in range(0, rows.size, BLOCK_ROWS):
+        block = slice(start, min(start + BLOCK_ROWS, rows.size))
+        target = block if every else rows[block]
+        _compute_block(
+            experiment, varying, target, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result,
+            alias, views,
+        )
+    if alias:
+        result.q_pixel_calculated = result.q_pixel
+
+
+def _compute_block(experiment, varying, rows, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result,
+                   alias, views):
+    """q_bragg, q_pixel, q_pred and the rest for ``rows`` (a slice or indices) of
+    one experiment; the fields in ``views`` are already set for every row."""
     crystal, beam, detector = experiment.crystal, experiment.beam, experiment.detector
-    every = rows.size == len(hkl)  # one experiment, every row used: no gathering
-    take = (lambda values: values) if every else (lambda values: values[rows])
+    take = lambda values: values[rows]
     h = take(hkl).astype(float)
     phi = take(phi_all)
-    s0 = np.broadcast_to(beam.s0, (rows.size, 3))
+    n = len(h)
+    s0 = np.broadcast_to(beam.s0, (n, 3))
 
     if not experiment.is_rotation:
         q_bragg = geometry.q_bragg_still(crystal.A, h)
-        _put(result, "rotation_axis", rows, np.nan)  # stills: no axis, no φ
-        _put(result, "phi", rows, np.nan)
     else:
         gonio, scan = experiment.goniometer, experiment.scan
-        varying = scan_varying_states(experiment)
         if not varying:
             q_bragg = geometry.q_bragg_rotation(
                 gonio.setting_rotation, gonio.axis, phi, gonio.fixed_rotation, crystal.A, h
             )
-            S = gonio.setting_rotation
-        elif options.model_state == "integrate":
-            M, s0, S, outside = integrate_setting(experiment, varying, phi)
-            q_bragg = geometry.matvec(M, h)
-            _put(result, "outside_scan", rows, outside)
         else:
-            phi_blocks = take(xyzobs[:, 2]) if xyzobs is not None else phi
-            block_point, outside = refinement_scan_point(scan, phi_blocks, options.block_width)
-            point = np.clip(block_point, 0, scan.num_images)
-            _put(result, "outside_scan", rows, outside | (point != block_point))
-            A = varying["A"][point]
-            S = varying["S"][point]
-            s0 = varying["s0"][point]
-            q_bragg = geometry.q_bragg_rotation(S, gonio.axis, phi, gonio.fixed_rotation, A, h)
-        _put(result, "rotation_axis", rows, geometry.matvec(S, gonio.axis))  # one vector for a static S
-        _put(result, "phi", rows, phi)
+            if options.model_state == "integrate":
+                M, s0, S, outside = integrate_setting(experiment, varying, phi)
+                q_bragg = geometry.matvec(M, h)
+            else:
+                phi_blocks = take(xyzobs[:, 2]) if xyzobs is not None else phi
+                block_point, outside = refinement_scan_point(scan, phi_blocks, options.block_width)
+                point = np.clip(block_point, 0, scan.num_images)
+                outside = outside | (point != block_point)
+                S = varying["S"][point]
+                s0 = varying["s0"][point]
+                q_bragg = geometry.q_bragg_rotation(S, gonio.axis, phi, gonio.fixed_rotation, varying["A"][point], h)
+            _put(result, "outside_scan", rows, outside)
+            _put(result, "rotation_axis", rows, geometry.matvec(S, gonio.axis))
+            _put(result, "s0", rows, s0)
+        if "phi" not in views:
+            _put(result, "phi", rows, phi)
 
     rows_panel = take(panel)
     position_mm = take(position[:, :2])
     if options.q_pixel_source == "observed_px":
         position_mm = panel_millimetres(detector, rows_panel, position_mm)
     q_pixel = panel_q(detector, rows_panel, position_mm, s0)
-    _put(result, "s0", rows, s0)
-    _put(result, "position_mm", rows, position_mm)
+    if "position_mm" not in views:
+        _put(result, "position_mm", rows, position_mm)
     _put(result, "q_bragg", rows, q_bragg)
     _put(result, "q_pixel", rows, q_pixel)
     _put(result, "q_pred", rows, take(s1) - s0)
     if options.q_pixel_source == "calculated":
-        _put(result, "q_pixel_calculated", rows, q_pixel)
+        if not alias:
+            _put(result, "q_pixel_calculated", rows, q_pixel)
     else:
         _put(result, "q_pixel_calculated", rows, panel_q(detector, rows_panel, take(xyzcal[:, :2]), s0))
     if xyzobs is not None:
@@ -432,7 +479,7 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
         if finite.all():
             q_obs = panel_q(detector, rows_panel, observed, s0)
         else:
-            q_obs = np.full((rows.size, 3), np.nan)
+            q_obs = np.full((n, 3), np.nan)
             if finite.any():
                 q_obs[finite] = panel_q(detector, rows_panel[finite], observed[finite], s0[finite])
         _put(result, "q_pixel_observed", rows, q_obs)

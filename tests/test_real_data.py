@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.analysis import S1_OBSERVED, S1_PREDICTED, summarise
-from dials_qconsistency.compute import NOT_PREDICTED, REASONS
-from conftest import max_norm, run_core
+from dials_qconsistency.compute import NOT_PREDICTED, REASONS, Options
+from conftest import REAL_PAIRS, load, max_norm, run_core
 
 EXACT = 1e-9  # Å⁻¹
 
@@ -123,3 +123,27 @@ def test_centroid_indexed_s1_follows_observations(shared):
     # README: 569 indexed rows; one has no calculated position (xyzcal.mm x = y = 0)
     assert summary.counts["used"] == 568
     assert summary.counts[REASONS[NOT_PREDICTED]] == 1
+
+
+@pytest.mark.parametrize("folder, name", REAL_PAIRS)
+@pytest.mark.parametrize("options", [
+    {},
+    {"q_pixel_source": "observed_px", "phi": "observed"},
+    {"q_pixel_source": "observed", "model_state": "integrate"},
+])
+def test_blocks_change_no_bit(shared, monkeypatch, folder, name, options):
+    """compute_q works in blocks of BLOCK_ROWS rows; blocks of 7 rows (many
+    blocks, experiments and panels split across them) give the same bits."""
+    import dials_qconsistency.compute as compute
+
+    experiments, table, columns = load(shared(folder, name + ".expt"), shared(folder, name + ".refl"))
+    whole = compute.compute_q(experiments, columns, table.identifiers, Options(**options))
+    monkeypatch.setattr(compute, "BLOCK_ROWS", 7)
+    blocks = compute.compute_q(experiments, columns, table.identifiers, Options(**options))
+    assert table.nrows > 7 * 10
+    for field in ("q_bragg", "q_pixel", "q_pred", "q_pixel_calculated", "q_pixel_observed", "s0", "rotation_axis",
+                  "position_mm", "phi", "outside_scan", "reason"):
+        a, b = getattr(whole, field), getattr(blocks, field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            np.testing.assert_array_equal(a, b, err_msg=field)
