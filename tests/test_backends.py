@@ -56,10 +56,12 @@ def test_backend_choice_is_read_from_words_and_phil_files(tmp_path):
 
     phil = tmp_path / "choice.phil"
     phil.write_text("backend = standalone\n")
-    assert peek_backend(["backend=native", "-v"], phil_scope) == "native"
-    assert peek_backend([str(phil)], phil_scope) == "standalone"
-    assert peek_backend(["x.expt"], phil_scope) == "auto"  # a missing file: the parser that runs next says so
-    assert peek_backend([], phil_scope) == "auto"
+    assert peek_backend(["backend=native", "-v"], phil_scope) == ("native", None)
+    assert peek_backend([str(phil)], phil_scope) == ("standalone", None)
+    assert str(peek_backend(["missing.txt"], phil_scope)[1]) == "missing.txt: file not found"
+    assert peek_backend(["missing.txt"], phil_scope)[0] == "auto"
+    assert str(peek_backend(["nproc=0"], phil_scope)[1]).startswith("bad parameter")
+    assert str(peek_backend([], phil_scope)[0]).lower() == "auto"  # libtbx.phil's Auto
 
 
 @pytest.mark.skipif(backends.dials_importable(), reason="DIALS is importable here: backend=native works")
@@ -208,6 +210,9 @@ def test_native_plumbing_over_many_files_and_bad_input(shared, tmp_path):
     for output in outputs:
         assert_same_tables(tmp_path / "native" / output, tmp_path / "standalone" / output)
     assert (tmp_path / "native" / "files.csv").read_bytes() == (tmp_path / "standalone" / "files.csv").read_bytes()
+
+    done = run_command(inputs[0], inputs[1], "backend=native", "nproc=0", cwd=tmp_path / "native")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "bad parameter" in done.stderr, done.stderr
 
     broken = tmp_path / "broken.refl"
     broken.write_bytes(b"\x93not a table")

@@ -102,16 +102,17 @@ def parse_or_show(args, phil, usage, help_message, accept_reflections=True):
     return arguments
 
 
-def peek_backend(args, phil) -> str:
-    """The ``backend=`` choice among the arguments, before any file is read
-    (``auto`` when the scope has no such parameter or the words do not parse:
-    the parser that runs next names the problem)."""
+def peek_backend(args, phil):
+    """(the ``backend=`` choice among the arguments, the error they give), read
+    before any file is: the choice is ``auto`` when the words do not parse,
+    and "standalone" when the scope has no such parameter. Options (``-v``,
+    ``--phil``) are left to the parser that runs next."""
     words = [arg for arg in args if not arg.startswith("-")]
     try:
         params = parse_arguments(words, phil).params
-    except QConsistencyError:
-        return "auto"
-    return getattr(params, "backend", "standalone")
+    except QConsistencyError as error:
+        return "auto", error
+    return getattr(params, "backend", "standalone"), None
 
 
 def parse_command_line(args, phil, usage, help_message, accept_reflections=True):
@@ -121,7 +122,10 @@ def parse_command_line(args, phil, usage, help_message, accept_reflections=True)
     The standalone backend parses here; the native one with DIALS' own
     ArgumentParser, which reads the input files (one pair) itself.
     """
-    backend = backends.resolve(peek_backend(args, phil))
+    choice, error = peek_backend(args, phil)
+    backend = backends.resolve(choice)
+    if backend == "native" and error is not None:
+        raise error  # one line, before DIALS' parser would exit with argparse's status 2
     if backend == "standalone":
         arguments = parse_or_show(args, phil, usage, help_message, accept_reflections)
     else:
