@@ -57,6 +57,7 @@ def test_backend_choice_is_read_from_words_and_phil_files(tmp_path):
     phil = tmp_path / "choice.phil"
     phil.write_text("backend = standalone\n")
     assert peek_backend(["backend=native", "-v"], phil_scope) == ("native", None)
+    assert peek_backend(["-c", "-e", "1", "backend=native"], phil_scope) == ("native", None)  # DIALS' -e N
     assert peek_backend([str(phil)], phil_scope) == ("standalone", None)
     assert str(peek_backend(["missing.txt"], phil_scope)[1]) == "missing.txt: file not found"
     assert peek_backend(["missing.txt"], phil_scope)[0] == "auto"

@@ -102,12 +102,17 @@ def parse_or_show(args, phil, usage, help_message, accept_reflections=True):
     return arguments
 
 
+#: DIALS' options whose value is the next word (a number, not a file or PHIL).
+DIALS_OPTIONS_WITH_NUMBERS = ("-a", "--attributes-level", "-e", "--expert-level")
+
+
 def peek_backend(args, phil):
     """(the ``backend=`` choice among the arguments, the error they give), read
     before any file is: the choice is ``auto`` when the words do not parse,
     and "standalone" when the scope has no such parameter. Options (``-v``,
     ``--phil``) are left to the parser that runs next."""
-    words = [arg for arg in args if not arg.startswith("-")]
+    words = [arg for i, arg in enumerate(args)
+             if not arg.startswith("-") and (i == 0 or args[i - 1] not in DIALS_OPTIONS_WITH_NUMBERS)]
     try:
         params = parse_arguments(words, phil).params
     except QConsistencyError as error:
