@@ -121,7 +121,10 @@ def test_dials_reads_what_either_backend_wrote(shared, tmp_path, folder, name):
             assert all(table["shoebox"].size() == original["shoebox"].size() for table in tables.values())
             continue
         for table in tables.values():
-            np.testing.assert_array_equal(flumpy.to_numpy(table[key]), flumpy.to_numpy(original[key]), err_msg=key)
+            try:  # numeric columns through flumpy; the rest (int6, strings) element by element
+                np.testing.assert_array_equal(flumpy.to_numpy(table[key]), flumpy.to_numpy(original[key]), err_msg=key)
+            except (TypeError, ValueError, RuntimeError):
+                assert list(table[key]) == list(original[key]), key
     for key in ("q_bragg", "q_pixel", "delta_q", "delta_q.norm"):
         assert_close(flumpy.to_numpy(tables["standalone"][key]), flumpy.to_numpy(tables["native"][key]))
 
