@@ -222,9 +222,8 @@ def _detector(d, notes) -> Detector:
         raise _Bad("has no panels")
     identity = (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.zeros(3))
     frames: list = [None] * len(panel_dicts)
-    groups: list[PanelGroup] = []
 
-    def walk(node, parent_frame, depth) -> list[int]:
+    def walk(node, parent_frame, depth) -> None:
         if depth > 64:
             raise _Bad("hierarchy is too deep (a cycle?)")
         if "panel" in node:
@@ -234,12 +233,10 @@ def _detector(d, notes) -> Detector:
             if frames[index] is not None:
                 raise _Bad(f"hierarchy names panel {index} twice")
             frames[index] = _compose(parent_frame, _frame(panel_dicts[index]))
-            return [index]
+            return
         frame = _compose(parent_frame, _frame(node))
-        below = [index for child in node.get("children", []) for index in walk(child, frame, depth + 1)]
-        if depth > 0:
-            groups.append(PanelGroup(str(node.get("name", "")) or f"group {len(groups)}", depth, below))
-        return below
+        for child in node.get("children", []):
+            walk(child, frame, depth + 1)
 
     hierarchy = d.get("hierarchy")
     if hierarchy:
@@ -289,7 +286,26 @@ def _detector(d, notes) -> Detector:
                 note=note,
             )
         )
-    return Detector(panels, sorted(groups, key=lambda group: (group.depth, group.panels[0] if group.panels else -1)))
+    return Detector(panels, hierarchy_groups(hierarchy))
+
+
+def hierarchy_groups(hierarchy) -> list[PanelGroup]:
+    """The groups below the root of a detector hierarchy dict (as in the .expt
+    and dxtbx's ``Detector.to_dict()``, leaves naming panels by index), ordered
+    by depth, then by first panel."""
+    groups: list[PanelGroup] = []
+
+    def walk(node, depth) -> list[int]:
+        if "panel" in node:
+            return [node["panel"]]
+        below = [index for child in node.get("children", []) for index in walk(child, depth + 1)]
+        if depth > 0:
+            groups.append(PanelGroup(str(node.get("name", "")) or f"group {len(groups)}", depth, below))
+        return below
+
+    if hierarchy:
+        walk(hierarchy, 0)
+    return sorted(groups, key=lambda group: (group.depth, group.panels[0] if group.panels else -1))
 
 
 def _goniometer(d) -> Goniometer:

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import models
 from .errors import QConsistencyError
+from .experiments import hierarchy_groups
 
 #: The columns the numpy core reads (compute.COLUMN_SHAPES), taken from the flex table.
 CORE_COLUMNS = ("id", "panel", "miller_index", "s1", "xyzcal.mm", "xyzobs.mm.value", "xyzobs.px.value")
@@ -78,23 +79,6 @@ def _pixel_to_millimetre(panel):
     return mapping
 
 
-def _hierarchy_groups(hierarchy) -> list[models.PanelGroup]:
-    """Groups below the root of ``Detector.to_dict()['hierarchy']``, as the standalone reader finds them."""
-    groups = []
-
-    def walk(node, depth):
-        if "panel" in node:
-            return [int(node["panel"])]
-        below = [index for child in node.get("children", []) for index in walk(child, depth + 1)]
-        if depth > 0:
-            groups.append(models.PanelGroup(str(node.get("name", "")) or f"group {len(groups)}", depth, below))
-        return below
-
-    if hierarchy:
-        walk(hierarchy, 0)
-    return sorted(groups, key=lambda group: (group.depth, group.panels[0] if group.panels else -1))
-
-
 def detector_model(detector, notes) -> models.Detector:
     panels = []
     for index, panel in enumerate(detector):
@@ -115,7 +99,7 @@ def detector_model(detector, notes) -> models.Detector:
                 pixel_to_millimetre=_pixel_to_millimetre(panel),
             )
         )
-    return models.Detector(panels, _hierarchy_groups(detector.to_dict().get("hierarchy")))
+    return models.Detector(panels, hierarchy_groups(detector.to_dict().get("hierarchy")))
 
 
 def goniometer_model(goniometer) -> models.Goniometer:

@@ -9,7 +9,7 @@ import pytest
 
 from dials_qconsistency.compute import Options, compute_q
 from dials_qconsistency.experiments import read_experiments
-from dials_qconsistency.reflection_table import FIXED_TYPES, ReflectionTable
+from dials_qconsistency.reflection_table import ReflectionTable
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
@@ -39,8 +39,7 @@ def shared():
 def load(expt_path, refl_path):
     experiments = read_experiments(expt_path)
     table = ReflectionTable.from_file(refl_path)
-    columns = {k: table.get(k) for k in table.keys() if table.column_type(k) in FIXED_TYPES}
-    return experiments, table, columns
+    return experiments, table, table.columns()
 
 
 def run_core(expt_path, refl_path, **options):

@@ -236,7 +236,7 @@ def read_compute_write(raw: bytes, experiments) -> str:
     """What one mutated table does: 'read' (and computed) or 'error'. Anything else raises."""
     try:
         table = ReflectionTable.from_bytes(raw, "fuzzed.refl")
-        columns = {k: table.get(k) for k in table.keys() if table.column_type(k) in FIXED_TYPES}
+        columns = table.columns()
         for source in ("calculated", "observed"):
             options = Options(q_pixel_source=source)
             result = compute_q(

@@ -8,6 +8,7 @@ Arguments follow DIALS programs: files by extension, ``.phil`` files and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -181,6 +182,20 @@ def setup_logging(logger, log_path, arguments=None):
             raise QConsistencyError(f"cannot be written ({error.strerror})", log_path) from None
         to_file.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(to_file)
+
+
+@contextlib.contextmanager
+def logged_run(logger, log_path, arguments=None):
+    """Log to stdout and the log file within the block; the error that ends it
+    goes to the log file too (stderr shows it), and the log is closed."""
+    setup_logging(logger, log_path, arguments)
+    try:
+        yield
+    except QConsistencyError as error:
+        log_to_file_only(logger, f"\nError: {error}")
+        raise
+    finally:
+        close_logging(logger)
 
 
 def log_header(logger, program, version, arguments):

@@ -16,7 +16,7 @@ from dials_qconsistency.campaign import FileOutcome, describe
 from dials_qconsistency.compute import Options, compute_q
 from dials_qconsistency.decomposition import decompose
 from dials_qconsistency.diagnosis import diagnose
-from dials_qconsistency.errors import GateFailed, QConsistencyError
+from dials_qconsistency.errors import GateFailed
 from dials_qconsistency.files import StagedOutputs
 from dials_qconsistency.inputs import expand, is_pattern, pair_files
 from dials_qconsistency.output import add_columns
@@ -33,12 +33,10 @@ from dials_qconsistency.report import (
 from .many import run_many
 from .program import (
     check_output_paths,
-    close_logging,
     log_header,
-    log_to_file_only,
+    logged_run,
     parse_command_line,
     run_program,
-    setup_logging,
 )
 
 logger = logging.getLogger("dials.q_consistency")
@@ -224,8 +222,7 @@ def run(args=None, phil=phil_scope):
         experiments, table.columns(), table.identifiers, options, path=refl_path, experiments_path=expt_path
     )
 
-    setup_logging(logger, params.output.log, arguments)
-    try:
+    with logged_run(logger, params.output.log, arguments):
         log_header(logger, "dials.q_consistency", __version__, arguments)
         logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}, {table.nrows} rows from {refl_path}")
         parts = decompose(experiments, result)
@@ -241,11 +238,6 @@ def run(args=None, phil=phil_scope):
         if gate:
             logger.info(f"\nfail_if: {gate}")
             raise GateFailed(gate)
-    except QConsistencyError as error:
-        log_to_file_only(logger, f"\nError: {error}")
-        raise
-    finally:
-        close_logging(logger)
     return 0
 
 

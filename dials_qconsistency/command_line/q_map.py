@@ -24,12 +24,10 @@ from dials_qconsistency.pixel_map import (
 
 from .program import (
     check_output_paths,
-    close_logging,
     log_header,
-    log_to_file_only,
+    logged_run,
     parse_or_show,
     run_program,
-    setup_logging,
 )
 
 logger = logging.getLogger("dials.q_map")
@@ -170,16 +168,10 @@ def run(args=None, phil=phil_scope):
     experiments = read_experiments(expt_path)
     plan = map_plan(experiments, params, expt_path)
 
-    setup_logging(logger, params.output.log)
-    try:
+    with logged_run(logger, params.output.log):
         log_header(logger, "dials.q_map", __version__, arguments)
         logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}")
         write_maps(params, experiments, plan, expt_path)
-    except QConsistencyError as error:
-        log_to_file_only(logger, f"\nError: {error}")
-        raise
-    finally:
-        close_logging(logger)
     return 0
 
 
