@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import geometry
-from .compute import REASONS, S1_MATCH_TOLERANCE, USED, QResult
+from .compute import REASONS, S1_MATCH_TOLERANCE, USED, QResult, row_blocks
 
 #: Interpretation bands for mean |Δq| in Å⁻¹ (upper bound, verdict).
 BANDS = ((0.02, "excellent"), (0.05, "good"), (np.inf, "review the model"))
@@ -32,16 +32,27 @@ def band(mean_delta_q: float) -> str:
 
 
 def norm_statistics(values: np.ndarray) -> dict:
-    """n, mean, median, RMS, 95th percentile and max of non-negative values."""
+    """n, mean, median, RMS, 95th percentile and max of non-negative values.
+
+    The median and the 95th percentile come from one ``np.partition`` and are
+    the same floats as ``np.median`` and ``np.percentile(values, 95)`` (numpy's
+    'linear' method, its own interpolation).
+    """
     values = np.asarray(values, dtype=float)
-    if values.size == 0:
+    n = values.size
+    if n == 0:
         return {"n": 0, "mean": None, "median": None, "rms": None, "p95": None, "max": None}
+    position = (n - 1) * np.true_divide(95, 100)
+    below = int(np.floor(position))
+    above = min(below + 1, n - 1)
+    middle_low, middle_high = (n - 1) // 2, n // 2
+    ordered = np.partition(values, sorted({middle_low, middle_high, below, above}))
     return {
-        "n": int(values.size),
+        "n": int(n),
         "mean": float(values.mean()),
-        "median": float(np.median(values)),
+        "median": float((ordered[middle_low] + ordered[middle_high]) / 2),
         "rms": float(np.sqrt(np.mean(values**2))),
-        "p95": float(np.percentile(values, 95)),
+        "p95": float(_lerp(ordered[below], ordered[above], position - below)),
         "max": float(values.max()),
     }
 
@@ -88,21 +99,33 @@ def grouped_statistics(groups, values) -> tuple[np.ndarray, dict]:
     }
 
 
-#: Rows handled at a time where a row-wise difference of vectors is reduced.
-CHUNK_ROWS = 1 << 20
+def contiguous(rows, count: int):
+    """``rows`` (sorted unique indices, or a slice) as a slice when they are a
+    run of consecutive rows: the arrays are then read as views, not gathered."""
+    if isinstance(rows, slice):
+        return slice(*rows.indices(count)[:2])
+    if rows.size == 0 or rows[-1] - rows[0] == rows.size - 1:
+        return slice(int(rows[0]), int(rows[-1]) + 1) if rows.size else slice(0, 0)
+    return rows
+
+
+def row_distances(a, b=None, rows=slice(None)) -> np.ndarray:
+    """|a − b| (|a| without ``b``) of the selected rows, in row order, a block
+    of rows at a time (no temporary the size of the table)."""
+    rows = contiguous(rows, len(a))
+    first = rows.start if isinstance(rows, slice) else 0
+    count = rows.stop - rows.start if isinstance(rows, slice) else rows.size
+    out = np.empty(count)
+    for block in row_blocks(count):
+        chosen = slice(first + block.start, first + block.stop) if isinstance(rows, slice) else rows[block]
+        out[block] = geometry.norms(a[chosen] if b is None else a[chosen] - b[chosen])
+    return out
 
 
 def distances(a, b, rows=slice(None)) -> np.ndarray:
-    """|a − b| of the selected rows, finite values only, a chunk of rows at a
-    time (no temporary the size of the table)."""
-    if isinstance(rows, slice):
-        rows = np.arange(len(a))[rows]
-    parts = []
-    for start in range(0, rows.size, CHUNK_ROWS):
-        chunk = rows[start:start + CHUNK_ROWS]
-        d = geometry.norms(a[chunk] - b[chunk])
-        parts.append(d[np.isfinite(d)])
-    return np.concatenate(parts) if parts else np.zeros(0)
+    """The finite values of :func:`row_distances`."""
+    d = row_distances(a, b, rows)
+    return d[np.isfinite(d)]
 
 
 def _largest(d) -> float | None:
@@ -174,10 +197,8 @@ class UsedRows:
         self.rows = np.flatnonzero(used)
         every = self.rows.size == len(used)
         pick = (lambda values: values) if every else (lambda values: values[self.rows])
-        self.norm = np.empty(self.rows.size)
-        for start in range(0, self.rows.size, CHUNK_ROWS):
-            chunk = self.rows[start:start + CHUNK_ROWS]
-            self.norm[start:start + chunk.size] = geometry.norms(result.q_bragg[chunk] - result.q_pixel[chunk])
+        self.norm = row_distances(result.q_bragg, result.q_pixel, self.rows)
+        self._cache = {}
         self.parts = parts is not None
         if not self.parts:
             return
@@ -197,7 +218,11 @@ class UsedRows:
         rms radial and transverse (Å⁻¹); mean and rms of |q_bragg| - |q_pixel|
         (Å⁻¹); rms Δφ (rotation rows) and Δψ (still rows) in degrees.
         """
-        stats = norm_statistics(self.norm[positions])
+        positions = contiguous(positions, self.rows.size)
+        key = (positions.start, positions.stop) if isinstance(positions, slice) else None
+        if key in self._cache:  # the same rows again (one experiment: all of them)
+            return dict(self._cache[key])
+        stats = self.delta_q_statistics(positions)
         if not self.parts:
             return stats
         along, angle, rotation = self.along[positions], self.angle[positions], self.rotation[positions]
@@ -216,7 +241,19 @@ class UsedRows:
                 "rms_delta_psi_deg": _rms(angle[~rotation]),
             }
         )
+        if key is not None:
+            self._cache[key] = dict(stats)
         return stats
+
+    def delta_q_statistics(self, positions) -> dict:
+        """:func:`norm_statistics` of |Δq| at ``positions``, computed once per set of rows."""
+        positions = contiguous(positions, self.rows.size)
+        if not isinstance(positions, slice):
+            return norm_statistics(self.norm[positions])
+        key = ("delta_q", positions.start, positions.stop)
+        if key not in self._cache:
+            self._cache[key] = norm_statistics(self.norm[positions])
+        return dict(self._cache[key])
 
 
 def resolution_shells(d_spacing, n_shells: int):
@@ -243,7 +280,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
     used = result.used
     counts = {REASONS[code]: int(np.count_nonzero(result.reason == code)) for code in range(len(REASONS))}
     table = UsedRows(result, parts, used)
-    overall = norm_statistics(table.norm)
+    overall = table.delta_q_statistics(slice(None))
     verdict = band(overall["mean"]) if overall["n"] else "nothing to compare"
     summary = Summary(len(result.reason), counts, overall, verdict, notes=list(result.notes))
     experiment_of = result.experiment[table.rows]
@@ -262,7 +299,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
             ExperimentSummary(
                 index=index,
                 kind="rotation" if rotation else "still",
-                delta_q=norm_statistics(table.norm[positions]),
+                delta_q=table.delta_q_statistics(positions),
                 s1_kind=s1_kind,
                 max_pixel_calculated_vs_pred=cal,
                 max_pixel_observed_vs_pred=obs,
@@ -287,10 +324,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
             for group in detector.groups_at_depth(hierarchy_level)
         ],
     )
-    d_spacing = np.empty(table.rows.size)
-    for start in range(0, table.rows.size, CHUNK_ROWS):
-        chunk = table.rows[start:start + CHUNK_ROWS]
-        d_spacing[start:start + chunk.size] = 1.0 / geometry.norms(result.q_bragg[chunk])
+    d_spacing = 1.0 / row_distances(result.q_bragg, rows=table.rows)
     if n_shells > 0 and np.all(np.isfinite(d_spacing)):
         shell, edges = resolution_shells(d_spacing, n_shells)
         summary.per_resolution_shell = _grouped(

@@ -110,7 +110,7 @@ def process_file(job: FileJob) -> FileOutcome:
         )
         describe(outcome, experiments, table, result, summarise(result, experiments))
         if job.output:
-            add_columns(table, result, decompose(experiments, result))
+            add_columns(table, result, decompose(experiments, result, job.options.threads))
             table.stage(staged, job.output)
             ((outcome.staged, _),) = staged.detach()
     except QConsistencyError as error:

@@ -8,6 +8,7 @@ reflections.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +56,7 @@ class Options:
     model_state: str = "refinement"  # refinement | integrate
     block_width: float = 1.0  # degrees, as dials.refine's block_width
     phi: str = "calculated"  # rotation angle for q_bragg: calculated (xyzcal.mm) | observed (xyzobs.mm.value)
+    threads: int = 1  # blocks of rows computed at once (the results do not depend on it)
 
 
 @dataclass
@@ -377,15 +379,37 @@ def _put(result, name, rows, values):
         target[rows] = values
 
 
-#: Rows computed at a time. A block's temporaries (at most 24 MB for a vector
-#: column) stay below glibc's largest mmap threshold (32 MB), so each block
-#: reuses the heap memory the one before freed instead of faulting in fresh
-#: pages, which at 10M rows cost more than the arithmetic.
-BLOCK_ROWS = 1 << 20
+#: Rows handled at a time by every per-row stage (compute_q, the decomposition,
+#: the statistics' per-row values). A block's temporaries (1.5 MB for a vector
+#: column) stay in the CPU's cache and reuse the heap memory the block before
+#: freed; whole-table temporaries faulted in fresh pages on every operation,
+#: which at 10M rows cost more than the arithmetic.
+BLOCK_ROWS = 1 << 16
+
+
+def row_blocks(count: int) -> list[slice]:
+    """Consecutive slices of at most :data:`BLOCK_ROWS` rows covering ``range(count)``."""
+    return [slice(start, min(start + BLOCK_ROWS, count)) for start in range(0, count, BLOCK_ROWS)]
+
+
+def for_each_block(count: int, work, threads: int = 1) -> None:
+    """``work(block)`` for every slice of :func:`row_blocks`, on up to ``threads``
+    threads (numpy releases the GIL in its loops). Each block must write only
+    its own rows, so the results are the same bits whatever the thread count;
+    an error in any block is raised here."""
+    blocks = row_blocks(count)
+    if threads <= 1 or len(blocks) <= 1:
+        for block in blocks:
+            work(block)
+        return
+    with ThreadPoolExecutor(min(threads, len(blocks))) as pool:
+        for _ in pool.map(work, blocks):
+            pass
 
 
 def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result):
-    """Every used row of one experiment, in blocks of :data:`BLOCK_ROWS`.
+    """Every used row of one experiment, in blocks of :data:`BLOCK_ROWS` (on
+    ``options.threads`` threads).
 
     What is the same for all its rows (a static model's s0 and rotation axis)
     is set once, as a broadcast when the experiment has every row; with
@@ -410,13 +434,13 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
         _put(result, "position_mm", rows, position[:, :2])
         views.add("position_mm")
     alias = every and options.q_pixel_source == "calculated"
-    for start in range(0, rows.size, BLOCK_ROWS):
-        block = slice(start, min(start + BLOCK_ROWS, rows.size))
-        target = block if every else rows[block]
+    def work(block):
         _compute_block(
-            experiment, varying, target, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result,
-            alias, views,
+            experiment, varying, block if every else rows[block], hkl, s1, panel, xyzcal, xyzobs, position,
+            phi_all, options, result, alias, views,
         )
+
+    for_each_block(rows.size, work, options.threads)
     if alias:
         result.q_pixel_calculated = result.q_pixel
 

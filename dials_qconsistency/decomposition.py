@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import geometry
-from .compute import panel_groups, s1_is_prediction
+from .compute import for_each_block, s1_is_prediction
 
 
 @dataclass
@@ -61,20 +61,71 @@ def panel_frames(experiments, result):
     return d
 
 
-def _panel_groups(experiments, result, used_rows):
-    """(panel model, positions in ``used_rows``) for every experiment and panel."""
-    experiment_of = result.experiment[used_rows]
-    for index, experiment in enumerate(experiments):
-        mine = np.flatnonzero(experiment_of == index)
-        if mine.size == 0:
-            continue
-        for panel, rows in panel_groups(result.panel[used_rows[mine]]):
-            yield experiment.detector.panels[panel], (mine if isinstance(rows, slice) else mine[rows])
+class PanelLookup:
+    """Each row's panel vectors, as components: the few (detector, panel) pairs of
+    the experiments are tabulated once and looked up per row with ``np.take``
+    (no sorting, no scattering); one (detector, panel) for every row gives scalars.
+
+    Per panel: origin, fast and slow (lab, mm) and the nine elements of
+    D⁻¹, D = [fast | slow | origin] (ray -> panel coordinates).
+    """
+
+    def __init__(self, experiments, result):
+        offsets, panels = {}, []
+        for experiment in experiments:
+            detector = experiment.detector
+            if id(detector) not in offsets:
+                offsets[id(detector)] = len(panels)
+                panels.extend(detector.panels)
+        self.offset = np.array([offsets[id(e.detector)] for e in experiments] + [0], dtype=np.int64)
+        self.table = np.array([[*p.origin, *p.fast, *p.slow, *np.linalg.inv(p.d_matrix).ravel()] for p in panels])
+        self.result = result
+
+    def rows(self, row_numbers):
+        """(origin, fast, slow, d_inverse) for those rows: component tuples of
+        per-row arrays, or of scalars when every row has the same panel."""
+        index = self.offset[self.result.experiment[row_numbers]] + self.result.panel[row_numbers]
+        if index.size and np.all(index == index[0]):
+            values = tuple(self.table[int(index[0])])
+        else:
+            values = tuple(np.take(self.table[:, k], index) for k in range(self.table.shape[1]))
+        return values[0:3], values[3:6], values[6:9], values[9:18]
+
+
+def _intersection(d_inverse, rays):
+    """Panel (x, y) mm where rays (components) from the sample cross the panel
+    plane; NaN where they run parallel to it or away from it."""
+    m, (x, y, z) = d_inverse, rays
+    u, v, w = (m[3 * i] * x + m[3 * i + 1] * y + m[3 * i + 2] * z for i in range(3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ahead = w > 0
+        return np.where(ahead, u / w, np.nan), np.where(ahead, v / w, np.nan)
+
+
+def _on_panel(origin, fast, slow, x, y):
+    """Lab components (mm) of panel points."""
+    return tuple(origin[i] + x * fast[i] + y * slow[i] for i in range(3))
+
+
+def _unit(v):
+    length = np.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
+    return v[0] / length, v[1] / length, v[2] / length
+
+
+def _cross(a, b):
+    return a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]
+
+
+def _dot(a, b):
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
 
 
 def onto_sphere(q_bragg, s0, rotation_axis):
     """(angle, q_sphere): rows with a finite axis rotate by Δφ about it, others by Δψ."""
     rotation = np.all(np.isfinite(rotation_axis), axis=1)
+    if rotation.all():  # rotation data only: no masks
+        angle = geometry.nearest_ewald_rotation(q_bragg, rotation_axis, s0)
+        return angle, geometry.rotate_about(q_bragg, rotation_axis, angle), rotation
     angle = np.full(len(q_bragg), np.nan)
     axis = np.full(q_bragg.shape, np.nan)
     if rotation.any():
@@ -86,13 +137,9 @@ def onto_sphere(q_bragg, s0, rotation_axis):
     return angle, geometry.rotate_about(q_bragg, axis, angle), rotation
 
 
-#: Rows decomposed at a time: the temporaries stay near a dozen arrays of this
-#: many vectors however large the table.
-CHUNK_ROWS = 1 << 20
-
-
-def decompose(experiments, result) -> Decomposition:
-    """Decompose Δq of every used row (NaN elsewhere), a chunk of rows at a time."""
+def decompose(experiments, result, threads: int = 1) -> Decomposition:
+    """Decompose Δq of every used row (NaN elsewhere), a block of rows at a time
+    (on up to ``threads`` threads; the results do not depend on it)."""
     n = len(result.reason)
     used = result.used
     rotation = np.all(np.isfinite(result.rotation_axis), axis=1)
@@ -103,12 +150,13 @@ def decompose(experiments, result) -> Decomposition:
     parts = {name: np.empty((m, k) if k else m) for name, k in fields.items()}
     predicted = [index for index in range(len(experiments))
                  if s1_is_prediction(result, used_rows[result.experiment[used_rows] == index])]
-    for start in range(0, m, CHUNK_ROWS):
-        chunk = slice(start, min(start + CHUNK_ROWS, m))
-        rows = chunk if m == n else used_rows[chunk]  # every row used: views, no gathering
-        values = _decompose_rows(experiments, result, rows, used_rows[chunk], predicted)
-        for name, array in values.items():
-            parts[name][chunk] = array
+    panels = PanelLookup(experiments, result)
+
+    def work(block):
+        rows = block if m == n else used_rows[block]  # every row used: views, no gathering
+        _decompose_rows(result, rows, used_rows[block], predicted, panels, {k: v[block] for k, v in parts.items()})
+
+    for_each_block(m, work, threads)
 
     def full(values):
         """Used rows' values as a column of every row (NaN where not used)."""
@@ -121,39 +169,40 @@ def decompose(experiments, result) -> Decomposition:
     return Decomposition(**{name: full(values) for name, values in parts.items()}, rotation=rotation)
 
 
-def _decompose_rows(experiments, result, rows, row_numbers, predicted) -> dict:
-    """The parts of Δq for some used rows (``rows`` indexes the result; ``row_numbers``
-    are the same rows as numbers); ``predicted``: experiments whose s1 is a prediction."""
+def _decompose_rows(result, rows, row_numbers, predicted, panels, out) -> None:
+    """The parts of Δq for some used rows, written into ``out`` (views of the
+    parts' arrays). ``rows`` indexes the result; ``row_numbers`` are the same
+    rows as numbers; ``predicted``: experiments whose s1 is a prediction."""
     q_bragg, q_pixel, s0 = result.q_bragg[rows], result.q_pixel[rows], result.s0[rows]
     angle, q_sphere, _ = onto_sphere(q_bragg, s0, result.rotation_axis[rows])
-    model_spot = q_sphere.copy()
+    out["angle"][:] = angle
+    out["q_sphere"][:] = q_sphere
+    model_spot = q_sphere
     if predicted:
         from_prediction = np.isin(result.experiment[row_numbers], predicted)
-        model_spot[from_prediction] = result.q_pred[row_numbers[from_prediction]]
+        if from_prediction.any():
+            model_spot = q_sphere.copy()
+            model_spot[from_prediction] = result.q_pred[row_numbers[from_prediction]]
+    s0 = geometry.components(s0)
+    model_spot, q_pixel = geometry.components(model_spot), geometry.components(q_pixel)
     xy_pixel = result.position_mm[rows]
-    xy_bragg, delta_lab, beam_centre, spot = (np.empty((row_numbers.size, k)) for k in (2, 3, 3, 3))
-    for panel, group in _panel_groups(experiments, result, row_numbers):  # one panel's d matrix at a time
-        xy_bragg[group] = geometry.panel_intersection(panel.d_matrix, s0[group] + model_spot[group])
-        delta = xy_bragg[group] - xy_pixel[group]
-        delta_lab[group] = delta[:, :1] * panel.fast + delta[:, 1:] * panel.slow
-        beam_centre[group] = geometry.lab_coordinates(
-            panel.origin, panel.fast, panel.slow, geometry.panel_intersection(panel.d_matrix, s0[group])
-        )
-        spot[group] = geometry.lab_coordinates(panel.origin, panel.fast, panel.slow, xy_pixel[group])
+    x_pixel, y_pixel = xy_pixel[:, 0], xy_pixel[:, 1]
+    origin, fast, slow, d_inverse = panels.rows(row_numbers)
+    x_bragg, y_bragg = _intersection(d_inverse, tuple(s0[i] + model_spot[i] for i in range(3)))
+    dx, dy = x_bragg - x_pixel, y_bragg - y_pixel
+    out["delta_xy"][:, 0], out["delta_xy"][:, 1] = dx, dy
+    delta_lab = tuple(dx * fast[i] + dy * slow[i] for i in range(3))
+    beam_centre = _on_panel(origin, fast, slow, *_intersection(d_inverse, s0))
+    spot = _on_panel(origin, fast, slow, x_pixel, y_pixel)
     with np.errstate(invalid="ignore", divide="ignore"):
-        radial_dir = geometry.unit(spot - beam_centre)
-        transverse_dir = geometry.unit(geometry.cross(radial_dir, beam_centre))
-        s1_dir = geometry.unit(s0 + q_pixel)
-        transverse_q = geometry.unit(geometry.cross(s1_dir, geometry.unit(s0)))
-        radial_q = geometry.cross(s1_dir, transverse_q)
-    in_plane_q = model_spot - q_pixel
-    return {
-        "q_sphere": q_sphere,
-        "angle": angle,
-        "along_q": geometry.norms(q_bragg) - geometry.norms(q_pixel),
-        "delta_xy": xy_bragg - xy_pixel,
-        "radial_mm": geometry.rowdot(delta_lab, radial_dir),
-        "transverse_mm": geometry.rowdot(delta_lab, transverse_dir),
-        "radial": geometry.rowdot(in_plane_q, radial_q),
-        "transverse": geometry.rowdot(in_plane_q, transverse_q),
-    }
+        radial_dir = _unit(tuple(spot[i] - beam_centre[i] for i in range(3)))
+        transverse_dir = _unit(_cross(radial_dir, beam_centre))
+        s1_dir = _unit(tuple(s0[i] + q_pixel[i] for i in range(3)))
+        transverse_q = _unit(_cross(s1_dir, _unit(s0)))
+        radial_q = _cross(s1_dir, transverse_q)
+    in_plane_q = tuple(model_spot[i] - q_pixel[i] for i in range(3))
+    out["along_q"][:] = geometry.norms(q_bragg) - geometry.norms(q_pixel)
+    out["radial_mm"][:] = _dot(delta_lab, radial_dir)
+    out["transverse_mm"][:] = _dot(delta_lab, transverse_dir)
+    out["radial"][:] = _dot(in_plane_q, radial_q)
+    out["transverse"][:] = _dot(in_plane_q, transverse_q)

@@ -9,6 +9,7 @@ that fails, the files not yet started are skipped.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 
 from .campaign import FileJob, FileOutcome, process_file
@@ -16,6 +17,29 @@ from .campaign import FileJob, FileOutcome, process_file
 SKIPPED = "skipped after an earlier error"
 
 _abort = None  # a multiprocessing.Event in each worker
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as taskset and batch systems set it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_process(requested, processes: int = 1) -> int:
+    """``mp.nthreads``: the number asked for, or for Auto (or None) the CPUs
+    shared among ``processes`` processes on this machine (at least one each)."""
+    if isinstance(requested, int):
+        return requested
+    return max(1, available_cpus() // max(1, processes))
+
+
+def ranks_on_this_machine(comm) -> int:
+    """How many ranks of ``comm`` share this machine (collective: every rank calls it)."""
+    from mpi4py import MPI
+
+    return comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
 
 
 def _init_worker(event):

@@ -133,13 +133,15 @@ def test_centroid_indexed_s1_follows_observations(shared):
 ])
 def test_blocks_change_no_bit(shared, monkeypatch, folder, name, options):
     """compute_q works in blocks of BLOCK_ROWS rows; blocks of 7 rows (many
-    blocks, experiments and panels split across them) give the same bits."""
+    blocks, experiments and panels split across them), computed on 3 threads,
+    give the same bits."""
     import dials_qconsistency.compute as compute
 
     experiments, table, columns = load(shared(folder, name + ".expt"), shared(folder, name + ".refl"))
+    monkeypatch.setattr(compute, "BLOCK_ROWS", 1 << 30)
     whole = compute.compute_q(experiments, columns, table.identifiers, Options(**options))
     monkeypatch.setattr(compute, "BLOCK_ROWS", 7)
-    blocks = compute.compute_q(experiments, columns, table.identifiers, Options(**options))
+    blocks = compute.compute_q(experiments, columns, table.identifiers, Options(**options, threads=3))
     assert table.nrows > 7 * 10
     for field in ("q_bragg", "q_pixel", "q_pred", "q_pixel_calculated", "q_pixel_observed", "s0", "rotation_axis",
                   "position_mm", "phi", "outside_scan", "reason"):

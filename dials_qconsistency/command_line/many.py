@@ -9,6 +9,7 @@ outputs are committed together with the summary, or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -20,9 +21,11 @@ from dials_qconsistency.inputs import output_table_names
 from dials_qconsistency.parallel import (
     SKIPPED,
     mpi_world,
+    ranks_on_this_machine,
     run_mpi,
     run_pool,
     run_serial,
+    threads_per_process,
 )
 from dials_qconsistency.progress import Progress
 from dials_qconsistency.report import (
@@ -63,6 +66,8 @@ def run_many(params, arguments, pairs, options, logger, gate_failure, finite) ->
     rank 0's status without printing)."""
     comm = mpi_world() if params.mp.method == "mpi" else None
     root = comm is None or comm.Get_rank() == 0
+    processes = ranks_on_this_machine(comm) if comm is not None else min(params.nproc, len(pairs))
+    options = dataclasses.replace(options, threads=threads_per_process(params.mp.nthreads, processes))
     tables = table_outputs(params, pairs)
     outputs = {f"output.reflections (file {i}, {refl})": table
                for i, ((_, refl), table) in enumerate(zip(pairs, tables)) if table}

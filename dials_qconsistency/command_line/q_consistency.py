@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import libtbx.phil
 
@@ -20,6 +21,7 @@ from dials_qconsistency.errors import GateFailed
 from dials_qconsistency.files import StagedOutputs
 from dials_qconsistency.inputs import expand, is_pattern, pair_files
 from dials_qconsistency.output import add_columns
+from dials_qconsistency.parallel import threads_per_process
 from dials_qconsistency.plots import FIGURE_NAMES, plot_path, render_plots
 from dials_qconsistency.report import (
     diagnosis_text,
@@ -157,6 +159,12 @@ mp {
     .type = choice
     .help = "mpi: run under mpirun with mpi4py; the ranks split the files and"
             "rank 0 merges the statistics and writes the summary."
+  nthreads = Auto
+    .type = int(value_min=1)
+    .help = "Threads computing one table, a block of 65536 rows each (the"
+            "results are the same bits whatever the number). Auto: the CPUs"
+            "this process may use, shared among the nproc worker processes or"
+            "the MPI ranks on this machine."
 }
 backend = *auto native standalone
   .type = choice
@@ -210,6 +218,7 @@ def run(args=None, phil=phil_scope):
         model_state=params.scan_varying.model_state,
         block_width=params.scan_varying.block_width,
         phi=params.phi,
+        threads=threads_per_process(params.mp.nthreads),
     )
     if len(pairs) > 1 or params.mp.method == "mpi":
         return run_many(params, arguments, pairs, options, logger, gate_failure, _finite)
@@ -225,15 +234,27 @@ def run(args=None, phil=phil_scope):
     with logged_run(logger, params.output.log, arguments):
         log_header(logger, "dials.q_consistency", __version__, arguments)
         logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}, {table.nrows} rows from {refl_path}")
-        parts = decompose(experiments, result)
-        summary = summarise(
-            result, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
-        )
-        diagnoses = diagnose(experiments, result, parts)
-        logger.info(summary_text(summary, options))
-        logger.info(residuals_text(summary))
-        logger.info(diagnosis_text(diagnoses))
-        write_outputs(params, experiments, table, result, parts, summary, diagnoses, options, (expt_path, refl_path))
+        parts = decompose(experiments, result, options.threads)
+        with StagedOutputs() as outputs, ThreadPoolExecutor(1) as writer:
+            table_staged = None
+            if params.output.reflections:  # written while the statistics are computed
+                replaced = add_columns(table, result, parts)
+                if replaced:
+                    logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
+                table_staged = writer.submit(table.stage, outputs, params.output.reflections)
+            summary = summarise(
+                result, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
+            )
+            diagnoses = diagnose(experiments, result, parts)
+            logger.info(summary_text(summary, options))
+            logger.info(residuals_text(summary))
+            logger.info(diagnosis_text(diagnoses))
+            if table_staged is not None:
+                table_staged.result()  # its error, if any, is raised here
+            figures = stage_reports(params, experiments, table, result, parts, summary, diagnoses, options,
+                                    (expt_path, refl_path), outputs)
+            outputs.commit()
+        log_saved(params, figures, table.nrows)
         gate = gate_failure(summary.delta_q, params.fail_if)
         if gate:
             logger.info(f"\nfail_if: {gate}")
@@ -241,36 +262,31 @@ def run(args=None, phil=phil_scope):
     return 0
 
 
-def write_outputs(params, experiments, table, result, parts, summary, diagnoses, options, inputs):
-    """Stage the table, the JSON report and the figures; commit them together."""
-    out_path = params.output.reflections
-    with StagedOutputs() as outputs:
-        if out_path:
-            replaced = add_columns(table, result, parts)
-            if replaced:
-                logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
-            table.stage(outputs, out_path)  # standalone: unchanged columns go file to file
-        summaries = (params.output.json, params.output.per_file_csv, params.output.per_image_csv)
-        if any(summaries):  # the per-file and per-image records of a run over many files
-            outcome = FileOutcome(0, inputs[0], inputs[1], out_path)
-            describe(outcome, experiments, table, result, summary)
-        if params.output.json:
-            report = json_report(summary, diagnoses, options, {"experiments": inputs[0], "reflections": inputs[1]})
-            report["images"] = outcome.images
-            outputs.add(params.output.json, (json.dumps(_finite(report), indent=1) + "\n").encode())
-        if params.output.per_file_csv:
-            outputs.add(params.output.per_file_csv, per_file_csv([outcome]))
-        if params.output.per_image_csv:
-            outputs.add(params.output.per_image_csv, per_image_csv([outcome]))
-        figures = []
-        target = params.output.plots
-        if target and target != "None":
-            rendered = render_plots(target, experiments, result, parts)
-            for path, png in rendered.items():
-                outputs.make_folder(os.path.dirname(path) or ".")  # a new plots folder, removed on failure
-                outputs.add(path, png)
-            figures = list(rendered)
-        outputs.commit()
+def stage_reports(params, experiments, table, result, parts, summary, diagnoses, options, inputs, outputs) -> list:
+    """Stage the JSON report, the CSV files and the figures beside the table; return the figures' paths."""
+    summaries = (params.output.json, params.output.per_file_csv, params.output.per_image_csv)
+    if any(summaries):  # the per-file and per-image records of a run over many files
+        outcome = FileOutcome(0, inputs[0], inputs[1], params.output.reflections)
+        describe(outcome, experiments, table, result, summary)
+    if params.output.json:
+        report = json_report(summary, diagnoses, options, {"experiments": inputs[0], "reflections": inputs[1]})
+        report["images"] = outcome.images
+        outputs.add(params.output.json, (json.dumps(_finite(report), indent=1) + "\n").encode())
+    if params.output.per_file_csv:
+        outputs.add(params.output.per_file_csv, per_file_csv([outcome]))
+    if params.output.per_image_csv:
+        outputs.add(params.output.per_image_csv, per_image_csv([outcome]))
+    target = params.output.plots
+    if not target or target == "None":
+        return []
+    rendered = render_plots(target, experiments, result, parts)
+    for path, png in rendered.items():
+        outputs.make_folder(os.path.dirname(path) or ".")  # a new plots folder, removed on failure
+        outputs.add(path, png)
+    return list(rendered)
+
+
+def log_saved(params, figures, nrows) -> None:
     if params.output.json:
         logger.info(f"\nSaved the report to {params.output.json}")
     for name in ("per_file_csv", "per_image_csv"):
@@ -278,8 +294,8 @@ def write_outputs(params, experiments, table, result, parts, summary, diagnoses,
             logger.info(f"Saved {getattr(params.output, name)}")
     if figures:
         logger.info(f"Saved {len(figures)} figures: {', '.join(figures)}")
-    if out_path:
-        logger.info(f"\nSaved {table.nrows} rows with q_bragg, q_pixel, q_pred, delta_q and its parts to {out_path}")
+    if params.output.reflections:
+        logger.info(f"\nSaved {nrows} rows with q_bragg, q_pixel, q_pred, delta_q and its parts to {params.output.reflections}")
 
 
 def gate_failure(statistics: dict, bounds) -> str | None:
