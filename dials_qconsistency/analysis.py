@@ -180,80 +180,116 @@ class Summary:
     per_resolution_shell: list[dict] = field(default_factory=list)
 
 
-def _rms(values) -> float | None:
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    return float(np.sqrt(np.mean(values**2))) if values.size else None
+#: The residual statistics of :meth:`UsedRows.statistics_by`: RMS of each value per row.
+RMS_NAMES = ("rms_in_plane_mm", "rms_x_mm", "rms_y_mm", "rms_radial_mm", "rms_transverse_mm", "rms_radial",
+             "rms_transverse", "rms_along_q", "rms_delta_phi_deg", "rms_delta_psi_deg")
 
 
 class UsedRows:
-    """The per-row values the statistics need, for used rows only, computed once.
+    """|Δq| of the used rows, and their residual values a block at a time.
 
-    Groupings (experiment, panel, panel group, resolution shell) then select
-    positions among the used rows instead of masking every row of the table.
+    Groupings (experiment, panel, panel group, resolution shell) are label
+    arrays over the used rows; :meth:`statistics_by` reduces every grouping in
+    one pass over blocks of rows, so no temporary is the size of the table.
     """
 
     def __init__(self, result: QResult, parts, used):
         self.rows = np.flatnonzero(used)
-        every = self.rows.size == len(used)
-        pick = (lambda values: values) if every else (lambda values: values[self.rows])
         self.norm = row_distances(result.q_bragg, result.q_pixel, self.rows)
-        self._cache = {}
-        self.parts = parts is not None
-        if not self.parts:
-            return
-        self.delta_xy = pick(parts.delta_xy)
-        self.in_plane = np.hypot(self.delta_xy[:, 0], self.delta_xy[:, 1])
-        self.radial_mm, self.transverse_mm = pick(parts.radial_mm), pick(parts.transverse_mm)
-        self.radial, self.transverse = pick(parts.radial), pick(parts.transverse)
-        self.along = pick(parts.along_q)
-        self.angle = np.degrees(pick(parts.angle))
-        self.rotation = pick(parts.rotation)
+        self.parts = parts
+        self._table_rows = contiguous(self.rows, len(used))
 
-    def statistics(self, positions) -> dict:
-        """Statistics of the used rows at ``positions`` (an index array or slice).
+    def _values(self, block) -> tuple[dict, np.ndarray]:
+        """({statistic: value per row}, |q_bragg| - |q_pixel|) of the used rows at positions ``block``."""
+        rows = self._table_rows
+        rows = slice(rows.start + block.start, rows.start + block.stop) if isinstance(rows, slice) else rows[block]
+        parts = self.parts
+        xy = parts.delta_xy[rows]
+        angle = np.degrees(parts.angle[rows])
+        rotation = parts.rotation[rows]
+        along = parts.along_q[rows]
+        return {
+            "rms_in_plane_mm": np.hypot(xy[:, 0], xy[:, 1]),
+            "rms_x_mm": xy[:, 0],
+            "rms_y_mm": xy[:, 1],
+            "rms_radial_mm": parts.radial_mm[rows],
+            "rms_transverse_mm": parts.transverse_mm[rows],
+            "rms_radial": parts.radial[rows],
+            "rms_transverse": parts.transverse[rows],
+            "rms_along_q": along,
+            "rms_delta_phi_deg": np.where(rotation, angle, np.nan),
+            "rms_delta_psi_deg": np.where(rotation, np.nan, angle),
+        }, along
 
-        Keys: n, mean/median/rms/p95/max of |Δq| (Å⁻¹); rms of the in-plane
-        residual and its fast (x), slow (y), radial and transverse parts (mm);
-        rms radial and transverse (Å⁻¹); mean and rms of |q_bragg| - |q_pixel|
-        (Å⁻¹); rms Δφ (rotation rows) and Δψ (still rows) in degrees.
+    def statistics_by(self, groupings) -> list[list[dict | None]]:
+        """Statistics of every group of every grouping: ``groupings`` is a list
+        of (labels, k), labels a group 0..k-1 (or -1: none) per used row, or
+        None for all used rows as one group. Returns, per grouping, k dicts
+        (None for an empty group).
+
+        Keys: n, mean/median/rms/p95/max of |Δq| (Å⁻¹, :func:`norm_statistics`,
+        numpy's floats); with the decomposition also the RMS of the in-plane
+        residual and its fast (x), slow (y), radial and transverse parts (mm),
+        of the radial and transverse parts in Å⁻¹, mean and RMS of |q_bragg| -
+        |q_pixel| (Å⁻¹), RMS Δφ (rotation rows) and Δψ (still rows) in degrees:
+        sums of squares of the finite values, group by group (``np.bincount``).
         """
-        positions = contiguous(positions, self.rows.size)
-        key = (positions.start, positions.stop) if isinstance(positions, slice) else None
-        if key in self._cache:  # the same rows again (one experiment: all of them)
-            return dict(self._cache[key])
-        stats = self.delta_q_statistics(positions)
-        if not self.parts:
-            return stats
-        along, angle, rotation = self.along[positions], self.angle[positions], self.rotation[positions]
-        stats.update(
-            {
-                "rms_in_plane_mm": _rms(self.in_plane[positions]),
-                "rms_x_mm": _rms(self.delta_xy[positions, 0]),
-                "rms_y_mm": _rms(self.delta_xy[positions, 1]),
-                "rms_radial_mm": _rms(self.radial_mm[positions]),
-                "rms_transverse_mm": _rms(self.transverse_mm[positions]),
-                "rms_radial": _rms(self.radial[positions]),
-                "rms_transverse": _rms(self.transverse[positions]),
-                "mean_along_q": float(np.mean(along)) if along.size else None,
-                "rms_along_q": _rms(along),
-                "rms_delta_phi_deg": _rms(angle[rotation]),
-                "rms_delta_psi_deg": _rms(angle[~rotation]),
-            }
-        )
-        if key is not None:
-            self._cache[key] = dict(stats)
-        return stats
+        m = self.rows.size
+        names = RMS_NAMES + ("along",)
+        sums = [{name: np.zeros(k) for name in names} for _, k in groupings]
+        counts = [{name: np.zeros(k) for name in names} for _, k in groupings]
+        for block in row_blocks(m) if self.parts is not None else []:
+            values, along = self._values(block)
+            terms = {name: v * v for name, v in values.items()}
+            terms["along"] = along
+            finite = {name: np.isfinite(v) for name, v in values.items()}
+            finite["along"] = finite["rms_along_q"]
+            one_group = np.zeros(block.stop - block.start, dtype=np.int64)
+            for (labels, k), total, count in zip(groupings, sums, counts):
+                label = one_group if labels is None else labels[block]
+                keep = finite
+                if not (label >= 0).all():
+                    inside = label >= 0
+                    label = np.where(inside, label, 0)
+                    keep = {name: ok & inside for name, ok in finite.items()}
+                everything = np.bincount(label, minlength=k)
+                for name, term in terms.items():
+                    ok = keep[name]
+                    if ok.all():  # the usual case: no mask to apply
+                        total[name] += np.bincount(label, weights=term, minlength=k)
+                        count[name] += everything
+                    elif ok.any():
+                        total[name] += np.bincount(label[ok], weights=term[ok], minlength=k)
+                        count[name] += np.bincount(label[ok], minlength=k)
+        out = []
+        for (labels, k), total, count in zip(groupings, sums, counts):
+            stats = self._norm_statistics_by(labels, k)
+            for group, entry in enumerate(stats):
+                if entry is None or self.parts is None:
+                    continue
+                for name in RMS_NAMES:
+                    n = count[name][group]
+                    entry[name] = float(np.sqrt(total[name][group] / n)) if n else None
+                n = count["along"][group]
+                entry["mean_along_q"] = float(total["along"][group] / n) if n else None
+            out.append(stats)
+        return out
 
-    def delta_q_statistics(self, positions) -> dict:
-        """:func:`norm_statistics` of |Δq| at ``positions``, computed once per set of rows."""
-        positions = contiguous(positions, self.rows.size)
-        if not isinstance(positions, slice):
-            return norm_statistics(self.norm[positions])
-        key = ("delta_q", positions.start, positions.stop)
-        if key not in self._cache:
-            self._cache[key] = norm_statistics(self.norm[positions])
-        return dict(self._cache[key])
+    def _norm_statistics_by(self, labels, k) -> list[dict | None]:
+        """:func:`norm_statistics` of |Δq| per group, the values in row order."""
+        if labels is None or (labels.size and np.all(labels == labels[0])):
+            stats = [None] * k
+            group = 0 if labels is None else int(labels[0]) if labels.size else -1
+            if self.norm.size and group >= 0:
+                stats[group] = norm_statistics(self.norm)
+            return stats
+        small = labels.astype(np.int16) if k < 2**15 else labels  # numpy sorts 16-bit keys by radix: O(n)
+        order = np.argsort(small, kind="stable")
+        ordered_labels = labels[order]
+        starts = np.searchsorted(ordered_labels, np.arange(k))
+        ends = np.searchsorted(ordered_labels, np.arange(k), side="right")
+        ordered = self.norm[order]
+        return [norm_statistics(ordered[a:b]) if b > a else None for a, b in zip(starts, ends)]
 
 
 def resolution_shells(d_spacing, n_shells: int):
@@ -266,29 +302,46 @@ def resolution_shells(d_spacing, n_shells: int):
     return shell, edges
 
 
-def _grouped(table: UsedRows, labelled) -> list[dict]:
-    """Statistics of each labelled selection (a mask over the used rows) that is not empty."""
-    out = []
-    for label, mask in labelled:
-        positions = np.flatnonzero(mask)
-        if positions.size:
-            out.append({**label, **table.statistics(positions)})
-    return out
+def _delta_q_part(stats: dict) -> dict:
+    return {name: stats[name] for name in ("n", "mean", "median", "rms", "p95", "max")}
 
 
 def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hierarchy_level: int = 1) -> Summary:
     used = result.used
     counts = {REASONS[code]: int(np.count_nonzero(result.reason == code)) for code in range(len(REASONS))}
     table = UsedRows(result, parts, used)
-    overall = table.delta_q_statistics(slice(None))
+    experiment_of = result.experiment[table.rows].astype(np.int32)  # labels: 4 bytes a row
+    groupings = {"all": (None, 1), "experiment": (experiment_of, len(experiments))}
+    labelled = {}
+    if parts is not None and used.any():
+        detector = experiments[int(experiment_of[0])].detector
+        panel_of = result.panel[table.rows].astype(np.int32)
+        n_panels = max(len(detector.panels), int(panel_of.max()) + 1)
+        groupings["panel"] = (panel_of, n_panels)
+        labelled["panel"] = [{"panel": p, "name": _panel_name(detector, p)} for p in range(n_panels)]
+        groups = detector.groups_at_depth(hierarchy_level)  # disjoint: subtrees at one depth
+        group_of_panel = np.full(n_panels, -1, dtype=np.int32)
+        for index, group in enumerate(groups):
+            group_of_panel[list(group.panels)] = index
+        groupings["panel_group"] = (group_of_panel[panel_of], len(groups))
+        labelled["panel_group"] = [{"group": g.name, "depth": g.depth, "panels": list(g.panels)} for g in groups]
+        d_spacing = 1.0 / row_distances(result.q_bragg, rows=table.rows)
+        if n_shells > 0 and np.all(np.isfinite(d_spacing)):
+            shell, edges = resolution_shells(d_spacing, n_shells)
+            groupings["shell"] = (shell.astype(np.int32), n_shells)
+            labelled["shell"] = [{"d_max": float(edges[i]), "d_min": float(edges[i + 1])} for i in range(n_shells)]
+        del d_spacing
+    stats = dict(zip(groupings, table.statistics_by(list(groupings.values()))))
+
+    (everything,) = stats["all"]
+    overall = _delta_q_part(everything) if everything else norm_statistics(np.zeros(0))
     verdict = band(overall["mean"]) if overall["n"] else "nothing to compare"
     summary = Summary(len(result.reason), counts, overall, verdict, notes=list(result.notes))
-    experiment_of = result.experiment[table.rows]
     for index, experiment in enumerate(experiments):
-        positions = np.flatnonzero(experiment_of == index)
-        if not positions.size:
+        mine = stats["experiment"][index]
+        if mine is None:
             continue
-        rows = table.rows[positions]
+        rows = table.rows[np.flatnonzero(experiment_of == index)]
         calculated = distances(result.q_pixel_calculated, result.q_pred, rows)
         observed = None if result.q_pixel_observed is None else distances(result.q_pixel_observed, result.q_pred, rows)
         cal, obs = _largest(calculated), None if observed is None else _largest(observed)
@@ -299,37 +352,22 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
             ExperimentSummary(
                 index=index,
                 kind="rotation" if rotation else "still",
-                delta_q=table.delta_q_statistics(positions),
+                delta_q=_delta_q_part(mine),
                 s1_kind=s1_kind,
                 max_pixel_calculated_vs_pred=cal,
                 max_pixel_observed_vs_pred=obs,
                 max_bragg_vs_pred=_largest(distances(result.q_bragg, result.q_pred, rows)) if rotation else None,
                 outside_scan=int(np.count_nonzero(result.outside_scan[rows])),
-                residuals=table.statistics(positions) if parts is not None else {},
+                residuals=dict(mine) if parts is not None else {},
             )
         )
     if parts is None or not used.any():
         return summary
-    summary.residuals = table.statistics(slice(None))
-    detector = experiments[int(experiment_of[0])].detector
-    panel_of = result.panel[table.rows]
-    panels = np.unique(panel_of)
-    summary.per_panel = _grouped(
-        table, [({"panel": int(p), "name": _panel_name(detector, p)}, panel_of == p) for p in panels]
-    )
-    summary.per_panel_group = _grouped(
-        table,
-        [
-            ({"group": group.name, "depth": group.depth, "panels": list(group.panels)}, np.isin(panel_of, group.panels))
-            for group in detector.groups_at_depth(hierarchy_level)
-        ],
-    )
-    d_spacing = 1.0 / row_distances(result.q_bragg, rows=table.rows)
-    if n_shells > 0 and np.all(np.isfinite(d_spacing)):
-        shell, edges = resolution_shells(d_spacing, n_shells)
-        summary.per_resolution_shell = _grouped(
-            table, [({"d_max": float(edges[i]), "d_min": float(edges[i + 1])}, shell == i) for i in range(n_shells)]
-        )
+    summary.residuals = dict(everything)
+    for name, target in (("panel", "per_panel"), ("panel_group", "per_panel_group"), ("shell", "per_resolution_shell")):
+        if name in stats:
+            setattr(summary, target, [{**label, **entry} for label, entry in zip(labelled[name], stats[name])
+                                      if entry is not None])
     return summary
 
 

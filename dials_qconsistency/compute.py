@@ -212,7 +212,8 @@ def compute_q(
     reason[~np.any(hkl != 0, axis=1)] = ZERO_HKL
     reason[exp_of_row < 0] = NOT_INDEXED
     indexed = (exp_of_row >= 0) & np.any(hkl != 0, axis=1)
-    _check_values(columns, [name for name in needed if name not in ("id", "miller_index", "panel")], indexed, reason, path)
+    _check_values(columns, [name for name in needed if name not in ("id", "miller_index", "panel")], indexed, reason,
+                  path, options.threads)
 
     result = QResult.blank(reason, exp_of_row, panel, notes, observed=xyzobs is not None)
     for index, experiment in enumerate(experiments):
@@ -252,13 +253,20 @@ def _per_row(shape) -> str:
     return "one number" if size == 1 and not shape else f"{size} numbers"
 
 
-def _check_values(columns, names, indexed, reason, path):
+def _check_values(columns, names, indexed, reason, path, threads=1):
     """Indexed rows must carry finite numbers, and s1 = 0 only where DIALS marks no prediction."""
-    for name in names:
-        values = np.asarray(columns[name], dtype=float)
-        with np.errstate(invalid="ignore"):
-            bad = indexed & ~np.all(np.abs(values) <= MAX_MAGNITUDE, axis=1)  # False for NaN too
-        _reject_rows(bad, f"column {name!r} is NaN, infinite or beyond {MAX_MAGNITUDE:g}", "the table is corrupt", path)
+    arrays = [np.asarray(columns[name], dtype=float) for name in names]
+    bad = np.zeros((len(names), len(indexed)), dtype=bool)
+
+    def work(block):  # rows of every column at once, a block at a time
+        for values, out in zip(arrays, bad):
+            with np.errstate(invalid="ignore"):
+                out[block] = ~np.all(np.abs(values[block]) <= MAX_MAGNITUDE, axis=1)  # True for NaN too
+
+    for_each_block(len(indexed), work, threads)
+    for name, rows in zip(names, bad):
+        _reject_rows(indexed & rows, f"column {name!r} is NaN, infinite or beyond {MAX_MAGNITUDE:g}",
+                     "the table is corrupt", path)
     s1 = np.asarray(columns["s1"], dtype=float)
     bad = indexed & (reason != NOT_PREDICTED) & ~np.any(s1 != 0, axis=1)
     _reject_rows(

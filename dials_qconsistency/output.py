@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .analysis import row_distances
+
 OUTPUT_COLUMNS = (
     "q_bragg",
     "q_pixel",
@@ -52,15 +54,22 @@ def output_columns(result, parts) -> dict[str, tuple[str, np.ndarray]]:
     """Column name -> (DIALS type name, values)."""
     delta = result.delta_q
     rotation = parts.rotation
+    nan = np.full(len(rotation), np.nan)
+    if rotation.all():  # rotation data only: Δφ is the angle itself, no copy
+        delphi, delpsi = parts.angle, nan
+    elif not rotation.any():
+        delphi, delpsi = nan, parts.angle
+    else:
+        delphi, delpsi = np.where(rotation, parts.angle, np.nan), np.where(rotation, np.nan, parts.angle)
     return {
         "q_bragg": ("vec3<double>", result.q_bragg),
         "q_pixel": ("vec3<double>", result.q_pixel),
         "q_pred": ("vec3<double>", result.q_pred),
         "delta_q": ("vec3<double>", delta),
-        "delta_q.norm": ("double", np.linalg.norm(delta, axis=1)),
+        "delta_q.norm": ("double", row_distances(delta)),
         "delta_q.along_q": ("double", parts.along_q),
-        "delta_q.delphi.rad": ("double", np.where(rotation, parts.angle, np.nan)),
-        "delta_q.delpsi.rad": ("double", np.where(rotation, np.nan, parts.angle)),
+        "delta_q.delphi.rad": ("double", delphi),
+        "delta_q.delpsi.rad": ("double", delpsi),
         "delta_q.xy.mm": ("vec2<double>", parts.delta_xy),
         "delta_q.radial.mm": ("double", parts.radial_mm),
         "delta_q.transverse.mm": ("double", parts.transverse_mm),

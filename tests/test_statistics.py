@@ -44,7 +44,7 @@ def test_row_distances_in_blocks(monkeypatch):
     np.testing.assert_array_equal(row_distances(a, rows=np.arange(10, 500)), np.linalg.norm(a[10:500], axis=1))
 
 
-def test_summary_of_repeated_row_sets_is_computed_once_and_not_shared(shared):
+def test_summary_of_one_experiment_is_the_overall_one_in_separate_dicts(shared):
     """One experiment: its statistics, the overall ones and the residual table are
     the same rows; they agree with a direct computation and are separate dicts."""
     experiments, _, _, result = run_core(shared("quartz_processed", "refined.expt"),
@@ -58,3 +58,53 @@ def test_summary_of_repeated_row_sets_is_computed_once_and_not_shared(shared):
     assert only.residuals == summary.residuals
     only.residuals["mean"] = -1.0
     assert summary.residuals["mean"] == direct["mean"]
+
+
+def _rms(values):
+    values = values[np.isfinite(values)]
+    return float(np.sqrt(np.mean(values**2))) if values.size else None
+
+
+@pytest.mark.parametrize("folder,stem", [("dials_current", "cspad_stills_refined"), ("quartz_processed", "integrated")])
+def test_grouped_statistics_equal_each_group_masked_directly(shared, folder, stem, monkeypatch):
+    """Per panel, per panel group and per resolution shell (one pass of bincounts
+    over 50-row blocks) against each group's rows taken by a mask."""
+    from dials_qconsistency import compute
+
+    experiments, _, _, result = run_core(shared(folder, stem + ".expt"), shared(folder, stem + ".refl"),
+                                         q_pixel_source="observed")
+    parts = decompose(experiments, result)
+    monkeypatch.setattr(compute, "BLOCK_ROWS", 50)
+    summary = summarise(result, experiments, parts)
+    used = result.used
+    norm = np.linalg.norm(result.q_bragg - result.q_pixel, axis=1)
+    angle = np.degrees(parts.angle)
+    d = 1.0 / np.linalg.norm(result.q_bragg, axis=1)
+    selections = [(entry, result.panel == entry["panel"]) for entry in summary.per_panel]
+    selections += [(entry, np.isin(result.panel, entry["panels"])) for entry in summary.per_panel_group]
+    selections += [(entry, (d <= entry["d_max"] * (1 + 1e-12)) & (d >= entry["d_min"] * (1 - 1e-12)))
+                   for entry in summary.per_resolution_shell]
+    assert len(summary.per_panel) > (30 if folder == "dials_current" else 0)
+    assert len(summary.per_resolution_shell) == 10
+    assert len(summary.per_panel_group) == (4 if folder == "dials_current" else 0)  # CSPAD: 4 quadrants
+    for entry, mask in selections:
+        rows = used & mask
+        assert entry["n"] == rows.sum() > 0
+        assert {k: entry[k] for k in ("n", "median", "p95", "max")} == {
+            k: norm_statistics(norm[rows])[k] for k in ("n", "median", "p95", "max")}
+        assert entry["mean"] == norm_statistics(norm[rows])["mean"]
+        expected = {
+            "rms_in_plane_mm": _rms(np.hypot(parts.delta_xy[rows, 0], parts.delta_xy[rows, 1])),
+            "rms_x_mm": _rms(parts.delta_xy[rows, 0]),
+            "rms_radial_mm": _rms(parts.radial_mm[rows]),
+            "rms_transverse": _rms(parts.transverse[rows]),
+            "rms_along_q": _rms(parts.along_q[rows]),
+            "mean_along_q": float(np.mean(parts.along_q[rows])),
+            "rms_delta_phi_deg": _rms(angle[rows & parts.rotation]),
+            "rms_delta_psi_deg": _rms(angle[rows & ~parts.rotation]),
+        }
+        for name, value in expected.items():
+            assert (entry[name] is None) == (value is None), name
+            if value is not None:
+                assert entry[name] == pytest.approx(value, rel=1e-12, abs=1e-300), name
+        assert expected["rms_in_plane_mm"] > 1e-3  # observed positions: real residuals, not 0 = 0

@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import libtbx.phil
 
@@ -235,22 +234,21 @@ def run(args=None, phil=phil_scope):
         log_header(logger, "dials.q_consistency", __version__, arguments)
         logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}, {table.nrows} rows from {refl_path}")
         parts = decompose(experiments, result, options.threads)
-        with StagedOutputs() as outputs, ThreadPoolExecutor(1) as writer:
-            table_staged = None
-            if params.output.reflections:  # written while the statistics are computed
+        summary = summarise(
+            result, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
+        )
+        diagnoses = diagnose(experiments, result, parts)
+        logger.info(summary_text(summary, options))
+        logger.info(residuals_text(summary))
+        logger.info(diagnosis_text(diagnoses))
+        with StagedOutputs() as outputs:
+            # The new columns only now, when the statistics' temporaries are gone:
+            # at 10M rows both at once would pass 4 GB.
+            if params.output.reflections:
                 replaced = add_columns(table, result, parts)
                 if replaced:
                     logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
-                table_staged = writer.submit(table.stage, outputs, params.output.reflections)
-            summary = summarise(
-                result, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
-            )
-            diagnoses = diagnose(experiments, result, parts)
-            logger.info(summary_text(summary, options))
-            logger.info(residuals_text(summary))
-            logger.info(diagnosis_text(diagnoses))
-            if table_staged is not None:
-                table_staged.result()  # its error, if any, is raised here
+                table.stage(outputs, params.output.reflections)  # standalone: unchanged columns go file to file
             figures = stage_reports(params, experiments, table, result, parts, summary, diagnoses, options,
                                     (expt_path, refl_path), outputs)
             outputs.commit()
