@@ -42,9 +42,8 @@ def norm_statistics(values: np.ndarray) -> dict:
     n = values.size
     if n == 0:
         return {"n": 0, "mean": None, "median": None, "rms": None, "p95": None, "max": None}
-    position = (n - 1) * np.true_divide(95, 100)
-    below = int(np.floor(position))
-    above = min(below + 1, n - 1)
+    below, above, weight = _percentile_positions(n, np.true_divide(95, 100))
+    below, above = int(below), int(above)
     middle_low, middle_high = (n - 1) // 2, n // 2
     ordered = np.partition(values, sorted({middle_low, middle_high, below, above}))
     return {
@@ -52,7 +51,7 @@ def norm_statistics(values: np.ndarray) -> dict:
         "mean": float(values.mean()),
         "median": float((ordered[middle_low] + ordered[middle_high]) / 2),
         "rms": float(np.sqrt(np.mean(values**2))),
-        "p95": float(_lerp(ordered[below], ordered[above], position - below)),
+        "p95": float(_lerp(ordered[below], ordered[above], weight)),
         "max": float(values.max()),
     }
 
@@ -61,6 +60,14 @@ def _lerp(a, b, t):
     """numpy's own linear interpolation for percentiles (exact same rounding)."""
     difference = b - a
     return np.where(t >= 0.5, b - difference * (1 - t), a + difference * t)
+
+
+def _percentile_positions(counts, fraction):
+    """(below, above, weight): numpy's 'linear' percentile of ``counts`` sorted
+    values is _lerp(sorted[below], sorted[above], weight); scalars or arrays."""
+    position = (counts - 1) * fraction
+    below = np.floor(position).astype(np.int64)
+    return below, np.minimum(below + 1, counts - 1), position - below
 
 
 def grouped_statistics(groups, values) -> tuple[np.ndarray, dict]:
@@ -80,10 +87,8 @@ def grouped_statistics(groups, values) -> tuple[np.ndarray, dict]:
     last = starts + counts - 1
 
     def percentile(fraction):
-        position = (counts - 1) * fraction
-        below = np.floor(position).astype(np.int64)
-        above = np.minimum(below + 1, counts - 1)
-        return _lerp(ordered[starts + below], ordered[starts + above], position - below)
+        below, above, weight = _percentile_positions(counts, fraction)
+        return _lerp(ordered[starts + below], ordered[starts + above], weight)
 
     middle_low = starts + (counts - 1) // 2
     middle_high = starts + counts // 2
@@ -238,7 +243,7 @@ class UsedRows:
         names = RMS_NAMES + ("along",)
         sums = [{name: np.zeros(k) for name in names} for _, k in groupings]
         counts = [{name: np.zeros(k) for name in names} for _, k in groupings]
-        for block in row_blocks(m) if self.parts is not None else []:
+        for block in row_blocks(m if self.parts is not None else 0):  # no decomposition: |Δq| only
             values, along = self._values(block)
             terms = {name: v * v for name, v in values.items()}
             terms["along"] = along

@@ -92,21 +92,6 @@ class PanelLookup:
         return values[0:3], values[3:6], values[6:9], values[9:18]
 
 
-def _intersection(d_inverse, rays):
-    """Panel (x, y) mm where rays (components) from the sample cross the panel
-    plane; NaN where they run parallel to it or away from it."""
-    m, (x, y, z) = d_inverse, rays
-    u, v, w = (m[3 * i] * x + m[3 * i + 1] * y + m[3 * i + 2] * z for i in range(3))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ahead = w > 0
-        return np.where(ahead, u / w, np.nan), np.where(ahead, v / w, np.nan)
-
-
-def _on_panel(origin, fast, slow, x, y):
-    """Lab components (mm) of panel points."""
-    return tuple(origin[i] + x * fast[i] + y * slow[i] for i in range(3))
-
-
 def _unit(v):
     length = np.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
     return v[0] / length, v[1] / length, v[2] / length
@@ -188,12 +173,12 @@ def _decompose_rows(result, rows, row_numbers, predicted, panels, out) -> None:
     xy_pixel = result.position_mm[rows]
     x_pixel, y_pixel = xy_pixel[:, 0], xy_pixel[:, 1]
     origin, fast, slow, d_inverse = panels.rows(row_numbers)
-    x_bragg, y_bragg = _intersection(d_inverse, tuple(s0[i] + model_spot[i] for i in range(3)))
+    x_bragg, y_bragg = geometry.ray_panel_xy(d_inverse, tuple(s0[i] + model_spot[i] for i in range(3)))
     dx, dy = x_bragg - x_pixel, y_bragg - y_pixel
     out["delta_xy"][:, 0], out["delta_xy"][:, 1] = dx, dy
     delta_lab = tuple(dx * fast[i] + dy * slow[i] for i in range(3))
-    beam_centre = _on_panel(origin, fast, slow, *_intersection(d_inverse, s0))
-    spot = _on_panel(origin, fast, slow, x_pixel, y_pixel)
+    beam_centre = geometry.panel_points_to_lab(origin, fast, slow, *geometry.ray_panel_xy(d_inverse, s0))
+    spot = geometry.panel_points_to_lab(origin, fast, slow, x_pixel, y_pixel)
     with np.errstate(invalid="ignore", divide="ignore"):
         radial_dir = _unit(tuple(spot[i] - beam_centre[i] for i in range(3)))
         transverse_dir = _unit(_cross(radial_dir, beam_centre))

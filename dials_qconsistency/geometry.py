@@ -306,15 +306,22 @@ def rotate_about(vectors, axes, angles) -> np.ndarray:
     return v * np.cos(angles) + cross(e, v) * np.sin(angles) + e * rowdot(e, v)[..., None] * (1 - np.cos(angles))
 
 
-def panel_intersection(d_matrix, rays) -> np.ndarray:
-    """Panel coordinates (mm) where rays from the sample cross a panel's plane.
+def ray_panel_xy(d_inverse, rays):
+    """Panel (x, y) mm where rays from the sample cross a panel's plane, as two
+    arrays; NaN where a ray runs parallel to the plane or points away from it.
 
-    ``d_matrix`` = [fast | slow | origin] (3, 3) or one per row; NaN where the
-    ray runs parallel to the plane or points away from it.
+    ``d_inverse``: the nine elements (row by row) of D⁻¹, D = [fast | slow |
+    origin], as scalars (one panel) or one array each (a panel per ray);
+    ``rays``: (x, y, z) components or (..., 3) vectors.
     """
-    d_matrix = np.asarray(d_matrix, dtype=float)
-    rays = np.asarray(rays, dtype=float)
-    v = apply_matrix(np.linalg.inv(d_matrix), rays) if d_matrix.ndim == 2 else matvec(np.linalg.inv(d_matrix), rays)
+    m, (x, y, z) = d_inverse, components(rays)
+    u, v, w = (m[3 * i] * x + m[3 * i + 1] * y + m[3 * i + 2] * z for i in range(3))
     with np.errstate(divide="ignore", invalid="ignore"):
-        xy = v[..., :2] / v[..., 2:3]
-    return np.where((v[..., 2:3] > 0), xy, np.nan)
+        ahead = w > 0
+        return np.where(ahead, u / w, np.nan), np.where(ahead, v / w, np.nan)
+
+
+def panel_intersection(d_matrix, rays) -> np.ndarray:
+    """:func:`ray_panel_xy` for one panel's ``d_matrix`` (3, 3), stacked (..., 2)."""
+    d_inverse = tuple(np.linalg.inv(np.asarray(d_matrix, dtype=float)).ravel())
+    return np.stack(ray_panel_xy(d_inverse, rays), axis=-1)
