@@ -24,10 +24,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import geometry
+from .analysis import row_distances
 from .decomposition import onto_sphere
 
 #: A fit must leave at most this fraction of the RMS residual to name a cause.
 EXPLAINED_RATIO = 0.5
+#: The fits of one scope use at most this many rows (an even sample): plenty
+#: for a rotation, a scale or a panel's tilt, and 10M rows stay within memory.
+MAX_REFLECTIONS = 250_000
 #: Simplest first: which explanation is named when several fit equally well.
 PREFERENCE = ("scale", "rotation_lab", "mirror_lab", "rotation_scan_undone", "mirror_scan_undone", "detector")
 #: Below this RMS |Δq| (Å⁻¹) the model is consistent to rounding.
@@ -51,8 +55,9 @@ class Finding:
 class Diagnosis:
     scope: str  # "pooled" or "experiment N"
     n: int
-    rms_delta_q: float | None
+    rms_delta_q: float | None  # over all n rows
     consistent: bool
+    fitted: int = 0  # rows the fits used: n, or an even sample of at most max_reflections
     rms_in_plane_before: float | None = None  # RMS |spot(q_bragg) - q_pixel|, the measure fits are judged on
     fits: dict = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
@@ -398,16 +403,30 @@ def _significant(key, fit) -> bool:
     return False
 
 
-def diagnose_rows(scope, experiment, result, parts, rows, same_detector=None) -> Diagnosis:
+def sample_rows(rows, limit: int | None) -> np.ndarray:
+    """Indices of the selected rows (a boolean mask), or of an even sample of at
+    most ``limit`` of them: every k-th in table order, as dials.refine samples
+    reflections. None or 0: all of them."""
+    index = np.flatnonzero(rows)
+    if limit and index.size > limit:
+        index = index[:: -(-index.size // limit)]
+    return index
+
+
+def diagnose_rows(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None) -> Diagnosis:
     """Fit every candidate over the selected rows and name the best one.
 
     ``experiment`` is the one experiment of the scope (None when pooled);
     ``same_detector`` is the detector shared by all experiments pooled, if any.
+    The fits use at most ``max_reflections`` rows (:func:`sample_rows`), so
+    that their temporaries stay small whatever the table; the RMS |Δq| of the
+    scope is over all its rows, a block at a time.
     """
+    n = int(np.count_nonzero(rows))
+    rms = float(np.sqrt(np.mean(row_distances(result.q_bragg, result.q_pixel, np.flatnonzero(rows)) ** 2))) if n else None
+    rows = sample_rows(rows, max_reflections)
     q_bragg, q_pixel = result.q_bragg[rows], result.q_pixel[rows]
-    n = int(rows.sum())
-    rms = _rms(q_bragg - q_pixel) if n else None
-    diagnosis = Diagnosis(scope, n, rms, consistent=True)
+    diagnosis = Diagnosis(scope, n, rms, consistent=True, fitted=int(rows.size))
     if n < 3 or rms is None or rms < ROUNDING:
         return diagnosis
     # Every candidate is judged on the same measure: the RMS distance between
@@ -492,19 +511,21 @@ def _shared_detector(experiments, indices):
     return first
 
 
-def diagnose(experiments, result, parts) -> list[Diagnosis]:
-    """Pooled diagnosis (lab-frame candidates) then one per experiment with used rows."""
+def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS) -> list[Diagnosis]:
+    """Pooled diagnosis (lab-frame candidates) then one per experiment with used
+    rows; each fitted on at most ``max_reflections`` rows."""
     used = result.used
     indices = np.unique(result.experiment[used])
     each = [
-        diagnose_rows(f"experiment {int(i)}", experiments[int(i)], result, parts, used & (result.experiment == i))
+        diagnose_rows(f"experiment {int(i)}", experiments[int(i)], result, parts, used & (result.experiment == i),
+                      max_reflections=max_reflections)
         for i in indices
     ]
     if indices.size == 0:
         return []
     if indices.size == 1:
         return [Diagnosis(**{**each[0].__dict__, "scope": "pooled"})] + each
-    pooled = diagnose_rows("pooled", None, result, parts, used, _shared_detector(experiments, indices))
+    pooled = diagnose_rows("pooled", None, result, parts, used, _shared_detector(experiments, indices), max_reflections)
     named = {f.mistake for d in each for f in d.findings}
     if named and {f.mistake for f in pooled.findings} != named:
         # a pooled fit may mix different per-crystal causes into one map: trust the experiments

@@ -10,17 +10,17 @@ import pytest
 
 from dials_qconsistency.compute import compute_q
 from dials_qconsistency.decomposition import decompose
-from dials_qconsistency.diagnosis import axis_angle, diagnose, hkl_expression, kabsch, reindexing_operator
+from dials_qconsistency.diagnosis import axis_angle, diagnose, hkl_expression, kabsch, reindexing_operator, sample_rows
 from dials_qconsistency.experiments import experiments_from_dict
 from dials_qconsistency.gallery import all_cases
 
 CASES = all_cases()
 
 
-def _diagnoses(case):
+def _diagnoses(case, **options):
     experiments = experiments_from_dict(case.document)
     result = compute_q(experiments, case.table.columns(), case.table.identifiers)
-    return diagnose(experiments, result, decompose(experiments, result))
+    return diagnose(experiments, result, decompose(experiments, result), **options)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.kind}-{c.name}" for c in CASES])
@@ -51,6 +51,36 @@ def test_gallery_names_the_mistake_and_its_size(case):
                 assert size[key] == expected, (key, size[key])
     if case.mistake == "reindexing" and len(per_experiment) > 1:
         assert pooled.findings[0].mistake == "no_common_cause"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.kind}-{c.name}" for c in CASES])
+def test_a_sample_of_the_rows_names_the_same_mistake(case):
+    """Fitted on every 3rd row (max_reflections=500 of ~1400), each scope names
+    the mistakes the whole table names, with sizes within the gallery's
+    tolerances; n and the RMS |Δq| stay those of all the rows."""
+    whole, sampled = _diagnoses(case), _diagnoses(case, max_reflections=500)
+    assert [d.scope for d in whole] == [d.scope for d in sampled]
+    for full, part in zip(whole, sampled):
+        assert part.n == full.n == full.fitted and part.fitted == len(range(0, full.n, -(-full.n // 500)))
+        assert part.fitted <= 500 and part.rms_delta_q == full.rms_delta_q
+        assert part.consistent == full.consistent
+        assert [f.mistake for f in part.findings] == [f.mistake for f in full.findings], part.scope
+        for mine, theirs in zip(part.findings, full.findings):
+            for key in ("angle_deg", "tilt_deg", "distance_mm"):
+                if key in theirs.size:
+                    assert abs(mine.size[key] - theirs.size[key]) < 0.01, key
+            if "scale" in theirs.size:
+                assert abs(mine.size["scale"] - theirs.size["scale"]) < 1e-4
+
+
+def test_sample_rows_takes_every_kth_selected_row():
+    rows = np.zeros(1000, bool)
+    rows[3::2] = True  # 499 rows
+    assert np.array_equal(sample_rows(rows, None), np.flatnonzero(rows))
+    assert np.array_equal(sample_rows(rows, 0), np.flatnonzero(rows))
+    assert np.array_equal(sample_rows(rows, 499), np.flatnonzero(rows))
+    assert np.array_equal(sample_rows(rows, 100), np.flatnonzero(rows)[::5])  # ceil(499/100) = 5
+    assert sample_rows(rows, 100).size == 100 and sample_rows(rows, 250).size == 250
 
 
 def test_kabsch_and_axis_angle_recover_a_known_rotation():

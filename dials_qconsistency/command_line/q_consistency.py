@@ -134,6 +134,13 @@ statistics {
     .type = int(value_min=1)
     .help = "Depth in the detector hierarchy of the panel groups reported."
 }
+diagnosis {
+  max_reflections = 250000
+    .type = int(value_min=0)
+    .help = "The diagnosis fits each scope (pooled, each experiment) on at most"
+            "this many used reflections, an even sample in table order, as"
+            "dials.refine samples reflections; 0: all of them."
+}
 fail_if {
   mean_delta_q = None
     .type = float(value_min=0)
@@ -237,7 +244,7 @@ def run(args=None, phil=phil_scope):
         summary = summarise(
             result, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
         )
-        diagnoses = diagnose(experiments, result, parts)
+        diagnoses = diagnose(experiments, result, parts, params.diagnosis.max_reflections)
         logger.info(summary_text(summary, options))
         logger.info(residuals_text(summary))
         logger.info(diagnosis_text(diagnoses))
