@@ -71,16 +71,13 @@ def io_floor(expt, refl, out):
 def io_floor_output(expt, refl, out):
     """The I/O floor of the output: read the table and write it back with the
     command's new columns (zeros, nothing computed), so the same bytes."""
-    from dials_qconsistency.output import OUTPUT_COLUMNS
-    from dials_qconsistency.reflection_table import ReflectionTable
+    from dials_qconsistency.output import OUTPUT_TYPES
+    from dials_qconsistency.reflection_table import ReflectionTable, row_bytes
 
-    widths = {"vec3<double>": 3, "vec2<double>": 2, "double": 1}
     start = time.perf_counter()
     table = ReflectionTable.from_file(refl)
-    for name in OUTPUT_COLUMNS:
-        type_name = "vec3<double>" if name in ("q_bragg", "q_pixel", "q_pred", "delta_q") else (
-            "vec2<double>" if name == "delta_q.xy.mm" else "double")
-        width = widths[type_name]
+    for name, type_name in OUTPUT_TYPES.items():
+        width = row_bytes(type_name) // 8
         table.set_column(name, type_name, np.zeros((table.nrows, width) if width > 1 else table.nrows))
     table.write(out)
     return {"seconds": time.perf_counter() - start, "rows": table.nrows, "bytes": os.path.getsize(out)}

@@ -23,7 +23,7 @@ from .decomposition import decompose
 from .errors import QConsistencyError
 from . import backends
 from .files import StagedOutputs
-from .output import add_columns
+from .output import OUTPUT_TYPES, add_columns
 
 STATISTICS = ("n", "mean", "median", "rms", "p95", "max")
 
@@ -108,14 +108,19 @@ def process_file(job: FileJob) -> FileOutcome:
             experiments, table.columns(), table.identifiers, job.options,
             path=job.reflections, experiments_path=job.experiments,
         )
+        # the input's own columns are copied to the output while the rest computes
+        writer = table.begin_write(staged, job.output, OUTPUT_TYPES) if job.output else None
         describe(outcome, experiments, table, result, summarise(result, experiments))
-        if job.output:
+        if writer:
             add_columns(table, result, decompose(experiments, result, job.options.threads))
-            table.stage(staged, job.output)
+            writer.finish()
             ((outcome.staged, _),) = staged.detach()
     except QConsistencyError as error:
         staged.abort()
         outcome.error = str(error)
+    except BaseException:
+        staged.abort()  # stops the table's writer and removes its file
+        raise
     return outcome
 
 

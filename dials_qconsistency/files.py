@@ -51,6 +51,7 @@ class StagedOutputs:
         self._staged: list[tuple[str, str]] = []  # (temporary, target)
         self._made_folders: list[str] = []
         self._committed = False
+        self._on_abort = []  # writers still busy with a staged file, stopped first
 
     def __enter__(self) -> "StagedOutputs":
         return self
@@ -107,6 +108,7 @@ class StagedOutputs:
         """Hand the staged (temporary, target) pairs to another StagedOutputs
         (a worker process's files, committed by the run that merges them)."""
         staged, self._staged = self._staged, []
+        self._on_abort = []  # their writers have finished
         return staged
 
     def adopt(self, temporary: str, path: str) -> None:
@@ -139,10 +141,17 @@ class StagedOutputs:
                 _remove(path)
             raise
         self._committed = True
+        self._on_abort = []
         return targets
+
+    def on_abort(self, stop) -> None:
+        """Call ``stop()`` before the temporary files are removed on abort."""
+        self._on_abort.append(stop)
 
     def abort(self) -> None:
         """Remove every temporary file not yet committed."""
+        while self._on_abort:
+            self._on_abort.pop()()
         while self._staged:
             _remove(self._staged.pop()[0])
         if not self._committed:

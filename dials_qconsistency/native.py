@@ -199,6 +199,15 @@ class NativeTable:
         """Write with DIALS' own ``as_file`` into a staged temporary file."""
         self.table.as_file(outputs.reserve(path))
 
+    def begin_write(self, outputs, path, new_columns) -> "_WriteWhenFinished":
+        """DIALS writes a table in one go: at ``finish``, with the new columns."""
+        return _WriteWhenFinished(lambda: self.stage(outputs, path))
+
+
+class _WriteWhenFinished:
+    def __init__(self, write):
+        self.finish = write
+
 
 def _one_line(error) -> str:
     text = str(error).strip().splitlines()

@@ -33,21 +33,23 @@ import numpy as np
 
 from .analysis import row_distances
 
-OUTPUT_COLUMNS = (
-    "q_bragg",
-    "q_pixel",
-    "q_pred",
-    "delta_q",
-    "delta_q.norm",
-    "delta_q.along_q",
-    "delta_q.delphi.rad",
-    "delta_q.delpsi.rad",
-    "delta_q.xy.mm",
-    "delta_q.radial.mm",
-    "delta_q.transverse.mm",
-    "delta_q.radial",
-    "delta_q.transverse",
-)
+#: Column name -> DIALS type name, in the order of the table above.
+OUTPUT_TYPES = {
+    "q_bragg": "vec3<double>",
+    "q_pixel": "vec3<double>",
+    "q_pred": "vec3<double>",
+    "delta_q": "vec3<double>",
+    "delta_q.norm": "double",
+    "delta_q.along_q": "double",
+    "delta_q.delphi.rad": "double",
+    "delta_q.delpsi.rad": "double",
+    "delta_q.xy.mm": "vec2<double>",
+    "delta_q.radial.mm": "double",
+    "delta_q.transverse.mm": "double",
+    "delta_q.radial": "double",
+    "delta_q.transverse": "double",
+}
+OUTPUT_COLUMNS = tuple(OUTPUT_TYPES)
 
 
 def output_columns(result, parts) -> dict[str, tuple[str, np.ndarray]]:
@@ -61,26 +63,30 @@ def output_columns(result, parts) -> dict[str, tuple[str, np.ndarray]]:
         delphi, delpsi = nan, parts.angle
     else:
         delphi, delpsi = np.where(rotation, parts.angle, np.nan), np.where(rotation, np.nan, parts.angle)
-    return {
-        "q_bragg": ("vec3<double>", result.q_bragg),
-        "q_pixel": ("vec3<double>", result.q_pixel),
-        "q_pred": ("vec3<double>", result.q_pred),
-        "delta_q": ("vec3<double>", delta),
-        "delta_q.norm": ("double", row_distances(delta)),
-        "delta_q.along_q": ("double", parts.along_q),
-        "delta_q.delphi.rad": ("double", delphi),
-        "delta_q.delpsi.rad": ("double", delpsi),
-        "delta_q.xy.mm": ("vec2<double>", parts.delta_xy),
-        "delta_q.radial.mm": ("double", parts.radial_mm),
-        "delta_q.transverse.mm": ("double", parts.transverse_mm),
-        "delta_q.radial": ("double", parts.radial),
-        "delta_q.transverse": ("double", parts.transverse),
+    values = {
+        "q_bragg": result.q_bragg,
+        "q_pixel": result.q_pixel,
+        "q_pred": result.q_pred,
+        "delta_q": delta,
+        "delta_q.norm": row_distances(delta),
+        "delta_q.along_q": parts.along_q,
+        "delta_q.delphi.rad": delphi,
+        "delta_q.delpsi.rad": delpsi,
+        "delta_q.xy.mm": parts.delta_xy,
+        "delta_q.radial.mm": parts.radial_mm,
+        "delta_q.transverse.mm": parts.transverse_mm,
+        "delta_q.radial": parts.radial,
+        "delta_q.transverse": parts.transverse,
     }
+    return {name: (OUTPUT_TYPES[name], values[name]) for name in OUTPUT_TYPES}
 
 
-def add_columns(table, result, parts) -> list[str]:
-    """Add the output columns to a standalone table; return replaced names."""
-    replaced = [name for name in OUTPUT_COLUMNS if name in table]
+def existing_output_columns(table) -> list[str]:
+    """The output columns the input table already has (they are replaced)."""
+    return [name for name in OUTPUT_COLUMNS if name in table]
+
+
+def add_columns(table, result, parts) -> None:
+    """Add (or replace) the output columns of a table."""
     for name, (type_name, values) in output_columns(result, parts).items():
         table.set_column(name, type_name, values)
-    return replaced

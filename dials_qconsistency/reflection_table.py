@@ -16,13 +16,17 @@ Files are memory-mapped and their columns left in place (:mod:`msgpack_lite`):
 reading touches only the header and the columns that are used, and writing
 copies every unchanged column from the input file to the output file in the
 kernel (``copy_file_range``), so neither a read nor a write copies the table
-through Python, and memory holds only the columns computed on.
+through Python, and memory holds only the columns computed on. Every piece of
+the output has a known place in the file before any value is computed, so
+:meth:`ReflectionTable.begin_write` copies the unchanged columns while the
+program computes, and the new columns are written into their places after.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import threading
 import weakref
 
 import msgpack
@@ -102,18 +106,19 @@ class Column:
     file, so that it can be copied file to file when the table is written.
     """
 
-    __slots__ = ("type_name", "blob", "changed", "source", "offset")
+    __slots__ = ("type_name", "blob", "changed", "source", "offset", "size")
 
-    def __init__(self, type_name: str, blob, changed: bool = False, source=None, offset: int = 0):
+    def __init__(self, type_name: str, blob, changed: bool = False, source=None, offset: int = 0, size: int = 0):
         self.type_name = type_name
-        self.blob = blob
+        self.blob = blob  # None: a column reserved, its values still to come
         self.changed = changed
         self.source = source
         self.offset = offset
+        self.size = size
 
     @property
     def nbytes(self) -> int:
-        return memoryview(self.blob).nbytes
+        return self.size if self.blob is None else memoryview(self.blob).nbytes
 
     def as_array(self, nrows: int) -> np.ndarray:
         """A read-only numpy view of a fixed-size column."""
@@ -123,25 +128,104 @@ class Column:
         return array
 
 
-def _write_fully(descriptor: int, payload) -> None:
+#: Unchanged columns are copied in pieces of this size, so that a cancelled
+#: write stops soon.
+COPY_BYTES = 1 << 28
+
+
+def _write_at(descriptor: int, payload, at: int) -> None:
     view = memoryview(payload).cast("B")
     while view:
-        written = os.write(descriptor, view[: 1 << 30])
+        written = os.pwrite(descriptor, view[: 1 << 30], at)
         view = view[written:]
+        at += written
 
 
-def _copy_range(source: SourceFile, offset: int, length: int, descriptor: int) -> None:
-    """Copy ``length`` bytes at ``offset`` of the source file to ``descriptor``
-    in the kernel; through memory where the kernel cannot."""
+def _copy_range(source: SourceFile, offset: int, length: int, descriptor: int, at: int, stop=None) -> None:
+    """Copy ``length`` bytes at ``offset`` of the source file to ``at`` in
+    ``descriptor`` in the kernel; through memory where the kernel cannot."""
     done = 0
     try:
-        while done < length:
-            copied = os.copy_file_range(source.descriptor, descriptor, length - done, offset + done)
+        while done < length and not (stop and stop.is_set()):
+            copied = os.copy_file_range(source.descriptor, descriptor, min(length - done, COPY_BYTES),
+                                        offset + done, at + done)
             if copied == 0:
                 raise OSError("copy_file_range copied nothing")
             done += copied
     except (AttributeError, OSError):  # an old kernel or Python, another file system
-        _write_fully(descriptor, memoryview(source.map)[offset + done: offset + length])
+        _write_at(descriptor, memoryview(source.map)[offset + done: offset + length], at + done)
+
+
+def _write_pieces(layout, descriptor: int, changed: bool, stop=None) -> None:
+    """Write the pieces of ``layout`` ((offset, piece) pairs) at their places:
+    the framing and unchanged columns, or (``changed``) the new columns."""
+    for at, piece in layout:
+        if stop and stop.is_set():
+            return
+        if not isinstance(piece, Column):
+            if not changed:
+                _write_at(descriptor, piece, at)
+        elif piece.changed == changed:
+            if piece.blob is None:
+                raise RuntimeError("a reserved column was never given its values")
+            if piece.source is not None and not piece.changed:
+                _copy_range(piece.source, piece.offset, piece.nbytes, descriptor, at, stop)
+            else:
+                _write_at(descriptor, piece.blob, at)
+
+
+class TableWriter:
+    """A table being written into a staged file while the program computes.
+
+    A thread writes the framing and copies the unchanged columns at once;
+    :meth:`finish` (after the reserved columns were set) writes those into the
+    places kept for them. The bytes are those of a write in one go.
+    """
+
+    def __init__(self, table: "ReflectionTable", outputs, path: str):
+        self._table = table
+        self._path = path
+        self._layout = table._layout()
+        self._descriptor = os.open(outputs.reserve(path), os.O_WRONLY)
+        self._stop = threading.Event()
+        self._error = None
+        self._thread = threading.Thread(target=self._write_unchanged, name="table writer", daemon=True)
+        outputs.on_abort(self.cancel)
+        self._thread.start()
+
+    def _write_unchanged(self) -> None:
+        try:
+            _write_pieces(self._layout, self._descriptor, changed=False, stop=self._stop)
+        except OSError as error:
+            self._error = error
+
+    def finish(self) -> None:
+        """Wait for the copy, write the new columns; errors name the file."""
+        self._thread.join()
+        try:
+            if self._error is not None:
+                raise self._error
+            layout = self._table._layout()
+            if [(at, p if isinstance(p, bytes) else p.nbytes) for at, p in layout] != [
+                (at, p if isinstance(p, bytes) else p.nbytes) for at, p in self._layout
+            ]:
+                raise RuntimeError("the table's columns changed after its layout was fixed")
+            _write_pieces(layout, self._descriptor, changed=True)
+        except OSError as error:
+            raise QConsistencyError(f"cannot be written ({error.strerror})", self._path) from None
+        finally:
+            self._close()
+
+    def cancel(self) -> None:
+        """Stop the copy (the run failed); the staged file is removed."""
+        self._stop.set()
+        self._thread.join()
+        self._close()
+
+    def _close(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
 
 
 class ReflectionTable:
@@ -195,6 +279,11 @@ class ReflectionTable:
                 f"column {name}: shape {array.shape} != {(self.nrows,) + shape}"
             )
         self._columns[name] = Column(type_name, array, changed=True)  # written straight from the array
+
+    def reserve_column(self, name: str, type_name: str) -> None:
+        """Add (or replace) a fixed-size column whose values :meth:`set_column`
+        gives later; its place in the written file is fixed now."""
+        self._columns[name] = Column(type_name, None, changed=True, size=self.nrows * row_bytes(type_name))
 
     # -- reading --------------------------------------------------------------
     @classmethod
@@ -306,20 +395,31 @@ class ReflectionTable:
     def to_bytes(self) -> bytes:
         return b"".join(bytes(piece.blob) if isinstance(piece, Column) else piece for piece in self._pieces())
 
+    def _layout(self) -> list:
+        """(offset in the file, piece) of every piece of :meth:`_pieces`."""
+        layout, at = [], 0
+        for piece in self._pieces():
+            layout.append((at, piece))
+            at += piece.nbytes if isinstance(piece, Column) else len(piece)
+        return layout
+
     def write_to(self, descriptor: int) -> None:
         """Write the file to an open descriptor; unchanged columns go file to file."""
-        for piece in self._pieces():
-            if isinstance(piece, Column):
-                if piece.source is not None and not piece.changed:
-                    _copy_range(piece.source, piece.offset, piece.nbytes, descriptor)
-                else:
-                    _write_fully(descriptor, piece.blob)
-            else:
-                _write_fully(descriptor, piece)
+        layout = self._layout()
+        _write_pieces(layout, descriptor, changed=False)
+        _write_pieces(layout, descriptor, changed=True)
 
     def stage(self, outputs, path: str) -> None:
         """Write the table as one of a :class:`files.StagedOutputs`' files."""
         outputs.add(path, self.write_to)
+
+    def begin_write(self, outputs, path: str, new_columns: dict) -> TableWriter:
+        """Reserve ``new_columns`` (name -> type name) and start writing the
+        table as one of ``outputs``' files: everything else is copied while the
+        program computes; set the columns, then call the writer's ``finish``."""
+        for name, type_name in new_columns.items():
+            self.reserve_column(name, type_name)
+        return TableWriter(self, outputs, path)
 
     def write(self, path: str) -> None:
         """Write the table atomically: a temporary file, then a rename."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 
@@ -10,7 +11,10 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.errors import QConsistencyError
-from dials_qconsistency.reflection_table import ReflectionTable
+from dials_qconsistency import reflection_table
+from dials_qconsistency.files import StagedOutputs
+from dials_qconsistency.output import OUTPUT_TYPES
+from dials_qconsistency.reflection_table import ReflectionTable, row_bytes
 from conftest import SHARED_DATA
 
 
@@ -76,3 +80,75 @@ def test_new_columns_are_inserted_in_dials_order():
     table.set_column("id", "int", [0])
     names = list(msgpack.unpackb(table.to_bytes(), raw=False, strict_map_key=False)[2]["data"])
     assert names == ["id", "zeta"]
+
+
+def _begin_and_finish(path, folder, values):
+    """Write ``path`` plus ``values`` (name -> (type, array)) the way the command
+    does: the layout first, the input copied in a thread, the new columns after."""
+    table = ReflectionTable.from_file(path)
+    out = os.path.join(folder, "out.refl")
+    with StagedOutputs() as outputs:
+        writer = table.begin_write(outputs, out, {name: type_name for name, (type_name, _) in values.items()})
+        for name, (type_name, array) in values.items():
+            table.set_column(name, type_name, array)
+        writer.finish()
+        outputs.commit()
+    return table, open(out, "rb").read()
+
+
+def test_a_table_written_while_computing_has_the_bytes_of_one_written_in_one_go(shared, tmp_path):
+    rng = np.random.default_rng(3)
+    for path in shared_tables():
+        raw = open(path, "rb").read()
+        nrows = ReflectionTable.from_bytes(raw).nrows
+        values = {}
+        for name, type_name in OUTPUT_TYPES.items():
+            width = row_bytes(type_name) // 8  # doubles a row
+            values[name] = (type_name, rng.normal(size=(nrows, width)) if width > 1 else rng.normal(size=nrows))
+        values["xyzcal.mm"] = ("vec3<double>", rng.normal(size=(nrows, 3)))  # an input column replaced
+        table, written = _begin_and_finish(path, tmp_path, values)
+        assert written == table.to_bytes(), path
+        # and, decoded by msgpack itself: the input's columns unchanged, the new ones the arrays
+        before = msgpack.unpackb(raw, raw=False, strict_map_key=False)[2]
+        after = msgpack.unpackb(written, raw=False, strict_map_key=False)[2]
+        assert after["nrows"] == before["nrows"] and after["identifiers"] == before["identifiers"]
+        for name, column in before["data"].items():
+            if name not in values:
+                assert after["data"][name] == column, (path, name)
+        for name, (type_name, array) in values.items():
+            assert after["data"][name] == [type_name, [nrows, np.ascontiguousarray(array).tobytes()]], (path, name)
+        assert sorted(after["data"]) == sorted(set(before["data"]) | set(values))
+
+
+def test_a_failed_run_stops_the_copy_and_leaves_nothing(shared, tmp_path):
+    path = shared("quartz_processed", "refined.refl")
+    table = ReflectionTable.from_file(path)
+    with pytest.raises(ZeroDivisionError):
+        with StagedOutputs() as outputs:
+            writer = table.begin_write(outputs, str(tmp_path / "out.refl"), OUTPUT_TYPES)
+            1 / 0
+    assert os.listdir(tmp_path) == [] and not writer._thread.is_alive()
+
+
+def test_a_full_disk_while_copying_is_a_one_line_error_naming_the_output(shared, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(reflection_table, "_copy_range", full)
+    table = ReflectionTable.from_file(shared("quartz_processed", "refined.refl"))
+    out = str(tmp_path / "out.refl")
+    with pytest.raises(QConsistencyError) as error:
+        with StagedOutputs() as outputs:
+            writer = table.begin_write(outputs, out, {"zeta": "double"})
+            table.set_column("zeta", "double", np.zeros(table.nrows))
+            writer.finish()
+    assert str(error.value) == f"{out}: cannot be written (No space left on device)"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_reserved_column_must_be_given_its_values(shared, tmp_path):
+    table = ReflectionTable.from_file(shared("quartz_processed", "refined.refl"))
+    with pytest.raises(RuntimeError, match="never given its values"):
+        with StagedOutputs() as outputs:
+            table.begin_write(outputs, str(tmp_path / "out.refl"), {"zeta": "double"}).finish()
+    assert os.listdir(tmp_path) == []

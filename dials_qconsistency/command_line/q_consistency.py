@@ -19,7 +19,7 @@ from dials_qconsistency.diagnosis import diagnose
 from dials_qconsistency.errors import GateFailed
 from dials_qconsistency.files import StagedOutputs
 from dials_qconsistency.inputs import expand, is_pattern, pair_files
-from dials_qconsistency.output import add_columns
+from dials_qconsistency.output import OUTPUT_TYPES, add_columns, existing_output_columns
 from dials_qconsistency.parallel import threads_per_process
 from dials_qconsistency.plots import FIGURE_NAMES, plot_path, render_plots
 from dials_qconsistency.report import (
@@ -240,22 +240,27 @@ def run(args=None, phil=phil_scope):
     with logged_run(logger, params.output.log, arguments):
         log_header(logger, "dials.q_consistency", __version__, arguments)
         logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}, {table.nrows} rows from {refl_path}")
-        parts = decompose(experiments, result, options.threads)
-        summary = summarise(
-            result, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
-        )
-        diagnoses = diagnose(experiments, result, parts, params.diagnosis.max_reflections)
-        logger.info(summary_text(summary, options))
-        logger.info(residuals_text(summary))
-        logger.info(diagnosis_text(diagnoses))
         with StagedOutputs() as outputs:
-            # The new columns only now, when the statistics' temporaries are gone:
-            # at 10M rows both at once would pass 4 GB.
+            writer = None
             if params.output.reflections:
-                replaced = add_columns(table, result, parts)
+                replaced = existing_output_columns(table)
+                # the input's own columns are copied to the output while the rest computes
+                writer = table.begin_write(outputs, params.output.reflections, OUTPUT_TYPES)
+            parts = decompose(experiments, result, options.threads)
+            summary = summarise(
+                result, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
+            )
+            diagnoses = diagnose(experiments, result, parts, params.diagnosis.max_reflections)
+            logger.info(summary_text(summary, options))
+            logger.info(residuals_text(summary))
+            logger.info(diagnosis_text(diagnoses))
+            if writer:
+                # The new columns only now, when the statistics' temporaries are gone:
+                # at 10M rows both at once would pass 4 GB.
+                add_columns(table, result, parts)
                 if replaced:
                     logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
-                table.stage(outputs, params.output.reflections)  # standalone: unchanged columns go file to file
+                writer.finish()
             figures = stage_reports(params, experiments, table, result, parts, summary, diagnoses, options,
                                     (expt_path, refl_path), outputs)
             outputs.commit()
