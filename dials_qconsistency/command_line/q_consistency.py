@@ -241,12 +241,13 @@ def run(args=None, phil=phil_scope):
         log_header(logger, "dials.q_consistency", __version__, arguments)
         logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}, {table.nrows} rows from {refl_path}")
         with StagedOutputs() as outputs:
+            parts = decompose(experiments, result, options.threads)
             writer = None
             if params.output.reflections:
                 replaced = existing_output_columns(table)
-                # the input's own columns are copied to the output while the rest computes
+                # The input's own columns are copied to the output while the
+                # statistics (one thread) compute: a core the copy does not take from.
                 writer = table.begin_write(outputs, params.output.reflections, OUTPUT_TYPES)
-            parts = decompose(experiments, result, options.threads)
             summary = summarise(
                 result, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
             )
