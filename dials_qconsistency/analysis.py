@@ -203,6 +203,7 @@ class UsedRows:
         self.norm = row_distances(result.q_bragg, result.q_pixel, self.rows)
         self.parts = parts
         self._table_rows = contiguous(self.rows, len(used))
+        self._all = None  # norm_statistics of every used row, once
 
     def _values(self, block) -> tuple[dict, np.ndarray]:
         """({statistic: value per row}, |q_bragg| - |q_pixel|) of the used rows at positions ``block``."""
@@ -286,7 +287,9 @@ class UsedRows:
             stats = [None] * k
             group = 0 if labels is None else int(labels[0]) if labels.size else -1
             if self.norm.size and group >= 0:
-                stats[group] = norm_statistics(self.norm)
+                if self._all is None:  # all rows in one group: the same for every such grouping
+                    self._all = norm_statistics(self.norm)
+                stats[group] = dict(self._all)
             return stats
         small = labels.astype(np.int16) if k < 2**15 else labels  # numpy sorts 16-bit keys by radix: O(n)
         order = np.argsort(small, kind="stable")
