@@ -108,6 +108,7 @@ def process_file(job: FileJob) -> FileOutcome:
             experiments, table.columns(), table.identifiers, job.options,
             path=job.reflections, experiments_path=job.experiments,
         )
+        table.release_memory()  # the input's columns were read: the results take their place
         # the input's own columns are copied to the output while the rest computes
         writer = table.begin_write(staged, job.output, OUTPUT_TYPES) if job.output else None
         describe(outcome, experiments, table, result, summarise(result, experiments))

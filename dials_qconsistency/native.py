@@ -188,6 +188,9 @@ class NativeTable:
 
         return {name: flumpy.to_numpy(self.table[name]) for name in CORE_COLUMNS if name in self.table}
 
+    def release_memory(self) -> None:
+        """flex columns live in this process's memory: nothing to let go."""
+
     def set_column(self, name, type_name, values) -> None:
         array = np.ascontiguousarray(values, dtype=float)
         if len(array) != self.nrows:

@@ -152,3 +152,27 @@ def test_a_reserved_column_must_be_given_its_values(shared, tmp_path):
         with StagedOutputs() as outputs:
             table.begin_write(outputs, str(tmp_path / "out.refl"), {"zeta": "double"}).finish()
     assert os.listdir(tmp_path) == []
+
+
+def _resident_file_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_releasing_the_input_frees_its_pages_and_keeps_its_values(shared, tmp_path):
+    path = str(tmp_path / "big.refl")
+    big = ReflectionTable(1_000_000, {0: "x"})
+    big.set_column("xyzcal.mm", "vec3<double>", np.arange(3e6).reshape(-1, 3))  # 24 MB
+    big.write(path)
+    table = ReflectionTable.from_file(path)
+    before = _resident_file_mb()
+    assert table.get("xyzcal.mm").sum() == 3e6 * (3e6 - 1) / 2  # every page read
+    touched = _resident_file_mb()
+    table.release_memory()
+    released = _resident_file_mb()
+    assert touched - before > 20 and touched - released > 20, (before, touched, released)
+    assert np.array_equal(table.get("xyzcal.mm"), np.arange(3e6).reshape(-1, 3))  # read back from the file
+    quartz = ReflectionTable.from_file(shared("quartz_processed", "refined.refl"))
+    quartz.release_memory()
+    assert quartz.to_bytes() == open(shared("quartz_processed", "refined.refl"), "rb").read()

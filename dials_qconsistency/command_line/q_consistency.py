@@ -236,6 +236,7 @@ def run(args=None, phil=phil_scope):
     result = compute_q(
         experiments, table.columns(), table.identifiers, options, path=refl_path, experiments_path=expt_path
     )
+    table.release_memory()  # the input's columns were read: the results take their place
 
     with logged_run(logger, params.output.log, arguments):
         log_header(logger, "dials.q_consistency", __version__, arguments)
