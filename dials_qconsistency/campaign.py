@@ -23,7 +23,7 @@ from .decomposition import decompose
 from .errors import QConsistencyError
 from . import backends
 from .files import StagedOutputs
-from .output import OUTPUT_TYPES, add_columns
+from .output import OUTPUT_TYPES, decomposition_columns, put_columns, q_columns
 
 STATISTICS = ("n", "mean", "median", "rms", "p95", "max")
 
@@ -109,11 +109,13 @@ def process_file(job: FileJob) -> FileOutcome:
             path=job.reflections, experiments_path=job.experiments,
         )
         table.release_memory()  # the input's columns were read: the results take their place
-        # the input's own columns are copied to the output while the rest computes
-        writer = table.begin_write(staged, job.output, OUTPUT_TYPES) if job.output else None
+        writer = None
+        if job.output:  # written while the rest computes, as in a run over one file
+            writer = table.begin_write(staged, job.output, OUTPUT_TYPES)
+            put_columns(writer, q_columns(result))
         describe(outcome, experiments, table, result, summarise(result, experiments))
         if writer:
-            add_columns(table, result, decompose(experiments, result, job.options.threads))
+            put_columns(writer, decomposition_columns(decompose(experiments, result, job.options.threads)))
             writer.finish()
             ((outcome.staged, _),) = staged.detach()
     except QConsistencyError as error:

@@ -32,6 +32,7 @@ import numpy as np
 from . import models
 from .errors import QConsistencyError
 from .experiments import hierarchy_groups
+from .reflection_table import column_values
 
 #: The columns the numpy core reads (compute.COLUMN_SHAPES), taken from the flex table.
 CORE_COLUMNS = ("id", "panel", "miller_index", "s1", "xyzcal.mm", "xyzobs.mm.value", "xyzobs.px.value")
@@ -204,12 +205,18 @@ class NativeTable:
 
     def begin_write(self, outputs, path, new_columns) -> "_WriteWhenFinished":
         """DIALS writes a table in one go: at ``finish``, with the new columns."""
-        return _WriteWhenFinished(lambda: self.stage(outputs, path))
+        return _WriteWhenFinished(self, lambda: self.stage(outputs, path))
 
 
 class _WriteWhenFinished:
-    def __init__(self, write):
+    """The interface of reflection_table.TableWriter over a NativeTable."""
+
+    def __init__(self, table, write):
+        self.table = table
         self.finish = write
+
+    def put(self, name, type_name, values) -> None:
+        self.table.set_column(name, type_name, column_values(values, self.table.nrows))
 
 
 def _one_line(error) -> str:

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .analysis import row_distances
+from . import geometry
+from .compute import BLOCK_ROWS
+from .reflection_table import ColumnBlocks
 
 #: Column name -> DIALS type name, in the order of the table above.
 OUTPUT_TYPES = {
@@ -52,23 +54,36 @@ OUTPUT_TYPES = {
 OUTPUT_COLUMNS = tuple(OUTPUT_TYPES)
 
 
-def output_columns(result, parts) -> dict[str, tuple[str, np.ndarray]]:
-    """Column name -> (DIALS type name, values)."""
-    delta = result.delta_q
-    rotation = parts.rotation
-    nan = np.full(len(rotation), np.nan)
-    if rotation.all():  # rotation data only: Δφ is the angle itself, no copy
-        delphi, delpsi = parts.angle, nan
-    elif not rotation.any():
-        delphi, delpsi = nan, parts.angle
-    else:
-        delphi, delpsi = np.where(rotation, parts.angle, np.nan), np.where(rotation, np.nan, parts.angle)
+def q_columns(result) -> dict[str, tuple[str, object]]:
+    """The columns known once the q vectors are: name -> (DIALS type name,
+    values). The q vectors are compute_q's own arrays; Δq and |Δq| are made a
+    block of rows at a time (:class:`ColumnBlocks`), never held whole."""
+    q_bragg, q_pixel = result.q_bragg, result.q_pixel
     values = {
-        "q_bragg": result.q_bragg,
-        "q_pixel": result.q_pixel,
+        "q_bragg": q_bragg,
+        "q_pixel": q_pixel,
         "q_pred": result.q_pred,
-        "delta_q": delta,
-        "delta_q.norm": row_distances(delta),
+        "delta_q": ColumnBlocks(lambda rows: q_bragg[rows] - q_pixel[rows], BLOCK_ROWS),
+        "delta_q.norm": ColumnBlocks(lambda rows: geometry.norms(q_bragg[rows] - q_pixel[rows]), BLOCK_ROWS),
+    }
+    return {name: (OUTPUT_TYPES[name], column) for name, column in values.items()}
+
+
+def decomposition_columns(parts) -> dict[str, tuple[str, object]]:
+    """The columns of the decomposition of Δq, the same way: its own arrays,
+    and Δφ/Δψ (NaN for the other kind of data) by blocks where not the angle itself."""
+    rotation, angle = parts.rotation, parts.angle
+
+    def only(where):
+        return ColumnBlocks(lambda rows: np.where(where[rows], angle[rows], np.nan), BLOCK_ROWS)
+
+    if rotation.all():  # rotation data only: Δφ is the angle itself
+        delphi, delpsi = angle, only(~rotation)
+    elif not rotation.any():
+        delphi, delpsi = only(rotation), angle
+    else:
+        delphi, delpsi = only(rotation), only(~rotation)
+    values = {
         "delta_q.along_q": parts.along_q,
         "delta_q.delphi.rad": delphi,
         "delta_q.delpsi.rad": delpsi,
@@ -78,7 +93,13 @@ def output_columns(result, parts) -> dict[str, tuple[str, np.ndarray]]:
         "delta_q.radial": parts.radial,
         "delta_q.transverse": parts.transverse,
     }
-    return {name: (OUTPUT_TYPES[name], values[name]) for name in OUTPUT_TYPES}
+    return {name: (OUTPUT_TYPES[name], column) for name, column in values.items()}
+
+
+def output_columns(result, parts) -> dict[str, tuple[str, object]]:
+    """Every output column: name -> (DIALS type name, values), in table order."""
+    columns = {**q_columns(result), **decomposition_columns(parts)}
+    return {name: columns[name] for name in OUTPUT_TYPES}
 
 
 def existing_output_columns(table) -> list[str]:
@@ -90,3 +111,10 @@ def add_columns(table, result, parts) -> None:
     """Add (or replace) the output columns of a table."""
     for name, (type_name, values) in output_columns(result, parts).items():
         table.set_column(name, type_name, values)
+
+
+def put_columns(writer, columns) -> None:
+    """Hand ``columns`` (:func:`q_columns`, :func:`decomposition_columns`) to
+    a table being written (``begin_write``)."""
+    for name, (type_name, values) in columns.items():
+        writer.put(name, type_name, values)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import queue
 import threading
 import weakref
 
@@ -163,69 +164,131 @@ def _copy_range(source: SourceFile, offset: int, length: int, descriptor: int, a
         _write_at(descriptor, memoryview(source.map)[offset + done: offset + length], at + done)
 
 
-def _write_pieces(layout, descriptor: int, changed: bool, stop=None) -> None:
+def _write_pieces(layout, descriptor: int, changed: bool, stop=None, names=None) -> None:
     """Write the pieces of ``layout`` ((offset, piece) pairs) at their places:
-    the framing and unchanged columns, or (``changed``) the new columns."""
+    the framing and unchanged columns, or (``changed``) the new columns (those
+    in ``names`` if given)."""
     for at, piece in layout:
         if stop and stop.is_set():
             return
-        if not isinstance(piece, Column):
+        if isinstance(piece, bytes):
             if not changed:
                 _write_at(descriptor, piece, at)
-        elif piece.changed == changed:
-            if piece.blob is None:
-                raise RuntimeError("a reserved column was never given its values")
-            if piece.source is not None and not piece.changed:
-                _copy_range(piece.source, piece.offset, piece.nbytes, descriptor, at, stop)
-            else:
-                _write_at(descriptor, piece.blob, at)
+            continue
+        name, column = piece
+        if column.changed != changed or (names is not None and name not in names):
+            continue
+        if column.blob is None:
+            raise RuntimeError(f"the reserved column {name} was never given its values")
+        if column.source is not None and not column.changed:
+            _copy_range(column.source, column.offset, column.nbytes, descriptor, at, stop)
+        else:
+            _write_at(descriptor, column.blob, at)
+
+
+class ColumnBlocks:
+    """A column's values made a block of rows at a time, never held whole:
+    ``make(rows)`` gives the values of the rows in the slice ``rows``."""
+
+    def __init__(self, make, rows_per_block: int):
+        self.make = make
+        self.rows_per_block = rows_per_block
+
+    def blocks(self, nrows: int):
+        """(rows, values) for consecutive slices covering ``range(nrows)``."""
+        for start in range(0, nrows, self.rows_per_block):
+            rows = slice(start, min(start + self.rows_per_block, nrows))
+            yield rows, self.make(rows)
+
+    def whole(self, nrows: int) -> np.ndarray:
+        first = np.asarray(self.make(slice(0, min(self.rows_per_block, nrows))))
+        values = np.empty((nrows,) + first.shape[1:], dtype=first.dtype)
+        for rows, block in self.blocks(nrows):
+            values[rows] = block
+        return values
+
+
+def column_values(values, nrows: int):
+    """An array of a column's values: ``values`` itself, or a ColumnBlocks made whole."""
+    return values.whole(nrows) if isinstance(values, ColumnBlocks) else values
 
 
 class TableWriter:
     """A table being written into a staged file while the program computes.
 
-    A thread writes the framing and copies the unchanged columns at once;
-    :meth:`finish` (after the reserved columns were set) writes those into the
-    places kept for them. The bytes are those of a write in one go.
+    Its layout is fixed when it starts: every new column has its place. A
+    thread writes the framing and copies the unchanged columns at once, then
+    each new column as it is handed over (:meth:`put`), whole or a block of
+    rows at a time; :meth:`finish` writes any new column set in the table
+    meanwhile. The bytes are those of a write in one go.
     """
 
-    def __init__(self, table: "ReflectionTable", outputs, path: str):
+    def __init__(self, table: "ReflectionTable", outputs, path: str, new_columns):
         self._table = table
         self._path = path
         self._layout = table._layout()
+        self._places = {piece[0]: at for at, piece in self._layout if not isinstance(piece, bytes)}
+        self._new = set(new_columns)
+        self._written = set()
+        self._queue = queue.SimpleQueue()
         self._descriptor = os.open(outputs.reserve(path), os.O_WRONLY)
         self._stop = threading.Event()
         self._error = None
-        self._thread = threading.Thread(target=self._write_unchanged, name="table writer", daemon=True)
+        self._thread = threading.Thread(target=self._write, name="table writer", daemon=True)
         outputs.on_abort(self.cancel)
         self._thread.start()
 
-    def _write_unchanged(self) -> None:
+    def put(self, name: str, type_name: str, values) -> None:
+        """Hand over a new column: an array (kept in the table as well) or a
+        :class:`ColumnBlocks` (written block by block, never whole)."""
+        if name not in self._new:
+            raise RuntimeError(f"column {name} has no place kept in the table being written")
+        if not isinstance(values, ColumnBlocks):
+            self._table.set_column(name, type_name, values)
+            values = self._table._columns[name].blob
+        self._queue.put((name, type_name, values))
+
+    def _write(self) -> None:
         try:
             _write_pieces(self._layout, self._descriptor, changed=False, stop=self._stop)
-        except OSError as error:
+            for name, type_name, values in iter(self._queue.get, None):
+                if self._stop.is_set():
+                    return
+                at = self._places[name]
+                if isinstance(values, ColumnBlocks):
+                    dtype, shape = FIXED_TYPES[type_name]
+                    width = row_bytes(type_name)
+                    for rows, block in values.blocks(self._table.nrows):
+                        block = np.ascontiguousarray(block, dtype=dtype)
+                        if block.shape != (rows.stop - rows.start,) + shape:
+                            raise RuntimeError(f"column {name}: a block of shape {block.shape}")
+                        _write_at(self._descriptor, block, at + rows.start * width)
+                else:
+                    _write_at(self._descriptor, values, at)
+                self._written.add(name)
+        except BaseException as error:  # raised by finish
             self._error = error
 
     def finish(self) -> None:
-        """Wait for the copy, write the new columns; errors name the file."""
+        """Wait for the thread, write the new columns set in the table but not
+        handed over; errors name the file."""
+        self._queue.put(None)
         self._thread.join()
         try:
             if self._error is not None:
                 raise self._error
-            layout = self._table._layout()
-            if [(at, p if isinstance(p, bytes) else p.nbytes) for at, p in layout] != [
-                (at, p if isinstance(p, bytes) else p.nbytes) for at, p in self._layout
-            ]:
+            if [at for at, _ in self._table._layout()] != [at for at, _ in self._layout]:
                 raise RuntimeError("the table's columns changed after its layout was fixed")
-            _write_pieces(layout, self._descriptor, changed=True)
+            _write_pieces(self._table._layout(), self._descriptor, changed=True, names=self._new - self._written)
         except OSError as error:
             raise QConsistencyError(f"cannot be written ({error.strerror})", self._path) from None
         finally:
             self._close()
 
     def cancel(self) -> None:
-        """Stop the copy (the run failed); the staged file is removed."""
+        """Stop the thread (the run failed); the staged file is removed."""
         self._stop.set()
+        self._queue.put(None)
         self._thread.join()
         self._close()
 
@@ -286,7 +349,7 @@ class ReflectionTable:
     def set_column(self, name: str, type_name: str, values) -> None:
         """Add or replace a fixed-size column from an array of N rows."""
         dtype, shape = FIXED_TYPES[type_name]
-        array = np.ascontiguousarray(values, dtype=dtype)
+        array = np.ascontiguousarray(column_values(values, self.nrows), dtype=dtype)
         if array.shape != (self.nrows,) + shape:
             raise ValueError(
                 f"column {name}: shape {array.shape} != {(self.nrows,) + shape}"
@@ -376,7 +439,7 @@ class ReflectionTable:
 
     # -- writing --------------------------------------------------------------
     def _pieces(self):
-        """The file as consecutive pieces: bytes of msgpack framing, and Columns.
+        """The file as consecutive pieces: bytes of msgpack framing, and (name, Column).
 
         The same bytes as ``msgpack.packb([FILETYPE, version, header],
         use_bin_type=True)``, written without building the whole file in memory.
@@ -401,19 +464,19 @@ class ReflectionTable:
                                    + bin_header(column.nbytes))
                     yield b"".join(framing)
                     framing = []
-                    yield column
+                    yield name, column
         if framing:
             yield b"".join(framing)
 
     def to_bytes(self) -> bytes:
-        return b"".join(bytes(piece.blob) if isinstance(piece, Column) else piece for piece in self._pieces())
+        return b"".join(piece if isinstance(piece, bytes) else bytes(piece[1].blob) for piece in self._pieces())
 
     def _layout(self) -> list:
         """(offset in the file, piece) of every piece of :meth:`_pieces`."""
         layout, at = [], 0
         for piece in self._pieces():
             layout.append((at, piece))
-            at += piece.nbytes if isinstance(piece, Column) else len(piece)
+            at += len(piece) if isinstance(piece, bytes) else piece[1].nbytes
         return layout
 
     def write_to(self, descriptor: int) -> None:
@@ -429,10 +492,11 @@ class ReflectionTable:
     def begin_write(self, outputs, path: str, new_columns: dict) -> TableWriter:
         """Reserve ``new_columns`` (name -> type name) and start writing the
         table as one of ``outputs``' files: everything else is copied while the
-        program computes; set the columns, then call the writer's ``finish``."""
+        program computes; hand the new columns to the writer's ``put`` (or set
+        them in the table) as they are made, then call its ``finish``."""
         for name, type_name in new_columns.items():
             self.reserve_column(name, type_name)
-        return TableWriter(self, outputs, path)
+        return TableWriter(self, outputs, path, new_columns)
 
     def write(self, path: str) -> None:
         """Write the table atomically: a temporary file, then a rename."""

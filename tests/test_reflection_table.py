@@ -14,7 +14,7 @@ from dials_qconsistency.errors import QConsistencyError
 from dials_qconsistency import reflection_table
 from dials_qconsistency.files import StagedOutputs
 from dials_qconsistency.output import OUTPUT_TYPES
-from dials_qconsistency.reflection_table import ReflectionTable, row_bytes
+from dials_qconsistency.reflection_table import ColumnBlocks, ReflectionTable, row_bytes
 from conftest import SHARED_DATA
 
 
@@ -84,16 +84,27 @@ def test_new_columns_are_inserted_in_dials_order():
 
 def _begin_and_finish(path, folder, values):
     """Write ``path`` plus ``values`` (name -> (type, array)) the way the command
-    does: the layout first, the input copied in a thread, the new columns after."""
+    does: the layout first, the input copied in a thread, the new columns handed
+    over as they come (a third whole, a third in blocks of 7 rows, a third set
+    in the table before ``finish``). Returns the file and the same table with
+    every column set, written in one go."""
     table = ReflectionTable.from_file(path)
     out = os.path.join(folder, "out.refl")
     with StagedOutputs() as outputs:
         writer = table.begin_write(outputs, out, {name: type_name for name, (type_name, _) in values.items()})
-        for name, (type_name, array) in values.items():
-            table.set_column(name, type_name, array)
+        for i, (name, (type_name, array)) in enumerate(values.items()):
+            if i % 3 == 0:
+                writer.put(name, type_name, array)
+            elif i % 3 == 1:
+                writer.put(name, type_name, ColumnBlocks(lambda rows, a=array: a[rows], 7))
+            else:
+                table.set_column(name, type_name, array)
         writer.finish()
         outputs.commit()
-    return table, open(out, "rb").read()
+    one_go = ReflectionTable.from_file(path)
+    for name, (type_name, array) in values.items():
+        one_go.set_column(name, type_name, array)
+    return one_go.to_bytes(), open(out, "rb").read()
 
 
 def test_a_table_written_while_computing_has_the_bytes_of_one_written_in_one_go(shared, tmp_path):
@@ -106,8 +117,8 @@ def test_a_table_written_while_computing_has_the_bytes_of_one_written_in_one_go(
             width = row_bytes(type_name) // 8  # doubles a row
             values[name] = (type_name, rng.normal(size=(nrows, width)) if width > 1 else rng.normal(size=nrows))
         values["xyzcal.mm"] = ("vec3<double>", rng.normal(size=(nrows, 3)))  # an input column replaced
-        table, written = _begin_and_finish(path, tmp_path, values)
-        assert written == table.to_bytes(), path
+        one_go, written = _begin_and_finish(path, tmp_path, values)
+        assert written == one_go, path
         # and, decoded by msgpack itself: the input's columns unchanged, the new ones the arrays
         before = msgpack.unpackb(raw, raw=False, strict_map_key=False)[2]
         after = msgpack.unpackb(written, raw=False, strict_map_key=False)[2]
@@ -151,7 +162,21 @@ def test_a_reserved_column_must_be_given_its_values(shared, tmp_path):
     with pytest.raises(RuntimeError, match="never given its values"):
         with StagedOutputs() as outputs:
             table.begin_write(outputs, str(tmp_path / "out.refl"), {"zeta": "double"}).finish()
+    with pytest.raises(RuntimeError, match="no place kept"):
+        with StagedOutputs() as outputs:
+            table.begin_write(outputs, str(tmp_path / "out.refl"), {"zeta": "double"}).put("eta", "double", [0.0])
+    with pytest.raises(RuntimeError, match="a block of shape"):
+        with StagedOutputs() as outputs:
+            writer = table.begin_write(outputs, str(tmp_path / "out.refl"), {"zeta": "double"})
+            writer.put("zeta", "double", ColumnBlocks(lambda rows: np.zeros((rows.stop - rows.start, 2)), 100))
+            writer.finish()
     assert os.listdir(tmp_path) == []
+
+
+def test_column_blocks_made_whole():
+    blocks = ColumnBlocks(lambda rows: np.arange(rows.start, rows.stop)[:, None] * [1.0, 2.0], 4)
+    assert np.array_equal(blocks.whole(10), np.arange(10)[:, None] * [1.0, 2.0])
+    assert blocks.whole(0).shape == (0, 2) and [r for r, _ in blocks.blocks(9)][-1] == slice(8, 9)
 
 
 def _resident_file_mb():

@@ -19,7 +19,13 @@ from dials_qconsistency.diagnosis import diagnose
 from dials_qconsistency.errors import GateFailed
 from dials_qconsistency.files import StagedOutputs
 from dials_qconsistency.inputs import expand, is_pattern, pair_files
-from dials_qconsistency.output import OUTPUT_TYPES, add_columns, existing_output_columns
+from dials_qconsistency.output import (
+    OUTPUT_TYPES,
+    decomposition_columns,
+    existing_output_columns,
+    put_columns,
+    q_columns,
+)
 from dials_qconsistency.parallel import threads_per_process
 from dials_qconsistency.plots import FIGURE_NAMES, plot_path, render_plots
 from dials_qconsistency.report import (
@@ -245,10 +251,12 @@ def run(args=None, phil=phil_scope):
             parts = decompose(experiments, result, options.threads)
             writer = None
             if params.output.reflections:
+                # Written by a thread while the statistics compute on one core
+                # (the decomposition has both): the input's own columns, then the new ones.
                 replaced = existing_output_columns(table)
-                # The input's own columns are copied to the output while the
-                # statistics (one thread) compute: a core the copy does not take from.
                 writer = table.begin_write(outputs, params.output.reflections, OUTPUT_TYPES)
+                put_columns(writer, q_columns(result))
+                put_columns(writer, decomposition_columns(parts))
             summary = summarise(
                 result, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
             )
@@ -257,9 +265,6 @@ def run(args=None, phil=phil_scope):
             logger.info(residuals_text(summary))
             logger.info(diagnosis_text(diagnoses))
             if writer:
-                # The new columns only now, when the statistics' temporaries are gone:
-                # at 10M rows both at once would pass 4 GB.
-                add_columns(table, result, parts)
                 if replaced:
                     logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
                 writer.finish()
