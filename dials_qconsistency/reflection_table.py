@@ -19,7 +19,8 @@ kernel (``copy_file_range``), so neither a read nor a write copies the table
 through Python, and memory holds only the columns computed on. Every piece of
 the output has a known place in the file before any value is computed, so
 :meth:`ReflectionTable.begin_write` copies the unchanged columns while the
-program computes, and the new columns are written into their places after.
+program computes, and writes each new column into its place when it is handed
+over (:class:`TableWriter`).
 """
 
 from __future__ import annotations
@@ -259,6 +260,8 @@ class TableWriter:
                     dtype, shape = FIXED_TYPES[type_name]
                     width = row_bytes(type_name)
                     for rows, block in values.blocks(self._table.nrows):
+                        if self._stop.is_set():
+                            return
                         block = np.ascontiguousarray(block, dtype=dtype)
                         if block.shape != (rows.stop - rows.start,) + shape:
                             raise RuntimeError(f"column {name}: a block of shape {block.shape}")
@@ -277,9 +280,10 @@ class TableWriter:
         try:
             if self._error is not None:
                 raise self._error
-            if [at for at, _ in self._table._layout()] != [at for at, _ in self._layout]:
+            layout = self._table._layout()
+            if [at for at, _ in layout] != [at for at, _ in self._layout]:
                 raise RuntimeError("the table's columns changed after its layout was fixed")
-            _write_pieces(self._table._layout(), self._descriptor, changed=True, names=self._new - self._written)
+            _write_pieces(layout, self._descriptor, changed=True, names=self._new - self._written)
         except OSError as error:
             raise QConsistencyError(f"cannot be written ({error.strerror})", self._path) from None
         finally:
@@ -357,8 +361,9 @@ class ReflectionTable:
         self._columns[name] = Column(type_name, array, changed=True)  # written straight from the array
 
     def reserve_column(self, name: str, type_name: str) -> None:
-        """Add (or replace) a fixed-size column whose values :meth:`set_column`
-        gives later; its place in the written file is fixed now."""
+        """Add (or replace) a fixed-size column whose values come later
+        (:meth:`set_column`, or a TableWriter's ``put``); its place in the
+        written file is fixed now."""
         self._columns[name] = Column(type_name, None, changed=True, size=self.nrows * row_bytes(type_name))
 
     # -- reading --------------------------------------------------------------
