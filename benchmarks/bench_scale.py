@@ -21,8 +21,8 @@ were just written), as when a pipeline reads what the step before it wrote.
   compute_q uses, without its checks and self-tests; the first of three calls
   (which also pays for fresh memory pages) and the best (the throughput)
 * ``MPI``            8 files with 1 and with 2 ranks (``mpirun``), end to end; with
-  ``mp.nthreads=Auto`` (one rank alone also has both cores for its threads) and
-  with ``mp.nthreads=1`` (the ranks alone make the parallelism)
+  ``mp.nthreads=Auto`` and
+  with ``mp.nthreads=1`` (OpenMPI binds each rank to one core either way)
 
 Targets (issue 7): end-to-end <= 1.5 x the I/O floor; >= 100 x the loop;
 10M reflections under 4 GB peak RSS; 2 MPI ranks >= 1.7 x faster than 1 on 8 files.
