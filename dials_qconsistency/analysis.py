@@ -114,6 +114,16 @@ def contiguous(rows, count: int):
     return rows
 
 
+def sample_rows(rows, limit: int | None) -> np.ndarray:
+    """Indices of the selected rows (a boolean mask), or of an even sample of at
+    most ``limit`` of them: every k-th in table order, as dials.refine samples
+    reflections. None or 0: all of them."""
+    index = np.flatnonzero(rows)
+    if limit and index.size > limit:
+        index = index[:: -(-index.size // limit)]
+    return index
+
+
 def row_distances(a, b=None, rows=slice(None)) -> np.ndarray:
     """|a − b| (|a| without ``b``) of the selected rows, in row order, a block
     of rows at a time (no temporary the size of the table)."""

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import geometry
-from .analysis import row_distances
+from .analysis import row_distances, sample_rows
 from .decomposition import onto_sphere
 
 #: A fit must leave at most this fraction of the RMS residual to name a cause.
@@ -401,16 +401,6 @@ def _significant(key, fit) -> bool:
             p["tilt_deg"] > MIN_TILT_DEG or np.linalg.norm(p["origin_offset_mm"]) > MIN_SHIFT_MM for p in fit["panels"].values()
         )
     return False
-
-
-def sample_rows(rows, limit: int | None) -> np.ndarray:
-    """Indices of the selected rows (a boolean mask), or of an even sample of at
-    most ``limit`` of them: every k-th in table order, as dials.refine samples
-    reflections. None or 0: all of them."""
-    index = np.flatnonzero(rows)
-    if limit and index.size > limit:
-        index = index[:: -(-index.size // limit)]
-    return index
 
 
 def diagnose_rows(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None) -> Diagnosis:

@@ -2,18 +2,25 @@
 
 The detector views draw every panel in its true place: panel corners and spots
 are projected from the lab frame (mm) onto the plane perpendicular to the beam,
-seen from the sample. Colour bars are in Å⁻¹ (no 2π).
+seen from the sample. Colour bars are in Å⁻¹ (no 2π). Figures of points draw
+at most ``max_points`` reflections, an even sample (every k-th used row, said
+on the figure); the histogram counts every one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 
 import numpy as np
 
 from . import geometry
+from .analysis import row_distances, sample_rows
 from .decomposition import panel_frames
+
+#: Figures of points draw at most this many reflections (``output.max_plot_points``).
+MAX_POINTS = 100_000
 
 #: Per-row quantities shown as detector heatmaps: file suffix -> (label, getter).
 HEATMAPS = {
@@ -139,7 +146,7 @@ def components_vs_pixel(experiments, result, parts):
 def histogram(result):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    norms = np.linalg.norm(result.delta_q[result.used], axis=1)
+    norms = row_distances(result.q_bragg, result.q_pixel, np.flatnonzero(result.used))  # every used row
     ax.hist(norms, bins=50)
     ax.set_xlabel("|Δq| (Å⁻¹)")
     ax.set_ylabel("reflections")
@@ -195,15 +202,36 @@ FIGURE_NAMES = [f"detector_{q}" for q in HEATMAPS] + [
 ]
 
 
-def render_plots(target, experiments, result, parts) -> dict[str, bytes]:
+def take_rows(record, rows, n: int):
+    """A copy of a per-row record of ``n`` rows (QResult, Decomposition) holding only ``rows``."""
+    return dataclasses.replace(record, **{
+        f.name: value[rows]
+        for f in dataclasses.fields(record)
+        if isinstance(value := getattr(record, f.name), np.ndarray) and value.shape[:1] == (n,)
+    })
+
+
+def render_plots(target, experiments, result, parts, max_points: int = MAX_POINTS) -> dict[str, bytes]:
     """Every figure as PNG bytes, keyed by its output path. None without used rows."""
     if not result.used.any():
         return {}
-    makers = {f"detector_{q}": (lambda q=q: detector_heatmap(experiments, result, parts, q)[0]) for q in HEATMAPS}
-    makers["detector_arrows"] = lambda: arrow_map(experiments, result, parts)[0]
-    makers["components_vs_pixel"] = lambda: components_vs_pixel(experiments, result, parts)
-    makers["histogram"] = lambda: histogram(result)
-    makers["vs_resolution"] = lambda: against_resolution(result)
+    shown = sample_rows(result.used, max_points)
+    total = int(np.count_nonzero(result.used))
+    sampled = shown.size < total
+    n = len(result.reason)
+    points, point_parts = (take_rows(result, shown, n), take_rows(parts, shown, n)) if sampled else (result, parts)
+    makers = {f"detector_{q}": (lambda q=q: detector_heatmap(experiments, points, point_parts, q)[0]) for q in HEATMAPS}
+    makers["detector_arrows"] = lambda: arrow_map(experiments, points, point_parts)[0]
+    makers["components_vs_pixel"] = lambda: components_vs_pixel(experiments, points, point_parts)
+    makers["histogram"] = lambda: histogram(result)  # every used row
+    makers["vs_resolution"] = lambda: against_resolution(points)
     if any(e.is_rotation for e in experiments):
-        makers["vs_image"] = lambda: against_image(experiments, result)
-    return {plot_path(target, name): _png(make()) for name, make in makers.items()}  # one figure open at a time
+        makers["vs_image"] = lambda: against_image(experiments, points)
+    rendered = {}
+    for name, make in makers.items():  # one figure open at a time
+        fig = make()
+        if sampled and name != "histogram":
+            fig.text(0.01, 0.005, f"{shown.size} of {total} reflections shown (1 in {-(-total // max_points)} of the"
+                     " used rows, in table order)", fontsize=7, color="0.3")
+        rendered[plot_path(target, name)] = _png(fig)
+    return rendered

@@ -10,7 +10,8 @@ import pytest
 
 from dials_qconsistency.compute import compute_q
 from dials_qconsistency.decomposition import decompose
-from dials_qconsistency.diagnosis import axis_angle, diagnose, hkl_expression, kabsch, reindexing_operator, sample_rows
+from dials_qconsistency.analysis import sample_rows
+from dials_qconsistency.diagnosis import axis_angle, diagnose, hkl_expression, kabsch, reindexing_operator
 from dials_qconsistency.experiments import experiments_from_dict
 from dials_qconsistency.gallery import all_cases
 

@@ -123,3 +123,36 @@ def test_decomposition_columns_in_output(tmp_path):
     assert np.abs(delpsi[used] - table.get("delpsical.rad")[used]).max() <= 1e-12
     assert np.isnan(table.get("delta_q.delphi.rad")).all()
     assert table.column_type("delta_q.xy.mm") == "vec2<double>"
+
+
+def test_figures_of_points_draw_an_even_sample_and_the_histogram_counts_every_row(monkeypatch, tmp_path):
+    experiments, _, _, result = run_core(os.path.join(EXAMPLES, "rotation.expt"), os.path.join(EXAMPLES, "rotation.refl"),
+                                         q_pixel_source="observed")
+    parts = decompose(experiments, result)
+    used = np.flatnonzero(result.used)
+    step = -(-used.size // 50)
+    drawn = {}
+
+    def record(fig):
+        points = [len(c.get_offsets()) for ax in fig.axes for c in ax.collections if len(c.get_offsets())]
+        bars = sum(p.get_height() for ax in fig.axes for p in ax.patches if hasattr(p, "get_height"))
+        drawn[len(drawn)] = (points, bars, [t.get_text() for t in fig.texts])
+        return png(fig)
+
+    png = plots._png
+    monkeypatch.setattr(plots, "_png", record)
+    rendered = plots.render_plots(str(tmp_path) + os.sep, experiments, result, parts, max_points=50)
+    by_name = dict(zip([os.path.basename(p)[:-4] for p in rendered], drawn.values()))
+    shown = len(used[::step])
+    assert 25 < shown <= 50
+    note = f"{shown} of {used.size} reflections shown (1 in {step} of the used rows, in table order)"
+    for name, (points, bars, texts) in by_name.items():
+        if name == "histogram":
+            assert bars == used.size and note not in texts  # every used row counted
+        else:
+            assert note in texts, name
+    assert by_name["detector_norm"][0][0] == shown and by_name["components_vs_pixel"][0] == [shown] * 6
+    # the points drawn are those rows' values
+    sampled = plots.take_rows(result, used[::step], len(result.reason))
+    assert np.array_equal(sampled.q_bragg, result.q_bragg[used[::step]]) and sampled.notes == result.notes
+    assert sampled.q_pixel_observed.shape == (shown, 3) and sampled.used.all()

@@ -125,6 +125,11 @@ output {
     .type = str
     .help = "PNG figures: a file-name prefix, or a directory (existing, or"
             "ending in /). None switches them off."
+  max_plot_points = 100000
+    .type = int(value_min=0)
+    .help = "Figures of points draw at most this many reflections, 1 in k of"
+            "the used rows in table order (said on each figure); the histogram"
+            "counts all of them. 0: every reflection."
   per_file_csv = None
     .type = path
     .help = "One CSV row per input file: counts and |delta_q| statistics."
@@ -296,7 +301,7 @@ def stage_reports(params, experiments, table, result, parts, summary, diagnoses,
     target = params.output.plots
     if not target or target == "None":
         return []
-    rendered = render_plots(target, experiments, result, parts)
+    rendered = render_plots(target, experiments, result, parts, params.output.max_plot_points)
     for path, png in rendered.items():
         outputs.make_folder(os.path.dirname(path) or ".")  # a new plots folder, removed on failure
         outputs.add(path, png)
