@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import geometry
-from .compute import REASONS, S1_MATCH_TOLERANCE, USED, QResult, row_blocks
+from .compute import REASONS, S1_MATCH_TOLERANCE, USED, QResult, row_blocks, rows_by_group
 
 #: Interpretation bands for mean |Δq| in Å⁻¹ (upper bound, verdict).
 BANDS = ((0.02, "excellent"), (0.05, "good"), (np.inf, "review the model"))
@@ -115,10 +115,10 @@ def contiguous(rows, count: int):
 
 
 def sample_rows(rows, limit: int | None) -> np.ndarray:
-    """Indices of the selected rows (a boolean mask), or of an even sample of at
-    most ``limit`` of them: every k-th in table order, as dials.refine samples
-    reflections. None or 0: all of them."""
-    index = np.flatnonzero(rows)
+    """Indices of the selected rows (a boolean mask, or row numbers in
+    ascending order), or of an even sample of at most ``limit`` of them: every
+    k-th in table order, as dials.refine samples reflections. None or 0: all."""
+    index = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
     if limit and index.size > limit:
         index = index[:: -(-index.size // limit)]
     return index
@@ -212,12 +212,12 @@ class UsedRows:
         self.rows = np.flatnonzero(used)
         self.norm = row_distances(result.q_bragg, result.q_pixel, self.rows)
         self.parts = parts
-        self._table_rows = contiguous(self.rows, len(used))
+        self.selection = contiguous(self.rows, len(used))  # the rows, as a slice where they are consecutive
         self._all = None  # norm_statistics of every used row, once
 
     def _values(self, block) -> tuple[dict, np.ndarray]:
         """({statistic: value per row}, |q_bragg| - |q_pixel|) of the used rows at positions ``block``."""
-        rows = self._table_rows
+        rows = self.selection
         rows = slice(rows.start + block.start, rows.start + block.stop) if isinstance(rows, slice) else rows[block]
         parts = self.parts
         xy = parts.delta_xy[rows]
@@ -328,12 +328,12 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
     used = result.used
     counts = {REASONS[code]: int(np.count_nonzero(result.reason == code)) for code in range(len(REASONS))}
     table = UsedRows(result, parts, used)
-    experiment_of = result.experiment[table.rows].astype(np.int32)  # labels: 4 bytes a row
+    experiment_of = result.experiment[table.selection].astype(np.int32)  # labels: 4 bytes a row
     groupings = {"all": (None, 1), "experiment": (experiment_of, len(experiments))}
     labelled = {}
     if parts is not None and used.any():
         detector = experiments[int(experiment_of[0])].detector
-        panel_of = result.panel[table.rows].astype(np.int32)
+        panel_of = result.panel[table.selection].astype(np.int32)
         n_panels = max(len(detector.panels), int(panel_of.max()) + 1)
         groupings["panel"] = (panel_of, n_panels)
         labelled["panel"] = [{"panel": p, "name": _panel_name(detector, p)} for p in range(n_panels)]
@@ -343,7 +343,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
             group_of_panel[list(group.panels)] = index
         groupings["panel_group"] = (group_of_panel[panel_of], len(groups))
         labelled["panel_group"] = [{"group": g.name, "depth": g.depth, "panels": list(g.panels)} for g in groups]
-        d_spacing = 1.0 / row_distances(result.q_bragg, rows=table.rows)
+        d_spacing = 1.0 / row_distances(result.q_bragg, rows=table.selection)
         if n_shells > 0 and np.all(np.isfinite(d_spacing)):
             shell, edges = resolution_shells(d_spacing, n_shells)
             groupings["shell"] = (shell.astype(np.int32), n_shells)
@@ -355,11 +355,10 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
     overall = _delta_q_part(everything) if everything else norm_statistics(np.zeros(0))
     verdict = band(overall["mean"]) if overall["n"] else "nothing to compare"
     summary = Summary(len(result.reason), counts, overall, verdict, notes=list(result.notes))
-    for index, experiment in enumerate(experiments):
+    for index, (experiment, rows) in enumerate(zip(experiments, rows_by_group(result.experiment, len(experiments), used))):
         mine = stats["experiment"][index]
         if mine is None:
             continue
-        rows = table.rows[np.flatnonzero(experiment_of == index)]
         calculated = distances(result.q_pixel_calculated, result.q_pred, rows)
         observed = None if result.q_pixel_observed is None else distances(result.q_pixel_observed, result.q_pred, rows)
         cal, obs = _largest(calculated), None if observed is None else _largest(observed)

@@ -66,8 +66,8 @@ def image_keys(experiments, result, rows):
     image = np.full(rows.size, -1, dtype=np.int64)
     for index in np.unique(experiment):
         model = experiments[int(index)]
-        mine = experiment == index
-        if model.is_rotation:
+        if model.is_rotation:  # stills keep image -1: only the few sweeps take a pass over the rows
+            mine = experiment == index
             scan = model.scan
             offset = np.floor(scan.array_index_from_angle(result.phi[rows][mine])) - scan.array_range[0]
             image[mine] = scan.image_range[0] + np.clip(offset, 0, scan.num_images - 1).astype(np.int64)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import geometry
-from .compute import for_each_block, s1_is_prediction
+from .compute import for_each_block, rows_by_group, s1_is_prediction
 
 
 @dataclass
@@ -53,8 +53,7 @@ class Decomposition:
 def panel_frames(experiments, result):
     """Per-row d matrices [fast | slow | origin] (N, 3, 3) of each row's panel; NaN if unused."""
     d = np.full((len(result.reason), 3, 3), np.nan)
-    for index, experiment in enumerate(experiments):
-        rows = np.flatnonzero((result.experiment == index) & result.used)
+    for experiment, rows in zip(experiments, rows_by_group(result.experiment, len(experiments), result.used)):
         if rows.size:
             stack = np.array([p.d_matrix for p in experiment.detector.panels])
             d[rows] = stack[result.panel[rows]]
@@ -133,8 +132,8 @@ def decompose(experiments, result, threads: int = 1) -> Decomposition:
     fields = {"q_sphere": 3, "angle": 0, "along_q": 0, "delta_xy": 2,
               "radial_mm": 0, "transverse_mm": 0, "radial": 0, "transverse": 0}
     parts = {name: np.empty((m, k) if k else m) for name, k in fields.items()}
-    predicted = [index for index in range(len(experiments))
-                 if s1_is_prediction(result, used_rows[result.experiment[used_rows] == index])]
+    predicted = [index for index, rows in enumerate(rows_by_group(result.experiment, len(experiments), used))
+                 if s1_is_prediction(result, rows)]
     panels = PanelLookup(experiments, result)
 
     def work(block):

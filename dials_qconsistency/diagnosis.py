@@ -25,6 +25,7 @@ import numpy as np
 
 from . import geometry
 from .analysis import row_distances, sample_rows
+from .compute import rows_by_group
 from .decomposition import onto_sphere
 
 #: A fit must leave at most this fraction of the RMS residual to name a cause.
@@ -404,7 +405,8 @@ def _significant(key, fit) -> bool:
 
 
 def diagnose_rows(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None) -> Diagnosis:
-    """Fit every candidate over the selected rows and name the best one.
+    """Fit every candidate over the selected rows (a boolean mask, or row
+    numbers in ascending order) and name the best one.
 
     ``experiment`` is the one experiment of the scope (None when pooled);
     ``same_detector`` is the detector shared by all experiments pooled, if any.
@@ -412,8 +414,9 @@ def diagnose_rows(scope, experiment, result, parts, rows, same_detector=None, ma
     that their temporaries stay small whatever the table; the RMS |Δq| of the
     scope is over all its rows, a block at a time.
     """
-    n = int(np.count_nonzero(rows))
-    rms = float(np.sqrt(np.mean(row_distances(result.q_bragg, result.q_pixel, np.flatnonzero(rows)) ** 2))) if n else None
+    rows = sample_rows(rows, None)  # row numbers
+    n = rows.size
+    rms = float(np.sqrt(np.mean(row_distances(result.q_bragg, result.q_pixel, rows) ** 2))) if n else None
     rows = sample_rows(rows, max_reflections)
     q_bragg, q_pixel = result.q_bragg[rows], result.q_pixel[rows]
     diagnosis = Diagnosis(scope, n, rms, consistent=True, fitted=int(rows.size))
@@ -505,10 +508,10 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS) -> lis
     """Pooled diagnosis (lab-frame candidates) then one per experiment with used
     rows; each fitted on at most ``max_reflections`` rows."""
     used = result.used
-    indices = np.unique(result.experiment[used])
+    groups = rows_by_group(result.experiment, len(experiments), used)
+    indices = np.array([i for i, rows in enumerate(groups) if rows.size], dtype=np.int64)
     each = [
-        diagnose_rows(f"experiment {int(i)}", experiments[int(i)], result, parts, used & (result.experiment == i),
-                      max_reflections=max_reflections)
+        diagnose_rows(f"experiment {int(i)}", experiments[int(i)], result, parts, groups[i], max_reflections=max_reflections)
         for i in indices
     ]
     if indices.size == 0:

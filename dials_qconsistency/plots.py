@@ -17,6 +17,7 @@ import numpy as np
 
 from . import geometry
 from .analysis import row_distances, sample_rows
+from .compute import rows_by_group
 from .decomposition import panel_frames
 
 #: Figures of points draw at most this many reflections (``output.max_plot_points``).
@@ -126,8 +127,7 @@ def components_vs_pixel(experiments, result, parts):
     plt = _pyplot()
     used = result.used
     pixel = np.full((len(result.reason), 2), np.nan)
-    for index, experiment in enumerate(experiments):
-        rows = np.flatnonzero(used & (result.experiment == index))
+    for experiment, rows in zip(experiments, rows_by_group(result.experiment, len(experiments), used)):
         sizes = np.array([p.pixel_size for p in experiment.detector.panels])
         pixel[rows] = result.position_mm[rows] / sizes[result.panel[rows]]
     fig, axes = plt.subplots(3, 2, figsize=(9, 8), sharex="col")
@@ -170,9 +170,8 @@ def against_resolution(result):
 def against_image(experiments, result):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for index, experiment in enumerate(experiments):
-        rows = result.used & (result.experiment == index)
-        if not rows.any() or not experiment.is_rotation:
+    for index, (experiment, rows) in enumerate(zip(experiments, rows_by_group(result.experiment, len(experiments), result.used))):
+        if not rows.size or not experiment.is_rotation:
             continue
         image = experiment.scan.array_index_from_angle(result.phi[rows]) + experiment.scan.image_range[0]
         ax.scatter(image, np.linalg.norm(result.delta_q[rows], axis=1), s=3, label=f"experiment {index}")

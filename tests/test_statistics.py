@@ -7,6 +7,7 @@ import pytest
 
 from conftest import run_core
 from dials_qconsistency.analysis import contiguous, norm_statistics, row_distances, summarise
+from dials_qconsistency.compute import rows_by_group
 from dials_qconsistency.decomposition import decompose
 
 
@@ -108,3 +109,19 @@ def test_grouped_statistics_equal_each_group_masked_directly(shared, folder, ste
             if value is not None:
                 assert entry[name] == pytest.approx(value, rel=1e-12, abs=1e-300), name
         assert expected["rms_in_plane_mm"] > 1e-3  # observed positions: real residuals, not 0 = 0
+
+
+@pytest.mark.parametrize("count", [1, 3, 40000])
+@pytest.mark.parametrize("in_order", [True, False])
+def test_rows_by_group_equals_a_mask_per_group(count, in_order):
+    rng = np.random.default_rng(count)
+    labels = rng.integers(-1, count + 1, 5000)  # -1 and count belong to no group
+    if in_order:
+        labels.sort()
+    select = rng.random(5000) < 0.7
+    groups = rows_by_group(labels, count, select)
+    assert len(groups) == count
+    for group in list(range(min(count, 50))) + [count - 1]:
+        assert np.array_equal(groups[group], np.flatnonzero(select & (labels == group))), group
+    assert sum(g.size for g in groups) == np.count_nonzero(select & (labels >= 0) & (labels < count))
+    assert np.array_equal(rows_by_group(labels, count)[count - 1], np.flatnonzero(labels == count - 1))
