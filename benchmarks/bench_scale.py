@@ -20,6 +20,8 @@ were just written), as when a pipeline reads what the step before it wrote.
 * ``same formulas, vectorised``: q_bragg, q_pixel and |Δq| through the functions
   compute_q uses, without its checks and self-tests; the first of three calls
   (which also pays for fresh memory pages) and the best (the throughput)
+* ``stills batch``   one pair of 10,000 stills experiments (``synthetic_data.py --stills``),
+  end to end: the cost of thousands of experiments in one table
 * ``MPI``            8 files with 1 and with 2 ranks (``mpirun``), end to end; with
   ``mp.nthreads=Auto`` and
   with ``mp.nthreads=1`` (OpenMPI binds each rank to one core either way)
@@ -275,6 +277,21 @@ def main():
               f"/ I/O floor of the output = {whole['seconds'] / floor_output['seconds']:.2f}; "
               f"loop / vectorised formulas = {loop['seconds'] / formulas['seconds']:.0f}x, "
               f"loop / compute stage = {loop['seconds'] / staged['compute']:.0f}x")
+
+    # one serial-crystallography batch: thousands of experiments in one pair
+    stills = os.path.join(args.folder, "stills10k")
+    if not os.path.exists(os.path.join(stills, "stills.refl")):
+        subprocess.run([sys.executable, os.path.join(HERE, "synthetic_data.py"), stills, "--stills", "1e4"],
+                       check=True, capture_output=True)
+    pair = os.path.join(stills, "stills.expt"), os.path.join(stills, "stills.refl")
+    rows = json.loads(subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                                      "from dials_qconsistency.reflection_table import ReflectionTable; "
+                                      "print(ReflectionTable.from_file(sys.argv[2]).nrows)", ROOT, pair[1]],
+                                     check=True, capture_output=True, text=True).stdout)
+    batch = run_child("end_to_end", pair)
+    results["stills_batch"] = {"experiments": 10000, "rows": rows, **batch}
+    print(f"\nstills, 10,000 experiments in one pair ({rows / 1e6:.1f}M rows): end to end {batch['seconds']:.2f} s, "
+          f"peak RSS {batch['peak_rss_mb']:.0f} MiB")
 
     if shutil.which("mpirun"):
         folder8 = os.path.join(args.folder, "files8")

@@ -1,6 +1,7 @@
 """Synthetic DIALS-like pairs of any size for the benchmarks.
 
     python benchmarks/synthetic_data.py OUTPUT_FOLDER N_REFLECTIONS [N_FILES]
+    python benchmarks/synthetic_data.py OUTPUT_FOLDER --stills N_EXPERIMENTS
 
 A rotation sweep (360 images of 0.5 degrees on the simulator's four tilted,
 parallax-corrected panels) is simulated once with exact predictions; its rows
@@ -9,6 +10,11 @@ integrated table carries (integration results, variances, bounding boxes,
 partiality, background, profile correlation...), about 330 bytes a row, the
 density of a real ``integrated.refl`` without shoeboxes. Every row is a valid
 prediction of the model, so dials.q_consistency computes them all.
+
+``--stills`` writes one serial-crystallography batch instead: a stills table
+with N experiments, the predictions of 50 simulated crystals repeated under
+new identifiers (each experiment its own crystal model), as dials.ssx_index
+writes thousands of lattices into one pair.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dials_qconsistency.reflection_table import ReflectionTable  # noqa: E402
-from dials_qconsistency.simulate import scan_dict, simulate_rotation  # noqa: E402
+from dials_qconsistency.simulate import scan_dict, simulate_rotation, simulate_stills  # noqa: E402
 
 
 def base_sweep():
@@ -87,7 +93,39 @@ def write_pairs(folder, n_reflections, n_files=1, seed=0):
     return pairs
 
 
+def write_stills(folder, n_experiments, seed=0):
+    """Write stills.expt/.refl with ``n_experiments`` experiments; returns the pair."""
+    os.makedirs(folder, exist_ok=True)
+    base, table = simulate_stills(seed=seed, n_crystals=50, d_min=3.0)  # ~320 spots a lattice
+    ids = np.asarray(table.get("id"))
+    indexed = ids >= 0
+    per_crystal = [np.flatnonzero(indexed & (ids == i)) for i in range(50)]
+    document = dict(base, experiment=[], crystal=[])
+    rows = []
+    for index in range(n_experiments):
+        crystal = index % 50
+        experiment = dict(base["experiment"][crystal], identifier=f"bench-still-{index}", crystal=index)
+        document["experiment"].append(experiment)
+        document["crystal"].append(base["crystal"][crystal])
+        rows.append(per_crystal[crystal])
+    take = np.concatenate(rows)
+    new_ids = np.repeat(np.arange(n_experiments), [r.size for r in rows])
+    stem = os.path.join(folder, "stills")
+    with open(stem + ".expt", "w") as handle:
+        json.dump(document, handle)
+    out = ReflectionTable(take.size, {i: f"bench-still-{i}" for i in range(n_experiments)}, version=2)
+    for name in table.keys():
+        values = new_ids if name == "id" else np.asarray(table.get(name))[take]
+        out.set_column(name, table.column_type(name), values)
+    out.write(stem + ".refl")
+    return stem + ".expt", stem + ".refl"
+
+
 if __name__ == "__main__":
+    if sys.argv[2] == "--stills":
+        expt, refl = write_stills(sys.argv[1], int(float(sys.argv[3])))
+        print(expt, refl, f"{os.path.getsize(refl) / 1e6:.0f} MB")
+        sys.exit()
     folder, n = sys.argv[1], int(float(sys.argv[2]))
     files = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     for expt, refl in write_pairs(folder, n, files):
