@@ -301,13 +301,7 @@ class UsedRows:
                     self._all = norm_statistics(self.norm)
                 stats[group] = dict(self._all)
             return stats
-        small = labels.astype(np.int16) if k < 2**15 else labels  # numpy sorts 16-bit keys by radix: O(n)
-        order = np.argsort(small, kind="stable")
-        ordered_labels = labels[order]
-        starts = np.searchsorted(ordered_labels, np.arange(k))
-        ends = np.searchsorted(ordered_labels, np.arange(k), side="right")
-        ordered = self.norm[order]
-        return [norm_statistics(ordered[a:b]) if b > a else None for a, b in zip(starts, ends)]
+        return [norm_statistics(self.norm[rows]) if rows.size else None for rows in rows_by_group(labels, k)]
 
 
 def resolution_shells(d_spacing, n_shells: int):

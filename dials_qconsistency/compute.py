@@ -352,6 +352,16 @@ def panel_millimetres(detector, panel_rows, xy_px):
     )
 
 
+def per_row_components(table, index) -> tuple:
+    """The columns of ``table`` (one row per panel) for each row's ``index``:
+    per-row arrays taken component by component (``np.take``: no sorting, no
+    scattering), or the scalars of one table row when every row has the same."""
+    index = np.asarray(index)
+    if index.size and np.all(index == index[0]):
+        return tuple(table[int(index[0])])
+    return tuple(np.take(table[:, k], index) for k in range(table.shape[1]))
+
+
 def panel_q(detector, panel_rows, xy_mm, s0):
     """q (N, 3) Å⁻¹ at panel positions (mm) on each row's panel, the same
     function dials.q_map evaluates at every pixel.
@@ -361,18 +371,9 @@ def panel_q(detector, panel_rows, xy_mm, s0):
     rows give the same bits as the map's scalar panel vectors.
     """
     xy_mm = np.asarray(xy_mm, dtype=float)
-    panel_rows = np.asarray(panel_rows)
-    panels = detector.panels
-    if panel_rows.size and np.all(panel_rows == panel_rows[0]):
-        p = panels[int(panel_rows[0])]
-        origin, fast, slow = p.origin, p.fast, p.slow
-    else:
-        def per_row(attr):  # components of each row's panel vector
-            table = np.array([getattr(p, attr) for p in panels], dtype=float)
-            return tuple(np.take(table[:, i], panel_rows) for i in range(3))
-
-        origin, fast, slow = per_row("origin"), per_row("fast"), per_row("slow")
-    lab = geometry.panel_points_to_lab(origin, fast, slow, xy_mm[:, 0], xy_mm[:, 1])
+    table = np.array([[*p.origin, *p.fast, *p.slow] for p in detector.panels], dtype=float)
+    vectors = per_row_components(table, panel_rows)
+    lab = geometry.panel_points_to_lab(vectors[0:3], vectors[3:6], vectors[6:9], xy_mm[:, 0], xy_mm[:, 1])
     return np.stack(geometry.q_from_lab_components(*lab, s0), axis=-1)
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import geometry
-from .compute import for_each_block, rows_by_group, s1_is_prediction
+from .compute import for_each_block, per_row_components, rows_by_group, s1_is_prediction
 
 
 @dataclass
@@ -83,11 +83,8 @@ class PanelLookup:
     def rows(self, row_numbers):
         """(origin, fast, slow, d_inverse) for those rows: component tuples of
         per-row arrays, or of scalars when every row has the same panel."""
-        index = self.offset[self.result.experiment[row_numbers]] + self.result.panel[row_numbers]
-        if index.size and np.all(index == index[0]):
-            values = tuple(self.table[int(index[0])])
-        else:
-            values = tuple(np.take(self.table[:, k], index) for k in range(self.table.shape[1]))
+        values = per_row_components(self.table, self.offset[self.result.experiment[row_numbers]]
+                                    + self.result.panel[row_numbers])
         return values[0:3], values[3:6], values[6:9], values[9:18]
 
 
