@@ -75,16 +75,13 @@ class Standalone:
         return ReflectionTable.from_file(path)
 
 
-def read_pair(backend, experiments_path, reflections_path, loaded=None):
-    """(models.ExperimentList, table) of one pair: what DIALS' parser already
-    read (``loaded``, native), or read now."""
-    if loaded:
-        experiments, tables = loaded
-        return (
-            backend.experiments(experiments[experiments_path], experiments_path),
-            backend.table(tables[reflections_path]),
-        )
-    return backend.read_experiments(experiments_path), backend.read_table(reflections_path)
+def read_pair(backend, experiments_path, reflections_path):
+    """(models.ExperimentList, table) of one pair; what the table's reader had
+    to say about the file joins the experiments' notes."""
+    experiments = backend.read_experiments(experiments_path)
+    table = backend.read_table(reflections_path)
+    experiments.notes = list(experiments.notes) + list(getattr(table, "notes", []))
+    return experiments, table
 
 
 def get(name: str):

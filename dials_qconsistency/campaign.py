@@ -102,8 +102,7 @@ def process_file(job: FileJob) -> FileOutcome:
     staged = StagedOutputs(prefix=job.temporary_prefix)
     try:
         backend = backends.get(job.backend)
-        experiments = backend.read_experiments(job.experiments)
-        table = backend.read_table(job.reflections)
+        experiments, table = backends.read_pair(backend, job.experiments, job.reflections)
         result = compute_q(
             experiments, table.columns(), table.identifiers, job.options,
             path=job.reflections, experiments_path=job.experiments,

@@ -17,5 +17,14 @@ class QConsistencyError(Exception):
         super().__init__(f"{path}: {text}" if path else text)
 
 
+class OtherTableFormat(QConsistencyError):
+    """A table in a format DIALS reads but the standalone reader does not
+    (``kind``: "pickle" or "hdf5"): the native backend hands it to DIALS."""
+
+    def __init__(self, message: str, path: str | None, kind: str):
+        super().__init__(message, path)
+        self.kind = kind
+
+
 class GateFailed(Exception):
     """A fail_if bound was exceeded: exit status 2 with this one-line reason."""

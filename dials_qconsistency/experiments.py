@@ -43,18 +43,29 @@ class _Bad(Exception):
 
 def read_experiments(path: str) -> ExperimentList:
     """Read an ``.expt`` (or old ``experiments.json``) file."""
-    return experiments_from_bytes(read_input_file(path, "an experiment list"), path)
+    return read_experiments_and_document(path)[0]
+
+
+def read_experiments_and_document(path: str) -> tuple[ExperimentList, dict]:
+    """The experiment list of an ``.expt`` file and its decoded JSON document
+    (which the native backend hands on to dxtbx); one-line errors name ``path``."""
+    document = _document_from_bytes(read_input_file(path, "an experiment list"), path)
+    return _checked_experiments(document, path), document
 
 
 def experiments_from_bytes(raw: bytes, path: str = "<bytes>") -> ExperimentList:
     """An experiment list from the bytes of an ``.expt`` file; one-line errors name ``path``."""
+    return _checked_experiments(_document_from_bytes(raw, path), path)
+
+
+def _document_from_bytes(raw: bytes, path: str):
     if not raw.strip():
         raise QConsistencyError("is empty, not an experiment list", path)
     if raw[:1] == b"\x93" or raw[:2] == b"\x80\x02":
         raise QConsistencyError("is a reflection table or a pickle, not an experiment list (.expt JSON)", path)
     try:
         text = raw.decode("utf-8")
-        document = json.loads(text)
+        return json.loads(text)
     except UnicodeDecodeError:
         raise QConsistencyError("is not JSON text, so not an experiment list (.expt)", path) from None
     except RecursionError:
@@ -64,6 +75,9 @@ def experiments_from_bytes(raw: bytes, path: str = "<bytes>") -> ExperimentList:
         problem = "ends in the middle of the JSON (a half-written file?)" if ends_early and text.strip() else (
             "is not JSON, so not an experiment list")
         raise QConsistencyError(f"{problem} ({error.msg} at line {error.lineno})", path) from None
+
+
+def _checked_experiments(document, path: str) -> ExperimentList:
     try:
         return experiments_from_dict(document)
     except _Bad as error:

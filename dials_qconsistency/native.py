@@ -30,9 +30,9 @@ import os
 import numpy as np
 
 from . import models
-from .errors import QConsistencyError
-from .experiments import hierarchy_groups
-from .reflection_table import column_values
+from .errors import OtherTableFormat, QConsistencyError
+from .experiments import hierarchy_groups, read_experiments_and_document
+from .reflection_table import ReflectionTable, column_values
 
 #: The columns the numpy core reads (compute.COLUMN_SHAPES), taken from the flex table.
 CORE_COLUMNS = ("id", "panel", "miller_index", "s1", "xyzcal.mm", "xyzobs.mm.value", "xyzobs.px.value")
@@ -80,7 +80,7 @@ def _pixel_to_millimetre(panel):
     return mapping
 
 
-def detector_model(detector, notes) -> models.Detector:
+def detector_model(detector) -> models.Detector:
     panels = []
     for index, panel in enumerate(detector):
         strategy = type(panel.get_px_mm_strategy()).__name__
@@ -141,7 +141,7 @@ def experiments_from_dxtbx(experiment_list) -> models.ExperimentList:
             models.Experiment(
                 identifier=str(experiment.identifier),
                 beam=convert(experiment.beam, beam_model),
-                detector=convert(experiment.detector, lambda d: detector_model(d, out.notes)),
+                detector=convert(experiment.detector, detector_model),
                 goniometer=convert(experiment.goniometer, goniometer_model),
                 scan=convert(experiment.scan, scan_model),
                 crystal=convert(experiment.crystal, crystal_model),
@@ -167,8 +167,9 @@ def _flex_column(type_name, array):
 class NativeTable:
     """A ``flex.reflection_table`` seen through the interface the program uses."""
 
-    def __init__(self, table):
+    def __init__(self, table, notes=()):
         self.table = table
+        self.notes = list(notes)  # what the reader had to say about the file
         self._keep = []  # numpy arrays that flex columns made by flumpy point into
 
     @property
@@ -201,7 +202,10 @@ class NativeTable:
 
     def stage(self, outputs, path) -> None:
         """Write with DIALS' own ``as_file`` into a staged temporary file."""
-        self.table.as_file(outputs.reserve(path))
+        try:
+            self.table.as_file(outputs.reserve(path))
+        except OSError as error:  # a full disk, a file size limit
+            raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
 
     def begin_write(self, outputs, path, new_columns) -> "_WriteWhenFinished":
         """DIALS writes a table in one go: at ``finish``, with the new columns."""
@@ -225,7 +229,15 @@ def _one_line(error) -> str:
 
 
 class Native:
-    """Reads with dxtbx and DIALS; writes with ``as_file``."""
+    """Reads with dxtbx and DIALS; writes with ``as_file``.
+
+    Each file is first checked by the standalone reader, the one place that
+    says what is wrong with a broken file, so that both backends refuse the
+    same files with the same line (DIALS accepts some broken ones silently,
+    and names the problem of others vaguely). Tables that DIALS reads and the
+    standalone reader does not (a pickle of older DIALS, an HDF5 table) are
+    read by DIALS, and the log says so.
+    """
 
     name = "native"
 
@@ -233,101 +245,93 @@ class Native:
     def read_experiments(path):
         from dxtbx.model.experiment_list import ExperimentListFactory
 
+        checked, document = read_experiments_and_document(path)
         try:
-            experiment_list = ExperimentListFactory.from_json_file(path, check_format=False)
+            experiment_list = ExperimentListFactory.from_dict(
+                models_only(document), check_format=False, directory=os.path.dirname(os.path.abspath(path))
+            )
         except Exception as error:  # dxtbx raises many kinds
             raise QConsistencyError(f"cannot be read as an experiment list by dxtbx: {_one_line(error)}", path) from None
-        return Native.experiments(experiment_list, path)
-
-    @staticmethod
-    def experiments(experiment_list, path):
         try:
-            return experiments_from_dxtbx(experiment_list)
+            converted = experiments_from_dxtbx(experiment_list)
         except ValueError as error:
             raise QConsistencyError(str(error), path) from None
-
-    @staticmethod
-    def table(flex_table):
-        return NativeTable(flex_table)
+        converted.notes = checked.notes
+        return converted
 
     @staticmethod
     def read_table(path):
         from dials.array_family import flex
 
+        other_format = None
+        try:
+            ReflectionTable.from_file(path)
+        except OtherTableFormat as error:
+            other_format = error
         try:
             table = flex.reflection_table.from_file(path)
-        except Exception as error:
-            raise QConsistencyError(f"cannot be read as a reflection table by DIALS: {_one_line(error)}", path) from None
-        return NativeTable(table)
+        except Exception as error:  # DIALS raises many kinds
+            if other_format is None:
+                raise QConsistencyError(f"cannot be read as a reflection table by DIALS: {_one_line(error)}", path) from None
+            if other_format.kind == "pickle":
+                raise QConsistencyError(
+                    f"is a Python pickle (the reflection-table format of older DIALS versions) that DIALS cannot "
+                    f"read as a reflection table either ({type(error).__name__}: {_one_line(error)})", path) from None
+            raise other_format from None
+        notes = []
+        if other_format is not None:
+            notes.append(f"{path} is {OTHER_FORMATS[other_format.kind]}, read by DIALS; "
+                         "the output table is written as msgpack")
+        return NativeTable(table, notes)
+
+
+#: What dxtbx is not given: the program reads models, not images (no image file
+#: need exist), nor profile or scaling models.
+UNUSED_MODELS = ("imageset", "profile", "scaling_model")
+
+
+def models_only(document) -> dict:
+    """An ExperimentList document without the entries the program does not use."""
+    out = {key: value for key, value in document.items() if key not in UNUSED_MODELS}
+    out["experiment"] = [
+        {key: value for key, value in entry.items() if key not in UNUSED_MODELS} for entry in document["experiment"]
+    ]
+    return out
+
+
+#: Table formats DIALS reads that the standalone reader does not.
+OTHER_FORMATS = {"pickle": "a Python pickle (older DIALS)", "hdf5": "an HDF5 reflection table"}
 
 
 # -- the command line and the log ---------------------------------------------------
 
-FILE_EXTENSIONS = (".expt", ".json", ".refl")
 
+def parse(args, files, phil, usage, epilog):
+    """DIALS' ArgumentParser over the options and PHIL words of ``args``.
 
-def parse(args, phil, usage, epilog, accept_reflections=True):
-    """DIALS' ArgumentParser over ``args``.
-
-    Returns None when there is nothing to do (no arguments: the help is
-    printed; ``-c`` and ``-h`` print and exit inside DIALS' parser), else
-    (params, verbosity, diff, experiment paths, reflection paths, loaded).
-    With one experiment list and at most one table, DIALS reads them and
-    ``loaded`` is ({path: ExperimentList}, {path: flex table}); with more, the
-    files are taken out before DIALS sees them (it would read every one up
-    front) and each pair is read on its own later, and ``loaded`` is None.
-    Arguments DIALS cannot handle give one line naming the first of them.
+    The input ``files`` (already told apart by the standalone parser) are
+    taken out first: each pair is read on its own, checked, by
+    :class:`Native`. Returns None when there is nothing to do (no arguments:
+    the help is printed; ``-c`` and ``-h`` print and exit inside DIALS'
+    parser), else (params, verbosity, diff). Arguments DIALS cannot handle
+    give one line naming the first of them.
     """
     from dials.util.options import ArgumentParser
     from libtbx.utils import Sorry
 
-    files = [arg for arg in args if _is_file_argument(arg)]
-    read_files = len(files) <= 2
-    parser = ArgumentParser(
-        usage=usage,
-        phil=phil,
-        read_experiments=True,
-        read_reflections=accept_reflections,
-        check_format=False,
-        epilog=epilog,
-    )
+    parser = ArgumentParser(usage=usage, phil=phil, read_experiments=False, read_reflections=False, epilog=epilog)
     if not args:
         parser.print_help()
         return None
-    words = args if read_files else [arg for arg in args if arg not in files]
+    files = set(files)
+    words = [arg for arg in args if arg not in files]
     try:
         params, options, unhandled = parser.parse_args(args=words, show_diff_phil=False, return_unhandled=True)
     except Sorry as error:
         raise QConsistencyError(_one_line(error)) from None
-    if unhandled:
-        raise _unhandled_error(unhandled[0], parser)
-    diff = parser.diff_phil.as_str()
-    if not read_files:
-        experiments = [f for f in files if not f.endswith(".refl")]
-        reflections = [f for f in files if f.endswith(".refl")]
-        return params, options.verbose, diff, experiments, reflections, None
-    experiments = {w.filename: w.data for w in params.input.experiments}
-    reflections = {w.filename: w.data for w in getattr(params.input, "reflections", None) or []}
-    return params, options.verbose, diff, list(experiments), list(reflections), (experiments, reflections)
-
-
-def _is_file_argument(arg) -> bool:
-    """An input file name (not a PHIL word such as output.json=qc.json, not an option)."""
-    if arg.startswith("-") or not arg.endswith(FILE_EXTENSIONS):
-        return False
-    return "=" not in arg or os.path.exists(arg)
-
-
-def _unhandled_error(arg, parser) -> QConsistencyError:
-    """One line for the first argument DIALS' parser could not use."""
-    if not os.path.exists(arg):
-        if "=" in arg:
-            return QConsistencyError(f"bad parameter {arg!r}")
-        return QConsistencyError("file not found", arg)
-    reasons = [e for e in parser._phil_parser.handling_errors.get(arg, []) if not e.validation]
-    if reasons:
-        return QConsistencyError(f"could not be read by DIALS: {_one_line(reasons[0].message)}", arg)
-    return QConsistencyError("is neither an experiment list nor a reflection table DIALS can read", arg)
+    if unhandled:  # the standalone parser has refused what DIALS' would not use
+        raise QConsistencyError(f"bad parameter {unhandled[0]!r}")
+    return params, options.verbose, parser.diff_phil.as_str()
 
 
 #: The loggers dials.util.log.config gives handlers.

@@ -67,9 +67,14 @@ def pixel_q(panel, s0, x_px, y_px):
     ``x_px`` and ``y_px`` broadcast: points (N,) and (N,), or a grid as a row
     (1, nx) and a column (ny, 1).
     """
-    x_mm, y_mm = geometry.pixel_to_panel_mm(
-        x_px, y_px, panel.pixel_size, panel.origin, panel.fast, panel.slow, panel.mu, panel.thickness, panel.parallax
-    )
+    if panel.pixel_to_millimetre is not None:  # the native backend: dxtbx's own mapping of (N, 2) points
+        x, y = np.broadcast_arrays(np.asarray(x_px, dtype=float), np.asarray(y_px, dtype=float))
+        xy_mm = panel.pixel_to_millimetre(np.stack([x.ravel(), y.ravel()], axis=1))
+        x_mm, y_mm = xy_mm[:, 0].reshape(x.shape), xy_mm[:, 1].reshape(x.shape)
+    else:
+        x_mm, y_mm = geometry.pixel_to_panel_mm(
+            x_px, y_px, panel.pixel_size, panel.origin, panel.fast, panel.slow, panel.mu, panel.thickness, panel.parallax
+        )
     lab = geometry.panel_points_to_lab(panel.origin, panel.fast, panel.slow, x_mm, y_mm)
     return geometry.q_from_lab_components(*lab, s0)
 

@@ -34,7 +34,7 @@ import weakref
 import msgpack
 import numpy as np
 
-from .errors import QConsistencyError
+from .errors import OtherTableFormat, QConsistencyError
 from .files import write_atomically
 from .msgpack_lite import BinRef, MalformedError, TrailingBytesError, bin_header, map_header, unpack
 
@@ -68,10 +68,12 @@ def pickle_hint(path: str) -> str:
     )
 
 
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
 #: Leading bytes of files users mistake for a reflection table.
 _KNOWN_MAGIC = (
     (b"\x1f\x8b", "gzip-compressed: gunzip it first"),
-    (b"\x89HDF\r\n\x1a\n", "an HDF5 file, not msgpack"),
+    (HDF5_MAGIC, "an HDF5 file, not msgpack"),
     (b"{", "JSON text (an experiment list?), not msgpack"),
     (b"\x89PNG", "a PNG image, not msgpack"),
 )
@@ -390,9 +392,12 @@ class ReflectionTable:
             raise QConsistencyError("is empty, not a reflection table", path)
         start = bytes(raw[:8])
         if start[:1] == b"\x80" or start[:1] in (b"(", b"c"):
-            raise QConsistencyError(pickle_hint(path), path)
+            raise OtherTableFormat(pickle_hint(path), path, "pickle")
         if start[:1] != b"\x93":  # every table is a msgpack array of three
-            raise QConsistencyError(f"is not a DIALS reflection table ({_what_it_is(start)})", path)
+            message = f"is not a DIALS reflection table ({_what_it_is(start)})"
+            if start.startswith(HDF5_MAGIC):  # DIALS reads HDF5 tables (as_hdf5)
+                raise OtherTableFormat(message, path, "hdf5")
+            raise QConsistencyError(message, path)
         try:
             obj = unpack(raw)
         except TrailingBytesError:

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from dials_qconsistency.backends import dials_importable
 from dials_qconsistency.compute import Options, compute_q
 from dials_qconsistency.experiments import read_experiments
 from dials_qconsistency.reflection_table import ReflectionTable
@@ -14,6 +15,49 @@ from dials_qconsistency.reflection_table import ReflectionTable
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 EXAMPLES = os.path.join(REPO_ROOT, "examples")
+
+
+#: Is DIALS (with dxtbx) importable here: is this the DIALS environment?
+DIALS_HERE = dials_importable()
+
+#: Both backends, for tests that hold for each: the native one needs DIALS.
+BACKENDS = ["standalone", pytest.param("native", marks=pytest.mark.dials)]
+
+
+#: What a test run may add below the repository root (caches, the venvs).
+IGNORED_IN_TREE = {".git", "__pycache__", ".pytest_cache", ".hypothesis", ".venv", ".venv-dials", "build", "dist"}
+
+
+def _tree():
+    found = set()
+    for root, folders, files in os.walk(REPO_ROOT):
+        folders[:] = [f for f in folders if f not in IGNORED_IN_TREE and not f.endswith(".egg-info")]
+        found.update(os.path.relpath(os.path.join(root, name), REPO_ROOT) for name in files)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _working_tree_stays_clean():
+    """No test writes into the repository: a file that appears there during the
+    run fails it (tests write below tmp_path)."""
+    before = _tree()
+    yield
+    added = sorted(_tree() - before)
+    if added:
+        pytest.fail(f"the tests wrote into the repository: {', '.join(added[:10])}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _needs_dials(request):
+    """A test marked ``dials`` needs DIALS: outside a DIALS environment it is
+    skipped with that reason, or fails under CI=true (CI runs these tests
+    inside DIALS; the plain run deselects them with -m "not dials")."""
+    if DIALS_HERE or request.node.get_closest_marker("dials") is None:
+        return
+    reason = "needs DIALS and dxtbx (the native backend): run the suite inside DIALS (README.rst)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run this test inside DIALS: it {reason}")
+    pytest.skip(reason)
 
 
 #: Real pairs whose .expt and .refl share a name (so that pairing by name finds them).

@@ -74,7 +74,7 @@ def test_merged_statistics_are_those_of_every_file_concatenated(real_inputs, tmp
     monkeypatch.chdir(tmp_path)
     args = [f"{tmp_path}/inputs/pair_*.expt", f"{tmp_path}/inputs/pair_*.refl"]
     assert main(args + ["output.json=all.json", "output.per_image_csv=images.csv", "output.per_file_csv=files.csv",
-                        "output.plots=None"]) == 0
+                        "output.plots=None", "backend=standalone"]) == 0  # run_core reads as the standalone backend
     report = json.load(open("all.json"))
     norms, counts = [], dict.fromkeys(REASONS, 0)
     expected_images = []
@@ -123,14 +123,15 @@ def test_merged_statistics_are_those_of_every_file_concatenated(real_inputs, tmp
     # one table per input, byte-identical to the table of a single-pair run
     for k, (expt, refl) in enumerate(real_inputs):
         single = tmp_path / f"single_{k}.refl"
-        assert main([expt, refl, f"output.reflections={single}", "output.plots=None", "output.log=None"]) == 0
+        assert main([expt, refl, f"output.reflections={single}", "output.plots=None", "output.log=None",
+                     "backend=standalone"]) == 0
         assert sha(single) == sha(tmp_path / f"pair_{k}_q_consistency.refl")
 
 
 def run_console(args, cwd, mpi_ranks=None):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
-    command = [sys.executable, "-m", "dials_qconsistency.command_line.q_consistency", *map(str, args)]
+    command = [sys.executable, "-m", "dials_qconsistency.command_line.q_consistency", *map(str, args), "backend=standalone"]
     if mpi_ranks:
         command = [shutil.which("mpirun"), "-n", str(mpi_ranks)] + command
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -201,7 +202,7 @@ def test_one_bad_file_fails_the_run_and_leaves_nothing(real_inputs, tmp_path, ex
 
 def test_a_pattern_that_matches_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["nothing_*.expt", "nothing_*.refl"]) == 1
+    assert main(["nothing_*.expt", "nothing_*.refl", "backend=standalone"]) == 1
     assert "nothing_*.expt: no file matches this pattern" in capsys.readouterr().err
 
 
@@ -267,7 +268,7 @@ def test_the_same_table_given_twice_is_refused_before_anything_is_written(real_i
     """Two inputs that would write one output table: a one-line error, nothing written."""
     monkeypatch.chdir(tmp_path)
     expt, refl = real_inputs[0]
-    assert main([expt, refl, expt, refl, "input.pairing=order"]) == 1
+    assert main([expt, refl, expt, refl, "input.pairing=order", "backend=standalone"]) == 1
     err = capsys.readouterr().err
     assert "name the same file" in err and err.count("\n") == 1, err
     assert sorted(os.listdir(tmp_path)) == ["inputs"]

@@ -1,16 +1,20 @@
-"""The native backend against the standalone one, inside a DIALS environment.
+"""The native backend against the standalone one, with the real DIALS.
 
-Every test here needs DIALS and dxtbx (conda-forge); elsewhere the module is
-skipped with that reason. What is checked: the dxtbx models give the same
-geometry as the standalone reader, dxtbx's own pixel -> mm mapping gives the
-same millimetres, both backends give the same q to 1e-12 1/Angstrom on every
-shared real pair, DIALS reads the standalone writer's table, and the command
-runs as a native DIALS program.
+Every test here is marked ``dials``: it runs in the DIALS environment
+(README.rst: the third command) and is deselected in the plain one. What is
+checked: the dxtbx models give the same geometry as the standalone reader,
+dxtbx's own pixel -> mm mapping gives the same millimetres, both backends give
+the same q to 1e-12 1/Angstrom on every shared real pair, both write tables
+DIALS reads with every input column kept, the command runs as a native DIALS
+program (DIALS' parser, logging, as_file) with the standalone program's
+outputs, over many files too, and dials.q_map gives the same maps.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -18,13 +22,10 @@ import numpy as np
 import pytest
 
 from dials_qconsistency import backends
+from dials_qconsistency.output import OUTPUT_TYPES
 from conftest import REAL_PAIRS, REPO_ROOT
 
-pytestmark = pytest.mark.skipif(
-    not backends.dials_importable(),
-    reason="DIALS and dxtbx are not importable here (they come from conda-forge); "
-    "the native backend is tested inside a DIALS environment",
-)
+pytestmark = pytest.mark.dials
 
 TOLERANCE = 1e-12  # 1/Angstrom
 
@@ -134,3 +135,156 @@ def test_native_command_shows_its_configuration(tmp_path):
     assert done.returncode == 0
     assert "backend = *auto native standalone" in done.stdout
     assert os.listdir(tmp_path) == []
+
+
+def test_both_backends_show_the_same_configuration(tmp_path):
+    """-c (with DIALS' -a and -e) prints the same text whichever parser reads it."""
+    for levels in ([], ["-a", "1", "-e", "2"]):
+        shown = [run_command("-c", *levels, f"backend={backend}", cwd=tmp_path) for backend in ("native", "standalone")]
+        assert all(done.returncode == 0 for done in shown)
+        assert shown[0].stdout == shown[1].stdout
+        assert shown[0].stdout.startswith("Showing configuration parameters with:")
+    assert os.listdir(tmp_path) == []
+
+
+def decoded_columns(path):
+    """Every column of a table as DIALS decodes it: numpy arrays where flumpy can, lists otherwise."""
+    from dials.array_family import flex
+    from dxtbx import flumpy
+
+    table = flex.reflection_table.from_file(str(path))
+    columns = {}
+    for key in table.keys():
+        if key == "shoebox":
+            columns[key] = table[key].size()
+            continue
+        try:
+            columns[key] = flumpy.to_numpy(table[key])
+        except (TypeError, ValueError, RuntimeError):
+            columns[key] = list(table[key])
+    return columns
+
+
+#: Columns the program computes: equal between the backends to the geometry's
+#: tolerance, 1e-12 1/Angstrom or radian, 1e-9 mm.
+COMPUTED = {name: 1e-9 if name.endswith(".mm") else TOLERANCE for name in OUTPUT_TYPES}
+
+
+@pytest.mark.parametrize("folder, name, options", [
+    ("dials_current", "cspad_stills_refined", ["q_pixel.source=observed_px"]),
+    ("quartz_processed", "refined", ["q_pixel.source=observed_px", "phi=observed"]),
+    ("ssx_CuNiR_test_data", "integrated", []),
+])
+def test_the_native_program_gives_the_standalone_outputs(shared, tmp_path, folder, name, options):
+    """DIALS' parser reads the command line, dxtbx the models, DIALS the table,
+    DIALS' logging writes the log and as_file the table: the same columns and
+    report as the standalone program."""
+    inputs = [shared(folder, name + ".expt"), shared(folder, name + ".refl")]
+    for backend in ("auto", "standalone"):
+        os.mkdir(tmp_path / backend)
+        done = run_command(*inputs, *options, f"backend={backend}", "output.json=qc.json", "output.plots=None",
+                           cwd=tmp_path / backend)
+        assert done.returncode == 0, done.stderr
+    from dials.util.version import dials_version
+
+    log = (tmp_path / "auto" / "dials.q_consistency.log").read_text()
+    assert "dials.q_consistency 0.1.0 (native backend)" in log and f"\n{dials_version()}\n" in log
+    assert "(standalone backend)" in (tmp_path / "standalone" / "dials.q_consistency.log").read_text()
+    native, standalone = (decoded_columns(tmp_path / b / "q_consistency.refl") for b in ("auto", "standalone"))
+    assert sorted(native) == sorted(standalone)
+    for key in native:
+        if key in COMPUTED:
+            assert_close(native[key], standalone[key], COMPUTED[key])
+        elif isinstance(native[key], np.ndarray):
+            np.testing.assert_array_equal(native[key], standalone[key], err_msg=key)
+        else:
+            assert native[key] == standalone[key], key
+    reports = [json.loads((tmp_path / b / "qc.json").read_text()) for b in ("auto", "standalone")]
+    for key in ("n", "median", "mean", "rms", "p95", "max"):
+        assert reports[0]["overall"]["delta_q"][key] == pytest.approx(reports[1]["overall"]["delta_q"][key], rel=1e-9, abs=1e-15)
+
+
+def test_the_native_program_over_many_files_and_bad_input(shared, tmp_path):
+    pairs = [("ssx_CuNiR_test_data", "indexed"), ("quartz_processed", "refined")]
+    inputs = [shared(f, n + ext) for f, n in pairs for ext in (".expt", ".refl")]
+    for backend in ("native", "standalone"):
+        os.mkdir(tmp_path / backend)
+        done = run_command(*inputs, f"backend={backend}", "nproc=2", "output.per_file_csv=files.csv",
+                           "output.plots=None", cwd=tmp_path / backend)
+        assert done.returncode == 0, done.stderr
+    outputs = sorted(n for n in os.listdir(tmp_path / "native") if n.endswith(".refl"))
+    assert len(outputs) == 2 and outputs == sorted(n for n in os.listdir(tmp_path / "standalone") if n.endswith(".refl"))
+    for output in outputs:
+        native, standalone = (decoded_columns(tmp_path / b / output) for b in ("native", "standalone"))
+        for key, tolerance in COMPUTED.items():
+            assert_close(native[key], standalone[key], tolerance)
+    rows = [(tmp_path / b / "files.csv").read_text().splitlines() for b in ("native", "standalone")]
+    assert len(rows[0]) == len(rows[1]) == 3 and rows[0][0] == rows[1][0]
+
+    done = run_command(inputs[0], inputs[1], "backend=native", "nproc=0", cwd=tmp_path / "native")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "bad parameter" in done.stderr, done.stderr
+
+
+def test_a_pickled_table_is_read_by_dials_and_said(shared, tmp_path):
+    """The one format difference: DIALS still reads pickled tables (older DIALS);
+    the native backend reads one and says so, the standalone one says how to convert it."""
+    from dials.array_family import flex
+
+    expt = shared("quartz_processed", "refined.expt")
+    pickled = tmp_path / "old.refl"
+    flex.reflection_table.from_file(shared("quartz_processed", "refined.refl")).as_pickle(str(pickled))
+    assert pickled.read_bytes()[:1] == pickle.PROTO
+    os.mkdir(tmp_path / "native")
+    done = run_command(expt, str(pickled), "backend=native", "output.plots=None", cwd=tmp_path / "native")
+    assert done.returncode == 0, done.stderr
+    assert f"{pickled} is a Python pickle (older DIALS), read by DIALS" in done.stdout
+    reference = run_command(expt, shared("quartz_processed", "refined.refl"), "backend=native", "output.plots=None",
+                            "output.reflections=reference.refl", cwd=tmp_path / "native")
+    assert reference.returncode == 0, reference.stderr
+    a, b = (decoded_columns(tmp_path / "native" / n) for n in ("q_consistency.refl", "reference.refl"))
+    np.testing.assert_array_equal(a["delta_q"], b["delta_q"])
+    os.mkdir(tmp_path / "standalone")
+    done = run_command(expt, str(pickled), "backend=standalone", cwd=tmp_path / "standalone")
+    assert done.returncode == 1 and "is a Python pickle" in done.stderr and "convert it with DIALS" in done.stderr
+    assert os.listdir(tmp_path / "standalone") == []
+
+
+def test_dials_writes_table_version_2(shared, tmp_path):
+    """DIALS' as_file writes version 2 whatever it read (README: Backends); the
+    standalone writer keeps the input's version."""
+    from dials_qconsistency.reflection_table import ReflectionTable
+
+    source = shared("quartz_processed", "refined.refl")
+    assert ReflectionTable.from_file(source).version == 1
+    for backend, version in (("native", 2), ("standalone", 1)):
+        out = tmp_path / f"{backend}.refl"
+        done = run_command(shared("quartz_processed", "refined.expt"), source, f"backend={backend}",
+                           f"output.reflections={out}", "output.plots=None", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert ReflectionTable.from_file(str(out)).version == version
+
+
+def test_q_map_is_a_native_program_with_the_same_maps(shared, tmp_path):
+    """dials.q_map through DIALS' parser and dxtbx's models and px -> mm
+    mapping (parallax-corrected CuNiR panel; 64 CSPAD panels): the same maps."""
+    import h5py
+
+    for folder, name in (("ssx_CuNiR_test_data", "indexed"), ("dials_current", "cspad_stills_refined")):
+        maps = {}
+        for backend in ("native", "standalone"):
+            out = tmp_path / f"{name}_{backend}.h5"
+            done = subprocess.run(
+                [sys.executable, "-m", "dials_qconsistency.command_line.q_map", shared(folder, name + ".expt"),
+                 f"backend={backend}", "subsample=16", "precision=float64", "experiments=0", f"output.hdf5={out}",
+                 f"output.log={tmp_path / (backend + '.log')}"],
+                cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO_ROOT), capture_output=True, text=True,
+            )
+            assert done.returncode == 0, done.stderr
+            with h5py.File(out, "r") as handle:
+                group = handle["experiment_0"]
+                maps[backend] = {f"{p}/{k}": group[p][k][()] for p in group for k in ("q", "two_theta")}
+        assert "(native backend)" in (tmp_path / "native.log").read_text()
+        assert sorted(maps["native"]) == sorted(maps["standalone"]) and len(maps["native"]) >= 2
+        for key in maps["native"]:
+            tolerance = 1e-12 if key.endswith("/q") else 1e-9  # 1/Angstrom; degrees
+            assert np.max(np.abs(maps["native"][key] - maps["standalone"][key])) <= tolerance, key

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REAL_PAIRS, REPO_ROOT, run_core
+from conftest import BACKENDS, REAL_PAIRS, REPO_ROOT, run_core
 from dials_qconsistency import geometry
 from dials_qconsistency.command_line import q_map
 from dials_qconsistency.experiments import read_experiments
@@ -258,7 +258,7 @@ def test_scan_varying_setting_at_an_image_from_the_raw_json(shared):
 def run_map(*args, cwd):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
-        [sys.executable, "-m", "dials_qconsistency.command_line.q_map", *map(str, args)],
+        [sys.executable, "-m", "dials_qconsistency.command_line.q_map", *map(str, args), "backend=standalone"],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
     )
 
@@ -290,9 +290,12 @@ def test_command_writes_hdf5_and_npz_with_the_same_maps(shared, tmp_path):
         assert metadata["groups"]["experiment_1"]["identifier"] == experiment.identifier
 
 
-def test_float64_selected_panels_and_the_cspad_layout(shared, tmp_path):
+def test_float64_selected_panels_and_the_cspad_layout(shared, tmp_path, monkeypatch):
+    """The standalone mapping, bit for bit (the native one: test_native_backend)."""
+    monkeypatch.chdir(tmp_path)
     expt = shared("dials_current", "cspad_stills_refined.expt")
-    assert q_map.run([expt, "experiments=3", "panels=0,63", "precision=float64", "rows_per_block=5", "nproc=2"]) == 0
+    assert q_map.run([expt, "experiments=3", "panels=0,63", "precision=float64", "rows_per_block=5", "nproc=2",
+                      "backend=standalone"]) == 0
     experiment = read_experiments(expt)[3]
     with h5py.File("q_map.h5", "r") as h5:
         assert list(h5["experiment_3"]) == ["panel_0", "panel_63"]
@@ -323,8 +326,10 @@ def in_tmp(tmp_path, monkeypatch):
     (("quartz_processed/refined.expt", "output.npz=quartz_processed/refined.expt"),
      "output.npz would overwrite the input file"),
 ])
-def test_bad_choices_are_one_line_errors_and_write_nothing(shared, in_tmp, capsys, args, message):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_choices_are_one_line_errors_and_write_nothing(shared, in_tmp, capsys, args, message, backend):
     argv = [shared(a) if a.startswith(("quartz", "ssx")) else a.replace("=quartz", "=" + shared("quartz")) for a in args]
+    argv.append(f"backend={backend}")
     assert q_map.main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("dials.q_map: error: ") and message in err, err
@@ -333,14 +338,15 @@ def test_bad_choices_are_one_line_errors_and_write_nothing(shared, in_tmp, capsy
     assert os.listdir(in_tmp) == []
 
 
-def test_a_failure_while_writing_leaves_nothing(shared, in_tmp, monkeypatch, capsys):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failure_while_writing_leaves_nothing(shared, in_tmp, monkeypatch, capsys, backend):
     from dials_qconsistency.map_files import NpzMapWriter
 
     def full_disk(self, start, stop, arrays):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(NpzMapWriter, "write_rows", full_disk)
-    assert q_map.main([shared("quartz_processed", "refined.expt"), "output.npz=m.npz"]) == 1
+    assert q_map.main([shared("quartz_processed", "refined.expt"), "output.npz=m.npz", f"backend={backend}"]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "q_map.h5 and m.npz" in err
     assert os.listdir(in_tmp) == ["dials.q_map.log"]

@@ -19,7 +19,6 @@ import libtbx.phil
 
 from dials_qconsistency import backends
 from dials_qconsistency.errors import GateFailed, QConsistencyError
-from dials_qconsistency.inputs import expand, is_pattern
 
 EXPERIMENT_EXTENSIONS = (".expt", ".json")
 REFLECTION_EXTENSIONS = (".refl",)
@@ -28,8 +27,8 @@ REFLECTION_EXTENSIONS = (".refl",)
 class Arguments:
     """A parsed command line: the extracted parameters, the input files by kind, the flags.
 
-    ``backend`` is the resolved backend (standalone or native); ``loaded`` the
-    (experiments, reflections) data DIALS' parser read, by path (native only).
+    ``backend`` is the resolved backend (standalone or native); ``levels`` the
+    attributes and expert levels of -c (-a N, -e N).
     """
 
     def __init__(self, params, experiments, reflections, show_config, show_help, diff):
@@ -40,20 +39,36 @@ class Arguments:
         self.show_help = show_help
         self.diff = diff
         self.backend = "standalone"
-        self.loaded = None
+        self.levels = {"attributes_level": 0, "expert_level": 0}
         self.verbosity = 0
 
 
+#: DIALS' options whose value is the next word (a number, not a file or PHIL).
+DIALS_OPTIONS_WITH_NUMBERS = {"-a": "attributes_level", "--attributes-level": "attributes_level",
+                              "-e": "expert_level", "--expert-level": "expert_level"}
+
+
 def parse_arguments(args, phil, accept_reflections=True):
-    """Files by type, PHIL files and key=value words; -c and -h flags."""
+    """Files by type, PHIL files and key=value words; the options DIALS
+    programs take (-c, -h, -a N, -e N, -v)."""
     sources, experiments, reflections = [], [], []
     show_config = show_help = False
+    levels = {"attributes_level": 0, "expert_level": 0}
+    verbosity = 0
     interpreter = phil.command_line_argument_interpreter(home_scope="")
-    for arg in args:
+    words = iter(args)
+    for arg in words:
         if arg in ("-c", "--show-config"):
             show_config = True
         elif arg in ("-h", "--help"):
             show_help = True
+        elif arg in DIALS_OPTIONS_WITH_NUMBERS:
+            value = next(words, "")
+            if not value.lstrip("-").isdigit():
+                raise QConsistencyError(f"option {arg} needs a whole number")
+            levels[DIALS_OPTIONS_WITH_NUMBERS[arg]] = int(value)
+        elif arg.startswith("-v") and set(arg[1:]) == {"v"}:
+            verbosity += len(arg) - 1
         elif arg.startswith("-") and not os.path.exists(arg):
             raise QConsistencyError(f"unknown option {arg!r} (try -h)")
         elif os.path.isfile(arg) and arg.endswith((".phil", ".params", ".eff")):
@@ -83,11 +98,19 @@ def parse_arguments(args, phil, accept_reflections=True):
     except Exception as error:
         raise QConsistencyError(f"bad parameter: {error}") from None
     diff = phil.fetch_diff(source=working).as_str()
-    return Arguments(params, experiments, reflections, show_config, show_help, diff)
+    arguments = Arguments(params, experiments, reflections, show_config, show_help, diff)
+    arguments.levels, arguments.verbosity = levels, verbosity
+    return arguments
 
 
-def show_config(phil, params):
-    print(phil.fetch(sources=[phil.format(params)]).as_str())
+def show_config(phil, attributes_level=0, expert_level=0):
+    """The master scope as DIALS' ArgumentParser shows it for -c (-a, -e)."""
+    print(
+        "Showing configuration parameters with:\n"
+        f"  attributes_level = {attributes_level}\n"
+        f"  expert_level = {expert_level}\n"
+    )
+    print(phil.as_str(expert_level=expert_level, attributes_level=attributes_level))
 
 
 def parse_or_show(args, phil, usage, help_message, accept_reflections=True):
@@ -98,60 +121,48 @@ def parse_or_show(args, phil, usage, help_message, accept_reflections=True):
         print(f"Usage: {usage}\n{help_message}")
         return None
     if arguments.show_config:
-        show_config(phil, arguments.params)
+        show_config(phil, **arguments.levels)
         return None
     return arguments
 
 
-#: DIALS' options whose value is the next word (a number, not a file or PHIL).
-DIALS_OPTIONS_WITH_NUMBERS = ("-a", "--attributes-level", "-e", "--expert-level")
-
-
-def peek_backend(args, phil):
-    """(the ``backend=`` choice among the arguments, the error they give), read
-    before any file is: the choice is ``auto`` when the words do not parse,
-    and "standalone" when the scope has no such parameter. Options (``-v``,
-    ``--phil``) are left to the parser that runs next."""
-    words = [arg for i, arg in enumerate(args)
-             if not arg.startswith("-") and (i == 0 or args[i - 1] not in DIALS_OPTIONS_WITH_NUMBERS)]
+def peek_backend(args, phil, accept_reflections=True):
+    """(the ``backend=`` choice among the arguments, their standalone parse or
+    None, the error they give), read before any file is: the choice is
+    ``auto`` when the words do not parse, and "standalone" when the scope has
+    no such parameter."""
     try:
-        params = parse_arguments(words, phil).params
+        arguments = parse_arguments(args, phil, accept_reflections)
     except QConsistencyError as error:
-        return "auto", error
-    return getattr(params, "backend", "standalone"), None
+        return "auto", None, error
+    return getattr(arguments.params, "backend", "standalone"), arguments, None
 
 
 def parse_command_line(args, phil, usage, help_message, accept_reflections=True):
     """The parsed command line with its backend resolved, or None when only
     help or the configuration was asked for (then printed).
 
-    The standalone backend parses here; the native one with DIALS' own
-    ArgumentParser, which reads the input files (one pair) itself.
+    The standalone parser tells the input files apart for both backends; the
+    native backend then parses the options and PHIL words with DIALS' own
+    ArgumentParser (its -c, -h and logging), and reads the files later.
     """
-    choice, error = peek_backend(args, phil)
+    choice, arguments, error = peek_backend(args, phil, accept_reflections)
     backend = backends.resolve(choice)
-    if backend == "native" and error is not None:
-        raise error  # one line, before DIALS' parser would exit with argparse's status 2
+    if error is not None:
+        raise error
     if backend == "standalone":
         arguments = parse_or_show(args, phil, usage, help_message, accept_reflections)
     else:
         from dials_qconsistency import native
 
-        parsed = native.parse(_expand_file_patterns(args), phil, usage, help_message, accept_reflections)
+        files = arguments.experiments + arguments.reflections
+        parsed = native.parse(args, files, phil, usage, help_message)
         if parsed is None:
             return None
-        params, verbosity, diff, experiments, reflections, loaded = parsed
-        arguments = Arguments(params, experiments, reflections, False, False, diff)
-        arguments.loaded, arguments.verbosity = loaded, verbosity
+        arguments.params, arguments.verbosity, arguments.diff = parsed
     if arguments is not None:
         arguments.backend = backend
     return arguments
-
-
-def _expand_file_patterns(args):
-    """Quoted globs of input files, expanded (DIALS' parser takes file names)."""
-    extensions = EXPERIMENT_EXTENSIONS + REFLECTION_EXTENSIONS
-    return [p for arg in args for p in (expand(arg) if arg.endswith(extensions) and is_pattern(arg) else [arg])]
 
 
 class _LogFile(logging.FileHandler):

@@ -243,7 +243,7 @@ def run(args=None, phil=phil_scope):
     check_output_paths(output_paths(params), [expt_path, refl_path])
 
     backend = backends.get(arguments.backend)
-    experiments, table = backends.read_pair(backend, expt_path, refl_path, arguments.loaded)
+    experiments, table = backends.read_pair(backend, expt_path, refl_path)
     result = compute_q(
         experiments, table.columns(), table.identifiers, options, path=refl_path, experiments_path=expt_path
     )

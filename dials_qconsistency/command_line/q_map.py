@@ -9,11 +9,11 @@ import sys
 import libtbx.phil
 import numpy as np
 
-from dials_qconsistency import __version__
+from dials_qconsistency import __version__, backends
 from dials_qconsistency.errors import QConsistencyError
-from dials_qconsistency.experiments import read_experiments
 from dials_qconsistency.files import StagedOutputs
 from dials_qconsistency.map_files import WRITERS
+from dials_qconsistency.parallel import available_cpus
 from dials_qconsistency.model_state import image_setting
 from dials_qconsistency.pixel_map import (
     QUANTITIES,
@@ -26,7 +26,7 @@ from .program import (
     check_output_paths,
     log_header,
     logged_run,
-    parse_or_show,
+    parse_command_line,
     run_program,
 )
 
@@ -82,7 +82,7 @@ precision = *float32 float64
   .help = "Floating-point type of the maps written."
 nproc = Auto
   .type = int(value_min=1)
-  .help = "Threads computing row blocks (Auto: the number of cores)."
+  .help = "Threads computing row blocks (Auto: the CPUs this process may use)."
 rows_per_block = Auto
   .type = int(value_min=1)
   .help = "Rows computed and written at a time (Auto: about 131072 pixels):"
@@ -98,6 +98,11 @@ output {
   log = dials.q_map.log
     .type = path
 }
+backend = *auto native standalone
+  .type = choice
+  .help = "native: DIALS' option parser and dxtbx models (pixels -> mm through"
+          "dxtbx's own mapping); standalone: this package's .expt reader; auto:"
+          "native when DIALS and dxtbx can be imported. Both give the same numbers."
 debug = False
   .type = bool
   .help = "Show a traceback for unexpected errors."
@@ -150,7 +155,7 @@ def run(args=None, phil=phil_scope):
     and renamed into place only when complete.
     """
     args = sys.argv[1:] if args is None else list(args)
-    arguments = parse_or_show(args, phil, usage, help_message, accept_reflections=False)
+    arguments = parse_command_line(args, phil, usage, help_message, accept_reflections=False)
     if arguments is None:
         return 0
     params = arguments.params
@@ -165,10 +170,10 @@ def run(args=None, phil=phil_scope):
         except ImportError:
             raise QConsistencyError("output.hdf5 needs h5py (pip install h5py); or use output.npz") from None
     check_output_paths(output_paths(params), [expt_path])
-    experiments = read_experiments(expt_path)
+    experiments = backends.get(arguments.backend).read_experiments(expt_path)
     plan = map_plan(experiments, params, expt_path)
 
-    with logged_run(logger, params.output.log):
+    with logged_run(logger, params.output.log, arguments):
         log_header(logger, "dials.q_map", __version__, arguments)
         logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}")
         write_maps(params, experiments, plan, expt_path)
@@ -179,7 +184,7 @@ def write_maps(params, experiments, plan, expt_path):
     """Compute every selected panel in row blocks and stream it to the writers."""
     dtype = np.dtype(params.precision)
     names = [n for n in QUANTITIES if n != "miller_index" or params.miller_indices]
-    workers = params.nproc if isinstance(params.nproc, int) else (os.cpu_count() or 1)
+    workers = params.nproc if isinstance(params.nproc, int) else available_cpus()
     attributes = {
         "program": "dials.q_map",
         "version": __version__,

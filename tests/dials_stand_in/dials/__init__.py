@@ -1,1 +1,0 @@
-"""Stand-in for DIALS (tests only): see ../README.txt."""

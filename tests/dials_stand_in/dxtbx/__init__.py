@@ -1,1 +1,0 @@
-"""Stand-in for dxtbx (tests only): see ../README.txt."""
