@@ -39,6 +39,8 @@ refinement {
     outlier {
       algorithm = null *auto mcd tukey sauter_poon
         .type = choice
+      minimum_number_of_reflections = 20
+        .type = int
     }
   }
 }
@@ -117,6 +119,21 @@ def test_stills_refinement_is_static_with_sauter_poon():
     assert p.refinement.parameterisation.scan_varying is False
     assert p.refinement.parameterisation.beam.fix == ["all"]
     assert p.refinement.reflections.outlier.algorithm == "sauter_poon"
+    assert p.refinement.reflections.outlier.minimum_number_of_reflections == 10  # keeps a 19-spot still
+
+
+@pytest.mark.dials
+@pytest.mark.parametrize("name", [os.path.basename(p) for p in PHIL_FILES])
+def test_each_file_names_only_parameters_of_the_real_dials_programs(name):
+    """The transcription above, checked against DIALS' own master scopes."""
+    from dials.command_line.index import working_phil as index_scope
+    from dials.command_line.refine import working_phil as refine_scope
+
+    master = index_scope if name.startswith("index") else refine_scope
+    path = os.path.join(REPO_ROOT, "phil", name)
+    _, unused = master.fetch(sources=[libtbx.phil.parse(open(path).read(), source_info=path)],
+                             track_unused_definitions=True)
+    assert [str(u) for u in unused] == []
 
 
 def test_stills_indexing():
