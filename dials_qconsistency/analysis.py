@@ -16,19 +16,10 @@ import numpy as np
 from . import geometry
 from .compute import REASONS, S1_MATCH_TOLERANCE, USED, QResult, row_blocks, rows_by_group
 
-#: Interpretation bands for mean |Δq| in Å⁻¹ (upper bound, verdict).
-BANDS = ((0.02, "excellent"), (0.05, "good"), (np.inf, "review the model"))
 
 S1_PREDICTED = "prediction (s1 ends at xyzcal.mm)"
 S1_OBSERVED = "observed centroid (s1 points at xyzobs.mm.value, as after dials.index)"
 S1_NEITHER = "neither (s1 matches no position: table and experiments differ?)"
-
-
-def band(mean_delta_q: float) -> str:
-    for upper, verdict in BANDS:
-        if mean_delta_q < upper:
-            return verdict
-    return BANDS[-1][1]
 
 
 def norm_statistics(values: np.ndarray) -> dict:
@@ -186,7 +177,7 @@ class Summary:
     n_rows: int
     counts: dict
     delta_q: dict
-    verdict: str
+    verdict: str  # consistent, inconsistent or nothing to compare (verdict.judge)
     experiments: list[ExperimentSummary] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     residuals: dict = field(default_factory=dict)  # UsedRows.statistics of all used rows
@@ -347,8 +338,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
 
     (everything,) = stats["all"]
     overall = _delta_q_part(everything) if everything else norm_statistics(np.zeros(0))
-    verdict = band(overall["mean"]) if overall["n"] else "nothing to compare"
-    summary = Summary(len(result.reason), counts, overall, verdict, notes=list(result.notes))
+    summary = Summary(len(result.reason), counts, overall, "", notes=list(result.notes))
     for index, (experiment, rows) in enumerate(zip(experiments, rows_by_group(result.experiment, len(experiments), used))):
         mine = stats["experiment"][index]
         if mine is None:
@@ -386,4 +376,4 @@ def _panel_name(detector, index) -> str:
     return detector.panels[int(index)].name if int(index) < len(detector.panels) else ""
 
 
-__all__ = ["BANDS", "Summary", "band", "norm_statistics", "summarise", "USED"]
+__all__ = ["Summary", "norm_statistics", "summarise", "USED"]

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .analysis import band, grouped_statistics, norm_statistics, summarise
+from .analysis import grouped_statistics, norm_statistics, summarise
 from .compute import REASONS, compute_q
 from .decomposition import decompose
 from .errors import QConsistencyError
 from . import backends
 from .files import StagedOutputs
 from .output import OUTPUT_TYPES, decomposition_columns, put_columns, q_columns
+from .verdict import judge
 
 STATISTICS = ("n", "mean", "median", "rms", "p95", "max")
 
@@ -112,9 +113,12 @@ def process_file(job: FileJob) -> FileOutcome:
         if job.output:  # written while the rest computes, as in a run over one file
             writer = table.begin_write(staged, job.output, OUTPUT_TYPES)
             put_columns(writer, q_columns(result))
-        describe(outcome, experiments, table, result, summarise(result, experiments))
+        parts = decompose(experiments, result, job.options.threads)
+        summary = summarise(result, experiments, parts)
+        summary.verdict = judge(summary, job.options).short  # the precision checks; no diagnosis per file
+        describe(outcome, experiments, table, result, summary)
         if writer:
-            put_columns(writer, decomposition_columns(decompose(experiments, result, job.options.threads)))
+            put_columns(writer, decomposition_columns(parts))
             writer.finish()
             ((outcome.staged, _),) = staged.detach()
     except QConsistencyError as error:
@@ -155,7 +159,9 @@ def merge(outcomes: list[FileOutcome]) -> Merged:
     counts = {reason: sum(o.counts.get(reason, 0) for o in outcomes) for reason in REASONS}
     norms = np.concatenate([o.norms for o in outcomes]) if outcomes else np.zeros(0)
     delta_q = norm_statistics(norms)
-    verdict = band(delta_q["mean"]) if delta_q["n"] else "nothing to compare"
+    inconsistent = sum(o.verdict == "inconsistent" for o in outcomes)
+    verdict = ("nothing to compare" if not delta_q["n"] else
+               f"inconsistent in {inconsistent} of {len(outcomes)} files" if inconsistent else "consistent")
     return Merged(len(outcomes), sum(o.n_rows for o in outcomes), counts, delta_q, verdict)
 
 

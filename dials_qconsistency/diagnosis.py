@@ -521,9 +521,45 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS) -> lis
     pooled = diagnose_rows("pooled", None, result, parts, used, _shared_detector(experiments, indices), max_reflections)
     named = {f.mistake for d in each for f in d.findings}
     if named and {f.mistake for f in pooled.findings} != named:
-        # a pooled fit may mix different per-crystal causes into one map: trust the experiments
-        pooled.consistent = False
-        pooled.findings = [
-            Finding("no_common_cause", "the experiments are diagnosed differently: see each experiment", {"named": sorted(named)})
-        ]
+        common = _common_finding(each)
+        if common is not None:  # every experiment names the same mistake with the same size
+            pooled.consistent, pooled.findings = False, [common]
+        elif not pooled.findings or not all(f.mistake in SHARED_MISTAKES for f in pooled.findings):
+            # a pooled fit may mix different per-crystal causes into one map: trust the experiments
+            pooled.consistent = False
+            pooled.findings = [
+                Finding("no_common_cause", "the experiments are diagnosed differently: see each experiment",
+                        {"named": sorted(named)})
+            ]
+        # else: the pooled fit names a change of what the experiments share (the
+        # detector, the wavelength), better determined by all their spots than by
+        # the few of one still, where a distance error and a scale look alike
     return [pooled] + each
+
+
+#: Mistakes of models the experiments share: a pooled fit of these speaks for all.
+SHARED_MISTAKES = {"detector_distance", "beam_centre_shift", "tilted_panel", "detector_tilt", "panel_shift",
+                   "wavelength_or_cell_scale", "two_pi"}
+
+#: Sizes that must agree (relative, or absolute near zero) for one finding to speak for all experiments.
+SAME_SIZE = 0.01
+
+
+def _common_finding(each) -> Finding | None:
+    """The finding every experiment names alike (one mistake, sizes within 1%), as
+    a pooled one: what copies of one mistaken model in every experiment give."""
+    if not all(len(d.findings) == 1 for d in each):
+        return None
+    first = each[0].findings[0]
+    for diagnosis in each[1:]:
+        other = diagnosis.findings[0]
+        if other.mistake != first.mistake:
+            return None
+        for key, value in first.size.items():
+            if key in ("explained", "rms_after_fit") or not isinstance(value, (int, float)):
+                continue
+            if abs(other.size.get(key, np.inf) - value) > SAME_SIZE * max(abs(value), 1e-3):
+                return None
+    explained = min(d.findings[0].size["explained"] for d in each)
+    size = {**first.size, "explained": explained, "experiments": len(each)}
+    return Finding(first.mistake, f"every experiment: {first.message}", size)

@@ -150,6 +150,15 @@ class Experiment:
             and not self.scan.is_still
         )
 
+    @property
+    def is_scan_varying(self) -> bool:
+        """Does a model vary along the scan (A, S or s0 at scan points)?"""
+        return any(
+            getattr(model, name, None) is not None
+            for model, name in ((self.crystal, "A_at_scan_points"), (self.goniometer, "setting_rotation_at_scan_points"),
+                                (self.beam, "s0_at_scan_points"))
+        )
+
 
 @dataclass
 class ExperimentList:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .analysis import BANDS, S1_NEITHER, S1_OBSERVED, S1_PREDICTED, Summary
+from .analysis import S1_NEITHER, S1_OBSERVED, S1_PREDICTED, Summary
 
 
 def _fmt(value, spec=".3e") -> str:
@@ -19,22 +19,43 @@ def _stats_row(label: str, stats: dict) -> str:
     )
 
 
-def _counts_and_choices(first_line, counts, options) -> list[str]:
+def verdict_text(verdict) -> str:
+    """The verdict first: one sentence, then every reason and the numbers behind it."""
+    lines = [f"Verdict: {verdict.headline}"]
+    if len(verdict.reasons) > 1:
+        lines += [f"  - {reason}" for reason in verdict.reasons]
+    checks = verdict.checks
+    numbers = []
+    if checks.get("rms_in_plane_mm") is not None:
+        numbers.append(f"model spot to xyzcal.mm RMS {checks['rms_in_plane_mm']:.3g} mm")
+    if checks.get("rms_delta_q_rotation") is not None:
+        numbers.append(f"rotation data |q_bragg - q_pred| RMS {checks['rms_delta_q_rotation']:.3g} 1/Angstrom")
+    if checks.get("centroid_sigma_q") is not None:
+        numbers.append(f"centroid uncertainty {checks['centroid_sigma_q']:.3g} 1/Angstrom (median)")
+    if checks.get("normalised_residual") is not None:
+        numbers.append(f"normalised residual RMS {checks['normalised_residual']:.3g}")
+    if numbers:
+        lines.append("  (" + "; ".join(numbers) + ")")
+    return "\n".join(lines)
+
+
+def _counts_and_choices(first_line, counts, options, rotation=True) -> list[str]:
     """The row counts by reason (used always shown) and the computation choices."""
     lines = [first_line]
     for reason, count in counts.items():
         if count or reason == "used":
             lines.append(f"  {reason:<48} {count:>10}")
-    lines.append(
-        f"q_pixel from {options.q_pixel_source} positions; q_bragg at the {options.phi} rotation angle; "
-        f"scan-varying model state: {options.model_state}"
-        + (f" (block width {options.block_width:g} deg)" if options.model_state == "refinement" else "")
-    )
+    choices = f"q_pixel from {options.q_pixel_source} positions"
+    if rotation:  # neither applies to stills
+        choices += (f"; q_bragg at the {options.phi} rotation angle; scan-varying model state: {options.model_state}"
+                    + (f" (block width {options.block_width:g} deg)" if options.model_state == "refinement" else ""))
+    lines.append(choices)
     return lines
 
 
 def summary_text(summary: Summary, options) -> str:
-    lines = _counts_and_choices(f"Rows in the table: {summary.n_rows}", summary.counts, options)
+    rotation = any(e.kind == "rotation" for e in summary.experiments) or not summary.experiments
+    lines = _counts_and_choices(f"Rows in the table: {summary.n_rows}", summary.counts, options, rotation)
     for note in summary.notes:
         lines.append(f"Note: {note}")
     if not summary.delta_q["n"]:
@@ -47,10 +68,7 @@ def summary_text(summary: Summary, options) -> str:
     lines.append(_stats_row("all", summary.delta_q))
     for e in summary.experiments:
         lines.append(_stats_row(f"expt {e.index} ({e.kind[:3]})", e.delta_q))
-    bands = ", ".join(
-        f"< {upper:g} {verdict}" if upper != float("inf") else f"above: {verdict}" for upper, verdict in BANDS
-    )
-    lines.append(f"Mean |delta_q| {summary.delta_q['mean']:.4g}: {summary.verdict} ({bands}).")
+    lines.append(f"Mean |delta_q| {summary.delta_q['mean']:.4g} 1/Angstrom.")
 
     lines.append("")
     lines.append("Self-tests (max over rows used, 1/Angstrom):")

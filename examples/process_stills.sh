@@ -13,8 +13,9 @@
 #                  (skip with --separate-detectors)
 #   refine_step1   dials.refine phil/refine_1_detector_beam.phil phil/refine_stills.phil
 #   refine_step2   dials.refine phil/refine_2_all_free.phil phil/refine_stills.phil
-#   q_consistency  dials.q_consistency refined.expt refined.refl with a gate on the
-#                  mean |delta_q| (1/Angstrom; QC_MAX_MEAN_DELTA_Q, default 0.001)
+#   q_consistency  dials.q_consistency refined.expt refined.refl, gated on its verdict
+#                  (fail_if.inconsistent=True) and on the mean |delta_q| (1/Angstrom;
+#                  QC_MAX_MEAN_DELTA_Q, default 0.001)
 #
 # Options for one step follow its name, up to the next step name, e.g.
 #   --find_spots spotfinder.threshold.dispersion.gain=25 --index indexing.known_symmetry.space_group=P6122
@@ -93,5 +94,5 @@ step refine_step1 dials.refine.step1.log refined_step1.refl dials.refine "$input
 step refine_step2 dials.refine.step2.log refined.refl dials.refine refined_step1.expt refined_step1.refl \
   "$phil/refine_2_all_free.phil" "$phil/refine_stills.phil"
 step q_consistency dials.q_consistency.log q_consistency.json dials.q_consistency refined.expt refined.refl \
-  "fail_if.mean_delta_q=$gate" output.json=q_consistency.json output.plots=None
-echo "process_stills: done; the model is q-consistent (mean |delta_q| <= $gate 1/Angstrom): $outdir/refined.expt"
+  fail_if.inconsistent=True "fail_if.mean_delta_q=$gate" output.json=q_consistency.json output.plots=None
+echo "process_stills: done; the model is q-consistent (verdict consistent, mean |delta_q| <= $gate 1/Angstrom): $outdir/refined.expt"

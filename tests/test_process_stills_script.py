@@ -94,6 +94,7 @@ def test_every_step_runs_on_real_stills_and_the_gate_passes(processed, name):
     report = json.loads((out / "q_consistency.json").read_text())
     assert len(report["per_experiment"]) == stills
     assert 0 < report["overall"]["delta_q"]["mean"] <= default_gate()
+    assert report["verdict"]["consistent"] is True, report["verdict"]
     assert "process_stills: done" in done.stdout
 
 
@@ -121,11 +122,21 @@ def test_the_gate_fails_on_a_model_with_a_real_mistake(processed, tmp_path, name
     mistaken(out / "refined.expt", bad, kind)
     done = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "dials.q_consistency"), str(bad), str(out / "refined.refl"),
-         f"fail_if.mean_delta_q={default_gate()}", "output.plots=None", "output.reflections=None"],
+         "fail_if.inconsistent=True", "output.plots=None", "output.reflections=None", "output.json=qc.json"],
         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO_ROOT), capture_output=True, text=True,
     )
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr
-    assert "exceeds fail_if.mean_delta_q" in done.stderr
+    verdict = json.loads((tmp_path / "qc.json").read_text())["verdict"]
+    assert verdict["consistent"] is False and "fail_if: the verdict is inconsistent" in done.stderr
+    named = {entry["mistake"] for entry in verdict["checks"]["named"] if entry["large"]}
+    assert named & ({"detector_distance"} if kind.startswith("detector") else {"lab_axis_rotation"}), verdict
+    # and the mean gate the script sets as well
+    again = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "dials.q_consistency"), str(bad), str(out / "refined.refl"),
+         f"fail_if.mean_delta_q={default_gate()}", "output.plots=None", "output.reflections=None"],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO_ROOT), capture_output=True, text=True,
+    )
+    assert again.returncode == 2 and "exceeds fail_if.mean_delta_q" in again.stderr
 
 
 def test_a_failing_step_stops_the_script_and_names_its_log(tmp_path):

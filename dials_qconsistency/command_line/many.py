@@ -15,6 +15,7 @@ import os
 
 from dials_qconsistency import __version__
 from dials_qconsistency.campaign import FileJob, file_record, merge, temporary_prefix
+from dials_qconsistency.verdict import Verdict
 from dials_qconsistency.errors import GateFailed, QConsistencyError
 from dials_qconsistency.files import StagedOutputs, remove_leftovers
 from dials_qconsistency.inputs import output_table_names
@@ -171,7 +172,8 @@ def _process_and_write(params, jobs, comm, options, logger, gate_failure, finite
     for name in ("json", "per_file_csv", "per_image_csv"):
         if getattr(params.output, name):
             logger.info(f"Saved {getattr(params.output, name)}")
-    gate = gate_failure(merged.delta_q, params.fail_if)
+    consistent = None if not merged.delta_q["n"] else merged.verdict == "consistent"
+    gate = gate_failure(merged.delta_q, params.fail_if, Verdict(consistent, merged.verdict))
     if gate:
         logger.info(f"\nfail_if: {gate}")
         raise GateFailed(gate)

@@ -28,8 +28,10 @@ from dials_qconsistency.output import (
 )
 from dials_qconsistency.parallel import threads_per_process
 from dials_qconsistency.plots import FIGURE_NAMES, plot_path, render_plots
+from dials_qconsistency.verdict import centroid_sigma_q, judge, normalised_residual
 from dials_qconsistency.report import (
     diagnosis_text,
+    verdict_text,
     json_report,
     per_file_csv,
     per_image_csv,
@@ -153,6 +155,11 @@ diagnosis {
             "dials.refine samples reflections; 0: all of them."
 }
 fail_if {
+  inconsistent = False
+    .type = bool
+    .help = "Exit with status 2 unless the verdict is consistent (see the log:"
+            "s1 from these models, the model's own predictions reproduced, no"
+            "named mistake large against the centroids' uncertainty)."
   mean_delta_q = None
     .type = float(value_min=0)
     .help = "Exit with status 2 if the mean |delta_q| (1/Angstrom) exceeds this."
@@ -244,8 +251,9 @@ def run(args=None, phil=phil_scope):
 
     backend = backends.get(arguments.backend)
     experiments, table = backends.read_pair(backend, expt_path, refl_path)
+    columns = table.columns()
     result = compute_q(
-        experiments, table.columns(), table.identifiers, options, path=refl_path, experiments_path=expt_path
+        experiments, columns, table.identifiers, options, path=refl_path, experiments_path=expt_path
     )
     table.release_memory()  # the input's columns were read: the results take their place
 
@@ -266,6 +274,14 @@ def run(args=None, phil=phil_scope):
                 result, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
             )
             diagnoses = diagnose(experiments, result, parts, params.diagnosis.max_reflections)
+            variance = columns.get("xyzobs.mm.variance")
+            verdict = judge(
+                summary, options, diagnoses, centroid_sigma_q(experiments, result, variance),
+                normalised_residual(parts, result, variance) if options.q_pixel_source != "calculated" else None,
+                scan_varying=any(e.is_scan_varying for e in experiments),
+            )
+            summary.verdict = verdict.short
+            logger.info(verdict_text(verdict) + "\n")
             logger.info(summary_text(summary, options))
             logger.info(residuals_text(summary))
             logger.info(diagnosis_text(diagnoses))
@@ -273,25 +289,26 @@ def run(args=None, phil=phil_scope):
                 if replaced:
                     logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
                 writer.finish()
-            figures = stage_reports(params, experiments, table, result, parts, summary, diagnoses, options,
+            figures = stage_reports(params, experiments, table, result, parts, summary, diagnoses, verdict, options,
                                     (expt_path, refl_path), outputs)
             outputs.commit()
         log_saved(params, figures, table.nrows)
-        gate = gate_failure(summary.delta_q, params.fail_if)
+        gate = gate_failure(summary.delta_q, params.fail_if, verdict)
         if gate:
             logger.info(f"\nfail_if: {gate}")
             raise GateFailed(gate)
     return 0
 
 
-def stage_reports(params, experiments, table, result, parts, summary, diagnoses, options, inputs, outputs) -> list:
+def stage_reports(params, experiments, table, result, parts, summary, diagnoses, verdict, options, inputs, outputs) -> list:
     """Stage the JSON report, the CSV files and the figures beside the table; return the figures' paths."""
     summaries = (params.output.json, params.output.per_file_csv, params.output.per_image_csv)
     if any(summaries):  # the per-file and per-image records of a run over many files
         outcome = FileOutcome(0, inputs[0], inputs[1], params.output.reflections)
         describe(outcome, experiments, table, result, summary)
     if params.output.json:
-        report = json_report(summary, diagnoses, options, {"experiments": inputs[0], "reflections": inputs[1]})
+        report = {"verdict": verdict.as_dict(),
+                  **json_report(summary, diagnoses, options, {"experiments": inputs[0], "reflections": inputs[1]})}
         report["images"] = outcome.images
         outputs.add(params.output.json, (json.dumps(_finite(report), indent=1) + "\n").encode())
     if params.output.per_file_csv:
@@ -320,8 +337,10 @@ def log_saved(params, figures, nrows) -> None:
         logger.info(f"\nSaved {nrows} rows with q_bragg, q_pixel, q_pred, delta_q and its parts to {params.output.reflections}")
 
 
-def gate_failure(statistics: dict, bounds) -> str | None:
+def gate_failure(statistics: dict, bounds, verdict=None) -> str | None:
     """The first fail_if bound exceeded, as a one-line reason (None if all hold)."""
+    if getattr(bounds, "inconsistent", False) and verdict is not None and verdict.consistent is not True:
+        return f"the verdict is {verdict.short} (fail_if.inconsistent=True): {verdict.headline}"
     for name, key in (("mean_delta_q", "mean"), ("median_delta_q", "median"), ("max_delta_q", "max")):
         bound = getattr(bounds, name)
         if bound is None:

@@ -1,0 +1,175 @@
+"""The verdict: is the model consistent, judged by what the data can resolve.
+
+A model is called **consistent** when
+
+* the table's s1 belongs to these models: it ends at the calculated or the
+  observed spot position (an s1 that matches neither means that the table was
+  made with other models);
+* with calculated positions, the model reproduces its own predictions to
+  numerical precision: the model's spot lies on xyzcal.mm (in-plane RMS at most
+  ``PRECISION_MM``) and, for rotation data at the calculated φ, q_bragg equals
+  the table's prediction (RMS |Δq| at most ``PRECISION_Q``); for stills |Δq| is
+  then exactly the Ewald offset 2|q|·|sin(Δψ/2)|;
+* no mistake named by the diagnosis is large against the centroids' own
+  uncertainty: the RMS distance by which the fitted change moves the spots
+  (√(before² − after²), Å⁻¹) stays below ``LARGE`` times the median
+  uncertainty σ_q of an observed centroid in q.
+
+σ_q of a row is σ_mm·|s0|/|L|: the centroid's standard deviation in the
+detector plane (√(var x + var y) from ``xyzobs.mm.variance``, or the pixel's
+own √((px² + py²)/12) where the table has no variances) turned into Å⁻¹ at the
+spot's distance |L| from the sample. With observed positions the normalised
+residuals (in-plane residual over σ along each panel axis, as refinement
+weights them) are reported too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .analysis import S1_NEITHER, sample_rows
+from .compute import rows_by_group
+
+#: The model's spot on xyzcal.mm to this RMS (mm): rounding, not geometry.
+PRECISION_MM = 1e-6
+#: q_bragg = q_pred to this RMS (Å⁻¹) for rotation data at the calculated φ.
+PRECISION_Q = 1e-9
+#: A named mistake counts when it moves the spots by at least this fraction of σ_q.
+LARGE = 0.25
+#: σ_q is the median over at most this many used rows (an even sample).
+SAMPLE = 100_000
+
+
+@dataclass
+class Verdict:
+    consistent: bool | None  # None: nothing to compare
+    headline: str  # one sentence, first in the log, the JSON and the report
+    reasons: list[str] = field(default_factory=list)  # why not consistent
+    checks: dict = field(default_factory=dict)  # the numbers behind it
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def short(self) -> str:
+        return {True: "consistent", False: "inconsistent", None: "nothing to compare"}[self.consistent]
+
+
+def centroid_sigma_q(experiments, result, variance=None, max_rows=SAMPLE) -> float | None:
+    """Median σ_q (Å⁻¹) of an observed centroid over an even sample of used rows."""
+    rows = sample_rows(result.used, max_rows)
+    if rows.size == 0:
+        return None
+    sigma = np.full(rows.size, np.nan)
+    experiment_of = result.experiment[rows]
+    for index, mine in enumerate(rows_by_group(experiment_of, len(experiments))):
+        if not mine.size:
+            continue
+        detector = experiments[index].detector
+        panels = result.panel[rows[mine]]
+        origin = np.array([p.origin for p in detector.panels])[panels]
+        fast = np.array([p.fast for p in detector.panels])[panels]
+        slow = np.array([p.slow for p in detector.panels])[panels]
+        xy = result.position_mm[rows[mine]]
+        lab = origin + xy[:, :1] * fast + xy[:, 1:2] * slow
+        if variance is not None:
+            sigma_mm = np.sqrt(np.maximum(variance[rows[mine], 0], 0) + np.maximum(variance[rows[mine], 1], 0))
+        else:
+            pixel = np.array([p.pixel_size for p in detector.panels])[panels]
+            sigma_mm = np.sqrt(np.sum(pixel**2, axis=1) / 12.0)
+        sigma[mine] = sigma_mm * np.linalg.norm(result.s0[rows[mine]], axis=1) / np.linalg.norm(lab, axis=1)
+    sigma = sigma[np.isfinite(sigma) & (sigma > 0)]
+    return float(np.median(sigma)) if sigma.size else None
+
+
+def normalised_residual(parts, result, variance, max_rows=SAMPLE) -> float | None:
+    """RMS of the in-plane residual over σ along each panel axis (observed positions)."""
+    if variance is None or parts is None:
+        return None
+    rows = sample_rows(result.used, max_rows)
+    var = variance[rows, :2]
+    ok = np.all(var > 0, axis=1) & np.all(np.isfinite(parts.delta_xy[rows]), axis=1)
+    if not ok.any():
+        return None
+    return float(np.sqrt(np.mean(parts.delta_xy[rows][ok] ** 2 / var[ok])))
+
+
+def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_varying=False) -> Verdict:
+    """The verdict of one table (``diagnoses`` None: without the diagnosis;
+    ``scan_varying``: some model varies along its scan)."""
+    if not summary.delta_q["n"]:
+        return Verdict(None, "Nothing to compare: no row has an indexed reflection with a position and s1.")
+    reasons = _named_mistakes(diagnoses, sigma_q)  # the mistake first, then the checks it breaks
+    named, reasons = [entry for entry, _ in reasons], [reason for _, reason in reasons if reason]
+    checks = {"q_pixel_source": options.q_pixel_source, "centroid_sigma_q": sigma_q, "normalised_residual": normalised}
+    others = [e.index for e in summary.experiments if e.s1_kind == S1_NEITHER]
+    if others:
+        reasons.append(
+            f"the table's s1 matches neither spot position in experiment(s) {_list(others)}: the table was made "
+            "with other models than these"
+        )
+    if options.q_pixel_source == "calculated":
+        in_plane = summary.residuals.get("rms_in_plane_mm")
+        checks["rms_in_plane_mm"] = in_plane
+        if in_plane is not None and in_plane > PRECISION_MM:
+            reasons.append(
+                f"the model's spots are {in_plane:.3g} mm (RMS) from the calculated positions in the table, "
+                f"not at them (numerical precision: {PRECISION_MM:g} mm)"
+            )
+        if options.phi == "calculated":
+            rotation = [e for e in summary.experiments if e.kind == "rotation"]
+            worst = max((e.delta_q["rms"] for e in rotation if e.delta_q["rms"] is not None), default=None)
+            checks["rms_delta_q_rotation"] = worst
+            if worst is not None and worst > PRECISION_Q:
+                reasons.append(
+                    f"for rotation data q_bragg differs from the table's prediction by {worst:.3g} 1/Angstrom (RMS), "
+                    f"beyond numerical precision ({PRECISION_Q:g})"
+                    + (": check scan_varying.model_state (integrate for an integrated table)" if scan_varying else "")
+                )
+    checks["named"] = named
+    if reasons:
+        return Verdict(False, "INCONSISTENT: " + reasons[0] + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""),
+                       reasons, checks)
+    how = ("to numerical precision" if options.q_pixel_source == "calculated"
+           else "within what the centroids can resolve")
+    return Verdict(True, f"CONSISTENT {how}: no mistake in frame, scale or detector is large against the "
+                         "centroids' uncertainty", [], checks)
+
+
+def _named_mistakes(diagnoses, sigma_q) -> list[tuple[dict, str | None]]:
+    """(what the diagnosis named, the reason it gives or None when the mistake is
+    small against σ_q); the pooled finding speaks for every experiment."""
+    diagnoses = diagnoses or []
+    pooled_found = any(d.scope == "pooled" and f.mistake != "no_common_cause" for d in diagnoses for f in d.findings)
+    out = []
+    for diagnosis in diagnoses:
+        if diagnosis.scope != "pooled" and pooled_found:
+            continue
+        for finding in diagnosis.findings:
+            if finding.mistake == "no_common_cause":
+                continue  # each experiment's finding is judged on its own
+            effect = _effect(diagnosis, finding)
+            large = effect is None or sigma_q is None or effect >= LARGE * sigma_q
+            reason = None
+            if large:
+                reason = f"{diagnosis.scope}: {finding.message}"
+                if effect is not None and sigma_q:
+                    reason += (f" (it moves the spots by {effect:.3g} 1/Angstrom RMS, {effect / sigma_q:.2g} x the "
+                               "centroids' uncertainty)")
+            out.append(({"scope": diagnosis.scope, "mistake": finding.mistake, "message": finding.message,
+                         "moves_spots_by": effect, "large": bool(large)}, reason))
+    return out
+
+
+def _effect(diagnosis, finding) -> float | None:
+    before, after = diagnosis.rms_in_plane_before, finding.size.get("rms_after_fit")
+    if before is None or after is None:
+        return None
+    return float(np.sqrt(max(before**2 - after**2, 0.0)))
+
+
+def _list(indices) -> str:
+    shown = ", ".join(str(i) for i in indices[:5])
+    return shown + (f" and {len(indices) - 5} more" if len(indices) > 5 else "")

@@ -1,0 +1,128 @@
+"""The verdict on real refined DIALS models: consistent as they are; inconsistent,
+with the mistake named, once a real mistake is put into them; and the gate on
+it (fail_if.inconsistent=True) exits with status 2.
+
+The mistakes are made in the .expt documents, independently of the program:
+the detector moved by 0.5 mm along the beam, every crystal turned by -90
+degrees about the lab X axis, A in 2pi units (real-space axes / 2pi), and a
+table paired with models it was not made with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from dials_qconsistency.command_line.q_consistency import main
+from conftest import BACKENDS, SHARED_DATA
+
+#: Refined real pairs (folder, name, options): rotation (static, scan-varying), stills (1 and 64 panels).
+REFINED = [
+    ("ssx_CuNiR_test_data", "indexed", []),
+    ("ssx_CuNiR_test_data", "integrated", []),
+    ("centroid_test_data", "indexed", []),
+    ("dials_current", "centroid_refined", []),
+    ("dials_current", "cspad_stills_refined", []),
+    ("quartz_processed", "refined", []),
+    ("quartz_processed", "integrated", ["scan_varying.model_state=integrate"]),
+]
+
+TURN_X = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])  # -90 degrees about lab X
+
+
+def run_verdict(tmp_path, monkeypatch, expt, refl, *options, backend="standalone"):
+    monkeypatch.chdir(tmp_path)
+    status = main([expt, refl, "output.reflections=None", "output.plots=None", "output.json=qc.json",
+                   f"backend={backend}", *options])
+    return status, json.load(open(tmp_path / "qc.json"))["verdict"], (tmp_path / "dials.q_consistency.log").read_text()
+
+
+@pytest.mark.parametrize("folder, name, options", REFINED, ids=[f"{f}-{n}" for f, n, _ in REFINED])
+def test_refined_real_models_are_consistent(shared, tmp_path, monkeypatch, folder, name, options):
+    status, verdict, log = run_verdict(tmp_path, monkeypatch, shared(folder, name + ".expt"),
+                                       shared(folder, name + ".refl"), "fail_if.inconsistent=True", *options)
+    assert status == 0 and verdict["consistent"] is True, verdict
+    assert verdict["reasons"] == [] and verdict["headline"].startswith("CONSISTENT to numerical precision")
+    assert log.count(f"Verdict: {verdict['headline']}") == 1
+
+
+def mistaken(document, kind):
+    """A copy of an ExperimentList document with one real mistake."""
+    document = json.loads(json.dumps(document))
+    if kind == "detector moved by 0.5 mm":
+        for detector in document["detector"]:
+            node = detector.get("hierarchy") or detector["panels"][0]
+            direction = np.array(document["beam"][0]["direction"], dtype=float)
+            node["origin"] = list(np.array(node["origin"]) + 0.5 * direction / np.linalg.norm(direction))
+            if "hierarchy" not in detector:
+                for panel in detector["panels"][1:]:
+                    panel["origin"] = list(np.array(panel["origin"]) + 0.5 * direction / np.linalg.norm(direction))
+        return document
+    for crystal in document["crystal"]:
+        axes = np.array([crystal[k] for k in ("real_space_a", "real_space_b", "real_space_c")])
+        states = [np.array(s, dtype=float).reshape(3, 3) for s in crystal.get("A_at_scan_points", [])]
+        if kind == "-90 degrees about X":
+            axes = axes @ TURN_X.T  # each axis turned
+            states = [TURN_X @ a for a in states]
+        else:  # 2pi units: A = B.U carries the 2pi that DIALS leaves out
+            axes = axes / (2 * math.pi)
+            states = [2 * math.pi * a for a in states]
+        for key, axis in zip(("real_space_a", "real_space_b", "real_space_c"), axes):
+            crystal[key] = list(axis)
+        if states:
+            crystal["A_at_scan_points"] = [list(a.ravel()) for a in states]
+    return document
+
+
+#: (kind, the mistake key the verdict must name)
+MISTAKES = [("detector moved by 0.5 mm", ("detector_distance",)),
+            # for rotation data a turned crystal is a wrong U (named in the goniometer's datum frame)
+            ("-90 degrees about X", ("lab_axis_rotation", "crystal_orientation")),
+            ("2pi units", ("two_pi",))]
+PAIRS = [("dials_current", "cspad_stills_refined"), ("quartz_processed", "refined"), ("ssx_CuNiR_test_data", "indexed")]
+
+
+@pytest.mark.parametrize("kind, named", MISTAKES, ids=[m[0] for m in MISTAKES])
+@pytest.mark.parametrize("folder, name", PAIRS, ids=[f"{f}-{n}" for f, n in PAIRS])
+def test_a_real_mistake_makes_the_model_inconsistent_and_is_named(shared, tmp_path, monkeypatch, folder, name, kind, named):
+    bad = tmp_path / "mistaken.expt"
+    bad.write_text(json.dumps(mistaken(json.load(open(shared(folder, name + ".expt"))), kind)))
+    status, verdict, log = run_verdict(tmp_path, monkeypatch, str(bad), shared(folder, name + ".refl"),
+                                       "fail_if.inconsistent=True")
+    assert status == 2 and verdict["consistent"] is False
+    assert verdict["headline"].startswith("INCONSISTENT: pooled: ")
+    assert any(entry["mistake"] in named and entry["large"] for entry in verdict["checks"]["named"]), verdict
+    assert log.count(f"Verdict: {verdict['headline']}") == 1
+    if kind.startswith("detector"):
+        assert "off by +0.500 mm" in verdict["headline"] or "off by -0.500 mm" in verdict["headline"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_table_of_other_models_is_inconsistent_on_both_backends(shared, tmp_path, monkeypatch, capsys, backend):
+    """The centroid sweep's table after dials.refine paired with the models from
+    before it (dials.index): the table's s1 and positions are not theirs."""
+    status, verdict, _ = run_verdict(
+        tmp_path, monkeypatch, shared("centroid_test_data", "indexed.expt"),
+        shared("dials_current", "centroid_refined.refl"), "fail_if.inconsistent=True", backend=backend,
+    )
+    assert status == 2 and verdict["consistent"] is False
+    assert any("the table was made with other models than these" in reason for reason in verdict["reasons"])
+    assert "fail_if: the verdict is inconsistent" in capsys.readouterr().err
+
+
+def test_mean_gates_stay_beside_the_verdict(shared, tmp_path, monkeypatch):
+    """A consistent model can still fail a mean |delta_q| bound the user sets."""
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, shared("dials_current", "cspad_stills_refined.expt"),
+                                     shared("dials_current", "cspad_stills_refined.refl"), "fail_if.mean_delta_q=1e-4")
+    assert status == 2 and verdict["consistent"] is True
+
+
+def test_without_rotation_data_the_summary_names_no_rotation_angle_or_model_state(shared, tmp_path, monkeypatch, capsys):
+    run_verdict(tmp_path, monkeypatch, shared("ssx_CuNiR_test_data", "indexed.expt"),
+                shared("ssx_CuNiR_test_data", "indexed.refl"))
+    out = capsys.readouterr().out
+    assert "q_pixel from calculated positions\n" in out
+    assert "rotation angle" not in out and "scan-varying model state" not in out
