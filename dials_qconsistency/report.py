@@ -98,17 +98,23 @@ def summary_text(summary: Summary, options) -> str:
 def diagnosis_text(diagnoses) -> str:
     """One block per scope: consistent, or each named mistake with its size."""
     lines = ["", "Diagnosis (best rotation, mirror, scale and detector fits; see the JSON for all of them):"]
+    return "\n".join(lines + ["  " + line for line in diagnosis_lines(diagnoses)])
+
+
+def diagnosis_lines(diagnoses) -> list[str]:
+    """Each scope's finding in a sentence (the log's and the report's)."""
+    lines = []
     for d in diagnoses:
         if d.rms_delta_q is None:
             continue
         if d.consistent:
-            lines.append(f"  {d.scope}: consistent: no fitted frame, scale or detector change explains the residual")
+            lines.append(f"{d.scope}: consistent: no fitted frame, scale or detector change explains the residual")
             continue
         for finding in d.findings:
             explained = finding.size.get("explained")
             extra = f" [explains {100 * explained:.1f}% of the squared residual]" if explained is not None else ""
-            lines.append(f"  {d.scope}: {finding.mistake}: {finding.message}{extra}")
-    return "\n".join(lines)
+            lines.append(f"{d.scope}: {finding.mistake}: {finding.message}{extra}")
+    return lines
 
 
 def residuals_text(summary) -> str:

@@ -156,8 +156,9 @@ def _named_mistakes(diagnoses, sigma_q) -> list[tuple[dict, str | None]]:
             if large:
                 reason = f"{diagnosis.scope}: {finding.message}"
                 if effect is not None and sigma_q:
-                    reason += (f" (it moves the spots by {effect:.3g} 1/Angstrom RMS, {effect / sigma_q:.2g} x the "
-                               "centroids' uncertainty)")
+                    ratio = effect / sigma_q
+                    times = f"{ratio:.1f}" if ratio < 100 else f"{ratio:.0f}"
+                    reason += f" (it moves the spots by {effect:.3g} 1/Angstrom RMS, {times} x the centroids' uncertainty)"
             out.append(({"scope": diagnosis.scope, "mistake": finding.mistake, "message": finding.message,
                          "moves_spots_by": effect, "large": bool(large)}, reason))
     return out
@@ -173,3 +174,15 @@ def _effect(diagnosis, finding) -> float | None:
 def _list(indices) -> str:
     shown = ", ".join(str(i) for i in indices[:5])
     return shown + (f" and {len(indices) - 5} more" if len(indices) > 5 else "")
+
+
+def campaign_verdict(merged) -> Verdict:
+    """The verdict of a run over many files: each file's self-tests (the
+    diagnosis is made for one pair at a time), counted."""
+    if not merged.delta_q["n"]:
+        return Verdict(None, "Nothing to compare: no file has an indexed reflection with a position and s1.")
+    if merged.verdict == "consistent":
+        return Verdict(True, f"CONSISTENT: every one of the {merged.n_files} files' models reproduces its own "
+                             "predictions to numerical precision (the diagnosis is made for one pair at a time)")
+    return Verdict(False, f"INCONSISTENT: {merged.verdict} (the files marked inconsistent in the table and the CSV)",
+                   [merged.verdict])

@@ -121,7 +121,7 @@ def test_no_cctbx_extension_is_imported_after_matplotlib(tmp_path):
     code = (
         "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot\n"
         "from dials_qconsistency.command_line import q_consistency, q_map\n"
-        f"q_consistency.run([{example + '.expt'!r}, {example + '.refl'!r}, 'backend=standalone'])\n"
+        f"q_consistency.run([{example + '.expt'!r}, {example + '.refl'!r}, 'backend=standalone', 'output.plots=q_consistency_'])\n"
         f"q_map.run([{example + '.expt'!r}, 'subsample=8', 'backend=standalone'])\n"
         "maps = open('/proc/self/maps').read().split()\n"
         "bad = sorted({p for p in maps if '.so' in p and 'libstdc++' not in p\n"

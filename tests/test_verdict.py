@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.command_line.q_consistency import main
-from conftest import BACKENDS, SHARED_DATA
+from conftest import BACKENDS
 
 #: Refined real pairs (folder, name, options): rotation (static, scan-varying), stills (1 and 64 panels).
 REFINED = [

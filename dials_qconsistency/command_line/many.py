@@ -15,7 +15,8 @@ import os
 
 from dials_qconsistency import __version__
 from dials_qconsistency.campaign import FileJob, file_record, merge, temporary_prefix
-from dials_qconsistency.verdict import Verdict
+from dials_qconsistency import html_report
+from dials_qconsistency.verdict import campaign_verdict
 from dials_qconsistency.errors import GateFailed, QConsistencyError
 from dials_qconsistency.files import StagedOutputs, remove_leftovers
 from dials_qconsistency.inputs import output_table_names
@@ -30,6 +31,7 @@ from dials_qconsistency.parallel import (
 )
 from dials_qconsistency.progress import Progress
 from dials_qconsistency.report import (
+    verdict_text,
     campaign_text,
     file_line,
     per_file_csv,
@@ -57,7 +59,7 @@ def table_outputs(params, pairs) -> list:
 def summary_outputs(params) -> dict:
     return {
         f"output.{name}": getattr(params.output, name)
-        for name in ("json", "per_file_csv", "per_image_csv", "log")
+        for name in ("html", "json", "per_file_csv", "per_image_csv", "log")
         if getattr(params.output, name)
     }
 
@@ -149,10 +151,13 @@ def _process_and_write(params, jobs, comm, options, logger, gate_failure, finite
         if failed:
             raise QConsistencyError(failed[0].error)
         merged = merge(outcomes)
+        verdict = campaign_verdict(merged)
+        logger.info(verdict_text(verdict) + "\n")
         logger.info(campaign_text(merged, outcomes, options))
         logger.info("\nFigures, the residual analysis and the diagnosis are made for one pair at a time.")
         if params.output.json:
             report = {
+                "verdict": verdict.as_dict(),
                 "program": "dials.q_consistency",
                 "version": __version__,
                 "merged": {"files": merged.n_files, "rows": merged.n_rows, "counts": merged.counts,
@@ -163,17 +168,19 @@ def _process_and_write(params, jobs, comm, options, logger, gate_failure, finite
             staged.add(params.output.json, (json.dumps(finite(report), indent=1) + "\n").encode())
         if params.output.per_file_csv:
             staged.add(params.output.per_file_csv, per_file_csv(outcomes))
+        if params.output.html:
+            staged.add(params.output.html, html_report.campaign_page(merged, outcomes, verdict, options,
+                                                                     params.output.external_dependencies))
         if params.output.per_image_csv:
             staged.add(params.output.per_image_csv, per_image_csv(outcomes))
         staged.commit()
     written = sum(1 for o in outcomes if o.output)
     if written:
         logger.info(f"\nSaved {written} tables with the q columns ({outcomes[0].output} ...)")
-    for name in ("json", "per_file_csv", "per_image_csv"):
+    for name in ("html", "json", "per_file_csv", "per_image_csv"):
         if getattr(params.output, name):
             logger.info(f"Saved {getattr(params.output, name)}")
-    consistent = None if not merged.delta_q["n"] else merged.verdict == "consistent"
-    gate = gate_failure(merged.delta_q, params.fail_if, Verdict(consistent, merged.verdict))
+    gate = gate_failure(merged.delta_q, params.fail_if, verdict)
     if gate:
         logger.info(f"\nfail_if: {gate}")
         raise GateFailed(gate)

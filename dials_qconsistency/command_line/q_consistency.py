@@ -10,7 +10,9 @@ import sys
 
 import libtbx.phil
 
-from dials_qconsistency import __version__, backends
+import numpy as np
+
+from dials_qconsistency import __version__, backends, html_report
 from dials_qconsistency.analysis import summarise
 from dials_qconsistency.campaign import FileOutcome, describe
 from dials_qconsistency.compute import Options, compute_q
@@ -30,6 +32,7 @@ from dials_qconsistency.parallel import threads_per_process
 from dials_qconsistency.plots import FIGURE_NAMES, plot_path, render_plots
 from dials_qconsistency.verdict import centroid_sigma_q, judge, normalised_residual
 from dials_qconsistency.report import (
+    diagnosis_lines,
     diagnosis_text,
     verdict_text,
     json_report,
@@ -62,8 +65,13 @@ In the DIALS laboratory frame and in 1/Angstrom (no 2pi):
   q_pred  = s1 - s0 from the table
   delta_q = q_bragg - q_pixel
 
-The output table is the input table plus the columns q_bragg, q_pixel,
-q_pred, delta_q and delta_q.norm (NaN in rows that could not be computed).
+The output table is the input table plus 13 columns (NaN in rows that could
+not be computed): q_bragg, q_pixel, q_pred, delta_q (vec3), delta_q.norm,
+delta_q.along_q (|q_bragg| - |q_pixel|), delta_q.delphi.rad or
+delta_q.delpsi.rad (the rotation onto the Ewald sphere), delta_q.xy.mm,
+delta_q.radial.mm, delta_q.transverse.mm (the in-detector-plane residual) and
+delta_q.radial, delta_q.transverse (the same in 1/Angstrom). The log and
+dials.q_consistency.html start with the verdict: consistent, or not and why.
 
 Examples::
 
@@ -73,8 +81,7 @@ Examples::
 
   dials.q_consistency refined.expt refined.refl q_pixel.source=observed phi=observed
 
-  dials.q_consistency refined.expt refined.refl output.json=qc.json \
-      fail_if.mean_delta_q=0.002 output.plots=None
+  dials.q_consistency refined.expt refined.refl fail_if.inconsistent=True output.plots=figures/
 
 With q_pixel.source=observed (spot centroids) delta_q measures how well the
 refined model fits the data. It is split into the rotation onto the Ewald
@@ -119,14 +126,23 @@ output {
             "several inputs, one table per input named <input>_<this name>."
   log = dials.q_consistency.log
     .type = path
+  html = dials.q_consistency.html
+    .type = path
+    .help = "The report: one self-contained HTML page (verdict, diagnosis,"
+            "detector and trend charts, tables). None switches it off."
+  external_dependencies = remote local *embed
+    .type = choice
+    .help = "How the HTML page gets plotly.js: embed it (opens with no"
+            "network), link the CDN (remote) or the installed plotly package"
+            "(local), as dials.report offers."
   json = None
     .type = path
     .help = "Machine-readable report: every statistic and the diagnosis"
             "(schema in README.rst)."
-  plots = q_consistency_
+  plots = None
     .type = str
-    .help = "PNG figures: a file-name prefix, or a directory (existing, or"
-            "ending in /). None switches them off."
+    .help = "PNG figures (for papers and scripts): a file-name prefix, or a"
+            "directory (existing, or ending in /). None: no PNG files."
   max_plot_points = 100000
     .type = int(value_min=0)
     .help = "Figures of points draw at most this many reflections, 1 in k of"
@@ -211,7 +227,7 @@ usage = (
 def output_paths(params) -> dict[str, str]:
     """Every file a run may write, by the parameter that names it."""
     outputs = {}
-    for name in ("reflections", "json", "per_file_csv", "per_image_csv", "log"):
+    for name in ("reflections", "html", "json", "per_file_csv", "per_image_csv", "log"):
         path = getattr(params.output, name)
         if path:
             outputs[f"output.{name}"] = path
@@ -291,6 +307,15 @@ def run(args=None, phil=phil_scope):
                 writer.finish()
             figures = stage_reports(params, experiments, table, result, parts, summary, diagnoses, verdict, options,
                                     (expt_path, refl_path), outputs)
+            if params.output.html:
+                outputs.add(params.output.html, html_report.render(
+                    "dials.q_consistency", verdict,
+                    html_report.sections(summary, diagnoses, verdict, options, (expt_path, refl_path),
+                                         diagnosis_lines(diagnoses)),
+                    html_report.charts(experiments, result, parts, columns["miller_index"] if "miller_index" in columns
+                                       else np.zeros((table.nrows, 3)), params.output.max_plot_points),
+                    params.output.external_dependencies,
+                ))
             outputs.commit()
         log_saved(params, figures, table.nrows)
         gate = gate_failure(summary.delta_q, params.fail_if, verdict)
@@ -326,6 +351,8 @@ def stage_reports(params, experiments, table, result, parts, summary, diagnoses,
 
 
 def log_saved(params, figures, nrows) -> None:
+    if params.output.html:
+        logger.info(f"\nSaved the HTML report to {params.output.html}")
     if params.output.json:
         logger.info(f"\nSaved the report to {params.output.json}")
     for name in ("per_file_csv", "per_image_csv"):

@@ -1,0 +1,350 @@
+"""dials.q_consistency.html: one self-contained page, as DIALS programs write them.
+
+The page is a jinja2 template (``templates/q_consistency.html``) filled with
+plotly.js charts (the plotly wheel from PyPI carries plotly.js; DIALS' own
+copy is plotly.js 1.6 of 2016, too old for hover templates and typed arrays).
+``external_dependencies``: ``embed`` puts plotly.js into the page (opens with
+no network), ``remote`` links the CDN copy of the same version, ``local`` the
+file inside the installed plotly package.
+
+Every chart is a plain plotly.js figure (``data``, ``layout``) whose numeric
+arrays are typed arrays (``{"dtype", "bdata"}``: base64 of float32 or int16),
+so a chart of 100,000 points stays a few MB. Charts of points show at most
+``max_points`` reflections, 1 in k of the used rows (said on each chart); the
+histogram and every table count all of them. Lab frame, Å⁻¹ (no 2π), mm.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import numpy as np
+
+from .analysis import row_distances, sample_rows
+from .compute import rows_by_group
+from .decomposition import panel_frames
+from .plots import _project, panel_outline, spot_lab_positions, take_rows, view_basis
+
+#: The quantities the detector chart can colour the spots by: key -> (label, getter).
+COLOURS = {
+    "norm": ("|Δq|", lambda r, p: np.linalg.norm(r.delta_q, axis=1)),
+    "dqx": ("Δq_x", lambda r, p: r.delta_q[:, 0]),
+    "dqy": ("Δq_y", lambda r, p: r.delta_q[:, 1]),
+    "dqz": ("Δq_z", lambda r, p: r.delta_q[:, 2]),
+    "along_q": ("|q_bragg| − |q_pixel|", lambda r, p: p.along_q),
+}
+DEPENDENCIES = ("remote", "local", "embed")
+#: In-plane residuals below this (mm) are rounding: drawn unscaled, and said so.
+ROUNDING_MM = 1e-6
+
+
+def typed(values, dtype="f4"):
+    """A plotly.js typed array: base64 of the values as float32 (f4) or int16 (i2); NaN stays NaN."""
+    array = np.ascontiguousarray(values, dtype={"f4": "<f4", "i2": "<i2", "i4": "<i4"}[dtype])
+    spec = {"dtype": dtype, "bdata": base64.b64encode(array.tobytes()).decode("ascii")}
+    if array.ndim == 2:
+        spec["shape"] = f"{array.shape[0]},{array.shape[1]}"
+    return spec
+
+
+def _layout(title, x_title, y_title, **extra):
+    return {"title": {"text": title}, "xaxis": {"title": {"text": x_title}}, "yaxis": {"title": {"text": y_title}},
+            "margin": {"t": 50, "l": 70, "r": 20, "b": 50}, "hovermode": "closest", **extra}
+
+
+def _sample_note(shown, total):
+    if shown >= total:
+        return f"all {total} used reflections"
+    return f"{shown} of {total} used reflections shown (1 in {-(-total // shown)}, in table order)"
+
+
+def detector_chart(experiments, points, parts, image, sample_note):
+    """|Δq| (or a component, by the buttons) at each spot over the panels in
+    their lab layout, seen from the sample; hover gives hkl, panel, image."""
+    basis = view_basis(experiments[0].beam.s0)
+    outline_x, outline_y = [], []
+    for panel in experiments[0].detector.panels:
+        corners = panel_outline(panel, basis)
+        outline_x += list(corners[:, 0]) + [corners[0, 0], None]
+        outline_y += list(corners[:, 1]) + [corners[0, 1], None]
+    used = points.used
+    xy = _project(spot_lab_positions(experiments, points)[used], basis)
+    colours = {key: np.asarray(getter(points, parts))[used] for key, (_, getter) in COLOURS.items()}
+    hkl = points.miller_index[used] if hasattr(points, "miller_index") else np.zeros((xy.shape[0], 3))
+    custom = np.column_stack([hkl, points.panel[used], image[used], points.experiment[used]]).astype(np.int32)
+    components = np.column_stack([colours["norm"], points.delta_q[used]])
+    hover = ("hkl (%{customdata[0]}, %{customdata[1]}, %{customdata[2]})<br>panel %{customdata[3]}, "
+             "image %{customdata[4]}, experiment %{customdata[5]}<br>|Δq| %{text}<extra></extra>")
+    text = [f"{n:.3g} Å⁻¹; Δq ({x:.2e}, {y:.2e}, {z:.2e})" for n, x, y, z in components]
+    spots = {"type": "scattergl", "mode": "markers", "name": "spots", "x": typed(xy[:, 0]), "y": typed(xy[:, 1]),
+             "customdata": typed(custom, "i4"), "text": text, "hovertemplate": hover,
+             "marker": {"size": 5, "color": typed(colours["norm"]), "colorscale": "Viridis", "showscale": True,
+                        "colorbar": {"title": {"text": "Å⁻¹"}}}}
+    panels = {"type": "scatter", "mode": "lines", "name": "panels", "x": outline_x, "y": outline_y,
+              "line": {"color": "#888", "width": 1}, "hoverinfo": "skip"}
+    buttons = []
+    for key, (label, _) in COLOURS.items():
+        signed = key != "norm"
+        limit = float(np.nanmax(np.abs(colours[key]))) if colours[key].size and np.isfinite(colours[key]).any() else 1.0
+        buttons.append({"label": label, "method": "restyle", "args": [
+            {"marker.color": [typed(colours[key])], "marker.colorscale": ["RdBu" if signed else "Viridis"],
+             "marker.cmin": [-limit if signed else 0.0], "marker.cmax": [limit or 1.0]}, [1]]})
+    layout = _layout(f"Δq on the detector, seen from the sample ({sample_note})", "mm across the beam", "mm",
+                     yaxis={"title": {"text": "mm"}, "scaleanchor": "x"}, showlegend=False,
+                     updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "y": 1.12, "xanchor": "right"}])
+    return {"id": "detector", "data": [panels, spots], "layout": layout}
+
+
+def arrows_chart(experiments, points, parts, sample_note):
+    """In-plane residuals (model spot − q_pixel spot) as segments from each spot, scaled to be seen."""
+    basis = view_basis(experiments[0].beam.s0)
+    used = points.used & np.all(np.isfinite(parts.delta_xy), axis=1)
+    start = _project(spot_lab_positions(experiments, points)[used], basis)
+    d = panel_frames(experiments, points)[used]
+    delta = _project(parts.delta_xy[used, :1] * d[:, :, 0] + parts.delta_xy[used, 1:] * d[:, :, 1], basis)
+    size = np.linalg.norm(delta, axis=1)
+    typical = float(np.median(size)) if size.size else 0.0
+    extent = float(np.ptp(start[:, 0])) if start.size else 1.0
+    rounding = typical < ROUNDING_MM
+    scale = 1.0 if rounding or typical <= 0 else 0.02 * extent / typical
+    end = start + scale * delta
+    x = np.column_stack([start[:, 0], end[:, 0], np.full(len(start), np.nan)]).ravel()
+    y = np.column_stack([start[:, 1], end[:, 1], np.full(len(start), np.nan)]).ravel()
+    trace = {"type": "scattergl", "mode": "lines", "x": typed(x), "y": typed(y), "line": {"width": 1}, "hoverinfo": "skip"}
+    title = (f"In-plane residuals: none beyond rounding (median {typical:.2g} mm; {sample_note})" if rounding else
+             f"In-plane residuals, arrows × {scale:.3g} (median {typical:.3g} mm; {sample_note})")
+    return {"id": "arrows", "data": [trace], "layout": _layout(title, "mm across the beam", "mm",
+                                                                 yaxis={"title": {"text": "mm"}, "scaleanchor": "x"})}
+
+
+def component_charts(experiments, points, sample_note):
+    """Δq components against the fast and the slow pixel coordinate."""
+    used = points.used
+    pixel = np.full((len(points.reason), 2), np.nan)
+    for experiment, rows in zip(experiments, rows_by_group(points.experiment, len(experiments), used)):
+        sizes = np.array([p.pixel_size for p in experiment.detector.panels])
+        pixel[rows] = points.position_mm[rows] / sizes[points.panel[rows]]
+    charts = []
+    for column, axis_name in enumerate(("fast", "slow")):
+        data = [{"type": "scattergl", "mode": "markers", "name": f"Δq_{c}", "x": typed(pixel[used, column]),
+                 "y": typed(points.delta_q[used, row]), "marker": {"size": 3}} for row, c in enumerate("xyz")]
+        charts.append({"id": f"components_{axis_name}", "data": data,
+                       "layout": _layout(f"Δq components against the {axis_name} pixel ({sample_note})",
+                                         f"{axis_name} pixel", "Δq (Å⁻¹)")})
+    return charts
+
+
+def trend_charts(experiments, result, points, image, sample_note):
+    """|Δq| against resolution and against image (rotation) or experiment (stills); the histogram of all rows."""
+    used = points.used
+    norm = np.linalg.norm(points.delta_q[used], axis=1)
+    q2 = np.sum(points.q_bragg[used] ** 2, axis=1)
+    charts = [{"id": "vs_resolution", "data": [{"type": "scattergl", "mode": "markers", "x": typed(q2), "y": typed(norm),
+                                                "marker": {"size": 3}}],
+               "layout": _layout(f"|Δq| against resolution ({sample_note})", "1/d² (Å⁻²)", "|Δq| (Å⁻¹)")}]
+    rotation = any(e.is_rotation for e in experiments)
+    x, what = (image[used], "image") if rotation else (points.experiment[used], "experiment (still)")
+    charts.append({"id": "vs_image", "data": [{"type": "scattergl", "mode": "markers", "x": typed(x), "y": typed(norm),
+                                               "marker": {"size": 3}}],
+                   "layout": _layout(f"|Δq| against {what} ({sample_note})", what, "|Δq| (Å⁻¹)")})
+    every = row_distances(result.q_bragg, result.q_pixel, np.flatnonzero(result.used))  # every used row
+    counts, edges = np.histogram(every, bins=50)
+    charts.append({"id": "histogram", "data": [{"type": "bar", "x": typed((edges[:-1] + edges[1:]) / 2),
+                                                "y": typed(counts, "i4"), "width": float(edges[1] - edges[0])}],
+                   "layout": _layout(f"|Δq| of all {every.size} used reflections", "|Δq| (Å⁻¹)", "reflections")})
+    return charts
+
+
+def image_numbers(experiments, result):
+    """Image number of each used row (rotation data), the experiment index for stills; -1 elsewhere."""
+    image = np.full(len(result.reason), -1, dtype=np.int64)
+    for index, (experiment, rows) in enumerate(zip(experiments, rows_by_group(result.experiment, len(experiments), result.used))):
+        if rows.size and experiment.is_rotation:
+            image[rows] = np.floor(experiment.scan.array_index_from_angle(result.phi[rows])).astype(np.int64) \
+                + experiment.scan.image_range[0]
+        elif rows.size:
+            image[rows] = index
+    return image
+
+
+def charts(experiments, result, parts, miller_index, max_points) -> list[dict]:
+    """Every chart of the page (an empty list when no row was used)."""
+    if not result.used.any():
+        return []
+    shown = sample_rows(result.used, max_points)
+    total = int(np.count_nonzero(result.used))
+    n = len(result.reason)
+    points, point_parts = take_rows(result, shown, n), take_rows(parts, shown, n)
+    points.miller_index = np.asarray(miller_index)[shown]
+    image = image_numbers(experiments, points)
+    note = _sample_note(shown.size, total)
+    return ([detector_chart(experiments, points, point_parts, image, note), arrows_chart(experiments, points, point_parts, note)]
+            + component_charts(experiments, points, note) + trend_charts(experiments, result, points, image, note))
+
+
+def plotly_script(dependencies: str) -> dict:
+    """How the page gets plotly.js: the source itself (embed) or a script address."""
+    import plotly
+    from plotly.offline import get_plotlyjs, get_plotlyjs_version
+
+    if dependencies == "embed":
+        return {"source": get_plotlyjs()}
+    if dependencies == "local":
+        return {"address": "file://" + os.path.join(os.path.dirname(plotly.__file__), "package_data", "plotly.min.js")}
+    return {"address": f"https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js"}
+
+
+def render(title, verdict, sections, chart_list, dependencies="embed") -> bytes:
+    """The page: ``sections`` is a dict of the template's text parts (see the template)."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    environment = Environment(loader=PackageLoader("dials_qconsistency", "templates"),
+                              autoescape=select_autoescape(["html"]))
+    page = environment.get_template("q_consistency.html").render(
+        title=title, verdict=verdict, plotly=plotly_script(dependencies), **sections,
+        charts=[{"id": c["id"], "json": json.dumps({"data": c["data"], "layout": c["layout"]}, allow_nan=True)
+                 .replace("NaN", "null").replace("</", "<\\/")} for c in chart_list],
+    )
+    return page.encode("utf-8")
+
+
+#: What to do next, by the mistake the diagnosis names.
+NEXT_STEPS = {
+    "detector": "Refine the detector: dials.refine with phil/refine_1_detector_beam.phil, then "
+                "phil/refine_2_all_free.phil (add phil/refine_stills.phil for stills).",
+    "wavelength_or_cell_scale": "Check the wavelength the images were imported with, then refine the cell and the "
+                                "detector: dials.refine with phil/refine_2_all_free.phil.",
+    "two_pi": "Remove the factor 2π: DIALS' q and A carry none (q = s1 − s0, |s0| = 1/λ).",
+    "frame": "Fix the frame: a rotation or a sign flip between the goniometer, the crystal and the lab was applied "
+             "where it should not be, or left out (check the script or conversion that wrote the model).",
+    "crystal_orientation": "Refine the crystal orientation: dials.refine with phil/refine_2_all_free.phil.",
+    "reindexing": "Reindex the table to the crystal's setting: dials.reindex with the operator named above.",
+}
+DETECTOR_MISTAKES = {"detector_distance", "beam_centre_shift", "tilted_panel", "detector_tilt", "panel_shift"}
+
+
+def next_step(verdict) -> str:
+    named = [entry["mistake"] for entry in verdict.checks.get("named", []) if entry["large"]]
+    if verdict.consistent:
+        return "Nothing to fix: the model is consistent."
+    if not named:
+        if verdict.consistent is None:
+            return "Nothing to compare: index the reflections first."
+        return "The table and the models do not belong together: give the .expt and .refl written by the same step."
+    mistake = named[0]
+    key = ("detector" if mistake in DETECTOR_MISTAKES else mistake if mistake in NEXT_STEPS else
+           "frame" if mistake in ("lab_axis_rotation", "sign_flip", "mirror") or "rotation" in mistake else mistake)
+    return NEXT_STEPS.get(key, "See the diagnosis above.")
+
+
+def _number(value, spec=".3e"):
+    return "–" if value is None else format(value, spec)
+
+
+STATISTICS = ("n", "mean", "median", "rms", "p95", "max")
+RESIDUALS = ("rms_in_plane_mm", "rms_radial_mm", "rms_transverse_mm", "rms_along_q")
+
+
+def _statistics_table(title, label, entries, names):
+    header = [label, "n", "mean |Δq|", "median", "RMS", "95th pct", "max", "RMS in-plane (mm)", "radial (mm)",
+              "transverse (mm)", "|q| err (Å⁻¹)"]
+    rows = []
+    for name, stats in zip(names, entries):
+        rows.append([name, stats.get("n")] + [_number(stats.get(k)) for k in STATISTICS[1:]]
+                    + [_number(stats.get(k), ".4f" if k.endswith("mm") else ".2e") for k in RESIDUALS])
+    return {"title": title, "header": header, "rows": rows}
+
+
+def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines) -> dict:
+    """The text parts of the page, from what the log and the JSON say."""
+    tests = [[e.index, e.kind, e.s1_kind, _number(e.max_pixel_calculated_vs_pred), _number(e.max_pixel_observed_vs_pred),
+              _number(e.max_bragg_vs_pred)] for e in summary.experiments]
+    checks = verdict.checks
+    lines = []
+    if checks.get("rms_in_plane_mm") is not None:
+        lines.append(f"Model spot to xyzcal.mm: {checks['rms_in_plane_mm']:.3g} mm RMS (numerical precision: 1e-06 mm).")
+    if checks.get("centroid_sigma_q") is not None:
+        lines.append(f"Uncertainty of an observed centroid in q (median): {checks['centroid_sigma_q']:.3g} Å⁻¹.")
+    if checks.get("normalised_residual") is not None:
+        lines.append(f"Normalised residual (in-plane residual over the centroid σ, RMS): {checks['normalised_residual']:.3g}.")
+    tables = [
+        _statistics_table("Per experiment", "experiment", [{**e.delta_q, **e.residuals} for e in summary.experiments],
+                          [f"{e.index} ({e.kind})" for e in summary.experiments]),
+        _statistics_table("Per panel group", "group", summary.per_panel_group,
+                          [str(g["group"]) for g in summary.per_panel_group]),
+        _statistics_table("Per resolution shell", "d (Å)", summary.per_resolution_shell,
+                          [f"{s['d_max']:.2f}–{s['d_min']:.2f}" for s in summary.per_resolution_shell]),
+    ]
+    mean = summary.delta_q.get("mean")
+    rotation = any(e.kind == "rotation" for e in summary.experiments)
+    choices = f"q_pixel from {options.q_pixel_source} positions"
+    if rotation:
+        choices += f"; q_bragg at the {options.phi} rotation angle; scan-varying model state: {options.model_state}"
+    return {
+        "inputs": f"{inputs[0]} and {inputs[1]}",
+        "verdict_class": {True: "consistent", False: "inconsistent", None: "nothing"}[verdict.consistent],
+        "mean_line": ("Mean |Δq| " + _number(mean, ".4g") + " Å⁻¹ over " + str(summary.delta_q["n"]) + " reflections"
+                      " (lab frame, no 2π).") if mean is not None else "",
+        "counts": [(reason, count) for reason, count in summary.counts.items() if count or reason == "used"],
+        "choices": choices + ".",
+        "self_tests": tests,
+        "checks": lines,
+        "diagnosis": diagnosis_lines,
+        "next_step": next_step(verdict),
+        "tables": [t for t in tables if t["rows"]],
+        "footer": "dials.q_consistency: q = s1 − s0 in the DIALS laboratory frame, Å⁻¹ without 2π; mm on the detector.",
+    }
+
+
+#: Rows of the per-image table of a run over many files: the worst images first.
+MAX_IMAGE_ROWS = 200
+
+
+def campaign_page(merged, outcomes, verdict, options, dependencies="embed") -> bytes:
+    """The page of a run over many files: the merged verdict and statistics,
+    every file (the worst first), the worst images, the histogram of every
+    used reflection and the mean |Δq| of each file."""
+    ranked = sorted(outcomes, key=lambda o: -(o.delta_q.get("mean") or 0.0))
+    files = {"title": f"Files, the largest mean |Δq| first ({len(outcomes)})",
+             "header": ["file", "reflections", "rows", "n used", "mean |Δq|", "median", "RMS", "95th pct", "max", "verdict"],
+             "rows": [[o.index, o.reflections, o.n_rows, o.delta_q.get("n", 0)]
+                      + [_number(o.delta_q.get(k)) for k in STATISTICS[1:]] + [o.verdict] for o in ranked]}
+    images = sorted(((o.index, image) for o in outcomes for image in o.images), key=lambda item: -(item[1].get("mean") or 0.0))
+    image_table = {"title": f"Images (stills: experiments), the largest mean |Δq| first (at most {MAX_IMAGE_ROWS} "
+                            f"of {len(images)})",
+                   "header": ["file", "experiment", "image", "n", "mean |Δq|", "median", "RMS", "95th pct", "max"],
+                   "rows": [[index, image.get("experiment"), "–" if image.get("image") is None else image["image"],
+                             image.get("n")] + [_number(image.get(k)) for k in STATISTICS[1:]]
+                            for index, image in images[:MAX_IMAGE_ROWS]]}
+    every = np.concatenate([o.norms for o in outcomes]) if outcomes else np.zeros(0)
+    chart_list = []
+    if every.size:
+        counts, edges = np.histogram(every, bins=50)
+        chart_list.append({"id": "histogram", "data": [{"type": "bar", "x": typed((edges[:-1] + edges[1:]) / 2),
+                                                        "y": typed(counts, "i4"), "width": float(edges[1] - edges[0])}],
+                           "layout": _layout(f"|Δq| of all {every.size} used reflections of every file",
+                                             "|Δq| (Å⁻¹)", "reflections")})
+        means = np.array([o.delta_q.get("mean") if o.delta_q.get("mean") is not None else np.nan for o in outcomes])
+        chart_list.append({"id": "per_file", "data": [{"type": "scattergl", "mode": "markers",
+                                                       "x": typed(np.array([o.index for o in outcomes]), "i4"),
+                                                       "y": typed(means), "text": [o.reflections for o in outcomes],
+                                                       "hovertemplate": "%{text}<br>mean |Δq| %{y:.3g}<extra></extra>"}],
+                           "layout": _layout("Mean |Δq| of each file", "file", "mean |Δq| (Å⁻¹)")})
+    mean = merged.delta_q.get("mean")
+    parts = {
+        "inputs": f"{merged.n_files} files, {merged.n_rows} rows",
+        "verdict_class": {True: "consistent", False: "inconsistent", None: "nothing"}[verdict.consistent],
+        "mean_line": f"Mean |Δq| {_number(mean, '.4g')} Å⁻¹ over {merged.delta_q['n']} reflections of every file "
+                     "(exact, lab frame, no 2π)." if mean is not None else "",
+        "counts": [(reason, count) for reason, count in merged.counts.items() if count or reason == "used"],
+        "choices": f"q_pixel from {options.q_pixel_source} positions.",
+        "self_tests": [], "checks": [],
+        "diagnosis": ["The diagnosis is made for one pair at a time: run dials.q_consistency on the pair of a file "
+                      "marked inconsistent."],
+        "next_step": next_step(verdict),
+        "tables": [files, image_table],
+        "footer": "dials.q_consistency over many files: q = s1 − s0 in the DIALS laboratory frame, Å⁻¹ without 2π.",
+    }
+    return render("dials.q_consistency: many files", verdict, parts, chart_list, dependencies)

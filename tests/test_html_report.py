@@ -1,0 +1,162 @@
+"""dials.q_consistency.html opened in a real browser (headless Chromium through
+selenium and Debian's chromedriver) with the network off: no JavaScript error,
+every chart drawn with its traces, the verdict the same words as the log and
+the JSON, and hovering a spot shows that reflection's Miller index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from dials_qconsistency.command_line.q_consistency import main
+from dials_qconsistency.reflection_table import ReflectionTable
+from conftest import EXAMPLES, SHARED_DATA
+
+#: Charts of the page and the number of traces each must draw.
+TRACES = {"detector": 2, "arrows": 1, "components_fast": 3, "components_slow": 3, "vs_resolution": 1, "vs_image": 1,
+          "histogram": 1}
+
+#: (label, experiment list, table, options): stills, rotation, scan-varying, 64 panels, the bundled examples.
+PAIRS = [
+    ("stills", os.path.join(SHARED_DATA, "ssx_CuNiR_test_data", "indexed"), []),
+    ("rotation", os.path.join(SHARED_DATA, "dials_current", "centroid_refined"), []),
+    ("scan-varying", os.path.join(SHARED_DATA, "quartz_processed", "refined"), []),
+    ("64 panels", os.path.join(SHARED_DATA, "dials_current", "cspad_stills_refined"), []),
+    ("example rotation", os.path.join(EXAMPLES, "rotation"), ["q_pixel.source=observed"]),
+    ("example stills", os.path.join(EXAMPLES, "stills"), []),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    found = shutil.which("chromium"), shutil.which("chromedriver")
+    if not all(found):
+        reason = "headless Chromium is not installed (apt-get install chromium chromium-driver; .ci/run does)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the browser test: {reason}")
+        pytest.skip(reason)
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900",
+                     "--enable-unsafe-swiftshader", "--host-resolver-rules=MAP * ~NOTFOUND"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=found[1]))
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions",
+                           {"offline": True, "latency": 0, "downloadThroughput": 0, "uploadThroughput": 0})
+    yield driver
+    driver.quit()
+
+
+def open_report(driver, path):
+    driver.get_log("browser")  # forget what the page before said
+    driver.get("file://" + str(path))
+    driver.execute_async_script(  # every chart drawn
+        "const done = arguments[arguments.length - 1];"
+        "const wait = () => (document.querySelectorAll('.chart').length && "
+        "[...document.querySelectorAll('.chart')].every(c => c._fullLayout)) ? done() : setTimeout(wait, 50);"
+        "wait();")
+
+
+@pytest.mark.parametrize("label, stem, options", PAIRS, ids=[p[0] for p in PAIRS])
+def test_the_report_opens_offline_and_says_what_the_log_says(browser, tmp_path, monkeypatch, label, stem, options):
+    if stem.startswith(SHARED_DATA) and not os.path.isdir(SHARED_DATA):
+        pytest.skip(f"real DIALS data folder {SHARED_DATA} is absent (CI always has it)")
+    monkeypatch.chdir(tmp_path)
+    assert main([stem + ".expt", stem + ".refl", "output.json=qc.json", "output.reflections=None",
+                 "backend=standalone", *options]) in (0, 2)
+    report = tmp_path / "dials.q_consistency.html"
+    assert report.stat().st_size < 10e6
+    open_report(browser, report)
+
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == []
+    drawn = browser.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('.chart')].map(c => "
+        "[c.id.slice(6), [c._fullData.length, c.querySelectorAll('.main-svg').length, c.querySelectorAll('canvas').length]]))")
+    assert {name: traces for name, (traces, _, _) in drawn.items()} == TRACES
+    assert all(svg > 0 for _, svg, _ in drawn.values())
+    assert drawn["detector"][2] > 0  # the spots are WebGL: drawn into a canvas
+
+    headline = json.load(open("qc.json"))["verdict"]["headline"]
+    assert browser.find_element("id", "verdict").text == headline
+    assert f"Verdict: {headline}\n" in (tmp_path / "dials.q_consistency.log").read_text()
+
+    # hovering a spot shows a Miller index of the table (which one: the next test)
+    _, text = hover_the_most_isolated_spot(browser)
+    hkl = tuple(int(v) for v in re.search(r"hkl \((-?\d+), (-?\d+), (-?\d+)\)", text).groups())
+    assert hkl in {tuple(int(v) for v in row) for row in ReflectionTable.from_file(stem + ".refl").get("miller_index")}
+
+
+def hover_the_most_isolated_spot(driver):
+    """Move the mouse onto the spot farthest from any other (so that the hover
+    is its own); (its point number, the hover label's text)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    point, dx, dy = driver.execute_script("""
+        const c = document.getElementById('chart-detector'); c.scrollIntoView();
+        const t = c._fullData[1], xa = c._fullLayout.xaxis, ya = c._fullLayout.yaxis;
+        const P = Array.from(t.x, (x, i) => [xa._offset + xa.l2p(x), ya._offset + ya.l2p(t.y[i])]);
+        let best = -1, far = -1;
+        for (let i = 0; i < P.length; i++) {
+          let near = Infinity;
+          for (let j = 0; j < P.length; j++) if (j !== i) near = Math.min(near, Math.hypot(P[i][0] - P[j][0], P[i][1] - P[j][1]));
+          if (near > far) { far = near; best = i; }
+        }
+        const r = c.getBoundingClientRect();
+        return [best, P[best][0] - r.width / 2, P[best][1] - r.height / 2];""")
+    chart = driver.find_element("id", "chart-detector")
+    ActionChains(driver).move_to_element_with_offset(chart, int(round(dx)), int(round(dy))).perform()
+    text = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1]; let tries = 0;"
+        "const look = () => { const t = document.querySelector('#chart-detector .hoverlayer').textContent;"
+        "  (t || tries++ > 40) ? done(t) : setTimeout(look, 25); }; look();")
+    return point, text
+
+
+def test_the_hover_names_the_reflection_it_is_on(browser, tmp_path, monkeypatch):
+    """A known reflection: on the bundled stills every used row is drawn in table
+    order, so the k-th spot is the k-th used row; its hover gives its hkl and panel."""
+    monkeypatch.chdir(tmp_path)
+    stem = os.path.join(EXAMPLES, "stills")
+    assert main([stem + ".expt", stem + ".refl", "output.reflections=out.refl", "backend=standalone"]) == 0
+    out = ReflectionTable.from_file(str(tmp_path / "out.refl"))
+    used = np.flatnonzero(np.isfinite(out.get("delta_q.norm")))
+    open_report(browser, tmp_path / "dials.q_consistency.html")
+    k, text = hover_the_most_isolated_spot(browser)
+    row = used[k]
+    h, kk, l = (int(v) for v in out.get("miller_index")[row])
+    assert f"hkl ({h}, {kk}, {l})" in text and f"panel {int(out.get('panel')[row])}," in text, (k, text)
+    assert f"|Δq| {out.get('delta_q.norm')[row]:.3g}" in text
+
+
+def test_the_report_of_a_run_over_many_files(shared, browser, tmp_path, monkeypatch):
+    """Three real pairs at once: the merged verdict as the log and JSON say it,
+    the two charts drawn, every file in the table with the largest mean first."""
+    pairs = [("ssx_CuNiR_test_data", "indexed"), ("quartz_processed", "refined"), ("dials_current", "cspad_stills_refined")]
+    inputs = [shared(f, n + ext) for f, n in pairs for ext in (".expt", ".refl")]
+    monkeypatch.chdir(tmp_path)
+    assert main(inputs + ["output.json=qc.json", "output.reflections=None", "backend=standalone"]) == 0
+    open_report(browser, tmp_path / "dials.q_consistency.html")
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    drawn = browser.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('.chart')].map(c => [c.id.slice(6), c._fullData.length]))")
+    assert drawn == {"histogram": 1, "per_file": 1}
+    report = json.load(open("qc.json"))
+    headline = report["verdict"]["headline"]
+    assert browser.find_element("id", "verdict").text == headline.replace("  ", " ")
+    assert f"Verdict: {headline}\n" in (tmp_path / "dials.q_consistency.log").read_text()
+    rows = browser.execute_script(
+        "return [...document.querySelectorAll('table.statistics')[0].querySelectorAll('tr')].slice(1)"
+        ".map(r => [...r.children].map(c => c.textContent))")
+    means = sorted(((f["delta_q"]["mean"], f["reflections"]) for f in report["files"]), reverse=True)
+    assert [row[1] for row in rows] == [name for _, name in means]
