@@ -36,13 +36,15 @@ COLOURS = {
     "along_q": ("|q_bragg| − |q_pixel|", lambda r, p: p.along_q),
 }
 DEPENDENCIES = ("remote", "local", "embed")
+#: The arrows chart draws at most this many arrows (more cannot be told apart).
+MAX_ARROWS = 5000
 #: In-plane residuals below this (mm) are rounding: drawn unscaled, and said so.
 ROUNDING_MM = 1e-6
 
 
 def typed(values, dtype="f4"):
     """A plotly.js typed array: base64 of the values as float32 (f4) or int16 (i2); NaN stays NaN."""
-    array = np.ascontiguousarray(values, dtype={"f4": "<f4", "i2": "<i2", "i4": "<i4"}[dtype])
+    array = np.ascontiguousarray(values, dtype={"f4": "<f4", "f8": "<f8", "i2": "<i2", "i4": "<i4"}[dtype])
     spec = {"dtype": dtype, "bdata": base64.b64encode(array.tobytes()).decode("ascii")}
     if array.ndim == 2:
         spec["shape"] = f"{array.shape[0]},{array.shape[1]}"
@@ -73,13 +75,14 @@ def detector_chart(experiments, points, parts, image, sample_note):
     xy = _project(spot_lab_positions(experiments, points)[used], basis)
     colours = {key: np.asarray(getter(points, parts))[used] for key, (_, getter) in COLOURS.items()}
     hkl = points.miller_index[used] if hasattr(points, "miller_index") else np.zeros((xy.shape[0], 3))
-    custom = np.column_stack([hkl, points.panel[used], image[used], points.experiment[used]]).astype(np.int32)
-    components = np.column_stack([colours["norm"], points.delta_q[used]])
+    # one float32 array per spot (whole numbers below 2^24 are exact in it)
+    custom = np.column_stack([hkl, points.panel[used], image[used], points.experiment[used], colours["norm"],
+                              points.delta_q[used]])
     hover = ("hkl (%{customdata[0]}, %{customdata[1]}, %{customdata[2]})<br>panel %{customdata[3]}, "
-             "image %{customdata[4]}, experiment %{customdata[5]}<br>|Δq| %{text}<extra></extra>")
-    text = [f"{n:.3g} Å⁻¹; Δq ({x:.2e}, {y:.2e}, {z:.2e})" for n, x, y, z in components]
+             "image %{customdata[4]}, experiment %{customdata[5]}<br>|Δq| %{customdata[6]:.3g} Å⁻¹; "
+             "Δq (%{customdata[7]:.2e}, %{customdata[8]:.2e}, %{customdata[9]:.2e})<extra></extra>")
     spots = {"type": "scattergl", "mode": "markers", "name": "spots", "x": typed(xy[:, 0]), "y": typed(xy[:, 1]),
-             "customdata": typed(custom, "i4"), "text": text, "hovertemplate": hover,
+             "customdata": typed(custom, "f8"), "hovertemplate": hover,
              "marker": {"size": 5, "color": typed(colours["norm"]), "colorscale": "Viridis", "showscale": True,
                         "colorbar": {"title": {"text": "Å⁻¹"}}}}
     panels = {"type": "scatter", "mode": "lines", "name": "panels", "x": outline_x, "y": outline_y,
@@ -101,6 +104,11 @@ def arrows_chart(experiments, points, parts, sample_note):
     """In-plane residuals (model spot − q_pixel spot) as segments from each spot, scaled to be seen."""
     basis = view_basis(experiments[0].beam.s0)
     used = points.used & np.all(np.isfinite(parts.delta_xy), axis=1)
+    every = np.flatnonzero(used)
+    if every.size > MAX_ARROWS:  # more arrows than can be told apart: an even sample of them
+        used = np.zeros_like(used)
+        used[sample_rows(every, MAX_ARROWS)] = True
+        sample_note = f"{int(used.sum())} arrows of {sample_note}"
     start = _project(spot_lab_positions(experiments, points)[used], basis)
     d = panel_frames(experiments, points)[used]
     delta = _project(parts.delta_xy[used, :1] * d[:, :, 0] + parts.delta_xy[used, 1:] * d[:, :, 1], basis)

@@ -21,7 +21,7 @@ from .compute import rows_by_group
 from .decomposition import panel_frames
 
 #: Figures of points draw at most this many reflections (``output.max_plot_points``).
-MAX_POINTS = 100_000
+MAX_POINTS = 20_000
 
 #: Per-row quantities shown as detector heatmaps: file suffix -> (label, getter).
 HEATMAPS = {

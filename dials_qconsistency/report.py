@@ -53,6 +53,21 @@ def _counts_and_choices(first_line, counts, options, rotation=True) -> list[str]
     return lines
 
 
+#: With more experiments than this the terminal lists only the worst few of them
+#: (the largest mean |Δq| first); every one is in the HTML report and the JSON.
+MAX_LISTED = 10
+WORST_LISTED = 5
+
+
+def listed(experiments) -> tuple[list, str]:
+    """(the experiments the terminal lists, a note on the ones it leaves out)."""
+    if len(experiments) <= MAX_LISTED:
+        return list(experiments), ""
+    worst = sorted(experiments, key=lambda e: -(e.delta_q.get("mean") or 0.0))[:WORST_LISTED]
+    return worst, (f"  ... the {len(worst)} of {len(experiments)} experiments with the largest mean |delta_q|; "
+                   "every one: the HTML report and the JSON")
+
+
 def summary_text(summary: Summary, options) -> str:
     rotation = any(e.kind == "rotation" for e in summary.experiments) or not summary.experiments
     lines = _counts_and_choices(f"Rows in the table: {summary.n_rows}", summary.counts, options, rotation)
@@ -66,13 +81,23 @@ def summary_text(summary: Summary, options) -> str:
     lines.append("|delta_q| = |q_bragg - q_pixel| (1/Angstrom, no 2pi):")
     lines.append(STATS_HEADER)
     lines.append(_stats_row("all", summary.delta_q))
-    for e in summary.experiments:
+    shown, note = listed(summary.experiments)
+    for e in shown:
         lines.append(_stats_row(f"expt {e.index} ({e.kind[:3]})", e.delta_q))
+    if note:
+        lines.append(note)
     lines.append(f"Mean |delta_q| {summary.delta_q['mean']:.4g} 1/Angstrom.")
 
     lines.append("")
     lines.append("Self-tests (max over rows used, 1/Angstrom):")
-    for e in summary.experiments:
+    if note:
+        kinds = {}
+        for e in summary.experiments:
+            kinds[e.s1_kind] = kinds.get(e.s1_kind, 0) + 1
+        largest = max((e.max_pixel_calculated_vs_pred or 0.0) for e in summary.experiments)
+        lines.append(f"  every experiment: |q_pixel(xyzcal) - q_pred| at most {_fmt(largest)}")
+        lines += [f"  s1: {kind} in {count} experiment(s)" for kind, count in kinds.items()]
+    for e in shown:
         parts = [f"|q_pixel(xyzcal) - q_pred| {_fmt(e.max_pixel_calculated_vs_pred)}"]
         if e.max_pixel_observed_vs_pred is not None:
             parts.append(f"|q_pixel(xyzobs) - q_pred| {_fmt(e.max_pixel_observed_vs_pred)}")
@@ -96,8 +121,17 @@ def summary_text(summary: Summary, options) -> str:
 
 
 def diagnosis_text(diagnoses) -> str:
-    """One block per scope: consistent, or each named mistake with its size."""
+    """One block per scope: consistent, or each named mistake with its size
+    (with many experiments: the pooled scope, and the few that name a mistake)."""
     lines = ["", "Diagnosis (best rotation, mirror, scale and detector fits; see the JSON for all of them):"]
+    each = [d for d in diagnoses if d.scope != "pooled"]
+    if len(each) > MAX_LISTED:
+        named = [d for d in each if d.findings][:WORST_LISTED]
+        diagnoses = [d for d in diagnoses if d.scope == "pooled"] + named
+        lines += ["  " + line for line in diagnosis_lines(diagnoses)]
+        lines.append(f"  ... {sum(1 for d in each if d.findings)} of {len(each)} experiments name a mistake"
+                     f"{f' (the first {len(named)} above)' if named else ''}; every one: the HTML report and the JSON")
+        return "\n".join(lines)
     return "\n".join(lines + ["  " + line for line in diagnosis_lines(diagnoses)])
 
 
@@ -133,8 +167,11 @@ def residuals_text(summary) -> str:
         )
 
     lines.append(row("all", summary.residuals))
-    for e in summary.experiments:
+    shown, note = listed(summary.experiments)
+    for e in shown:
         lines.append(row(f"expt {e.index}", e.residuals))
+    if note:
+        lines.append(note)
     for g in summary.per_panel_group:
         lines.append(row(f"group {g['group']}"[:18], g))
     return "\n".join(lines)

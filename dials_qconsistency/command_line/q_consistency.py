@@ -143,11 +143,12 @@ output {
     .type = str
     .help = "PNG figures (for papers and scripts): a file-name prefix, or a"
             "directory (existing, or ending in /). None: no PNG files."
-  max_plot_points = 100000
+  max_plot_points = 20000
     .type = int(value_min=0)
-    .help = "Figures of points draw at most this many reflections, 1 in k of"
-            "the used rows in table order (said on each figure); the histogram"
-            "counts all of them. 0: every reflection."
+    .help = "Charts and figures of points draw at most this many reflections,"
+            "1 in k of the used rows in table order (said on each chart); the"
+            "histogram and the tables count all of them. 0: every reflection."
+            "The HTML page is about 4.8 MB (plotly.js) + 230 bytes a point."
   per_file_csv = None
     .type = path
     .help = "One CSV row per input file: counts and |delta_q| statistics."
@@ -313,7 +314,7 @@ def run(args=None, phil=phil_scope):
                     html_report.sections(summary, diagnoses, verdict, options, (expt_path, refl_path),
                                          diagnosis_lines(diagnoses)),
                     html_report.charts(experiments, result, parts, columns["miller_index"] if "miller_index" in columns
-                                       else np.zeros((table.nrows, 3)), params.output.max_plot_points),
+                                       else np.zeros((table.nrows, 3)), params.output.max_plot_points or None),
                     params.output.external_dependencies,
                 ))
             outputs.commit()
