@@ -184,6 +184,8 @@ class Summary:
     per_panel: list[dict] = field(default_factory=list)
     per_panel_group: list[dict] = field(default_factory=list)
     per_resolution_shell: list[dict] = field(default_factory=list)
+    #: |Δq| statistics of the indexed rows refinement did not use (None: every indexed row is used)
+    outliers: dict | None = None
 
 
 #: The residual statistics of :meth:`UsedRows.statistics_by`: RMS of each value per row.

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .analysis import grouped_statistics, norm_statistics, summarise
-from .compute import REASONS, compute_q
+from .compute import REASONS, compute_q, rows_used_in_refinement
 from .decomposition import decompose
 from .errors import QConsistencyError
 from . import backends
@@ -38,6 +38,7 @@ class FileJob:
     options: object  # compute.Options
     temporary_prefix: str  # staged files of this run start with it
     backend: str = "standalone"  # resolved: native | standalone
+    rows: str = "used_in_refinement"  # the rows the statistics are about (compute.rows_used_in_refinement)
 
 
 @dataclass
@@ -104,19 +105,21 @@ def process_file(job: FileJob) -> FileOutcome:
     try:
         backend = backends.get(job.backend)
         experiments, table = backends.read_pair(backend, job.experiments, job.reflections)
+        columns = table.columns()
         result = compute_q(
-            experiments, table.columns(), table.identifiers, job.options,
+            experiments, columns, table.identifiers, job.options,
             path=job.reflections, experiments_path=job.experiments,
         )
+        about, _ = rows_used_in_refinement(result, columns.get("flags"), job.rows)
         table.release_memory()  # the input's columns were read: the results take their place
         writer = None
         if job.output:  # written while the rest computes, as in a run over one file
             writer = table.begin_write(staged, job.output, OUTPUT_TYPES)
             put_columns(writer, q_columns(result))
         parts = decompose(experiments, result, job.options.threads)
-        summary = summarise(result, experiments, parts)
+        summary = summarise(about, experiments, parts)
         summary.verdict = judge(summary, job.options).short  # the precision checks; no diagnosis per file
-        describe(outcome, experiments, table, result, summary)
+        describe(outcome, experiments, table, about, summary)
         if writer:
             put_columns(writer, decomposition_columns(parts))
             writer.finish()

@@ -9,7 +9,7 @@ reflections.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -26,8 +26,33 @@ REASONS = (
     "not predicted (xyzcal.mm x = y = 0, as DIALS marks it)",
     "not observed (xyzobs x = y = 0)",
     "no Miller index (the table is not indexed)",
+    "indexed, not used in refinement (outlier)",
 )
-USED, NOT_INDEXED, ZERO_HKL, NOT_PREDICTED, NOT_OBSERVED, NO_INDEXING = range(len(REASONS))
+USED, NOT_INDEXED, ZERO_HKL, NOT_PREDICTED, NOT_OBSERVED, NO_INDEXING, NOT_REFINED = range(len(REASONS))
+#: DIALS' reflection flag used_in_refinement (flex.reflection_table.flags).
+USED_IN_REFINEMENT = 1 << 3
+
+
+def rows_used_in_refinement(result, flags, choice="used_in_refinement"):
+    """(the result the statistics are about, the row numbers left out as outliers).
+
+    With ``choice`` used_in_refinement and a table whose flags mark some used
+    row used_in_refinement (what dials.refine leaves), the other used rows get
+    the reason NOT_REFINED in a copy of ``reason`` (every array else shared):
+    statistics, verdict, diagnosis and charts are then over the rows
+    refinement used, as its RMSDs are. Otherwise (``indexed``, no flags
+    column, or no row flagged) every used row stays, and no row is left out.
+    """
+    if choice != "used_in_refinement" or flags is None:
+        return result, None
+    used = result.used
+    in_refinement = (np.asarray(flags) & USED_IN_REFINEMENT) != 0
+    if not np.any(in_refinement & used):
+        return result, None
+    outliers = used & ~in_refinement
+    reason = result.reason.copy()
+    reason[outliers] = NOT_REFINED
+    return replace(result, reason=reason), np.flatnonzero(outliers)
 
 POSITION_COLUMNS = {
     "calculated": "xyzcal.mm",

@@ -521,19 +521,22 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS) -> lis
     pooled = diagnose_rows("pooled", None, result, parts, used, _shared_detector(experiments, indices), max_reflections)
     named = {f.mistake for d in each for f in d.findings}
     if named and {f.mistake for f in pooled.findings} != named:
+        # a pooled fit of what the experiments share (the detector, the wavelength) is
+        # better determined by all their spots than by the few of one still, where a
+        # distance error and a scale look alike; a mistake every experiment names alike
+        # (copies of one mistaken model) speaks for all when it explains more
         common = _common_finding(each)
-        if common is not None:  # every experiment names the same mistake with the same size
+        shared = bool(pooled.findings) and all(f.mistake in SHARED_MISTAKES for f in pooled.findings)
+        pooled_explained = max((f.size.get("explained", 0.0) for f in pooled.findings), default=0.0)
+        if common is not None and (not shared or common.size["explained"] > pooled_explained):
             pooled.consistent, pooled.findings = False, [common]
-        elif not pooled.findings or not all(f.mistake in SHARED_MISTAKES for f in pooled.findings):
+        elif not shared:
             # a pooled fit may mix different per-crystal causes into one map: trust the experiments
             pooled.consistent = False
             pooled.findings = [
                 Finding("no_common_cause", "the experiments are diagnosed differently: see each experiment",
                         {"named": sorted(named)})
             ]
-        # else: the pooled fit names a change of what the experiments share (the
-        # detector, the wavelength), better determined by all their spots than by
-        # the few of one still, where a distance error and a scale look alike
     return [pooled] + each
 
 

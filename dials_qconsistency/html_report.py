@@ -286,6 +286,12 @@ def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines) -> d
                           [f"{s['d_max']:.2f}–{s['d_min']:.2f}" for s in summary.per_resolution_shell]),
     ]
     mean = summary.delta_q.get("mean")
+    if summary.outliers is not None:
+        out = summary.outliers
+        lines.insert(0, f"Statistics, verdict, diagnosis and charts are about the {summary.delta_q['n']} rows used in "
+                        f"refinement (DIALS' flag used_in_refinement), as dials.refine's RMSDs are; the other "
+                        f"{out['n']} indexed rows (outliers) have mean |Δq| {_number(out.get('mean'), '.3g')} Å⁻¹, "
+                        f"max {_number(out.get('max'), '.3g')} Å⁻¹ (rows=indexed: every indexed row).")
     rotation = any(e.kind == "rotation" for e in summary.experiments)
     choices = f"q_pixel from {options.q_pixel_source} positions"
     if rotation:

@@ -36,7 +36,7 @@ from .reflection_table import ReflectionTable, column_values
 
 #: The columns the numpy core reads (compute.COLUMN_SHAPES), taken from the flex table.
 CORE_COLUMNS = ("id", "panel", "miller_index", "s1", "xyzcal.mm", "xyzobs.mm.value", "xyzobs.px.value",
-                "xyzobs.mm.variance")
+                "xyzobs.mm.variance", "flags")
 
 
 def _vector(values, n=3) -> np.ndarray:

@@ -81,6 +81,10 @@ def summary_text(summary: Summary, options) -> str:
     lines.append("|delta_q| = |q_bragg - q_pixel| (1/Angstrom, no 2pi):")
     lines.append(STATS_HEADER)
     lines.append(_stats_row("all", summary.delta_q))
+    if summary.outliers is not None:
+        lines.append(_stats_row("outliers", summary.outliers))
+        lines.append("  (all: the rows used in refinement, flag used_in_refinement, as dials.refine's RMSDs; "
+                     "outliers: the other indexed rows; rows=indexed puts every indexed row in the statistics)")
     shown, note = listed(summary.experiments)
     for e in shown:
         lines.append(_stats_row(f"expt {e.index} ({e.kind[:3]})", e.delta_q))
@@ -205,7 +209,9 @@ def json_report(summary, diagnoses, options, files) -> dict:
             "units": "1/Angstrom without 2pi; lengths mm; angles as named",
         },
         "rows": {"total": summary.n_rows, **summary.counts},
-        "overall": {"delta_q": summary.delta_q, "verdict": summary.verdict, "residuals": summary.residuals},
+        "overall": {"delta_q": summary.delta_q, "verdict": summary.verdict, "residuals": summary.residuals,
+                    "rows": "used_in_refinement" if summary.outliers is not None else "indexed",
+                    "outliers": summary.outliers},
         "per_experiment": experiments,
         "per_panel": summary.per_panel,
         "per_panel_group": summary.per_panel_group,

@@ -74,7 +74,8 @@ def test_merged_statistics_are_those_of_every_file_concatenated(real_inputs, tmp
     monkeypatch.chdir(tmp_path)
     args = [f"{tmp_path}/inputs/pair_*.expt", f"{tmp_path}/inputs/pair_*.refl"]
     assert main(args + ["output.json=all.json", "output.per_image_csv=images.csv", "output.per_file_csv=files.csv",
-                        "output.plots=None", "backend=standalone"]) == 0  # run_core reads as the standalone backend
+                        "output.plots=None", "backend=standalone",  # run_core reads as the standalone backend
+                        "rows=indexed"]) == 0  # every indexed row, as run_core gives them
     report = json.load(open("all.json"))
     norms, counts = [], dict.fromkeys(REASONS, 0)
     expected_images = []
@@ -124,7 +125,7 @@ def test_merged_statistics_are_those_of_every_file_concatenated(real_inputs, tmp
     for k, (expt, refl) in enumerate(real_inputs):
         single = tmp_path / f"single_{k}.refl"
         assert main([expt, refl, f"output.reflections={single}", "output.plots=None", "output.log=None",
-                     "backend=standalone"]) == 0
+                     "backend=standalone", "rows=indexed"]) == 0
         assert sha(single) == sha(tmp_path / f"pair_{k}_q_consistency.refl")
 
 
@@ -218,8 +219,8 @@ def test_memory_is_that_of_one_file_not_all_of_them(shared, tmp_path):
     def peak(n_files):
         tracemalloc.start()
         try:
-            kept = [process_file(FileJob(i, expt, refl, str(tmp_path / f"o{i}.refl"), options, ".tmp-test-"))
-                    for i in range(n_files)]
+            kept = [process_file(FileJob(i, expt, refl, str(tmp_path / f"o{i}.refl"), options, ".tmp-test-",
+                                         rows="indexed")) for i in range(n_files)]
             for outcome in kept:
                 os.unlink(outcome.staged)
             return tracemalloc.get_traced_memory()[1], kept
@@ -272,3 +273,23 @@ def test_the_same_table_given_twice_is_refused_before_anything_is_written(real_i
     err = capsys.readouterr().err
     assert "name the same file" in err and err.count("\n") == 1, err
     assert sorted(os.listdir(tmp_path)) == ["inputs"]
+
+
+def test_each_file_is_about_the_rows_its_refinement_used(shared, tmp_path, monkeypatch):
+    """By default a file's statistics are over its rows flagged used_in_refinement
+    (counted here from the flags), the other used rows are outliers."""
+    from dials_qconsistency.reflection_table import ReflectionTable
+
+    pairs = [("ssx_CuNiR_test_data", "integrated"), ("dials_current", "centroid_refined")]
+    inputs = [shared(f, n + ext) for f, n in pairs for ext in (".expt", ".refl")]
+    monkeypatch.chdir(tmp_path)
+    assert main(inputs + ["output.json=all.json", "output.reflections=None", "backend=standalone"]) == 0
+    report = json.load(open("all.json"))
+    for record, (folder, name) in zip(report["files"], pairs):
+        table = ReflectionTable.from_file(shared(folder, name + ".refl"))
+        flagged = (table.get("flags") & 8) != 0
+        predicted = np.any(table.get("xyzcal.mm")[:, :2] != 0, axis=1)
+        expected = int(np.count_nonzero(flagged & (table.get("id") >= 0) & predicted))
+        assert record["delta_q"]["n"] == expected
+        assert record["counts"]["indexed, not used in refinement (outlier)"] > 0
+    assert [r["delta_q"]["n"] for r in report["files"]] == [298, 408]

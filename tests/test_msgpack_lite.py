@@ -97,7 +97,7 @@ def test_corruptions_are_refused_exactly_when_msgpack_refuses_them(document, dat
     ours, theirs = mine(raw), reference(raw)
     if ours[0] == theirs[0] == "ok" and (contains_ext(ours[1]) or contains_ext(theirs[1])):
         return  # ext values are opaque here (never part of a table)
-    assert ours == theirs, (raw, ours, theirs)
+    assert repr(ours) == repr(theirs), (raw, ours, theirs)  # repr: a flipped byte can make a NaN, NaN != NaN
 
 
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 255, 65535, 65536])

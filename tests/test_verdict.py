@@ -126,3 +126,23 @@ def test_without_rotation_data_the_summary_names_no_rotation_angle_or_model_stat
     out = capsys.readouterr().out
     assert "q_pixel from calculated positions\n" in out
     assert "rotation angle" not in out and "scan-varying model state" not in out
+
+
+def test_statistics_are_about_the_rows_refinement_used_and_outliers_are_beside(shared, tmp_path, monkeypatch, capsys):
+    """The centroid sweep after dials.refine: 568 rows are usable, 408 of them
+    flagged used_in_refinement (counted from the flags here); rows=indexed puts
+    all 568 in the statistics."""
+    from dials_qconsistency.reflection_table import ReflectionTable
+
+    expt, refl = shared("dials_current", "centroid_refined.expt"), shared("dials_current", "centroid_refined.refl")
+    flags = ReflectionTable.from_file(refl).get("flags")
+    status, verdict, log = run_verdict(tmp_path, monkeypatch, expt, refl)
+    report = json.load(open(tmp_path / "qc.json"))
+    assert report["overall"]["rows"] == "used_in_refinement"
+    assert report["overall"]["delta_q"]["n"] == int(np.count_nonzero(flags & 8)) == 408
+    assert report["overall"]["outliers"]["n"] == 568 - 408
+    assert report["rows"]["indexed, not used in refinement (outlier)"] == 160
+    assert "outliers           160" in log and "flag used_in_refinement" in log
+    run_verdict(tmp_path, monkeypatch, expt, refl, "rows=indexed")
+    report = json.load(open(tmp_path / "qc.json"))
+    assert report["overall"]["delta_q"]["n"] == 568 and report["overall"]["outliers"] is None

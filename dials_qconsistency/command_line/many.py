@@ -84,7 +84,7 @@ def run_many(params, arguments, pairs, options, logger, gate_failure, finite) ->
 
     prefix = temporary_prefix() if comm is None else comm.bcast(temporary_prefix(), root=0)
     jobs = [
-        FileJob(i, expt, refl, table, options, prefix, arguments.backend)
+        FileJob(i, expt, refl, table, options, prefix, arguments.backend, params.rows)
         for i, ((expt, refl), table) in enumerate(zip(pairs, tables))
     ]
     if root:

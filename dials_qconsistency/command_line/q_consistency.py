@@ -13,9 +13,9 @@ import libtbx.phil
 import numpy as np
 
 from dials_qconsistency import __version__, backends, html_report
-from dials_qconsistency.analysis import summarise
+from dials_qconsistency.analysis import norm_statistics, row_distances, summarise
 from dials_qconsistency.campaign import FileOutcome, describe
-from dials_qconsistency.compute import Options, compute_q
+from dials_qconsistency.compute import Options, compute_q, rows_used_in_refinement
 from dials_qconsistency.decomposition import decompose
 from dials_qconsistency.diagnosis import diagnose
 from dials_qconsistency.errors import GateFailed
@@ -103,6 +103,13 @@ q_pixel {
             "(xyzobs.mm.value) or observed_px (xyzobs.px.value mapped to mm"
             "with the refined panel, parallax included)."
 }
+rows = *used_in_refinement indexed
+  .type = choice
+  .help = "The rows the statistics, verdict, diagnosis and charts are about:"
+          "used_in_refinement (when the table has DIALS' flag on some row) the"
+          "rows refinement used, as its RMSDs are, with the other indexed rows"
+          "counted and summarised as outliers; indexed: every indexed row. The"
+          "output table has the q columns of every indexed row either way."
 phi = *calculated observed
   .type = choice
   .help = "Rotation angle at which q_bragg is evaluated (rotation data):"
@@ -272,6 +279,7 @@ def run(args=None, phil=phil_scope):
     result = compute_q(
         experiments, columns, table.identifiers, options, path=refl_path, experiments_path=expt_path
     )
+    about, outliers = rows_used_in_refinement(result, columns.get("flags"), params.rows)
     table.release_memory()  # the input's columns were read: the results take their place
 
     with logged_run(logger, params.output.log, arguments):
@@ -288,13 +296,14 @@ def run(args=None, phil=phil_scope):
                 put_columns(writer, q_columns(result))
                 put_columns(writer, decomposition_columns(parts))
             summary = summarise(
-                result, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
+                about, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
             )
-            diagnoses = diagnose(experiments, result, parts, params.diagnosis.max_reflections)
+            summary.outliers = None if outliers is None else norm_statistics(row_distances(result.q_bragg, result.q_pixel, outliers))
+            diagnoses = diagnose(experiments, about, parts, params.diagnosis.max_reflections)
             variance = columns.get("xyzobs.mm.variance")
             verdict = judge(
-                summary, options, diagnoses, centroid_sigma_q(experiments, result, variance),
-                normalised_residual(parts, result, variance) if options.q_pixel_source != "calculated" else None,
+                summary, options, diagnoses, centroid_sigma_q(experiments, about, variance),
+                normalised_residual(parts, about, variance) if options.q_pixel_source != "calculated" else None,
                 scan_varying=any(e.is_scan_varying for e in experiments),
             )
             summary.verdict = verdict.short
@@ -306,14 +315,14 @@ def run(args=None, phil=phil_scope):
                 if replaced:
                     logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
                 writer.finish()
-            figures = stage_reports(params, experiments, table, result, parts, summary, diagnoses, verdict, options,
+            figures = stage_reports(params, experiments, table, about, parts, summary, diagnoses, verdict, options,
                                     (expt_path, refl_path), outputs)
             if params.output.html:
                 outputs.add(params.output.html, html_report.render(
                     "dials.q_consistency", verdict,
                     html_report.sections(summary, diagnoses, verdict, options, (expt_path, refl_path),
                                          diagnosis_lines(diagnoses)),
-                    html_report.charts(experiments, result, parts, columns["miller_index"] if "miller_index" in columns
+                    html_report.charts(experiments, about, parts, columns["miller_index"] if "miller_index" in columns
                                        else np.zeros((table.nrows, 3)), params.output.max_plot_points or None),
                     params.output.external_dependencies,
                 ))
