@@ -34,6 +34,7 @@ COLOURS = {
     "dqy": ("Δq_y", lambda r, p: r.delta_q[:, 1]),
     "dqz": ("Δq_z", lambda r, p: r.delta_q[:, 2]),
     "along_q": ("|q_bragg| − |q_pixel|", lambda r, p: p.along_q),
+    "angle": ("Δψ or Δφ (deg)", lambda r, p: np.degrees(p.angle)),
 }
 DEPENDENCIES = ("remote", "local", "embed")
 #: The arrows chart draws at most this many arrows (more cannot be told apart).
@@ -165,6 +166,36 @@ def trend_charts(experiments, result, points, image, sample_note):
     return charts
 
 
+def two_theta(q, s0):
+    """2θ (deg) of scattering vectors q at incident beams s0 (Å⁻¹): sin θ = |q| / 2|s0|."""
+    return np.degrees(2 * np.arcsin(np.clip(np.linalg.norm(q, axis=1) / (2 * np.linalg.norm(s0, axis=1)), -1, 1)))
+
+
+def stills_charts(experiments, summary, points, parts, sample_note):
+    """What cctbx.xfel.detector_residuals shows for stills: Δ2θ against Δψ (the
+    trumpet) and against 2θ, and the distribution of the per-still RMS |Δq|."""
+    used = points.used
+    angle = np.degrees(parts.angle[used])
+    still = ~parts.rotation[used]
+    if not still.any():
+        return []
+    tt_bragg, tt_pixel = two_theta(points.q_bragg[used], points.s0[used]), two_theta(points.q_pixel[used], points.s0[used])
+    delta = (tt_bragg - tt_pixel)[still]
+    charts = [
+        {"id": "trumpet", "data": [{"type": "scattergl", "mode": "markers", "x": typed(angle[still]), "y": typed(delta),
+                                    "marker": {"size": 3}}],
+         "layout": _layout(f"Δ2θ against Δψ, stills ({sample_note})", "Δψ (deg)", "2θ(q_bragg) − 2θ(q_pixel) (deg)")},
+        {"id": "delta_two_theta", "data": [{"type": "scattergl", "mode": "markers", "x": typed(tt_pixel[still]),
+                                            "y": typed(delta), "marker": {"size": 3}}],
+         "layout": _layout(f"Δ2θ against 2θ, stills ({sample_note})", "2θ (deg)", "Δ2θ (deg)")},
+    ]
+    rms = np.array([e.delta_q["rms"] for e in summary.experiments if e.kind == "still" and e.delta_q.get("rms") is not None])
+    if rms.size > 1:
+        charts.append({"id": "per_still", "data": [{"type": "histogram", "x": typed(rms), "nbinsx": 40}],
+                       "layout": _layout(f"RMS |Δq| of each still ({rms.size} stills)", "RMS |Δq| (Å⁻¹)", "stills")})
+    return charts
+
+
 def image_numbers(experiments, result):
     """Image number of each used row (rotation data), the experiment index for stills; -1 elsewhere."""
     image = np.full(len(result.reason), -1, dtype=np.int64)
@@ -177,7 +208,7 @@ def image_numbers(experiments, result):
     return image
 
 
-def charts(experiments, result, parts, miller_index, max_points) -> list[dict]:
+def charts(experiments, result, parts, miller_index, max_points, summary=None) -> list[dict]:
     """Every chart of the page (an empty list when no row was used)."""
     if not result.used.any():
         return []
@@ -189,7 +220,8 @@ def charts(experiments, result, parts, miller_index, max_points) -> list[dict]:
     image = image_numbers(experiments, points)
     note = _sample_note(shown.size, total)
     return ([detector_chart(experiments, points, point_parts, image, note), arrows_chart(experiments, points, point_parts, note)]
-            + component_charts(experiments, points, note) + trend_charts(experiments, result, points, image, note))
+            + component_charts(experiments, points, note) + trend_charts(experiments, result, points, image, note)
+            + (stills_charts(experiments, summary, points, point_parts, note) if summary is not None else []))
 
 
 def plotly_script(dependencies: str) -> dict:
@@ -265,7 +297,7 @@ def _statistics_table(title, label, entries, names):
     return {"title": title, "header": header, "rows": rows}
 
 
-def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines) -> dict:
+def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines, extra_tables=()) -> dict:
     """The text parts of the page, from what the log and the JSON say."""
     tests = [[e.index, e.kind, e.s1_kind, _number(e.max_pixel_calculated_vs_pred), _number(e.max_pixel_observed_vs_pred),
               _number(e.max_bragg_vs_pred)] for e in summary.experiments]
@@ -307,7 +339,7 @@ def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines) -> d
         "checks": lines,
         "diagnosis": diagnosis_lines,
         "next_step": next_step(verdict),
-        "tables": [t for t in tables if t["rows"]],
+        "tables": [t for t in tables + list(extra_tables) if t["rows"]],
         "footer": "dials.q_consistency: q = s1 − s0 in the DIALS laboratory frame, Å⁻¹ without 2π; mm on the detector.",
     }
 
@@ -362,3 +394,65 @@ def campaign_page(merged, outcomes, verdict, options, dependencies="embed") -> b
         "footer": "dials.q_consistency over many files: q = s1 − s0 in the DIALS laboratory frame, Å⁻¹ without 2π.",
     }
     return render("dials.q_consistency: many files", verdict, parts, chart_list, dependencies)
+
+
+def _weighted_rmsd_um(xy, variance):
+    """√(Σ w r² / Σ w) over both panel axes (µm), w = 1 / the centroid variance, as refinement weights."""
+    ok = np.all(np.isfinite(xy), axis=1) & np.all(variance > 0, axis=1)
+    if not ok.any():
+        return None
+    weights = 1.0 / variance[ok]
+    return float(1000 * np.sqrt(np.sum(weights * xy[ok] ** 2) / np.sum(weights)))
+
+
+def _correlation(a, b):
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
+        return None
+    return float(np.corrcoef(a[ok], b[ok])[0, 1])
+
+
+def residual_tables(experiments, result, parts, variance, depth=1) -> list[dict]:
+    """The tables cctbx.xfel.detector_residuals users look for: per panel group the
+    RMS and weighted in-plane residual and the correlations of the radial and
+    transverse residuals with Δψ (or Δφ); the spread of the unit cell across the
+    experiments."""
+    tables = []
+    used = np.flatnonzero(result.used)
+    if used.size and parts is not None:
+        detector = experiments[int(result.experiment[used[0]])].detector
+        groups = detector.groups_at_depth(depth)
+        group_of_panel = np.full(max(len(detector.panels), int(result.panel[used].max()) + 1), -1)
+        for index, group in enumerate(groups):
+            group_of_panel[list(group.panels)] = index
+        label = group_of_panel[result.panel[used]]
+        xy, angle = parts.delta_xy[used], np.degrees(parts.angle[used])
+        radial, transverse = parts.radial_mm[used], parts.transverse_mm[used]
+        var = variance[used, :2] if variance is not None else None
+        rows = []
+        for name, mine in [("all", np.ones(used.size, bool))] + [(g.name, label == i) for i, g in enumerate(groups)]:
+            if not mine.any():
+                continue
+            rms = float(1000 * np.sqrt(np.nanmean(np.sum(xy[mine] ** 2, axis=1))))
+            weighted = None if var is None else _weighted_rmsd_um(xy[mine], var[mine])
+            rows.append([name, int(mine.sum()), _number(rms, ".1f"), _number(weighted, ".1f"),
+                         _number(_correlation(radial[mine], angle[mine]), ".2f"),
+                         _number(_correlation(transverse[mine], angle[mine]), ".2f")])
+        tables.append({"title": "In-plane residuals per panel group (as cctbx.xfel.detector_residuals reports them)",
+                       "header": ["group", "n", "RMS in-plane (µm)", "weighted RMSD (µm)", "r(radial, Δψ/Δφ)",
+                                  "r(transverse, Δψ/Δφ)"], "rows": rows})
+    cells = []
+    for experiment in experiments:
+        if experiment.crystal is not None:
+            real = np.linalg.inv(experiment.crystal.A)  # rows a, b, c (Å)
+            a, b, c = real
+            angle = lambda u, v: np.degrees(np.arccos(np.clip(u @ v / np.linalg.norm(u) / np.linalg.norm(v), -1, 1)))
+            cells.append([np.linalg.norm(a), np.linalg.norm(b), np.linalg.norm(c), angle(b, c), angle(a, c), angle(a, b)])
+    if len(cells) > 1:
+        cells = np.array(cells)
+        rows = [[name, _number(float(cells[:, i].mean()), ".4f"), _number(float(cells[:, i].std()), ".4f"),
+                 _number(float(cells[:, i].min()), ".4f"), _number(float(cells[:, i].max()), ".4f")]
+                for i, name in enumerate(("a (Å)", "b (Å)", "c (Å)", "α (°)", "β (°)", "γ (°)"))]
+        tables.append({"title": f"Unit cell across the {len(cells)} experiments (the model's, as refined)",
+                       "header": ["parameter", "mean", "standard deviation", "min", "max"], "rows": rows})
+    return tables

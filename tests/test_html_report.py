@@ -22,6 +22,9 @@ from conftest import EXAMPLES, SHARED_DATA
 TRACES = {"detector": 2, "arrows": 1, "components_fast": 3, "components_slow": 3, "vs_resolution": 1, "vs_image": 1,
           "histogram": 1}
 
+#: Charts of stills only (the trumpet, Δ2θ against 2θ, the per-still RMS histogram).
+STILLS_TRACES = {"trumpet": 1, "delta_two_theta": 1, "per_still": 1}
+
 #: (label, experiment list, table, options): stills, rotation, scan-varying, 64 panels, the bundled examples.
 PAIRS = [
     ("stills", os.path.join(SHARED_DATA, "ssx_CuNiR_test_data", "indexed"), []),
@@ -83,7 +86,9 @@ def test_the_report_opens_offline_and_says_what_the_log_says(browser, tmp_path, 
     drawn = browser.execute_script(
         "return Object.fromEntries([...document.querySelectorAll('.chart')].map(c => "
         "[c.id.slice(6), [c._fullData.length, c.querySelectorAll('.main-svg').length, c.querySelectorAll('canvas').length]]))")
-    assert {name: traces for name, (traces, _, _) in drawn.items()} == TRACES
+    traces = {name: count for name, (count, _, _) in drawn.items()}
+    stills = "stills" in label or "64 panels" in label
+    assert traces == {**TRACES, **(STILLS_TRACES if stills else {})}
     assert all(svg > 0 for _, svg, _ in drawn.values())
     assert drawn["detector"][2] > 0  # the spots are WebGL: drawn into a canvas
 
@@ -160,3 +165,40 @@ def test_the_report_of_a_run_over_many_files(shared, browser, tmp_path, monkeypa
         ".map(r => [...r.children].map(c => c.textContent))")
     means = sorted(((f["delta_q"]["mean"], f["reflections"]) for f in report["files"]), reverse=True)
     assert [row[1] for row in rows] == [name for _, name in means]
+
+
+def test_the_residual_and_cell_tables_equal_a_direct_computation(shared, tmp_path, monkeypatch):
+    """The CSPAD stills with observed positions: per quadrant the weighted RMSD and
+    the correlations with Δψ from the written table's own columns, and the cell
+    spread from the .expt's real-space axes, computed here directly."""
+    from dials_qconsistency import html_report
+    from dials_qconsistency.compute import Options, compute_q, rows_used_in_refinement
+    from dials_qconsistency.decomposition import decompose
+    from dials_qconsistency.experiments import read_experiments
+
+    expt, refl = shared("dials_current", "cspad_stills_refined.expt"), shared("dials_current", "cspad_stills_refined.refl")
+    monkeypatch.chdir(tmp_path)
+    assert main([expt, refl, "q_pixel.source=observed", "output.reflections=out.refl", "backend=standalone"]) == 0
+    out = ReflectionTable.from_file(str(tmp_path / "out.refl"))
+    flagged = ((out.get("flags") & 8) != 0) & np.isfinite(out.get("delta_q.norm"))
+    xy, var = out.get("delta_q.xy.mm")[flagged], out.get("xyzobs.mm.variance")[flagged, :2]
+    psi = np.degrees(out.get("delta_q.delpsi.rad")[flagged])
+    experiments = read_experiments(expt)
+    groups = experiments[0].detector.groups_at_depth(1)
+    panel = out.get("panel")[flagged].astype(int)
+
+    table = ReflectionTable.from_file(refl)
+    columns = table.columns()
+    result = compute_q(experiments, columns, table.identifiers, Options(q_pixel_source="observed"))
+    about, _ = rows_used_in_refinement(result, columns["flags"])
+    residuals, cells = html_report.residual_tables(experiments, about, decompose(experiments, about), columns["xyzobs.mm.variance"])
+    rows = {row[0]: row for row in residuals["rows"]}
+    for name, mine in [("all", np.ones(panel.size, bool))] + [(g.name, np.isin(panel, list(g.panels))) for g in groups]:
+        weighted = 1000 * np.sqrt(np.sum(xy[mine] ** 2 / var[mine]) / np.sum(1 / var[mine]))
+        assert rows[name][1] == int(mine.sum()) and float(rows[name][3]) == pytest.approx(weighted, abs=0.05)
+        r_radial = np.corrcoef(out.get("delta_q.radial.mm")[flagged][mine], psi[mine])[0, 1]
+        assert float(rows[name][4]) == pytest.approx(r_radial, abs=0.005)
+    document = json.load(open(expt))
+    a = np.array([np.linalg.norm(c["real_space_a"]) for c in document["crystal"]])
+    assert cells["rows"][0][0] == "a (Å)" and float(cells["rows"][0][1]) == pytest.approx(a.mean(), abs=5e-5)
+    assert float(cells["rows"][0][2]) == pytest.approx(a.std(), abs=5e-5)

@@ -321,9 +321,11 @@ def run(args=None, phil=phil_scope):
                 outputs.add(params.output.html, html_report.render(
                     "dials.q_consistency", verdict,
                     html_report.sections(summary, diagnoses, verdict, options, (expt_path, refl_path),
-                                         diagnosis_lines(diagnoses)),
+                                         diagnosis_lines(diagnoses),
+                                         html_report.residual_tables(experiments, about, parts, variance,
+                                                                     params.statistics.panel_group_depth)),
                     html_report.charts(experiments, about, parts, columns["miller_index"] if "miller_index" in columns
-                                       else np.zeros((table.nrows, 3)), params.output.max_plot_points or None),
+                                       else np.zeros((table.nrows, 3)), params.output.max_plot_points or None, summary),
                     params.output.external_dependencies,
                 ))
             outputs.commit()
