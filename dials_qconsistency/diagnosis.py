@@ -41,6 +41,7 @@ MIN_ANGLE_DEG = 0.005
 MIN_SCALE = 1e-5
 MIN_SHIFT_MM = 0.002
 MIN_TILT_DEG = 0.01
+TILT_OFFSET_RATIO = 0.25
 MIN_PANEL_ROWS = 8
 LAB_AXES = {"X": np.array([1.0, 0, 0]), "Y": np.array([0, 1.0, 0]), "Z": np.array([0, 0, 1.0])}
 
@@ -336,10 +337,20 @@ def _reindex_in_crystal_frame(m, experiment, frame):
     return reindexing_operator(crystal.A, m)
 
 
+def _tilt_matters(p, panel) -> bool:
+    """Is a fitted tilt a cause of its own: significant, and moving the panel's edge
+    (half its diagonal from the centre) by a quarter of the fitted origin offset or
+    more? (A small tilt fitted on a panel moved by millimetres is the fit's noise.)"""
+    if p["tilt_deg"] <= MIN_TILT_DEG:
+        return False
+    half_diagonal = 0.5 * float(np.linalg.norm(np.asarray(panel.image_size) * np.asarray(panel.pixel_size)))
+    return math.radians(p["tilt_deg"]) * half_diagonal >= TILT_OFFSET_RATIO * float(np.linalg.norm(p["origin_offset_mm"]))
+
+
 def _name_detector(fit, detector, beam_s0) -> list[Finding]:
     panels = fit["panels"]
     findings = []
-    tilted = {i: p for i, p in panels.items() if p["tilt_deg"] > MIN_TILT_DEG}
+    tilted = {i: p for i, p in panels.items() if _tilt_matters(p, detector.panels[i])}
     flat = {i: p for i, p in panels.items() if i not in tilted}
     if tilted and (flat or len(panels) == 1):
         for i, p in tilted.items():

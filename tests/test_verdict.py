@@ -146,3 +146,22 @@ def test_statistics_are_about_the_rows_refinement_used_and_outliers_are_beside(s
     run_verdict(tmp_path, monkeypatch, expt, refl, "rows=indexed")
     report = json.load(open(tmp_path / "qc.json"))
     assert report["overall"]["delta_q"]["n"] == 568 and report["overall"]["outliers"] is None
+
+
+def test_copies_of_one_mistake_in_every_still_are_named_once_for_all(shared, tmp_path, monkeypatch):
+    """The 5 CuNiR stills after integration each carry their own detector; every
+    copy moved 2 mm away: the pooled scope names the distance (not "the
+    experiments are diagnosed differently"), and so does each still."""
+    document = json.load(open(shared("ssx_CuNiR_test_data", "integrated.expt")))
+    assert len(document["detector"]) == 5
+    for detector in document["detector"]:
+        detector["hierarchy"]["origin"][2] -= 2.0  # the beam runs along +z here: 2 mm further away is -z
+    bad = tmp_path / "moved.expt"
+    bad.write_text(json.dumps(document))
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, str(bad), shared("ssx_CuNiR_test_data", "integrated.refl"))
+    diagnosis = json.load(open(tmp_path / "qc.json"))["diagnosis"]
+    assert verdict["consistent"] is False and "detector distance is off by +2.0" in verdict["headline"]
+    for scope in diagnosis:  # the pooled fit has every spot; a still has 34 to 194 of them
+        distance = [f for f in scope["findings"] if f["mistake"] == "detector_distance"]
+        tolerance = 0.1 if scope["scope"] == "pooled" else 0.25
+        assert distance and abs(distance[0]["size"]["distance_mm"] - 2.0) < tolerance, scope["scope"]
