@@ -25,17 +25,11 @@ import numpy as np
 from .analysis import row_distances, sample_rows
 from .compute import rows_by_group
 from .decomposition import panel_frames
-from .plots import _project, panel_outline, spot_lab_positions, take_rows, view_basis
+from .plots import HEATMAPS, _project, panel_outline, spot_lab_positions, take_rows, view_basis
 
-#: The quantities the detector chart can colour the spots by: key -> (label, getter).
-COLOURS = {
-    "norm": ("|Δq|", lambda r, p: np.linalg.norm(r.delta_q, axis=1)),
-    "dqx": ("Δq_x", lambda r, p: r.delta_q[:, 0]),
-    "dqy": ("Δq_y", lambda r, p: r.delta_q[:, 1]),
-    "dqz": ("Δq_z", lambda r, p: r.delta_q[:, 2]),
-    "along_q": ("|q_bragg| − |q_pixel|", lambda r, p: p.along_q),
-    "angle": ("Δψ or Δφ (deg)", lambda r, p: np.degrees(p.angle)),
-}
+#: The quantities the detector chart can colour the spots by: the PNG heatmaps' and Δψ/Δφ.
+COLOURS = {key: HEATMAPS[key] for key in ("norm", "dqx", "dqy", "dqz", "along_q")}
+COLOURS["angle"] = ("Δψ or Δφ (deg)", lambda r, p: np.degrees(p.angle))
 DEPENDENCIES = ("remote", "local", "embed")
 #: The arrows chart draws at most this many arrows (more cannot be told apart).
 MAX_ARROWS = 5000
