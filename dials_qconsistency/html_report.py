@@ -25,6 +25,7 @@ import numpy as np
 from .analysis import row_distances, sample_rows
 from .compute import rows_by_group
 from .decomposition import panel_frames
+from .report import verdict_numbers
 from .plots import HEATMAPS, _project, panel_outline, spot_lab_positions, take_rows, view_basis
 
 #: The quantities the detector chart can colour the spots by: the PNG heatmaps' and Δψ/Δφ.
@@ -57,7 +58,7 @@ def _sample_note(shown, total):
     return f"{shown} of {total} used reflections shown (1 in {-(-total // shown)}, in table order)"
 
 
-def detector_chart(experiments, points, parts, image, sample_note):
+def detector_chart(experiments, points, parts, hkl, image, sample_note):
     """|Δq| (or a component, by the buttons) at each spot over the panels in
     their lab layout, seen from the sample; hover gives hkl, panel, image."""
     basis = view_basis(experiments[0].beam.s0)
@@ -69,8 +70,8 @@ def detector_chart(experiments, points, parts, image, sample_note):
     used = points.used
     xy = _project(spot_lab_positions(experiments, points)[used], basis)
     colours = {key: np.asarray(getter(points, parts))[used] for key, (_, getter) in COLOURS.items()}
-    hkl = points.miller_index[used] if hasattr(points, "miller_index") else np.zeros((xy.shape[0], 3))
-    # one float32 array per spot (whole numbers below 2^24 are exact in it)
+    hkl = hkl[used]
+    # one float64 row per spot (plotly.js misreads 2-D float32 arrays in scattergl hovers)
     custom = np.column_stack([hkl, points.panel[used], image[used], points.experiment[used], colours["norm"],
                               points.delta_q[used]])
     hover = ("hkl (%{customdata[0]}, %{customdata[1]}, %{customdata[2]})<br>panel %{customdata[3]}, "
@@ -210,10 +211,9 @@ def charts(experiments, result, parts, miller_index, max_points, summary=None) -
     total = int(np.count_nonzero(result.used))
     n = len(result.reason)
     points, point_parts = take_rows(result, shown, n), take_rows(parts, shown, n)
-    points.miller_index = np.asarray(miller_index)[shown]
     image = image_numbers(experiments, points)
     note = _sample_note(shown.size, total)
-    return ([detector_chart(experiments, points, point_parts, image, note), arrows_chart(experiments, points, point_parts, note)]
+    return ([detector_chart(experiments, points, point_parts, np.asarray(miller_index)[shown], image, note), arrows_chart(experiments, points, point_parts, note)]
             + component_charts(experiments, points, note) + trend_charts(experiments, result, points, image, note)
             + (stills_charts(experiments, summary, points, point_parts, note) if summary is not None else []))
 
@@ -238,8 +238,9 @@ def render(title, verdict, sections, chart_list, dependencies="embed") -> bytes:
                               autoescape=select_autoescape(["html"]))
     page = environment.get_template("q_consistency.html").render(
         title=title, verdict=verdict, plotly=plotly_script(dependencies), **sections,
-        charts=[{"id": c["id"], "json": json.dumps({"data": c["data"], "layout": c["layout"]}, allow_nan=True)
-                 .replace("NaN", "null").replace("</", "<\\/")} for c in chart_list],
+        # a script literal, not parsed JSON: NaN is a JavaScript value; "</" would end the script
+        charts=[{"id": c["id"], "json": json.dumps({"data": c["data"], "layout": c["layout"]}).replace("</", "<\\/")}
+                for c in chart_list],
     )
     return page.encode("utf-8")
 
@@ -295,14 +296,7 @@ def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines, extr
     """The text parts of the page, from what the log and the JSON say."""
     tests = [[e.index, e.kind, e.s1_kind, _number(e.max_pixel_calculated_vs_pred), _number(e.max_pixel_observed_vs_pred),
               _number(e.max_bragg_vs_pred)] for e in summary.experiments]
-    checks = verdict.checks
-    lines = []
-    if checks.get("rms_in_plane_mm") is not None:
-        lines.append(f"Model spot to xyzcal.mm: {checks['rms_in_plane_mm']:.3g} mm RMS (numerical precision: 1e-06 mm).")
-    if checks.get("centroid_sigma_q") is not None:
-        lines.append(f"Uncertainty of an observed centroid in q (median): {checks['centroid_sigma_q']:.3g} Å⁻¹.")
-    if checks.get("normalised_residual") is not None:
-        lines.append(f"Normalised residual (in-plane residual over the centroid σ, RMS): {checks['normalised_residual']:.3g}.")
+    lines = [line[0].upper() + line[1:] + "." for line in verdict_numbers(verdict.checks)]
     tables = [
         _statistics_table("Per experiment", "experiment", [{**e.delta_q, **e.residuals} for e in summary.experiments],
                           [f"{e.index} ({e.kind})" for e in summary.experiments]),

@@ -24,19 +24,23 @@ def verdict_text(verdict) -> str:
     lines = [f"Verdict: {verdict.headline}"]
     if len(verdict.reasons) > 1:
         lines += [f"  - {reason}" for reason in verdict.reasons]
-    checks = verdict.checks
-    numbers = []
-    if checks.get("rms_in_plane_mm") is not None:
-        numbers.append(f"model spot to xyzcal.mm RMS {checks['rms_in_plane_mm']:.3g} mm")
-    if checks.get("rms_delta_q_rotation") is not None:
-        numbers.append(f"rotation data |q_bragg - q_pred| RMS {checks['rms_delta_q_rotation']:.3g} 1/Angstrom")
-    if checks.get("centroid_sigma_q") is not None:
-        numbers.append(f"centroid uncertainty {checks['centroid_sigma_q']:.3g} 1/Angstrom (median)")
-    if checks.get("normalised_residual") is not None:
-        numbers.append(f"normalised residual RMS {checks['normalised_residual']:.3g}")
+    numbers = verdict_numbers(verdict.checks)
     if numbers:
         lines.append("  (" + "; ".join(numbers) + ")")
     return "\n".join(lines)
+
+
+#: The numbers behind a verdict: check key -> how to say it (the log's and the report's words).
+VERDICT_NUMBERS = (
+    ("rms_in_plane_mm", "model spot to xyzcal.mm RMS {:.3g} mm"),
+    ("rms_delta_q_rotation", "rotation data |q_bragg - q_pred| RMS {:.3g} 1/Angstrom"),
+    ("centroid_sigma_q", "centroid uncertainty {:.3g} 1/Angstrom (median)"),
+    ("normalised_residual", "normalised residual RMS {:.3g} (in-plane residual over the centroid sigma)"),
+)
+
+
+def verdict_numbers(checks) -> list[str]:
+    return [text.format(checks[key]) for key, text in VERDICT_NUMBERS if checks.get(key) is not None]
 
 
 def _counts_and_choices(first_line, counts, options, rotation=True) -> list[str]:

@@ -31,6 +31,7 @@ import numpy as np
 
 from .analysis import S1_NEITHER, sample_rows
 from .compute import rows_by_group
+from .plots import spot_lab_positions, take_rows
 
 #: The model's spot on xyzcal.mm to this RMS (mm): rounding, not geometry.
 PRECISION_MM = 1e-6
@@ -62,24 +63,17 @@ def centroid_sigma_q(experiments, result, variance=None, max_rows=SAMPLE) -> flo
     rows = sample_rows(result.used, max_rows)
     if rows.size == 0:
         return None
-    sigma = np.full(rows.size, np.nan)
-    experiment_of = result.experiment[rows]
-    for index, mine in enumerate(rows_by_group(experiment_of, len(experiments))):
-        if not mine.size:
-            continue
-        detector = experiments[index].detector
-        panels = result.panel[rows[mine]]
-        origin = np.array([p.origin for p in detector.panels])[panels]
-        fast = np.array([p.fast for p in detector.panels])[panels]
-        slow = np.array([p.slow for p in detector.panels])[panels]
-        xy = result.position_mm[rows[mine]]
-        lab = origin + xy[:, :1] * fast + xy[:, 1:2] * slow
-        if variance is not None:
-            sigma_mm = np.sqrt(np.maximum(variance[rows[mine], 0], 0) + np.maximum(variance[rows[mine], 1], 0))
-        else:
-            pixel = np.array([p.pixel_size for p in detector.panels])[panels]
-            sigma_mm = np.sqrt(np.sum(pixel**2, axis=1) / 12.0)
-        sigma[mine] = sigma_mm * np.linalg.norm(result.s0[rows[mine]], axis=1) / np.linalg.norm(lab, axis=1)
+    points = take_rows(result, rows, len(result.reason))
+    distance = np.linalg.norm(spot_lab_positions(experiments, points), axis=1)  # sample to spot, mm
+    if variance is not None:
+        sigma_mm = np.sqrt(np.sum(np.maximum(variance[rows, :2], 0), axis=1))
+    else:  # a pixel's own spread, √((px² + py²)/12), of each row's panel
+        sigma_mm = np.full(rows.size, np.nan)
+        for index, mine in enumerate(rows_by_group(points.experiment, len(experiments))):
+            if mine.size:
+                pixel = np.array([p.pixel_size for p in experiments[index].detector.panels])[points.panel[mine]]
+                sigma_mm[mine] = np.sqrt(np.sum(pixel**2, axis=1) / 12.0)
+    sigma = sigma_mm * np.linalg.norm(points.s0, axis=1) / distance
     sigma = sigma[np.isfinite(sigma) & (sigma > 0)]
     return float(np.median(sigma)) if sigma.size else None
 

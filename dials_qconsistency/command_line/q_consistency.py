@@ -10,8 +10,6 @@ import sys
 
 import libtbx.phil
 
-import numpy as np
-
 from dials_qconsistency import __version__, backends, html_report
 from dials_qconsistency.analysis import norm_statistics, row_distances, summarise
 from dials_qconsistency.campaign import FileOutcome, describe
@@ -315,19 +313,8 @@ def run(args=None, phil=phil_scope):
                 if replaced:
                     logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
                 writer.finish()
-            figures = stage_reports(params, experiments, table, about, parts, summary, diagnoses, verdict, options,
-                                    (expt_path, refl_path), outputs)
-            if params.output.html:
-                outputs.add(params.output.html, html_report.render(
-                    "dials.q_consistency", verdict,
-                    html_report.sections(summary, diagnoses, verdict, options, (expt_path, refl_path),
-                                         diagnosis_lines(diagnoses),
-                                         html_report.residual_tables(experiments, about, parts, variance,
-                                                                     params.statistics.panel_group_depth)),
-                    html_report.charts(experiments, about, parts, columns["miller_index"] if "miller_index" in columns
-                                       else np.zeros((table.nrows, 3)), params.output.max_plot_points or None, summary),
-                    params.output.external_dependencies,
-                ))
+            figures = stage_reports(params, experiments, table, columns, about, parts, summary, diagnoses, verdict,
+                                    options, (expt_path, refl_path), outputs)
             outputs.commit()
         log_saved(params, figures, table.nrows)
         gate = gate_failure(summary.delta_q, params.fail_if, verdict)
@@ -337,8 +324,10 @@ def run(args=None, phil=phil_scope):
     return 0
 
 
-def stage_reports(params, experiments, table, result, parts, summary, diagnoses, verdict, options, inputs, outputs) -> list:
-    """Stage the JSON report, the CSV files and the figures beside the table; return the figures' paths."""
+def stage_reports(params, experiments, table, columns, result, parts, summary, diagnoses, verdict, options, inputs,
+                  outputs) -> list:
+    """Stage the HTML and JSON reports, the CSV files and the figures beside the
+    table (``result``: the rows they are about); return the figures' paths."""
     summaries = (params.output.json, params.output.per_file_csv, params.output.per_image_csv)
     if any(summaries):  # the per-file and per-image records of a run over many files
         outcome = FileOutcome(0, inputs[0], inputs[1], params.output.reflections)
@@ -353,12 +342,22 @@ def stage_reports(params, experiments, table, result, parts, summary, diagnoses,
     if params.output.per_image_csv:
         outputs.add(params.output.per_image_csv, per_image_csv([outcome]))
     target = params.output.plots
-    if not target or target == "None":
-        return []
-    rendered = render_plots(target, experiments, result, parts, params.output.max_plot_points)
+    rendered = {}
+    if target and target != "None":
+        rendered = render_plots(target, experiments, result, parts, params.output.max_plot_points)
     for path, png in rendered.items():
         outputs.make_folder(os.path.dirname(path) or ".")  # a new plots folder, removed on failure
         outputs.add(path, png)
+    if params.output.html:
+        outputs.add(params.output.html, html_report.render(
+            "dials.q_consistency", verdict,
+            html_report.sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines(diagnoses),
+                                 html_report.residual_tables(experiments, result, parts, columns.get("xyzobs.mm.variance"),
+                                                             params.statistics.panel_group_depth)),
+            html_report.charts(experiments, result, parts, columns.get("miller_index"),
+                               params.output.max_plot_points or None, summary),
+            params.output.external_dependencies,
+        ))
     return list(rendered)
 
 
