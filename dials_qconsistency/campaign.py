@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .analysis import grouped_statistics, norm_statistics, summarise
-from .compute import REASONS, compute_q, rows_used_in_refinement
+from .compute import REASONS, compute_q, rows_used_in_refinement, with_model_state
 from .decomposition import decompose
 from .errors import QConsistencyError
 from . import backends
@@ -106,8 +106,9 @@ def process_file(job: FileJob) -> FileOutcome:
         backend = backends.get(job.backend)
         experiments, table = backends.read_pair(backend, job.experiments, job.reflections)
         columns = table.columns()
+        options = with_model_state(job.options, columns)
         result = compute_q(
-            experiments, columns, table.identifiers, job.options,
+            experiments, columns, table.identifiers, options,
             path=job.reflections, experiments_path=job.experiments,
         )
         about, _ = rows_used_in_refinement(result, columns.get("flags"), job.rows)
@@ -116,9 +117,9 @@ def process_file(job: FileJob) -> FileOutcome:
         if job.output:  # written while the rest computes, as in a run over one file
             writer = table.begin_write(staged, job.output, OUTPUT_TYPES)
             put_columns(writer, q_columns(result))
-        parts = decompose(experiments, result, job.options.threads)
+        parts = decompose(experiments, result, options.threads)
         summary = summarise(about, experiments, parts)
-        summary.verdict = judge(summary, job.options).short  # the precision checks; no diagnosis per file
+        summary.verdict = judge(summary, options).short  # the precision checks; no diagnosis per file
         describe(outcome, experiments, table, about, summary)
         if writer:
             put_columns(writer, decomposition_columns(parts))

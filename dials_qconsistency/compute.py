@@ -15,7 +15,7 @@ import numpy as np
 
 from . import geometry
 from .errors import QConsistencyError
-from .model_state import integrate_setting, refinement_scan_point, scan_varying_states
+from .model_state import choose_model_state, integrate_setting, refinement_scan_point, scan_varying_states
 from .models import MAX_MAGNITUDE
 
 #: Why a row was not used; index = code stored per row (0 = used).
@@ -78,10 +78,17 @@ class Options:
     """Computation choices (mirrors the PHIL parameters of the command)."""
 
     q_pixel_source: str = "calculated"  # calculated | observed | observed_px
-    model_state: str = "refinement"  # refinement | integrate
+    model_state: str = "refinement"  # refinement | integrate | auto (see with_model_state)
+    model_state_auto: bool = False  # the state was chosen from the table (model_state=auto)
     block_width: float = 1.0  # degrees, as dials.refine's block_width
     phi: str = "calculated"  # rotation angle for q_bragg: calculated (xyzcal.mm) | observed (xyzobs.mm.value)
     threads: int = 1  # blocks of rows computed at once (the results do not depend on it)
+
+
+def with_model_state(options: Options, columns) -> Options:
+    """``options`` with ``model_state=auto`` resolved for a table's columns."""
+    state, auto = choose_model_state(options.model_state, columns.get("flags"))
+    return replace(options, model_state=state, model_state_auto=auto)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 from .analysis import row_distances, sample_rows
 from .compute import rows_by_group
 from .decomposition import panel_frames
-from .report import verdict_numbers
+from .report import computation_choices, verdict_numbers
 from .plots import HEATMAPS, _project, panel_outline, spot_lab_positions, take_rows, view_basis
 
 #: The quantities the detector chart can colour the spots by: the PNG heatmaps' and Δψ/Δφ.
@@ -313,9 +313,7 @@ def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines, extr
                         f"{out['n']} indexed rows (outliers) have mean |Δq| {_number(out.get('mean'), '.3g')} Å⁻¹, "
                         f"max {_number(out.get('max'), '.3g')} Å⁻¹ (rows=indexed: every indexed row).")
     rotation = any(e.kind == "rotation" for e in summary.experiments)
-    choices = f"q_pixel from {options.q_pixel_source} positions"
-    if rotation:
-        choices += f"; q_bragg at the {options.phi} rotation angle; scan-varying model state: {options.model_state}"
+    choices = computation_choices(options, rotation)
     return {
         "inputs": f"{inputs[0]} and {inputs[1]}",
         "verdict_class": {True: "consistent", False: "inconsistent", None: "nothing"}[verdict.consistent],

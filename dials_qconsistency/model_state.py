@@ -25,6 +25,24 @@ from .geometry import setting_matrices, unit
 
 DEG2RAD = math.pi / 180.0
 
+#: DIALS' flags integrated_sum | integrated_prf: only dials.integrate sets them,
+#: on rows it integrated, so a table with them holds its predictions.
+INTEGRATED_FLAGS = (1 << 8) | (1 << 9)
+
+
+def choose_model_state(requested: str, flags) -> tuple[str, bool]:
+    """``(state, chosen_automatically)`` for ``model_state=requested``.
+
+    ``auto`` is ``integrate`` when some row of the table carries DIALS'
+    ``integrated`` flags (``flags`` may be None) and ``refinement`` otherwise;
+    the other choices stand. Spot finding also writes ``intensity.sum.value``,
+    so the columns cannot tell.
+    """
+    if requested != "auto":
+        return requested, False
+    integrated = flags is not None and bool(np.any(np.asarray(flags) & INTEGRATED_FLAGS))
+    return ("integrate" if integrated else "refinement"), True
+
 
 def refinement_scan_point(scan, phi_observed, block_width_deg: float = 1.0):
     """Scan-point index (0-based into ``*_at_scan_points``) per reflection.

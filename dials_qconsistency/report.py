@@ -49,12 +49,22 @@ def _counts_and_choices(first_line, counts, options, rotation=True) -> list[str]
     for reason, count in counts.items():
         if count or reason == "used":
             lines.append(f"  {reason:<48} {count:>10}")
+    lines.append(computation_choices(options, rotation))
+    return lines
+
+
+def computation_choices(options, rotation=True) -> str:
+    """The positions, rotation angle and scan-varying model state used, in words."""
     choices = f"q_pixel from {options.q_pixel_source} positions"
     if rotation:  # neither applies to stills
-        choices += (f"; q_bragg at the {options.phi} rotation angle; scan-varying model state: {options.model_state}"
-                    + (f" (block width {options.block_width:g} deg)" if options.model_state == "refinement" else ""))
-    lines.append(choices)
-    return lines
+        state = options.model_state
+        if state == "refinement":
+            state += f" (block width {options.block_width:g} deg"
+            state += ", chosen: no row of the table is flagged integrated)" if options.model_state_auto else ")"
+        elif state == "integrate" and options.model_state_auto:
+            state += " (chosen: rows of the table are flagged integrated)"
+        choices += f"; q_bragg at the {options.phi} rotation angle; scan-varying model state: {state}"
+    return choices
 
 
 #: With more experiments than this the terminal lists only the worst few of them

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.backends import dials_importable
-from dials_qconsistency.compute import Options, compute_q
+from dials_qconsistency.compute import Options, compute_q, with_model_state
 from dials_qconsistency.experiments import read_experiments
 from dials_qconsistency.reflection_table import ReflectionTable
 
@@ -87,8 +87,10 @@ def load(expt_path, refl_path):
 
 
 def run_core(expt_path, refl_path, **options):
+    """compute_q on a pair, with the command's default model_state=auto."""
     experiments, table, columns = load(expt_path, refl_path)
-    result = compute_q(experiments, columns, table.identifiers, Options(**options))
+    options = with_model_state(Options(**{"model_state": "auto", **options}), columns)
+    result = compute_q(experiments, columns, table.identifiers, options)
     return experiments, table, columns, result
 
 

@@ -43,7 +43,7 @@ def test_example_runs_and_writes_columns_and_log(tmp_path, backend):
 def test_show_config_and_help(tmp_path):
     """-c as DIALS programs show it (the native backend's is compared in test_native_backend)."""
     done = run_command("-c", cwd=tmp_path)
-    assert done.returncode == 0 and "model_state = *refinement integrate" in done.stdout
+    assert done.returncode == 0 and "model_state = *auto refinement integrate" in done.stdout
     assert done.stdout.startswith("Showing configuration parameters with:\n  attributes_level = 0\n  expert_level = 0\n")
     assert "  reflections = q_consistency.refl\n  log = dials.q_consistency.log\n" in done.stdout
     assert ".help" not in done.stdout and ".help" in run_command("-c", "-a", "2", cwd=tmp_path).stdout

@@ -27,7 +27,7 @@ REFINED = [
     ("dials_current", "centroid_refined", []),
     ("dials_current", "cspad_stills_refined", []),
     ("quartz_processed", "refined", []),
-    ("quartz_processed", "integrated", ["scan_varying.model_state=integrate"]),
+    ("quartz_processed", "integrated", []),  # model_state=auto takes integrate's state for it
 ]
 
 TURN_X = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])  # -90 degrees about lab X
@@ -47,6 +47,25 @@ def test_refined_real_models_are_consistent(shared, tmp_path, monkeypatch, folde
     assert status == 0 and verdict["consistent"] is True, verdict
     assert verdict["reasons"] == [] and verdict["headline"].startswith("CONSISTENT to numerical precision")
     assert log.count(f"Verdict: {verdict['headline']}") == 1
+
+
+@pytest.mark.parametrize("name, state, chosen, consistent", [
+    ("integrated", "auto", "integrate (chosen: rows of the table are flagged integrated)", True),
+    ("refined", "auto", "refinement (block width 1 deg, chosen: no row of the table is flagged integrated)", True),
+    ("integrated", "refinement", "refinement (block width 1 deg)", False),
+    ("refined", "integrate", "integrate", False),
+])
+def test_model_state_auto_is_the_state_the_table_was_predicted_with(shared, tmp_path, monkeypatch, name, state,
+                                                                    chosen, consistent):
+    """The scan-varying quartz sweep: dials.integrate's prediction (1653 rows, all
+    flagged integrated_sum) and dials.refine's (505 rows, none; but with the spot
+    finder's intensity.sum.value) agree with the model only in the state their
+    own program used; auto picks it from the flags and says why."""
+    status, verdict, log = run_verdict(tmp_path, monkeypatch, shared("quartz_processed", name + ".expt"),
+                                       shared("quartz_processed", name + ".refl"), "fail_if.inconsistent=True",
+                                       f"scan_varying.model_state={state}")
+    assert f"scan-varying model state: {chosen}\n" in log
+    assert verdict["consistent"] is consistent and status == (0 if consistent else 2)
 
 
 def mistaken(document, kind):

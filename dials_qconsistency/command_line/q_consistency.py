@@ -13,7 +13,7 @@ import libtbx.phil
 from dials_qconsistency import __version__, backends, html_report
 from dials_qconsistency.analysis import norm_statistics, row_distances, summarise
 from dials_qconsistency.campaign import FileOutcome, describe
-from dials_qconsistency.compute import Options, compute_q, rows_used_in_refinement
+from dials_qconsistency.compute import Options, compute_q, rows_used_in_refinement, with_model_state
 from dials_qconsistency.decomposition import decompose
 from dials_qconsistency.diagnosis import diagnose
 from dials_qconsistency.errors import GateFailed
@@ -75,7 +75,7 @@ Examples::
 
   dials.q_consistency refined.expt refined.refl
 
-  dials.q_consistency integrated.expt integrated.refl scan_varying.model_state=integrate
+  dials.q_consistency integrated.expt integrated.refl
 
   dials.q_consistency refined.expt refined.refl q_pixel.source=observed phi=observed
 
@@ -113,12 +113,14 @@ phi = *calculated observed
   .help = "Rotation angle at which q_bragg is evaluated (rotation data):"
           "calculated (xyzcal.mm) or observed (xyzobs.mm.value)."
 scan_varying {
-  model_state = *refinement integrate
+  model_state = *auto refinement integrate
     .type = choice
     .help = "For scan-varying models, the state used for each reflection:"
             "refinement reproduces dials.refine (one state per block of"
             "observed phi); integrate reproduces dials.integrate's prediction"
-            "(linear interpolation between image boundaries)."
+            "(linear interpolation between image boundaries); auto is"
+            "integrate for a table with rows DIALS flagged integrated_sum or"
+            "integrated_prf (dials.integrate's output), else refinement."
   block_width = 1.0
     .type = float(value_min=0, allow_none=False)
     .help = "Block width in degrees, as dials.refine's"
@@ -261,7 +263,7 @@ def run(args=None, phil=phil_scope):
     pairs = pair_files(experiments_paths, reflections_paths, params.input.pairing)
     options = Options(
         q_pixel_source=params.q_pixel.source,
-        model_state=params.scan_varying.model_state,
+        model_state=str(params.scan_varying.model_state).lower(),  # PHIL gives choice auto as libtbx.Auto
         block_width=params.scan_varying.block_width,
         phi=params.phi,
         threads=threads_per_process(params.mp.nthreads),
@@ -274,6 +276,7 @@ def run(args=None, phil=phil_scope):
     backend = backends.get(arguments.backend)
     experiments, table = backends.read_pair(backend, expt_path, refl_path)
     columns = table.columns()
+    options = with_model_state(options, columns)
     result = compute_q(
         experiments, columns, table.identifiers, options, path=refl_path, experiments_path=expt_path
     )
