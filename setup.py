@@ -35,7 +35,7 @@ setup(
     long_description_content_type="text/x-rst",
     license="BSD-3-Clause",
     packages=find_packages(include=["dials_qconsistency", "dials_qconsistency.*"]),
-    package_data={"dials_qconsistency": ["templates/*.html"]},
+    package_data={"dials_qconsistency.report": ["templates/*.html"]},
     python_requires=">=3.9",
     install_requires=["numpy", "matplotlib", "msgpack", "h5py", "plotly", "jinja2"] + cctbx_requirement(),
     extras_require={

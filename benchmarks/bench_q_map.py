@@ -44,8 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from dials_qconsistency import geometry  # noqa: E402
-from dials_qconsistency.experiments import experiments_from_dict  # noqa: E402
-from dials_qconsistency.simulate import beam_dict, crystal_dict, experiment_list_dict, panel_dict  # noqa: E402
+from dials_qconsistency.io.expt import experiments_from_dict  # noqa: E402
+from simulation.simulate import beam_dict, crystal_dict, experiment_list_dict, panel_dict  # noqa: E402
 
 WAVELENGTH = 0.98  # Angstrom
 PIXEL = 0.075  # mm
@@ -130,7 +130,7 @@ def pyfai_geometry(panel):
 
 
 def _map(panels, names, dtype, workers=2, keep=False):
-    from dials_qconsistency.pixel_map import MapSetting, panel_blocks
+    from dials_qconsistency.core.pixel_map import MapSetting, panel_blocks
 
     setting = MapSetting(np.array([0.0, 0.0, -1.0 / WAVELENGTH]))
     kept = []

@@ -64,7 +64,7 @@ def _peak_mb():
 
 
 def io_floor(expt, refl, out):
-    from dials_qconsistency.reflection_table import ReflectionTable
+    from dials_qconsistency.io.refl import ReflectionTable
 
     start = time.perf_counter()
     table = ReflectionTable.from_file(refl)
@@ -75,8 +75,8 @@ def io_floor(expt, refl, out):
 def io_floor_output(expt, refl, out):
     """The I/O floor of the output: read the table and write it back with the
     command's new columns (zeros, nothing computed), so the same bytes."""
-    from dials_qconsistency.output import OUTPUT_TYPES
-    from dials_qconsistency.reflection_table import ReflectionTable, row_bytes
+    from dials_qconsistency.report.columns import OUTPUT_TYPES
+    from dials_qconsistency.io.refl import ReflectionTable, row_bytes
 
     start = time.perf_counter()
     table = ReflectionTable.from_file(refl)
@@ -89,12 +89,12 @@ def io_floor_output(expt, refl, out):
 
 def stages(expt, refl, out):
     """Read, compute and write timed separately, the way the command does them."""
-    from dials_qconsistency.analysis import summarise
-    from dials_qconsistency.compute import Options, compute_q
-    from dials_qconsistency.decomposition import decompose
-    from dials_qconsistency.experiments import read_experiments
-    from dials_qconsistency.output import add_columns
-    from dials_qconsistency.reflection_table import ReflectionTable
+    from dials_qconsistency.core.statistics import summarise
+    from dials_qconsistency.core.q_vectors import Options, compute_q
+    from dials_qconsistency.core.decomposition import decompose
+    from dials_qconsistency.io.expt import read_experiments
+    from dials_qconsistency.report.columns import add_columns
+    from dials_qconsistency.io.refl import ReflectionTable
 
     t0 = time.perf_counter()
     experiments = read_experiments(expt)
@@ -120,9 +120,9 @@ def end_to_end(expt, refl, out):
 
 def per_reflection_loop(expt, refl, subset):
     """One reflection at a time through the models (the ad-hoc script way)."""
-    from dials_qconsistency.experiments import read_experiments
-    from dials_qconsistency.geometry import rotation_matrix
-    from dials_qconsistency.reflection_table import ReflectionTable
+    from dials_qconsistency.io.expt import read_experiments
+    from dials_qconsistency.core.geometry import rotation_matrix
+    from dials_qconsistency.io.refl import ReflectionTable
 
     experiments = read_experiments(expt)
     table = ReflectionTable.from_file(refl)
@@ -150,10 +150,10 @@ def core_formulas(expt, refl, out):
     """The loop's formulas vectorised, like for like: q_bragg, q_pixel and |Δq| only
     (no checks, no q_pred, no self-tests), through the functions compute_q uses,
     in its blocks of BLOCK_ROWS rows."""
-    from dials_qconsistency.compute import BLOCK_ROWS, panel_q
-    from dials_qconsistency.experiments import read_experiments
-    from dials_qconsistency.geometry import norms, q_bragg_rotation
-    from dials_qconsistency.reflection_table import ReflectionTable
+    from dials_qconsistency.core.q_vectors import BLOCK_ROWS, panel_q
+    from dials_qconsistency.io.expt import read_experiments
+    from dials_qconsistency.core.geometry import norms, q_bragg_rotation
+    from dials_qconsistency.io.refl import ReflectionTable
 
     experiment = read_experiments(expt)[0]
     table = ReflectionTable.from_file(refl)
@@ -196,15 +196,15 @@ def end_to_end_native(expt, refl, out):
 def html_page(expt, refl, out):
     """The HTML report alone: its charts and page built after everything it shows
     is known (timed), and its size."""
-    from dials_qconsistency import html_report
-    from dials_qconsistency.analysis import summarise
-    from dials_qconsistency.compute import Options, compute_q
-    from dials_qconsistency.decomposition import decompose
-    from dials_qconsistency.diagnosis import diagnose
-    from dials_qconsistency.experiments import read_experiments
-    from dials_qconsistency.reflection_table import ReflectionTable
-    from dials_qconsistency.report import diagnosis_lines
-    from dials_qconsistency.verdict import centroid_sigma_q, judge
+    from dials_qconsistency.report import html as html_report
+    from dials_qconsistency.core.statistics import summarise
+    from dials_qconsistency.core.q_vectors import Options, compute_q
+    from dials_qconsistency.core.decomposition import decompose
+    from dials_qconsistency.core.diagnosis import diagnose
+    from dials_qconsistency.io.expt import read_experiments
+    from dials_qconsistency.io.refl import ReflectionTable
+    from dials_qconsistency.report.text import diagnosis_lines
+    from dials_qconsistency.core.verdict import centroid_sigma_q, judge
 
     experiments, table = read_experiments(expt), ReflectionTable.from_file(refl)
     columns = table.columns()
@@ -291,7 +291,7 @@ def main():
 
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB, "
                f"Python {platform.python_version()}, numpy {np.__version__}")
-    from dials_qconsistency.backends import dials_importable
+    from dials_qconsistency.io.backends import dials_importable
 
     dials_here = dials_importable()
     if args.native_only and not dials_here:
@@ -353,7 +353,7 @@ def main():
                        check=True, capture_output=True)
     pair = os.path.join(stills, "stills.expt"), os.path.join(stills, "stills.refl")
     rows = json.loads(subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                                      "from dials_qconsistency.reflection_table import ReflectionTable; "
+                                      "from dials_qconsistency.io.refl import ReflectionTable; "
                                       "print(ReflectionTable.from_file(sys.argv[2]).nrows)", ROOT, pair[1]],
                                      check=True, capture_output=True, text=True).stdout)
     batch = run_child("end_to_end", pair)

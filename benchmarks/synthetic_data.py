@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dials_qconsistency.reflection_table import ReflectionTable  # noqa: E402
-from dials_qconsistency.simulate import scan_dict, simulate_rotation, simulate_stills  # noqa: E402
+from dials_qconsistency.io.refl import ReflectionTable  # noqa: E402
+from simulation.simulate import scan_dict, simulate_rotation, simulate_stills  # noqa: E402
 
 
 def base_sweep():

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
 
-from dials_qconsistency.backends import dials_importable
-from dials_qconsistency.compute import Options, compute_q, with_model_state
-from dials_qconsistency.experiments import read_experiments
-from dials_qconsistency.reflection_table import ReflectionTable
+from dials_qconsistency.io.backends import dials_importable
+from dials_qconsistency.core.q_vectors import Options, compute_q, with_model_state
+from dials_qconsistency.io.expt import read_experiments
+from dials_qconsistency.io.refl import ReflectionTable
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)  # the simulation package: test data, not shipped with the program
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 EXAMPLES = os.path.join(REPO_ROOT, "examples")
 

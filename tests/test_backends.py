@@ -17,9 +17,9 @@ import sys
 import numpy as np
 import pytest
 
-from dials_qconsistency import backends
-from dials_qconsistency.compute import Options, compute_q, panel_millimetres
-from dials_qconsistency.geometry import pixel_to_millimetre
+from dials_qconsistency.io import backends
+from dials_qconsistency.core.q_vectors import Options, compute_q, panel_millimetres
+from dials_qconsistency.core.geometry import pixel_to_millimetre
 from conftest import EXAMPLES, REPO_ROOT, load
 
 

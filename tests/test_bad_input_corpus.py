@@ -22,10 +22,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from dials_qconsistency import plots
+from dials_qconsistency.report import figures as plots
 from dials_qconsistency.command_line.q_consistency import main
-from dials_qconsistency.compute import NOT_INDEXED, NOT_PREDICTED, REASONS
-from dials_qconsistency.reflection_table import ReflectionTable
+from dials_qconsistency.core.q_vectors import NOT_INDEXED, NOT_PREDICTED, REASONS
+from dials_qconsistency.io.refl import ReflectionTable
 from conftest import BACKENDS, REPO_ROOT, SHARED_DATA, run_core
 from test_command_line import run_command, sha
 
@@ -657,7 +657,7 @@ def test_full_disk_leaves_no_output(shared, tmp_path, backend):
 def test_sigterm_while_writing_leaves_no_output(shared, tmp_path, monkeypatch, capsys):
     """A batch system's time limit arrives after the table and two figures are staged
     in a new plots folder: the staged files and the new folders are removed."""
-    from dials_qconsistency import files
+    from dials_qconsistency.io import staged as files
     import signal
 
     staged = []

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from dials_qconsistency.reflection_table import ReflectionTable
+from dials_qconsistency.io.refl import ReflectionTable
 from conftest import BACKENDS, EXAMPLES, REPO_ROOT
 
 

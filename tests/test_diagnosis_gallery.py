@@ -1,19 +1,19 @@
 """The gallery of broken models: the diagnosis names each injected mistake and its size.
 
 Tables are predicted from the true model (no noise); each ``.expt`` carries
-one mistake of known size (see dials_qconsistency.gallery). Sizes are checked
+one mistake of known size (see simulation.gallery). Sizes are checked
 to 0.1° in angle, 1e-3 in scale and 0.01 mm in length, as the issue asks.
 """
 
 import numpy as np
 import pytest
 
-from dials_qconsistency.compute import compute_q
-from dials_qconsistency.decomposition import decompose
-from dials_qconsistency.analysis import sample_rows
-from dials_qconsistency.diagnosis import axis_angle, diagnose, hkl_expression, kabsch, reindexing_operator
-from dials_qconsistency.experiments import experiments_from_dict
-from dials_qconsistency.gallery import all_cases
+from dials_qconsistency.core.q_vectors import compute_q
+from dials_qconsistency.core.decomposition import decompose
+from dials_qconsistency.core.statistics import sample_rows
+from dials_qconsistency.core.diagnosis import axis_angle, diagnose, hkl_expression, kabsch, reindexing_operator
+from dials_qconsistency.io.expt import experiments_from_dict
+from simulation.gallery import all_cases
 
 CASES = all_cases()
 

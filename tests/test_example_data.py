@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from dials_qconsistency.simulate import write_example
+from simulation.simulate import write_example
 from conftest import EXAMPLES
 
 

@@ -18,15 +18,15 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from dials_qconsistency.analysis import summarise
-from dials_qconsistency.compute import Options, compute_q
-from dials_qconsistency.decomposition import decompose
-from dials_qconsistency.diagnosis import diagnose
+from dials_qconsistency.core.statistics import summarise
+from dials_qconsistency.core.q_vectors import Options, compute_q
+from dials_qconsistency.core.decomposition import decompose
+from dials_qconsistency.core.diagnosis import diagnose
 from dials_qconsistency.errors import QConsistencyError
-from dials_qconsistency.experiments import experiments_from_bytes, read_experiments
-from dials_qconsistency.output import add_columns
-from dials_qconsistency.reflection_table import FIXED_TYPES, OPAQUE_TYPES, ReflectionTable
-from dials_qconsistency.report import diagnosis_text, json_report, residuals_text, summary_text
+from dials_qconsistency.io.expt import experiments_from_bytes, read_experiments
+from dials_qconsistency.report.columns import add_columns
+from dials_qconsistency.io.refl import FIXED_TYPES, OPAQUE_TYPES, ReflectionTable
+from dials_qconsistency.report.text import diagnosis_text, json_report, residuals_text, summary_text
 from conftest import SHARED_DATA
 
 #: Small real pairs: stills with shoeboxes (v1), a rotation sweep (v2), a 64-panel CSPAD (v2).

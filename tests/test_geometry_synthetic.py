@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from dials_qconsistency import geometry
-from dials_qconsistency.compute import Options, compute_q
-from dials_qconsistency.experiments import experiments_from_dict
-from dials_qconsistency.models import Beam, Crystal, Detector, Experiment, ExperimentList, Goniometer, Panel, Scan
-from dials_qconsistency.simulate import (
+from dials_qconsistency.core import geometry
+from dials_qconsistency.core.q_vectors import Options, compute_q
+from dials_qconsistency.io.expt import experiments_from_dict
+from dials_qconsistency.model.experiment import Beam, Crystal, Detector, Experiment, ExperimentList, Goniometer, Panel, Scan
+from simulation.simulate import (
     multi_axis_goniometer_dict,
     simulate_rotation,
     simulate_stills,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.command_line.q_consistency import main
-from dials_qconsistency.reflection_table import ReflectionTable
+from dials_qconsistency.io.refl import ReflectionTable
 from conftest import EXAMPLES, SHARED_DATA
 
 #: Charts of the page and the number of traces each must draw.
@@ -171,10 +171,10 @@ def test_the_residual_and_cell_tables_equal_a_direct_computation(shared, tmp_pat
     """The CSPAD stills with observed positions: per quadrant the weighted RMSD and
     the correlations with Δψ from the written table's own columns, and the cell
     spread from the .expt's real-space axes, computed here directly."""
-    from dials_qconsistency import html_report
-    from dials_qconsistency.compute import Options, compute_q, rows_used_in_refinement
-    from dials_qconsistency.decomposition import decompose
-    from dials_qconsistency.experiments import read_experiments
+    from dials_qconsistency.report import html as html_report
+    from dials_qconsistency.core.q_vectors import Options, compute_q, rows_used_in_refinement
+    from dials_qconsistency.core.decomposition import decompose
+    from dials_qconsistency.io.expt import read_experiments
 
     expt, refl = shared("dials_current", "cspad_stills_refined.expt"), shared("dials_current", "cspad_stills_refined.refl")
     monkeypatch.chdir(tmp_path)

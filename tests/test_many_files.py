@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from conftest import REAL_PAIRS, REPO_ROOT, run_core
-from dials_qconsistency.analysis import norm_statistics
-from dials_qconsistency.campaign import FileJob, process_file
+from dials_qconsistency.core.statistics import norm_statistics
+from dials_qconsistency.batch.campaign import FileJob, process_file
 from dials_qconsistency.command_line.q_consistency import main
-from dials_qconsistency.compute import Options, REASONS
+from dials_qconsistency.core.q_vectors import Options, REASONS
 from dials_qconsistency.errors import QConsistencyError
-from dials_qconsistency.inputs import output_table_names, pair_files
-from dials_qconsistency.progress import Progress
+from dials_qconsistency.io.pairing import output_table_names, pair_files
+from dials_qconsistency.batch.progress import Progress
 
 REAL = REAL_PAIRS
 
@@ -278,7 +278,7 @@ def test_the_same_table_given_twice_is_refused_before_anything_is_written(real_i
 def test_each_file_is_about_the_rows_its_refinement_used(shared, tmp_path, monkeypatch):
     """By default a file's statistics are over its rows flagged used_in_refinement
     (counted here from the flags), the other used rows are outliers."""
-    from dials_qconsistency.reflection_table import ReflectionTable
+    from dials_qconsistency.io.refl import ReflectionTable
 
     pairs = [("ssx_CuNiR_test_data", "integrated"), ("dials_current", "centroid_refined")]
     inputs = [shared(f, n + ext) for f, n in pairs for ext in (".expt", ".refl")]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dials_qconsistency.msgpack_lite import (
+from dials_qconsistency.io.msgpack_lite import (
     BinRef,
     ExtRef,
     MalformedError,

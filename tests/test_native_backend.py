@@ -21,8 +21,8 @@ import sys
 import numpy as np
 import pytest
 
-from dials_qconsistency import backends
-from dials_qconsistency.output import OUTPUT_TYPES
+from dials_qconsistency.io import backends
+from dials_qconsistency.report.columns import OUTPUT_TYPES
 from conftest import REAL_PAIRS, REPO_ROOT
 
 pytestmark = pytest.mark.dials
@@ -32,8 +32,8 @@ TOLERANCE = 1e-12  # 1/Angstrom
 
 def both(shared, folder, name, **options):
     """(standalone, native) results of the numpy core for one real pair."""
-    from dials_qconsistency.compute import Options, compute_q
-    from dials_qconsistency.decomposition import decompose
+    from dials_qconsistency.core.q_vectors import Options, compute_q
+    from dials_qconsistency.core.decomposition import decompose
 
     out = []
     for backend in (backends.Standalone, backends.get("native")):
@@ -79,7 +79,7 @@ def test_dxtbx_models_equal_the_standalone_reader(shared, folder, name):
 
 @pytest.mark.parametrize("folder, name", REAL_PAIRS)
 def test_dxtbx_pixel_mapping_equals_the_numpy_one(shared, folder, name):
-    from dials_qconsistency.compute import panel_millimetres
+    from dials_qconsistency.core.q_vectors import panel_millimetres
 
     (mine, my_table, *_), (theirs, *_) = both(shared, folder, name)
     columns = my_table.columns()
@@ -104,7 +104,7 @@ def run_command(*args, cwd):
 def test_dials_reads_what_either_backend_wrote(shared, tmp_path, folder, name):
     from dials.array_family import flex
 
-    from dials_qconsistency.reflection_table import ReflectionTable
+    from dials_qconsistency.io.refl import ReflectionTable
 
     tables = {}
     for backend in ("standalone", "native"):
@@ -252,7 +252,7 @@ def test_a_pickled_table_is_read_by_dials_and_said(shared, tmp_path):
 def test_dials_writes_table_version_2(shared, tmp_path):
     """DIALS' as_file writes version 2 whatever it read (README: Backends); the
     standalone writer keeps the input's version."""
-    from dials_qconsistency.reflection_table import ReflectionTable
+    from dials_qconsistency.io.refl import ReflectionTable
 
     source = shared("quartz_processed", "refined.refl")
     assert ReflectionTable.from_file(source).version == 1

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from conftest import BACKENDS, REAL_PAIRS, REPO_ROOT, run_core
-from dials_qconsistency import geometry
+from dials_qconsistency.core import geometry
 from dials_qconsistency.command_line import q_map
-from dials_qconsistency.experiments import read_experiments
-from dials_qconsistency.model_state import image_setting
-from dials_qconsistency.models import Panel
-from dials_qconsistency.pixel_map import MapSetting, QUANTITIES, panel_blocks, pixel_q, quantities_at
+from dials_qconsistency.io.expt import read_experiments
+from dials_qconsistency.model.scan_varying import image_setting
+from dials_qconsistency.model.experiment import Panel
+from dials_qconsistency.core.pixel_map import MapSetting, QUANTITIES, panel_blocks, pixel_q, quantities_at
 
 PAIRS = REAL_PAIRS
 ALL = list(QUANTITIES)
@@ -131,7 +131,7 @@ def test_memory_stays_near_one_block_not_the_panel(tmp_path):
     panel = Panel("big", np.array([-100.0, 100.0, -200.0]), np.array([1.0, 0, 0]), np.array([0, -1.0, 0]),
                   np.array([0.1, 0.1]), np.array([2000, 2000]))
     full_map_bytes = 2000 * 2000 * 4 * (3 + 4)
-    from dials_qconsistency.map_files import NpzMapWriter
+    from dials_qconsistency.io.map_files import NpzMapWriter
 
     tracemalloc.start()
     try:
@@ -340,7 +340,7 @@ def test_bad_choices_are_one_line_errors_and_write_nothing(shared, in_tmp, capsy
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_failure_while_writing_leaves_nothing(shared, in_tmp, monkeypatch, capsys, backend):
-    from dials_qconsistency.map_files import NpzMapWriter
+    from dials_qconsistency.io.map_files import NpzMapWriter
 
     def full_disk(self, start, stop, arrays):
         raise OSError(28, "No space left on device")

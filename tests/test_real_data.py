@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dials_qconsistency.analysis import S1_OBSERVED, S1_PREDICTED, summarise
-from dials_qconsistency.compute import NOT_PREDICTED, REASONS, Options
+from dials_qconsistency.core.statistics import S1_OBSERVED, S1_PREDICTED, summarise
+from dials_qconsistency.core.q_vectors import NOT_PREDICTED, REASONS, Options
 from conftest import REAL_PAIRS, load, max_norm, run_core
 
 EXACT = 1e-9  # Å⁻¹
@@ -135,7 +135,7 @@ def test_blocks_change_no_bit(shared, monkeypatch, folder, name, options):
     """compute_q works in blocks of BLOCK_ROWS rows; blocks of 7 rows (many
     blocks, experiments and panels split across them), computed on 3 threads,
     give the same bits."""
-    import dials_qconsistency.compute as compute
+    import dials_qconsistency.core.q_vectors as compute
 
     experiments, table, columns = load(shared(folder, name + ".expt"), shared(folder, name + ".refl"))
     monkeypatch.setattr(compute, "BLOCK_ROWS", 1 << 30)

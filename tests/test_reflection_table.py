@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.errors import QConsistencyError
-from dials_qconsistency import reflection_table
-from dials_qconsistency.files import StagedOutputs
-from dials_qconsistency.output import OUTPUT_TYPES
-from dials_qconsistency.reflection_table import ColumnBlocks, ReflectionTable, row_bytes
+from dials_qconsistency.io import refl as reflection_table
+from dials_qconsistency.io.staged import StagedOutputs
+from dials_qconsistency.report.columns import OUTPUT_TYPES
+from dials_qconsistency.io.refl import ColumnBlocks, ReflectionTable, row_bytes
 from conftest import SHARED_DATA
 
 

@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from dials_qconsistency import plots
-from dials_qconsistency.decomposition import decompose
-from dials_qconsistency.gallery import rotation_cases
-from dials_qconsistency.reflection_table import ReflectionTable
+from dials_qconsistency.report import figures as plots
+from dials_qconsistency.core.decomposition import decompose
+from simulation.gallery import rotation_cases
+from dials_qconsistency.io.refl import ReflectionTable
 from conftest import EXAMPLES, run_core
 from test_command_line import run_command
 

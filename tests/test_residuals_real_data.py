@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dials_qconsistency.analysis import summarise
-from dials_qconsistency.decomposition import decompose
+from dials_qconsistency.core.statistics import summarise
+from dials_qconsistency.core.decomposition import decompose
 from conftest import run_core
 
 PAIRS = [
@@ -96,7 +96,7 @@ def test_radial_and_transverse_match_dials_definition(shared):
 def test_decomposing_in_chunks_changes_no_bit(shared, folder, stem, options, monkeypatch):
     """Large tables are decomposed a block of rows at a time: 100-row blocks here
     (with unused rows between them), on 3 threads, give exactly the one-block result."""
-    from dials_qconsistency import compute
+    from dials_qconsistency.core import q_vectors as compute
 
     experiments, _, _, result = run_core(shared(folder, stem + ".expt"), shared(folder, stem + ".refl"),
                                          q_pixel_source="observed", **options)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import run_core
-from dials_qconsistency.analysis import contiguous, norm_statistics, row_distances, summarise
-from dials_qconsistency.compute import rows_by_group
-from dials_qconsistency.decomposition import decompose
+from dials_qconsistency.core.statistics import contiguous, norm_statistics, row_distances, summarise
+from dials_qconsistency.core.q_vectors import rows_by_group
+from dials_qconsistency.core.decomposition import decompose
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 19, 20, 21, 100, 1001, 65537])
@@ -34,7 +34,7 @@ def test_contiguous_rows_become_slices():
 
 
 def test_row_distances_in_blocks(monkeypatch):
-    from dials_qconsistency import compute
+    from dials_qconsistency.core import q_vectors as compute
 
     rng = np.random.default_rng(7)
     a, b = rng.normal(size=(1000, 3)), rng.normal(size=(1000, 3))
@@ -70,7 +70,7 @@ def _rms(values):
 def test_grouped_statistics_equal_each_group_masked_directly(shared, folder, stem, monkeypatch):
     """Per panel, per panel group and per resolution shell (one pass of bincounts
     over 50-row blocks) against each group's rows taken by a mask."""
-    from dials_qconsistency import compute
+    from dials_qconsistency.core import q_vectors as compute
 
     experiments, _, _, result = run_core(shared(folder, stem + ".expt"), shared(folder, stem + ".refl"),
                                          q_pixel_source="observed")

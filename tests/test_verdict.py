@@ -151,7 +151,7 @@ def test_statistics_are_about_the_rows_refinement_used_and_outliers_are_beside(s
     """The centroid sweep after dials.refine: 568 rows are usable, 408 of them
     flagged used_in_refinement (counted from the flags here); rows=indexed puts
     all 568 in the statistics."""
-    from dials_qconsistency.reflection_table import ReflectionTable
+    from dials_qconsistency.io.refl import ReflectionTable
 
     expt, refl = shared("dials_current", "centroid_refined.expt"), shared("dials_current", "centroid_refined.refl")
     flags = ReflectionTable.from_file(refl).get("flags")

@@ -14,13 +14,13 @@ import json
 import os
 
 from dials_qconsistency import __version__
-from dials_qconsistency.campaign import FileJob, file_record, merge, temporary_prefix
-from dials_qconsistency import html_report
-from dials_qconsistency.verdict import campaign_verdict
+from dials_qconsistency.batch.campaign import FileJob, file_record, merge, temporary_prefix
+from dials_qconsistency.report import html as html_report
+from dials_qconsistency.core.verdict import campaign_verdict
 from dials_qconsistency.errors import GateFailed, QConsistencyError
-from dials_qconsistency.files import StagedOutputs, remove_leftovers
-from dials_qconsistency.inputs import output_table_names
-from dials_qconsistency.parallel import (
+from dials_qconsistency.io.staged import StagedOutputs, remove_leftovers
+from dials_qconsistency.io.pairing import output_table_names
+from dials_qconsistency.batch.parallel import (
     SKIPPED,
     mpi_world,
     ranks_on_this_machine,
@@ -29,8 +29,8 @@ from dials_qconsistency.parallel import (
     run_serial,
     threads_per_process,
 )
-from dials_qconsistency.progress import Progress
-from dials_qconsistency.report import (
+from dials_qconsistency.batch.progress import Progress
+from dials_qconsistency.report.text import (
     verdict_text,
     campaign_text,
     file_line,

@@ -17,7 +17,7 @@ import traceback
 
 import libtbx.phil
 
-from dials_qconsistency import backends
+from dials_qconsistency.io import backends
 from dials_qconsistency.errors import GateFailed, QConsistencyError
 
 EXPERIMENT_EXTENSIONS = (".expt", ".json")
@@ -153,7 +153,7 @@ def parse_command_line(args, phil, usage, help_message, accept_reflections=True)
     if backend == "standalone":
         arguments = parse_or_show(args, phil, usage, help_message, accept_reflections)
     else:
-        from dials_qconsistency import native
+        from dials_qconsistency.io import native
 
         files = arguments.experiments + arguments.reflections
         parsed = native.parse(args, files, phil, usage, help_message)
@@ -177,7 +177,7 @@ def setup_logging(logger, log_path, arguments=None):
     native backend through DIALS' own logging configuration."""
     close_logging(logger)
     if arguments is not None and arguments.backend == "native":
-        from dials_qconsistency import native
+        from dials_qconsistency.io import native
 
         native.setup_logging(logger, log_path, arguments.verbosity)
         return
@@ -213,7 +213,7 @@ def log_header(logger, program, version, arguments):
     """The program and version, and the parameters changed from their defaults."""
     logger.info(f"{program} {version} ({arguments.backend} backend)")
     if arguments.backend == "native":
-        from dials_qconsistency import native
+        from dials_qconsistency.io import native
 
         logger.info(native.version_line())
     if arguments.diff.strip():

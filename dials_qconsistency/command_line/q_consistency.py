@@ -10,26 +10,28 @@ import sys
 
 import libtbx.phil
 
-from dials_qconsistency import __version__, backends, html_report
-from dials_qconsistency.analysis import norm_statistics, row_distances, summarise
-from dials_qconsistency.campaign import FileOutcome, describe
-from dials_qconsistency.compute import Options, compute_q, rows_used_in_refinement, with_model_state
-from dials_qconsistency.decomposition import decompose
-from dials_qconsistency.diagnosis import diagnose
+from dials_qconsistency import __version__
+from dials_qconsistency.io import backends
+from dials_qconsistency.report import html as html_report
+from dials_qconsistency.core.statistics import norm_statistics, row_distances, summarise
+from dials_qconsistency.batch.campaign import FileOutcome, describe
+from dials_qconsistency.core.q_vectors import Options, compute_q, rows_used_in_refinement, with_model_state
+from dials_qconsistency.core.decomposition import decompose
+from dials_qconsistency.core.diagnosis import diagnose
 from dials_qconsistency.errors import GateFailed
-from dials_qconsistency.files import StagedOutputs
-from dials_qconsistency.inputs import expand, is_pattern, pair_files
-from dials_qconsistency.output import (
+from dials_qconsistency.io.staged import StagedOutputs
+from dials_qconsistency.io.pairing import expand, is_pattern, pair_files
+from dials_qconsistency.report.columns import (
     OUTPUT_TYPES,
     decomposition_columns,
     existing_output_columns,
     put_columns,
     q_columns,
 )
-from dials_qconsistency.parallel import threads_per_process
-from dials_qconsistency.plots import FIGURE_NAMES, plot_path, render_plots
-from dials_qconsistency.verdict import centroid_sigma_q, judge, normalised_residual
-from dials_qconsistency.report import (
+from dials_qconsistency.batch.parallel import threads_per_process
+from dials_qconsistency.report.figures import FIGURE_NAMES, plot_path, render_plots
+from dials_qconsistency.core.verdict import centroid_sigma_q, judge, normalised_residual
+from dials_qconsistency.report.text import (
     diagnosis_lines,
     diagnosis_text,
     verdict_text,

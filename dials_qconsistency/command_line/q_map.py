@@ -9,13 +9,14 @@ import sys
 import libtbx.phil
 import numpy as np
 
-from dials_qconsistency import __version__, backends
+from dials_qconsistency import __version__
+from dials_qconsistency.io import backends
 from dials_qconsistency.errors import QConsistencyError
-from dials_qconsistency.files import StagedOutputs
-from dials_qconsistency.map_files import WRITERS
-from dials_qconsistency.parallel import available_cpus
-from dials_qconsistency.model_state import image_setting
-from dials_qconsistency.pixel_map import (
+from dials_qconsistency.io.staged import StagedOutputs
+from dials_qconsistency.io.map_files import WRITERS
+from dials_qconsistency.batch.parallel import available_cpus
+from dials_qconsistency.model.scan_varying import image_setting
+from dials_qconsistency.core.pixel_map import (
     QUANTITIES,
     MapSetting,
     panel_blocks,

@@ -15,10 +15,10 @@ import math
 
 import numpy as np
 
-from .errors import QConsistencyError
-from .files import read_input_file
-from .geometry import rotation_matrix, unit
-from .models import (
+from dials_qconsistency.errors import QConsistencyError
+from dials_qconsistency.io.staged import read_input_file
+from dials_qconsistency.core.geometry import rotation_matrix, unit
+from dials_qconsistency.model.experiment import (
     MAX_MAGNITUDE,
     Beam,
     Crystal,

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .analysis import grouped_statistics, norm_statistics, summarise
-from .compute import REASONS, compute_q, rows_used_in_refinement, with_model_state
-from .decomposition import decompose
-from .errors import QConsistencyError
-from . import backends
-from .files import StagedOutputs
-from .output import OUTPUT_TYPES, decomposition_columns, put_columns, q_columns
-from .verdict import judge
+from dials_qconsistency.core.statistics import grouped_statistics, norm_statistics, summarise
+from dials_qconsistency.core.q_vectors import REASONS, compute_q, rows_used_in_refinement, with_model_state
+from dials_qconsistency.core.decomposition import decompose
+from dials_qconsistency.errors import QConsistencyError
+from dials_qconsistency.io import backends
+from dials_qconsistency.io.staged import StagedOutputs
+from dials_qconsistency.report.columns import OUTPUT_TYPES, decomposition_columns, put_columns, q_columns
+from dials_qconsistency.core.verdict import judge
 
 STATISTICS = ("n", "mean", "median", "rms", "p95", "max")
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import geometry
-from .errors import QConsistencyError
-from .model_state import choose_model_state, integrate_setting, refinement_scan_point, scan_varying_states
-from .models import MAX_MAGNITUDE
+from dials_qconsistency.core import geometry
+from dials_qconsistency.errors import QConsistencyError
+from dials_qconsistency.model.scan_varying import choose_model_state, integrate_setting, refinement_scan_point, scan_varying_states
+from dials_qconsistency.model.experiment import MAX_MAGNITUDE
 
 #: Why a row was not used; index = code stored per row (0 = used).
 REASONS = (

@@ -2,7 +2,7 @@
 
 Everything is in the DIALS laboratory frame (imgCIF): lengths in mm, angles in
 radians, reciprocal vectors in Å⁻¹ without 2π. The standalone reader
-(:mod:`dials_qconsistency.experiments`) and the DIALS backend both fill these,
+(:mod:`dials_qconsistency.io.expt`) and the DIALS backend both fill these,
 so the numpy core never sees where the numbers came from.
 """
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from .errors import QConsistencyError
+from dials_qconsistency.errors import QConsistencyError
 
 TEMPORARY_PREFIX = ".tmp-q_consistency-"
 

@@ -4,7 +4,7 @@ Every entry pairs a table predicted from the true model with an experiment
 list carrying one mistake of known size, so that the diagnosis can be checked
 against it (and a user can see what each mistake looks like):
 
-    python -m dials_qconsistency.gallery OUTPUT_FOLDER
+    python -m simulation.gallery OUTPUT_FOLDER
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .geometry import rotation_matrix
-from .files import write_atomically
-from .simulate import multi_axis_goniometer_dict, simulate_rotation, simulate_stills
+from dials_qconsistency.core.geometry import rotation_matrix
+from dials_qconsistency.io.staged import write_atomically
+from simulation.simulate import multi_axis_goniometer_dict, simulate_rotation, simulate_stills
 
 TWO_PI = 2 * math.pi
 ANGLES = (10.0, 0.0, -25.0)  # the true multi-axis goniometer: F and S both non-trivial
@@ -48,7 +48,7 @@ def _map_crystals(document, function):
 
 def _single_axis(goniometer_matrix_s, document):
     """Replace a multi-axis goniometer by the single-axis form with a given S (same axis, F)."""
-    from .experiments import experiments_from_dict
+    from dials_qconsistency.io.expt import experiments_from_dict
 
     gonio = experiments_from_dict(document)[0].goniometer
     document["goniometer"] = [
@@ -61,7 +61,7 @@ def _single_axis(goniometer_matrix_s, document):
 
 
 def _setting(document):
-    from .experiments import experiments_from_dict
+    from dials_qconsistency.io.expt import experiments_from_dict
 
     return experiments_from_dict(document)[0].goniometer.setting_rotation
 

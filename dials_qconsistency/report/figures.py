@@ -15,10 +15,10 @@ import os
 
 import numpy as np
 
-from . import geometry
-from .analysis import row_distances, sample_rows
-from .compute import rows_by_group
-from .decomposition import panel_frames
+from dials_qconsistency.core import geometry
+from dials_qconsistency.core.statistics import row_distances, sample_rows
+from dials_qconsistency.core.q_vectors import rows_by_group
+from dials_qconsistency.core.decomposition import panel_frames
 
 #: Figures of points draw at most this many reflections (``output.max_plot_points``).
 MAX_POINTS = 20_000

@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import signal
 
-from .campaign import FileJob, FileOutcome, process_file
+from dials_qconsistency.batch.campaign import FileJob, FileOutcome, process_file
 
 SKIPPED = "skipped after an earlier error"
 
@@ -92,7 +92,7 @@ def run_pool(jobs, nproc: int, on_done=None) -> list[FileOutcome]:
 
 def mpi_world():
     """MPI.COMM_WORLD (mpi4py), or a one-line error saying what is missing."""
-    from .errors import QConsistencyError
+    from dials_qconsistency.errors import QConsistencyError
 
     try:
         from mpi4py import MPI

@@ -12,7 +12,7 @@ from __future__ import annotations
 import glob
 import os
 
-from .errors import QConsistencyError
+from dials_qconsistency.errors import QConsistencyError
 
 GLOB_CHARACTERS = "*?["
 

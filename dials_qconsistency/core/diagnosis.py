@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import geometry
-from .analysis import row_distances, sample_rows
-from .compute import rows_by_group
-from .decomposition import onto_sphere
+from dials_qconsistency.core import geometry
+from dials_qconsistency.core.statistics import row_distances, sample_rows
+from dials_qconsistency.core.q_vectors import rows_by_group
+from dials_qconsistency.core.decomposition import onto_sphere
 
 #: A fit must leave at most this fraction of the RMS residual to name a cause.
 EXPLAINED_RATIO = 0.5

@@ -8,7 +8,7 @@ frame, for stills the Δψ rotation of each lattice point onto the sphere; the
 rays are then intersected with the panel planes. The bundled example and the
 analytic tests use it.
 
-    python -m dials_qconsistency.simulate OUTPUT_FOLDER
+    python -m simulation.simulate OUTPUT_FOLDER
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import sys
 
 import numpy as np
 
-from .experiments import experiments_from_dict
-from .geometry import (
+from dials_qconsistency.io.expt import experiments_from_dict
+from dials_qconsistency.core.geometry import (
     ewald_rotation_angles,
     matvec,
     millimetre_to_pixel,
@@ -30,8 +30,8 @@ from .geometry import (
     rotation_matrix,
     stills_rotation,
 )
-from .files import write_atomically
-from .reflection_table import ReflectionTable
+from dials_qconsistency.io.staged import write_atomically
+from dials_qconsistency.io.refl import ReflectionTable
 
 SILICON_MU = 3.9596  # mm⁻¹, an illustrative value for the simulated sensor
 FLAGS_PREDICTED_OBSERVED_INDEXED = 1 | 2 | 4

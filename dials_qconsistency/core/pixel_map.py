@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import geometry
+from dials_qconsistency.core import geometry
 
 #: name -> (units, values per pixel, description); the order of the output datasets.
 QUANTITIES = {

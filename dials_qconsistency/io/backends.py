@@ -7,7 +7,7 @@ Two backends feed the same numpy core (:mod:`compute`, :mod:`decomposition`,
   msgpack, and its own writer. Needs nothing of cctbx but ``libtbx.phil``.
 - ``native``: inside a DIALS environment, DIALS' option parser, the dxtbx
   models and ``flex.reflection_table`` with its own ``as_file``
-  (:mod:`dials_qconsistency.native`).
+  (:mod:`dials_qconsistency.io.native`).
 
 ``backend=auto`` takes the native one when both ``dials`` and ``dxtbx`` can be
 imported. Whether they can is decided without importing them: importing a
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from .errors import QConsistencyError
+from dials_qconsistency.errors import QConsistencyError
 
 CHOICES = ("auto", "native", "standalone")
 
@@ -64,13 +64,13 @@ class Standalone:
 
     @staticmethod
     def read_experiments(path):
-        from .experiments import read_experiments
+        from dials_qconsistency.io.expt import read_experiments
 
         return read_experiments(path)
 
     @staticmethod
     def read_table(path):
-        from .reflection_table import ReflectionTable
+        from dials_qconsistency.io.refl import ReflectionTable
 
         return ReflectionTable.from_file(path)
 
@@ -87,7 +87,7 @@ def read_pair(backend, experiments_path, reflections_path):
 def get(name: str):
     """The backend object of a resolved name."""
     if name == "native":
-        from . import native
+        from dials_qconsistency.io import native
 
         return native.Native
     return Standalone

@@ -34,9 +34,9 @@ import weakref
 import msgpack
 import numpy as np
 
-from .errors import OtherTableFormat, QConsistencyError
-from .files import write_atomically
-from .msgpack_lite import BinRef, MalformedError, TrailingBytesError, bin_header, map_header, unpack
+from dials_qconsistency.errors import OtherTableFormat, QConsistencyError
+from dials_qconsistency.io.staged import write_atomically
+from dials_qconsistency.io.msgpack_lite import BinRef, MalformedError, TrailingBytesError, bin_header, map_header, unpack
 
 FILETYPE = "dials::af::reflection_table"
 SUPPORTED_VERSIONS = (1, 2)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import geometry
-from .compute import for_each_block, per_row_components, rows_by_group, s1_is_prediction
+from dials_qconsistency.core import geometry
+from dials_qconsistency.core.q_vectors import for_each_block, per_row_components, rows_by_group, s1_is_prediction
 
 
 @dataclass

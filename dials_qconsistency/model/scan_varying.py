@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from .geometry import setting_matrices, unit
+from dials_qconsistency.core.geometry import setting_matrices, unit
 
 DEG2RAD = math.pi / 180.0
 

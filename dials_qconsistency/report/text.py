@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .analysis import S1_NEITHER, S1_OBSERVED, S1_PREDICTED, Summary
+from dials_qconsistency.core.statistics import S1_NEITHER, S1_OBSERVED, S1_PREDICTED, Summary
 
 
 def _fmt(value, spec=".3e") -> str:

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .analysis import S1_NEITHER, sample_rows
-from .compute import rows_by_group
-from .plots import spot_lab_positions, take_rows
+from dials_qconsistency.core.statistics import S1_NEITHER, sample_rows
+from dials_qconsistency.core.q_vectors import rows_by_group
+from dials_qconsistency.report.figures import spot_lab_positions, take_rows
 
 #: The model's spot on xyzcal.mm to this RMS (mm): rounding, not geometry.
 PRECISION_MM = 1e-6

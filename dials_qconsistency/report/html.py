@@ -22,11 +22,11 @@ import os
 
 import numpy as np
 
-from .analysis import row_distances, sample_rows
-from .compute import rows_by_group
-from .decomposition import panel_frames
-from .report import computation_choices, verdict_numbers
-from .plots import HEATMAPS, _project, panel_outline, spot_lab_positions, take_rows, view_basis
+from dials_qconsistency.core.statistics import row_distances, sample_rows
+from dials_qconsistency.core.q_vectors import rows_by_group
+from dials_qconsistency.core.decomposition import panel_frames
+from dials_qconsistency.report.text import computation_choices, verdict_numbers
+from dials_qconsistency.report.figures import HEATMAPS, _project, panel_outline, spot_lab_positions, take_rows, view_basis
 
 #: The quantities the detector chart can colour the spots by: the PNG heatmaps' and Δψ/Δφ.
 COLOURS = {key: HEATMAPS[key] for key in ("norm", "dqx", "dqy", "dqz", "along_q")}
@@ -234,7 +234,7 @@ def render(title, verdict, sections, chart_list, dependencies="embed") -> bytes:
     """The page: ``sections`` is a dict of the template's text parts (see the template)."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
-    environment = Environment(loader=PackageLoader("dials_qconsistency", "templates"),
+    environment = Environment(loader=PackageLoader("dials_qconsistency.report", "templates"),
                               autoescape=select_autoescape(["html"]))
     page = environment.get_template("q_consistency.html").render(
         title=title, verdict=verdict, plotly=plotly_script(dependencies), **sections,

@@ -29,10 +29,10 @@ import os
 
 import numpy as np
 
-from . import models
-from .errors import OtherTableFormat, QConsistencyError
-from .experiments import hierarchy_groups, read_experiments_and_document
-from .reflection_table import ReflectionTable, column_values
+from dials_qconsistency.model import experiment as models
+from dials_qconsistency.errors import OtherTableFormat, QConsistencyError
+from dials_qconsistency.io.expt import hierarchy_groups, read_experiments_and_document
+from dials_qconsistency.io.refl import ReflectionTable, column_values
 
 #: The columns the numpy core reads (compute.COLUMN_SHAPES), taken from the flex table.
 CORE_COLUMNS = ("id", "panel", "miller_index", "s1", "xyzcal.mm", "xyzobs.mm.value", "xyzobs.px.value",

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import geometry
-from .compute import BLOCK_ROWS
-from .reflection_table import ColumnBlocks
+from dials_qconsistency.core import geometry
+from dials_qconsistency.core.q_vectors import BLOCK_ROWS
+from dials_qconsistency.io.refl import ColumnBlocks
 
 #: Column name -> DIALS type name, in the order of the table above.
 OUTPUT_TYPES = {
