@@ -150,7 +150,8 @@ def core_formulas(expt, refl, out):
     """The loop's formulas vectorised, like for like: q_bragg, q_pixel and |Δq| only
     (no checks, no q_pred, no self-tests), through the functions compute_q uses,
     in its blocks of BLOCK_ROWS rows."""
-    from dials_qconsistency.core.q_vectors import BLOCK_ROWS, panel_q
+    from dials_qconsistency.core.blocks import BLOCK_ROWS
+    from dials_qconsistency.core.panels import panel_q
     from dials_qconsistency.io.expt import read_experiments
     from dials_qconsistency.core.geometry import norms, q_bragg_rotation
     from dials_qconsistency.io.refl import ReflectionTable

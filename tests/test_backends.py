@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.io import backends
-from dials_qconsistency.core.q_vectors import Options, compute_q, panel_millimetres
+from dials_qconsistency.core.panels import panel_millimetres
+from dials_qconsistency.core.q_vectors import Options, compute_q
 from dials_qconsistency.core.geometry import pixel_to_millimetre
 from conftest import EXAMPLES, REPO_ROOT, load
 

@@ -79,7 +79,7 @@ def test_dxtbx_models_equal_the_standalone_reader(shared, folder, name):
 
 @pytest.mark.parametrize("folder, name", REAL_PAIRS)
 def test_dxtbx_pixel_mapping_equals_the_numpy_one(shared, folder, name):
-    from dials_qconsistency.core.q_vectors import panel_millimetres
+    from dials_qconsistency.core.panels import panel_millimetres
 
     (mine, my_table, *_), (theirs, *_) = both(shared, folder, name)
     columns = my_table.columns()

@@ -136,11 +136,12 @@ def test_blocks_change_no_bit(shared, monkeypatch, folder, name, options):
     blocks, experiments and panels split across them), computed on 3 threads,
     give the same bits."""
     import dials_qconsistency.core.q_vectors as compute
+    from dials_qconsistency.core import blocks
 
     experiments, table, columns = load(shared(folder, name + ".expt"), shared(folder, name + ".refl"))
-    monkeypatch.setattr(compute, "BLOCK_ROWS", 1 << 30)
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 1 << 30)
     whole = compute.compute_q(experiments, columns, table.identifiers, Options(**options))
-    monkeypatch.setattr(compute, "BLOCK_ROWS", 7)
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 7)
     blocks = compute.compute_q(experiments, columns, table.identifiers, Options(**options, threads=3))
     assert table.nrows > 7 * 10
     for field in ("q_bragg", "q_pixel", "q_pred", "q_pixel_calculated", "q_pixel_observed", "s0", "rotation_axis",

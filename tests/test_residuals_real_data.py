@@ -96,13 +96,13 @@ def test_radial_and_transverse_match_dials_definition(shared):
 def test_decomposing_in_chunks_changes_no_bit(shared, folder, stem, options, monkeypatch):
     """Large tables are decomposed a block of rows at a time: 100-row blocks here
     (with unused rows between them), on 3 threads, give exactly the one-block result."""
-    from dials_qconsistency.core import q_vectors as compute
+    from dials_qconsistency.core import blocks
 
     experiments, _, _, result = run_core(shared(folder, stem + ".expt"), shared(folder, stem + ".refl"),
                                          q_pixel_source="observed", **options)
-    monkeypatch.setattr(compute, "BLOCK_ROWS", 1 << 30)
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 1 << 30)
     whole = decompose(experiments, result)
-    monkeypatch.setattr(compute, "BLOCK_ROWS", 100)
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 100)
     chunked = decompose(experiments, result, threads=3)
     assert result.used.sum() > 300
     for name in ("q_sphere", "angle", "along_q", "delta_xy", "radial_mm", "transverse_mm", "radial", "transverse"):

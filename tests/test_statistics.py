@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_core
 from dials_qconsistency.core.statistics import contiguous, norm_statistics, row_distances, summarise
-from dials_qconsistency.core.q_vectors import rows_by_group
+from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import decompose
 
 
@@ -34,13 +34,13 @@ def test_contiguous_rows_become_slices():
 
 
 def test_row_distances_in_blocks(monkeypatch):
-    from dials_qconsistency.core import q_vectors as compute
+    from dials_qconsistency.core import blocks
 
     rng = np.random.default_rng(7)
     a, b = rng.normal(size=(1000, 3)), rng.normal(size=(1000, 3))
     rows = np.sort(rng.choice(1000, 300, replace=False))
     expected = np.linalg.norm(a[rows] - b[rows], axis=1)
-    monkeypatch.setattr(compute, "BLOCK_ROWS", 7)
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 7)
     np.testing.assert_array_equal(row_distances(a, b, rows), expected)
     np.testing.assert_array_equal(row_distances(a, rows=np.arange(10, 500)), np.linalg.norm(a[10:500], axis=1))
 
@@ -70,12 +70,12 @@ def _rms(values):
 def test_grouped_statistics_equal_each_group_masked_directly(shared, folder, stem, monkeypatch):
     """Per panel, per panel group and per resolution shell (one pass of bincounts
     over 50-row blocks) against each group's rows taken by a mask."""
-    from dials_qconsistency.core import q_vectors as compute
+    from dials_qconsistency.core import blocks
 
     experiments, _, _, result = run_core(shared(folder, stem + ".expt"), shared(folder, stem + ".refl"),
                                          q_pixel_source="observed")
     parts = decompose(experiments, result)
-    monkeypatch.setattr(compute, "BLOCK_ROWS", 50)
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 50)
     summary = summarise(result, experiments, parts)
     used = result.used
     norm = np.linalg.norm(result.q_bragg - result.q_pixel, axis=1)

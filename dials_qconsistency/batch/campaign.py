@@ -35,10 +35,10 @@ class FileJob:
     experiments: str
     reflections: str
     output: str | None  # the output table, or None for none
-    options: object  # compute.Options
+    options: object  # q_vectors.Options
     temporary_prefix: str  # staged files of this run start with it
     backend: str = "standalone"  # resolved: native | standalone
-    rows: str = "used_in_refinement"  # the rows the statistics are about (compute.rows_used_in_refinement)
+    rows: str = "used_in_refinement"  # the rows the statistics are about (q_vectors.rows_used_in_refinement)
 
 
 @dataclass

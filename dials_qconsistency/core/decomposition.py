@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from dials_qconsistency.core import geometry
-from dials_qconsistency.core.q_vectors import for_each_block, per_row_components, rows_by_group, s1_is_prediction
+from dials_qconsistency.core.blocks import for_each_block, rows_by_group
+from dials_qconsistency.core.panels import per_row_components
+from dials_qconsistency.core.q_vectors import s1_is_prediction
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 
 from dials_qconsistency.core import geometry
 from dials_qconsistency.core.statistics import row_distances, sample_rows
-from dials_qconsistency.core.q_vectors import rows_by_group
+from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import onto_sphere
 
 #: A fit must leave at most this fraction of the RMS residual to name a cause.

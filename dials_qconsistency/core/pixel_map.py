@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dials_qconsistency.core import geometry
+from dials_qconsistency.core.blocks import row_blocks
 
 #: name -> (units, values per pixel, description); the order of the output datasets.
 QUANTITIES = {
@@ -131,11 +132,6 @@ def default_rows_per_block(n_columns: int) -> int:
     return max(1, BLOCK_PIXELS // max(1, int(n_columns)))
 
 
-def row_blocks(n_rows: int, rows_per_block: int):
-    """Consecutive (start, stop) row ranges covering ``n_rows``."""
-    return [(start, min(start + rows_per_block, n_rows)) for start in range(0, n_rows, rows_per_block)]
-
-
 def panel_blocks(panel, setting, names, subsample=1, rows_per_block=None, dtype=np.float32, workers=1):
     """Yield ``(start, stop, quantities)`` for the sampled rows of one panel, in order.
 
@@ -148,8 +144,7 @@ def panel_blocks(panel, setting, names, subsample=1, rows_per_block=None, dtype=
     blocks = row_blocks(y.size, rows_per_block or default_rows_per_block(x.size))
 
     def compute(block):
-        start, stop = block
-        return start, stop, block_quantities(panel, setting, x, y[start:stop], names, dtype)
+        return block.start, block.stop, block_quantities(panel, setting, x, y[block], names, dtype)
 
     if workers <= 1:
         for block in blocks:

@@ -8,15 +8,25 @@ reflections.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from dials_qconsistency.core import geometry
+from dials_qconsistency.core.blocks import for_each_block, rows_by_group
+from dials_qconsistency.core.panels import panel_millimetres, panel_q
+from dials_qconsistency.core.table_checks import (
+    PHI_COLUMNS,
+    POSITION_COLUMNS,
+    REQUIRED_COLUMNS,
+    check_columns,
+    check_experiment,
+    check_values,
+    experiment_index,
+    row_count,
+)
 from dials_qconsistency.errors import QConsistencyError
 from dials_qconsistency.model.scan_varying import choose_model_state, integrate_setting, refinement_scan_point, scan_varying_states
-from dials_qconsistency.model.experiment import MAX_MAGNITUDE
 
 #: Why a row was not used; index = code stored per row (0 = used).
 REASONS = (
@@ -53,24 +63,6 @@ def rows_used_in_refinement(result, flags, choice="used_in_refinement"):
     reason = result.reason.copy()
     reason[outliers] = NOT_REFINED
     return replace(result, reason=reason), np.flatnonzero(outliers)
-
-POSITION_COLUMNS = {
-    "calculated": "xyzcal.mm",
-    "observed": "xyzobs.mm.value",
-    "observed_px": "xyzobs.px.value",
-}
-PHI_COLUMNS = {"calculated": "xyzcal.mm", "observed": "xyzobs.mm.value"}
-REQUIRED_COLUMNS = ("id", "miller_index", "panel", "s1", "xyzcal.mm")
-#: Per-row shape each column the core reads must have.
-COLUMN_SHAPES = {
-    "id": (),
-    "panel": (),
-    "miller_index": (3,),
-    "s1": (3,),
-    "xyzcal.mm": (3,),
-    "xyzobs.mm.value": (3,),
-    "xyzobs.px.value": (3,),
-}
 
 
 @dataclass
@@ -159,47 +151,6 @@ def s1_is_prediction(result, rows) -> bool:
     return bool(d.size) and float(d.max()) <= S1_MATCH_TOLERANCE
 
 
-def experiment_index(ids: np.ndarray, identifiers: dict, experiments, path: str = None) -> np.ndarray:
-    """Map the table's ``id`` to positions in the experiment list.
-
-    With an identifiers map, ids are matched through the identifier strings;
-    with an empty map (old tables), ``id`` is the experiment index.
-    """
-    ids = np.asarray(ids, dtype=np.int64)
-    n_experiments = len(experiments)
-    result = np.full(ids.shape, -1, dtype=np.int64)
-    indexed = ids >= 0
-    if not identifiers:
-        beyond = indexed & (ids >= n_experiments)
-        if beyond.any():
-            raise QConsistencyError(
-                f"id {int(ids[beyond].max())} is beyond the {n_experiments} experiment(s) "
-                "in the experiment list",
-                path,
-            )
-        result[indexed] = ids[indexed]
-        return result
-    position = {identifier: i for i, identifier in enumerate(experiments.identifiers())}
-    lookup = {}
-    for table_id, identifier in identifiers.items():
-        if identifier in position:
-            lookup[table_id] = position[identifier]
-    used_ids = np.unique(ids[indexed])
-    missing = [int(i) for i in used_ids if int(i) not in lookup]
-    if missing:
-        first = missing[0]
-        if first in identifiers:
-            problem = f"identifier {identifiers[first]!r} of id {first} is not in the experiment list"
-        else:
-            problem = f"id {first} has no entry in the table's identifiers map"
-        raise QConsistencyError(f"{problem}: experiments and reflections do not match", path)
-    table_ids = np.array(sorted(lookup), dtype=np.int64)  # every id of an indexed row is among them
-    positions = np.array([lookup[i] for i in table_ids.tolist()], dtype=np.int64)
-    rows = np.flatnonzero(indexed)
-    result[rows] = positions[np.searchsorted(table_ids, ids[rows])]
-    return result
-
-
 def compute_q(
     experiments, columns, identifiers, options: Options = None, path: str = None, experiments_path: str = None
 ) -> QResult:
@@ -216,7 +167,7 @@ def compute_q(
         raise QConsistencyError(f"unknown q_pixel source {options.q_pixel_source!r}")
     if options.phi not in PHI_COLUMNS:
         raise QConsistencyError(f"unknown phi choice {options.phi!r}")
-    n = _row_count(columns, path)
+    n = row_count(columns, path)
     notes = getattr(experiments, "notes", [])
     if not any(name in columns for name in ("miller_index", "s1", "xyzcal.mm")):
         notes = list(notes) + ["the table has no miller_index, s1 or xyzcal.mm (spot-finding output?): nothing is indexed"]
@@ -226,17 +177,20 @@ def compute_q(
     phi_column = PHI_COLUMNS[options.phi]
     optional = ("xyzobs.mm.value",) if "xyzobs.mm.value" in columns else ()
     needed = list(dict.fromkeys(REQUIRED_COLUMNS + (position_column, phi_column) + optional))
-    _check_columns(columns, needed, n, path)
+    check_columns(columns, needed, n, path)
 
     ids = np.asarray(columns["id"])
-    hkl = np.asarray(columns["miller_index"])
-    s1 = np.asarray(columns["s1"], dtype=float)
-    panel = np.asarray(columns["panel"]).astype(np.int64)
-    xyzcal = np.asarray(columns["xyzcal.mm"], dtype=float)
-    position = np.asarray(columns[position_column], dtype=float)
     xyzobs = columns.get("xyzobs.mm.value")
-    xyzobs = None if xyzobs is None else np.asarray(xyzobs, dtype=float)
-    phi_all = np.asarray(columns[phi_column], dtype=float)[:, 2]
+    table = TableColumns(
+        hkl=np.asarray(columns["miller_index"]),
+        s1=np.asarray(columns["s1"], dtype=float),
+        panel=np.asarray(columns["panel"]).astype(np.int64),
+        xyzcal=np.asarray(columns["xyzcal.mm"], dtype=float),
+        xyzobs=None if xyzobs is None else np.asarray(xyzobs, dtype=float),
+        position=np.asarray(columns[position_column], dtype=float),
+        phi=np.asarray(columns[phi_column], dtype=float)[:, 2],
+    )
+    hkl, panel, xyzcal, position = table.hkl, table.panel, table.xyzcal, table.position
 
     exp_of_row = experiment_index(ids, identifiers, experiments, path)
     reason = np.full(n, USED, dtype=np.int8)
@@ -246,167 +200,16 @@ def compute_q(
     reason[~np.any(hkl != 0, axis=1)] = ZERO_HKL
     reason[exp_of_row < 0] = NOT_INDEXED
     indexed = (exp_of_row >= 0) & np.any(hkl != 0, axis=1)
-    _check_values(columns, [name for name in needed if name not in ("id", "miller_index", "panel")], indexed, reason,
-                  path, options.threads)
+    check_values(columns, [name for name in needed if name not in ("id", "miller_index", "panel")], indexed,
+                 reason != NOT_PREDICTED, path, options.threads)
 
-    result = QResult.blank(reason, exp_of_row, panel, notes, observed=xyzobs is not None)
+    result = QResult.blank(reason, exp_of_row, panel, notes, observed=table.xyzobs is not None)
     for index, (experiment, rows) in enumerate(zip(experiments, rows_by_group(exp_of_row, len(experiments), reason == USED))):
         if rows.size == 0:
             continue
-        _check_experiment(experiment, index, panel[rows], phi_all[rows], path, experiments_path or path)
-        _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result)
+        check_experiment(experiment, index, panel[rows], table.phi[rows], path, experiments_path or path)
+        _compute_experiment(experiment, rows, table, options, result)
     return result
-
-
-def _row_count(columns, path) -> int:
-    """The number of rows; an empty table is an error (nothing can be checked)."""
-    lengths = {len(values) for values in columns.values()}
-    if len(lengths) > 1:
-        raise QConsistencyError(f"columns have different lengths {sorted(lengths)}", path)
-    n = lengths.pop() if lengths else 0
-    if n == 0:
-        raise QConsistencyError("has no reflections (an empty table): nothing to check", path)
-    return n
-
-
-def _check_columns(columns, names, n, path):
-    """Every column the core reads is present with N rows of its DIALS shape."""
-    for name in names:
-        if name not in columns:
-            raise QConsistencyError(f"has no {name!r} column", path)
-        shape = np.shape(columns[name])
-        if shape != (n,) + COLUMN_SHAPES[name]:
-            raise QConsistencyError(
-                f"column {name!r} holds {_per_row(shape[1:])} per row, expected {_per_row(COLUMN_SHAPES[name])}", path
-            )
-
-
-def _per_row(shape) -> str:
-    size = int(np.prod(shape, dtype=int))
-    return "one number" if size == 1 and not shape else f"{size} numbers"
-
-
-def _check_values(columns, names, indexed, reason, path, threads=1):
-    """Indexed rows must carry finite numbers, and s1 = 0 only where DIALS marks no prediction."""
-    arrays = [np.asarray(columns[name], dtype=float) for name in names]
-    bad = np.zeros((len(names), len(indexed)), dtype=bool)
-
-    def work(block):  # rows of every column at once, a block at a time
-        for values, out in zip(arrays, bad):
-            with np.errstate(invalid="ignore"):
-                out[block] = ~np.all(np.abs(values[block]) <= MAX_MAGNITUDE, axis=1)  # True for NaN too
-
-    for_each_block(len(indexed), work, threads)
-    for name, rows in zip(names, bad):
-        _reject_rows(indexed & rows, f"column {name!r} is NaN, infinite or beyond {MAX_MAGNITUDE:g}",
-                     "the table is corrupt", path)
-    s1 = np.asarray(columns["s1"], dtype=float)
-    bad = indexed & (reason != NOT_PREDICTED) & ~np.any(s1 != 0, axis=1)
-    _reject_rows(
-        bad,
-        "column 's1' is (0, 0, 0) beside a calculated position",
-        "DIALS writes s1 = 0 only beside xyzcal.mm = 0, so the table is corrupt",
-        path,
-    )
-
-
-def _reject_rows(bad, problem, conclusion, path):
-    """One line naming how many indexed rows are bad and the first of them."""
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise QConsistencyError(f"{problem} in {rows.size} indexed row(s) (first: row {rows[0]}); {conclusion}", path)
-
-
-def _check_experiment(experiment, index, panels, phi, path, experiments_path):
-    """The models an experiment's used rows need are there and agree with the table."""
-    if experiment.crystal is None:
-        raise QConsistencyError(f"experiment {index} has no crystal model, but {path} has indexed reflections for it", experiments_path)
-    if experiment.beam is None or experiment.detector is None:
-        raise QConsistencyError(f"experiment {index} has no beam or no detector model", experiments_path)
-    n_panels = len(experiment.detector.panels)
-    beyond = (panels < 0) | (panels >= n_panels)
-    if beyond.any():
-        raise QConsistencyError(
-            f"panel {np.asarray(panels[beyond]).astype(np.uint64).max()} is beyond the {n_panels} panel(s) "
-            f"of experiment {index}'s detector",
-            path,
-        )
-    if experiment.goniometer is not None and experiment.scan is None and np.any(phi != 0):
-        raise QConsistencyError(
-            f"experiment {index} has a goniometer but no scan, yet its reflections in {path} have rotation "
-            "angles (the scan is missing from the experiment list)",
-            experiments_path,
-        )
-
-
-def _panel_arrays(detector, panel_rows):
-    """Per-row origin, fast, slow, pixel size, mu, thickness and parallax flag."""
-    panels = detector.panels
-    stack = lambda attr: np.array([getattr(p, attr) for p in panels], dtype=float)
-    take = lambda array: array[panel_rows]
-    return {
-        "origin": take(stack("origin")),
-        "fast": take(stack("fast")),
-        "slow": take(stack("slow")),
-        "pixel_size": take(stack("pixel_size")),
-        "mu": take(stack("mu")),
-        "thickness": take(stack("thickness")),
-        "parallax": take(np.array([p.parallax for p in panels], dtype=bool)),
-    }
-
-
-def panel_groups(panel_rows):
-    """(panel, row positions) for each panel in ``panel_rows``; one group with
-    ``slice(None)`` when every row is on the same panel (no gathering then)."""
-    panel_rows = np.asarray(panel_rows)
-    if panel_rows.size and np.all(panel_rows == panel_rows[0]):
-        return [(int(panel_rows[0]), slice(None))]
-    order = np.argsort(panel_rows, kind="stable")
-    panels, starts = np.unique(panel_rows[order], return_index=True)
-    return [(int(p), rows) for p, rows in zip(panels, np.split(order, starts[1:]))]
-
-
-def panel_millimetres(detector, panel_rows, xy_px):
-    """Panel px (sub-pixel) -> panel mm (N, 2) with each row's panel mapping (parallax included).
-
-    Panels read by the native backend map with dxtbx's own PxMmStrategy, one
-    call per panel over all its rows.
-    """
-    if detector.panels[0].pixel_to_millimetre is not None:
-        xy_px = np.asarray(xy_px, dtype=float)
-        xy_mm = np.empty(xy_px.shape)
-        for index, rows in panel_groups(panel_rows):
-            xy_mm[rows] = detector.panels[index].pixel_to_millimetre(xy_px[rows])
-        return xy_mm
-    p = _panel_arrays(detector, panel_rows)
-    return geometry.pixel_to_millimetre(
-        xy_px, p["pixel_size"], p["origin"], p["fast"], p["slow"], p["mu"], p["thickness"], p["parallax"]
-    )
-
-
-def per_row_components(table, index) -> tuple:
-    """The columns of ``table`` (one row per panel) for each row's ``index``:
-    per-row arrays taken component by component (``np.take``: no sorting, no
-    scattering), or the scalars of one table row when every row has the same."""
-    index = np.asarray(index)
-    if index.size and np.all(index == index[0]):
-        return tuple(table[int(index[0])])
-    return tuple(np.take(table[:, k], index) for k in range(table.shape[1]))
-
-
-def panel_q(detector, panel_rows, xy_mm, s0):
-    """q (N, 3) Å⁻¹ at panel positions (mm) on each row's panel, the same
-    function dials.q_map evaluates at every pixel.
-
-    Each row's panel vectors are looked up component by component (np.take on
-    the few panels), so rows are neither sorted nor scattered; one panel's
-    rows give the same bits as the map's scalar panel vectors.
-    """
-    xy_mm = np.asarray(xy_mm, dtype=float)
-    table = np.array([[*p.origin, *p.fast, *p.slow] for p in detector.panels], dtype=float)
-    vectors = per_row_components(table, panel_rows)
-    lab = geometry.panel_points_to_lab(vectors[0:3], vectors[3:6], vectors[6:9], xy_mm[:, 0], xy_mm[:, 1])
-    return np.stack(geometry.q_from_lab_components(*lab, s0), axis=-1)
 
 
 def _put(result, name, rows, values):
@@ -421,55 +224,20 @@ def _put(result, name, rows, values):
         target[rows] = values
 
 
-#: Rows handled at a time by every per-row stage (compute_q, the decomposition,
-#: the statistics' per-row values). A block's temporaries (1.5 MB for a vector
-#: column) stay in the CPU's cache and reuse the heap memory the block before
-#: freed; whole-table temporaries faulted in fresh pages on every operation,
-#: which at 10M rows cost more than the arithmetic.
-BLOCK_ROWS = 1 << 16
+@dataclass
+class TableColumns:
+    """The columns compute_q reads, as float/int arrays (N rows)."""
+
+    hkl: np.ndarray  # (N, 3) Miller indices
+    s1: np.ndarray  # (N, 3) Å⁻¹
+    panel: np.ndarray  # (N,) int64
+    xyzcal: np.ndarray  # (N, 3) calculated position: mm, mm, rad
+    xyzobs: np.ndarray | None  # (N, 3) observed position, if the table has it
+    position: np.ndarray  # (N, 3) the position behind q_pixel (the q_pixel.source column)
+    phi: np.ndarray  # (N,) rotation angle (rad) for q_bragg (the phi choice's column)
 
 
-def rows_by_group(labels, count: int, select=None) -> list[np.ndarray]:
-    """For each group 0..count-1, its row numbers (ascending) among the rows
-    where ``select`` is True: one stable sort of the labels (none when they
-    are already in order, as DIALS writes experiments), not a pass over the
-    table per group, so that thousands of experiments cost no more than one."""
-    rows = np.flatnonzero(select) if select is not None else np.arange(len(labels))
-    label = np.asarray(labels)[rows]
-    if count == 1:
-        return [rows[label == 0]]
-    inside = (label >= 0) & (label < count)
-    if not inside.all():
-        rows, label = rows[inside], label[inside]
-    if label.size and np.any(label[1:] < label[:-1]):
-        small = label.astype(np.int16 if count <= 2**15 else np.int32)  # 16-bit keys sort by radix: O(n)
-        order = np.argsort(small, kind="stable")
-        rows, label = rows[order], label[order]
-    bounds = np.searchsorted(label, np.arange(count + 1))
-    return [rows[bounds[i]:bounds[i + 1]] for i in range(count)]
-
-
-def row_blocks(count: int) -> list[slice]:
-    """Consecutive slices of at most :data:`BLOCK_ROWS` rows covering ``range(count)``."""
-    return [slice(start, min(start + BLOCK_ROWS, count)) for start in range(0, count, BLOCK_ROWS)]
-
-
-def for_each_block(count: int, work, threads: int = 1) -> None:
-    """``work(block)`` for every slice of :func:`row_blocks`, on up to ``threads``
-    threads (numpy releases the GIL in its loops). Each block must write only
-    its own rows, so the results are the same bits whatever the thread count;
-    an error in any block is raised here."""
-    blocks = row_blocks(count)
-    if threads <= 1 or len(blocks) <= 1:
-        for block in blocks:
-            work(block)
-        return
-    with ThreadPoolExecutor(min(threads, len(blocks))) as pool:
-        for _ in pool.map(work, blocks):
-            pass
-
-
-def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result):
+def _compute_experiment(experiment, rows, table: TableColumns, options, result):
     """Every used row of one experiment, in blocks of :data:`BLOCK_ROWS` (on
     ``options.threads`` threads).
 
@@ -477,7 +245,7 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
     is set once, as a broadcast when the experiment has every row; with
     ``q_pixel.source=calculated`` q_pixel_calculated is then q_pixel itself.
     """
-    every = rows.size == len(hkl)  # one experiment, every row used: blocks are slices, no gathering
+    every = rows.size == len(table.hkl)  # one experiment, every row used: blocks are slices, no gathering
     varying = scan_varying_states(experiment) if experiment.is_rotation else None
     if not experiment.is_rotation:
         _put(result, "rotation_axis", rows, np.nan)  # stills: no axis, no φ
@@ -490,31 +258,27 @@ def _compute_experiment(experiment, rows, hkl, s1, panel, xyzcal, xyzobs, positi
     # Columns used as they are: views of the table's own columns when every row is used.
     views = set()
     if every and experiment.is_rotation:
-        _put(result, "phi", rows, phi_all)
+        _put(result, "phi", rows, table.phi)
         views.add("phi")
     if every and options.q_pixel_source != "observed_px":
-        _put(result, "position_mm", rows, position[:, :2])
+        _put(result, "position_mm", rows, table.position[:, :2])
         views.add("position_mm")
     alias = every and options.q_pixel_source == "calculated"
     def work(block):
-        _compute_block(
-            experiment, varying, block if every else rows[block], hkl, s1, panel, xyzcal, xyzobs, position,
-            phi_all, options, result, alias, views,
-        )
+        _compute_block(experiment, varying, block if every else rows[block], table, options, result, alias, views)
 
     for_each_block(rows.size, work, options.threads)
     if alias:
         result.q_pixel_calculated = result.q_pixel
 
 
-def _compute_block(experiment, varying, rows, hkl, s1, panel, xyzcal, xyzobs, position, phi_all, options, result,
-                   alias, views):
+def _compute_block(experiment, varying, rows, table: TableColumns, options, result, alias, views):
     """q_bragg, q_pixel, q_pred and the rest for ``rows`` (a slice or indices) of
     one experiment; the fields in ``views`` are already set for every row."""
     crystal, beam, detector = experiment.crystal, experiment.beam, experiment.detector
     take = lambda values: values[rows]
-    h = take(hkl).astype(float)
-    phi = take(phi_all)
+    h = take(table.hkl).astype(float)
+    phi = take(table.phi)
     n = len(h)
     s0 = np.broadcast_to(beam.s0, (n, 3))
 
@@ -531,7 +295,7 @@ def _compute_block(experiment, varying, rows, hkl, s1, panel, xyzcal, xyzobs, po
                 M, s0, S, outside = integrate_setting(experiment, varying, phi)
                 q_bragg = geometry.matvec(M, h)
             else:
-                phi_blocks = take(xyzobs[:, 2]) if xyzobs is not None else phi
+                phi_blocks = take(table.xyzobs[:, 2]) if table.xyzobs is not None else phi
                 block_point, outside = refinement_scan_point(scan, phi_blocks, options.block_width)
                 point = np.clip(block_point, 0, scan.num_images)
                 outside = outside | (point != block_point)
@@ -544,8 +308,8 @@ def _compute_block(experiment, varying, rows, hkl, s1, panel, xyzcal, xyzobs, po
         if "phi" not in views:
             _put(result, "phi", rows, phi)
 
-    rows_panel = take(panel)
-    position_mm = take(position[:, :2])
+    rows_panel = take(table.panel)
+    position_mm = take(table.position[:, :2])
     if options.q_pixel_source == "observed_px":
         position_mm = panel_millimetres(detector, rows_panel, position_mm)
     q_pixel = panel_q(detector, rows_panel, position_mm, s0)
@@ -553,14 +317,14 @@ def _compute_block(experiment, varying, rows, hkl, s1, panel, xyzcal, xyzobs, po
         _put(result, "position_mm", rows, position_mm)
     _put(result, "q_bragg", rows, q_bragg)
     _put(result, "q_pixel", rows, q_pixel)
-    _put(result, "q_pred", rows, take(s1) - s0)
+    _put(result, "q_pred", rows, take(table.s1) - s0)
     if options.q_pixel_source == "calculated":
         if not alias:
             _put(result, "q_pixel_calculated", rows, q_pixel)
     else:
-        _put(result, "q_pixel_calculated", rows, panel_q(detector, rows_panel, take(xyzcal[:, :2]), s0))
-    if xyzobs is not None:
-        observed = take(xyzobs[:, :2])
+        _put(result, "q_pixel_calculated", rows, panel_q(detector, rows_panel, take(table.xyzcal[:, :2]), s0))
+    if table.xyzobs is not None:
+        observed = take(table.xyzobs[:, :2])
         finite = np.all(np.isfinite(observed), axis=1)
         if finite.all():
             q_obs = panel_q(detector, rows_panel, observed, s0)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dials_qconsistency.core import geometry
-from dials_qconsistency.core.q_vectors import REASONS, S1_MATCH_TOLERANCE, USED, QResult, row_blocks, rows_by_group
+from dials_qconsistency.core.blocks import row_blocks, rows_by_group
+from dials_qconsistency.core.q_vectors import REASONS, S1_MATCH_TOLERANCE, USED, QResult
 
 
 S1_PREDICTED = "prediction (s1 ends at xyzcal.mm)"

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dials_qconsistency.core.statistics import S1_NEITHER, sample_rows
-from dials_qconsistency.core.q_vectors import rows_by_group
+from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.report.figures import spot_lab_positions, take_rows
 
 #: The model's spot on xyzcal.mm to this RMS (mm): rounding, not geometry.

@@ -34,7 +34,7 @@ from dials_qconsistency.errors import OtherTableFormat, QConsistencyError
 from dials_qconsistency.io.expt import hierarchy_groups, read_experiments_and_document
 from dials_qconsistency.io.refl import ReflectionTable, column_values
 
-#: The columns the numpy core reads (compute.COLUMN_SHAPES), taken from the flex table.
+#: The columns the numpy core reads (table_checks.COLUMN_SHAPES), taken from the flex table.
 CORE_COLUMNS = ("id", "panel", "miller_index", "s1", "xyzcal.mm", "xyzobs.mm.value", "xyzobs.px.value",
                 "xyzobs.mm.variance", "flags")
 

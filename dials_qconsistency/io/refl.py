@@ -34,6 +34,7 @@ import weakref
 import msgpack
 import numpy as np
 
+from dials_qconsistency.core.blocks import row_blocks
 from dials_qconsistency.errors import OtherTableFormat, QConsistencyError
 from dials_qconsistency.io.staged import write_atomically
 from dials_qconsistency.io.msgpack_lite import BinRef, MalformedError, TrailingBytesError, bin_header, map_header, unpack
@@ -191,22 +192,25 @@ def _write_pieces(layout, descriptor: int, changed: bool, stop=None, names=None)
 
 class ColumnBlocks:
     """A column's values made a block of rows at a time, never held whole:
-    ``make(rows)`` gives the values of the rows in the slice ``rows``."""
+    ``make(rows)`` gives the values of the rows in the slice ``rows``; blocks of
+    ``rows_per_block`` rows (None: :data:`blocks.BLOCK_ROWS`)."""
 
-    def __init__(self, make, rows_per_block: int):
+    def __init__(self, make, rows_per_block: int | None = None):
         self.make = make
         self.rows_per_block = rows_per_block
 
     def blocks(self, nrows: int):
         """(rows, values) for consecutive slices covering ``range(nrows)``."""
-        for start in range(0, nrows, self.rows_per_block):
-            rows = slice(start, min(start + self.rows_per_block, nrows))
+        for rows in row_blocks(nrows, self.rows_per_block):
             yield rows, self.make(rows)
 
     def whole(self, nrows: int) -> np.ndarray:
-        first = np.asarray(self.make(slice(0, min(self.rows_per_block, nrows))))
+        pieces = self.blocks(nrows)
+        rows, first = next(pieces, (slice(0, 0), np.asarray(self.make(slice(0, 0)))))
+        first = np.asarray(first)
         values = np.empty((nrows,) + first.shape[1:], dtype=first.dtype)
-        for rows, block in self.blocks(nrows):
+        values[rows] = first
+        for rows, block in pieces:
             values[rows] = block
         return values
 

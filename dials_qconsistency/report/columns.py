@@ -1,4 +1,4 @@
-"""New reflection-table columns from a :class:`compute.QResult` and its decomposition.
+"""New reflection-table columns from a :class:`q_vectors.QResult` and its decomposition.
 
 All lab frame, Å⁻¹ without 2π unless the name gives mm or rad; NaN in rows
 not used. Input columns are never touched.
@@ -32,7 +32,6 @@ from __future__ import annotations
 import numpy as np
 
 from dials_qconsistency.core import geometry
-from dials_qconsistency.core.q_vectors import BLOCK_ROWS
 from dials_qconsistency.io.refl import ColumnBlocks
 
 #: Column name -> DIALS type name, in the order of the table above.
@@ -63,8 +62,8 @@ def q_columns(result) -> dict[str, tuple[str, object]]:
         "q_bragg": q_bragg,
         "q_pixel": q_pixel,
         "q_pred": result.q_pred,
-        "delta_q": ColumnBlocks(lambda rows: q_bragg[rows] - q_pixel[rows], BLOCK_ROWS),
-        "delta_q.norm": ColumnBlocks(lambda rows: geometry.norms(q_bragg[rows] - q_pixel[rows]), BLOCK_ROWS),
+        "delta_q": ColumnBlocks(lambda rows: q_bragg[rows] - q_pixel[rows]),
+        "delta_q.norm": ColumnBlocks(lambda rows: geometry.norms(q_bragg[rows] - q_pixel[rows])),
     }
     return {name: (OUTPUT_TYPES[name], column) for name, column in values.items()}
 
@@ -75,7 +74,7 @@ def decomposition_columns(parts) -> dict[str, tuple[str, object]]:
     rotation, angle = parts.rotation, parts.angle
 
     def only(where):
-        return ColumnBlocks(lambda rows: np.where(where[rows], angle[rows], np.nan), BLOCK_ROWS)
+        return ColumnBlocks(lambda rows: np.where(where[rows], angle[rows], np.nan))
 
     if rotation.all():  # rotation data only: Δφ is the angle itself
         delphi, delpsi = angle, only(~rotation)

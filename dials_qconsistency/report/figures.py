@@ -17,7 +17,7 @@ import numpy as np
 
 from dials_qconsistency.core import geometry
 from dials_qconsistency.core.statistics import row_distances, sample_rows
-from dials_qconsistency.core.q_vectors import rows_by_group
+from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import panel_frames
 
 #: Figures of points draw at most this many reflections (``output.max_plot_points``).

@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from dials_qconsistency.core.statistics import row_distances, sample_rows
-from dials_qconsistency.core.q_vectors import rows_by_group
+from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import panel_frames
 from dials_qconsistency.report.text import computation_choices, verdict_numbers
 from dials_qconsistency.report.figures import HEATMAPS, _project, panel_outline, spot_lab_positions, take_rows, view_basis

@@ -1,0 +1,162 @@
+"""What the core needs of a reflection table, checked before it computes: the
+columns and their shapes, finite numbers in the indexed rows, ids that map to
+experiments, and panels and models that those experiments have. Every problem
+is a one-line :class:`QConsistencyError` naming the file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dials_qconsistency.core.blocks import for_each_block
+from dials_qconsistency.errors import QConsistencyError
+from dials_qconsistency.model.experiment import MAX_MAGNITUDE
+
+
+POSITION_COLUMNS = {
+    "calculated": "xyzcal.mm",
+    "observed": "xyzobs.mm.value",
+    "observed_px": "xyzobs.px.value",
+}
+
+
+PHI_COLUMNS = {"calculated": "xyzcal.mm", "observed": "xyzobs.mm.value"}
+
+
+REQUIRED_COLUMNS = ("id", "miller_index", "panel", "s1", "xyzcal.mm")
+
+
+#: Per-row shape each column the core reads must have.
+COLUMN_SHAPES = {
+    "id": (),
+    "panel": (),
+    "miller_index": (3,),
+    "s1": (3,),
+    "xyzcal.mm": (3,),
+    "xyzobs.mm.value": (3,),
+    "xyzobs.px.value": (3,),
+}
+
+
+def experiment_index(ids: np.ndarray, identifiers: dict, experiments, path: str = None) -> np.ndarray:
+    """Map the table's ``id`` to positions in the experiment list.
+
+    With an identifiers map, ids are matched through the identifier strings;
+    with an empty map (old tables), ``id`` is the experiment index.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    n_experiments = len(experiments)
+    result = np.full(ids.shape, -1, dtype=np.int64)
+    indexed = ids >= 0
+    if not identifiers:
+        beyond = indexed & (ids >= n_experiments)
+        if beyond.any():
+            raise QConsistencyError(
+                f"id {int(ids[beyond].max())} is beyond the {n_experiments} experiment(s) "
+                "in the experiment list",
+                path,
+            )
+        result[indexed] = ids[indexed]
+        return result
+    position = {identifier: i for i, identifier in enumerate(experiments.identifiers())}
+    lookup = {}
+    for table_id, identifier in identifiers.items():
+        if identifier in position:
+            lookup[table_id] = position[identifier]
+    used_ids = np.unique(ids[indexed])
+    missing = [int(i) for i in used_ids if int(i) not in lookup]
+    if missing:
+        first = missing[0]
+        if first in identifiers:
+            problem = f"identifier {identifiers[first]!r} of id {first} is not in the experiment list"
+        else:
+            problem = f"id {first} has no entry in the table's identifiers map"
+        raise QConsistencyError(f"{problem}: experiments and reflections do not match", path)
+    table_ids = np.array(sorted(lookup), dtype=np.int64)  # every id of an indexed row is among them
+    positions = np.array([lookup[i] for i in table_ids.tolist()], dtype=np.int64)
+    rows = np.flatnonzero(indexed)
+    result[rows] = positions[np.searchsorted(table_ids, ids[rows])]
+    return result
+
+
+def row_count(columns, path) -> int:
+    """The number of rows; an empty table is an error (nothing can be checked)."""
+    lengths = {len(values) for values in columns.values()}
+    if len(lengths) > 1:
+        raise QConsistencyError(f"columns have different lengths {sorted(lengths)}", path)
+    n = lengths.pop() if lengths else 0
+    if n == 0:
+        raise QConsistencyError("has no reflections (an empty table): nothing to check", path)
+    return n
+
+
+def check_columns(columns, names, n, path):
+    """Every column the core reads is present with N rows of its DIALS shape."""
+    for name in names:
+        if name not in columns:
+            raise QConsistencyError(f"has no {name!r} column", path)
+        shape = np.shape(columns[name])
+        if shape != (n,) + COLUMN_SHAPES[name]:
+            raise QConsistencyError(
+                f"column {name!r} holds {_per_row(shape[1:])} per row, expected {_per_row(COLUMN_SHAPES[name])}", path
+            )
+
+
+def _per_row(shape) -> str:
+    size = int(np.prod(shape, dtype=int))
+    return "one number" if size == 1 and not shape else f"{size} numbers"
+
+
+def check_values(columns, names, indexed, predicted, path, threads=1):
+    """Indexed rows must carry finite numbers, and s1 = 0 only beside a
+    ``predicted`` position (DIALS writes s1 = 0 only with xyzcal.mm = 0)."""
+    arrays = [np.asarray(columns[name], dtype=float) for name in names]
+    bad = np.zeros((len(names), len(indexed)), dtype=bool)
+
+    def work(block):  # rows of every column at once, a block at a time
+        for values, out in zip(arrays, bad):
+            with np.errstate(invalid="ignore"):
+                out[block] = ~np.all(np.abs(values[block]) <= MAX_MAGNITUDE, axis=1)  # True for NaN too
+
+    for_each_block(len(indexed), work, threads)
+    for name, rows in zip(names, bad):
+        _reject_rows(indexed & rows, f"column {name!r} is NaN, infinite or beyond {MAX_MAGNITUDE:g}",
+                     "the table is corrupt", path)
+    s1 = np.asarray(columns["s1"], dtype=float)
+    bad = indexed & predicted & ~np.any(s1 != 0, axis=1)
+    _reject_rows(
+        bad,
+        "column 's1' is (0, 0, 0) beside a calculated position",
+        "DIALS writes s1 = 0 only beside xyzcal.mm = 0, so the table is corrupt",
+        path,
+    )
+
+
+def _reject_rows(bad, problem, conclusion, path):
+    """One line naming how many indexed rows are bad and the first of them."""
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise QConsistencyError(f"{problem} in {rows.size} indexed row(s) (first: row {rows[0]}); {conclusion}", path)
+
+
+def check_experiment(experiment, index, panels, phi, path, experiments_path):
+    """The models an experiment's used rows need are there and agree with the table."""
+    if experiment.crystal is None:
+        raise QConsistencyError(f"experiment {index} has no crystal model, but {path} has indexed reflections for it", experiments_path)
+    if experiment.beam is None or experiment.detector is None:
+        raise QConsistencyError(f"experiment {index} has no beam or no detector model", experiments_path)
+    n_panels = len(experiment.detector.panels)
+    beyond = (panels < 0) | (panels >= n_panels)
+    if beyond.any():
+        raise QConsistencyError(
+            f"panel {np.asarray(panels[beyond]).astype(np.uint64).max()} is beyond the {n_panels} panel(s) "
+            f"of experiment {index}'s detector",
+            path,
+        )
+    if experiment.goniometer is not None and experiment.scan is None and np.any(phi != 0):
+        raise QConsistencyError(
+            f"experiment {index} has a goniometer but no scan, yet its reflections in {path} have rotation "
+            "angles (the scan is missing from the experiment list)",
+            experiments_path,
+        )
+
