@@ -20,6 +20,7 @@ from conftest import REAL_PAIRS, REPO_ROOT, run_core
 from dials_qconsistency.core.statistics import norm_statistics
 from dials_qconsistency.batch.campaign import FileJob, process_file
 from dials_qconsistency.command_line.q_consistency import main
+from dials_qconsistency.core.pipeline import PairSettings
 from dials_qconsistency.core.q_vectors import Options, REASONS
 from dials_qconsistency.errors import QConsistencyError
 from dials_qconsistency.io.pairing import output_table_names, pair_files
@@ -220,7 +221,7 @@ def test_memory_is_that_of_one_file_not_all_of_them(shared, tmp_path):
         tracemalloc.start()
         try:
             kept = [process_file(FileJob(i, expt, refl, str(tmp_path / f"o{i}.refl"), options, ".tmp-test-",
-                                         rows="indexed")) for i in range(n_files)]
+                                         settings=PairSettings("indexed", diagnose=False))) for i in range(n_files)]
             for outcome in kept:
                 os.unlink(outcome.staged)
             return tracemalloc.get_traced_memory()[1], kept

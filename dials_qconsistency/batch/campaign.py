@@ -17,14 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dials_qconsistency.core.statistics import grouped_statistics, norm_statistics, summarise
-from dials_qconsistency.core.q_vectors import REASONS, compute_q, rows_used_in_refinement, with_model_state
-from dials_qconsistency.core.decomposition import decompose
+from dials_qconsistency.core.pipeline import PairSettings, check_pair, load_pair
+from dials_qconsistency.core.q_vectors import REASONS
+from dials_qconsistency.core.statistics import grouped_statistics, norm_statistics
 from dials_qconsistency.errors import QConsistencyError
-from dials_qconsistency.io import backends
 from dials_qconsistency.io.staged import StagedOutputs
-from dials_qconsistency.report.columns import OUTPUT_TYPES, decomposition_columns, put_columns, q_columns
-from dials_qconsistency.core.verdict import judge
 
 STATISTICS = ("n", "mean", "median", "rms", "p95", "max")
 
@@ -38,7 +35,7 @@ class FileJob:
     options: object  # q_vectors.Options
     temporary_prefix: str  # staged files of this run start with it
     backend: str = "standalone"  # resolved: native | standalone
-    rows: str = "used_in_refinement"  # the rows the statistics are about (q_vectors.rows_used_in_refinement)
+    settings: PairSettings = field(default_factory=lambda: PairSettings(diagnose=False))
 
 
 @dataclass
@@ -103,27 +100,10 @@ def process_file(job: FileJob) -> FileOutcome:
     outcome = FileOutcome(job.index, job.experiments, job.reflections, job.output)
     staged = StagedOutputs(prefix=job.temporary_prefix)
     try:
-        backend = backends.get(job.backend)
-        experiments, table = backends.read_pair(backend, job.experiments, job.reflections)
-        columns = table.columns()
-        options = with_model_state(job.options, columns)
-        result = compute_q(
-            experiments, columns, table.identifiers, options,
-            path=job.reflections, experiments_path=job.experiments,
-        )
-        about, _ = rows_used_in_refinement(result, columns.get("flags"), job.rows)
-        table.release_memory()  # the input's columns were read: the results take their place
-        writer = None
-        if job.output:  # written while the rest computes, as in a run over one file
-            writer = table.begin_write(staged, job.output, OUTPUT_TYPES)
-            put_columns(writer, q_columns(result))
-        parts = decompose(experiments, result, options.threads)
-        summary = summarise(about, experiments, parts)
-        summary.verdict = judge(summary, options).short  # the precision checks; no diagnosis per file
-        describe(outcome, experiments, table, about, summary)
-        if writer:
-            put_columns(writer, decomposition_columns(parts))
-            writer.finish()
+        pair = load_pair(job.backend, job.experiments, job.reflections, job.options, job.settings.rows)
+        checked = check_pair(pair, staged, job.output, job.settings)  # the precision checks; no diagnosis per file
+        describe(outcome, pair.experiments, pair.table, pair.about, checked.summary)
+        if job.output:
             ((outcome.staged, _),) = staged.detach()
     except QConsistencyError as error:
         staged.abort()

@@ -10,13 +10,13 @@ outputs are committed together with the summary, or not at all.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from dials_qconsistency import __version__
 from dials_qconsistency.batch.campaign import FileJob, file_record, merge, temporary_prefix
+from dials_qconsistency.core.pipeline import PairSettings
 from dials_qconsistency.report import html as html_report
-from dials_qconsistency.core.verdict import campaign_verdict
+from dials_qconsistency.core.verdict import campaign_verdict, gate_failure
 from dials_qconsistency.errors import GateFailed, QConsistencyError
 from dials_qconsistency.io.staged import StagedOutputs, remove_leftovers
 from dials_qconsistency.io.pairing import output_table_names
@@ -31,6 +31,7 @@ from dials_qconsistency.batch.parallel import (
 )
 from dials_qconsistency.batch.progress import Progress
 from dials_qconsistency.report.text import (
+    json_bytes,
     verdict_text,
     campaign_text,
     file_line,
@@ -64,7 +65,7 @@ def summary_outputs(params) -> dict:
     }
 
 
-def run_many(params, arguments, pairs, options, logger, gate_failure, finite) -> int:
+def run_many(params, arguments, pairs, options, logger) -> int:
     """Process every pair; returns the exit status (MPI ranks other than 0 return
     rank 0's status without printing)."""
     comm = mpi_world() if params.mp.method == "mpi" else None
@@ -82,9 +83,11 @@ def run_many(params, arguments, pairs, options, logger, gate_failure, finite) ->
             raise
         return 1
 
+    settings = PairSettings(params.rows, params.statistics.resolution_shells, params.statistics.panel_group_depth,
+                            diagnose=False)  # the precision checks only: no diagnosis per file
     prefix = temporary_prefix() if comm is None else comm.bcast(temporary_prefix(), root=0)
     jobs = [
-        FileJob(i, expt, refl, table, options, prefix, arguments.backend, params.rows)
+        FileJob(i, expt, refl, table, options, prefix, arguments.backend, settings)
         for i, ((expt, refl), table) in enumerate(zip(pairs, tables))
     ]
     if root:
@@ -95,7 +98,7 @@ def run_many(params, arguments, pairs, options, logger, gate_failure, finite) ->
             log_header(logger, "dials.q_consistency", __version__, arguments)
             workers = f"{comm.Get_size()} MPI ranks" if comm else f"{params.nproc} process(es)"
             logger.info(f"{len(pairs)} pairs of files, {workers}")
-        status = _process_and_write(params, jobs, comm, options, logger, gate_failure, finite)
+        status = _process_and_write(params, jobs, comm, options, logger)
     except QConsistencyError as error:
         if root:
             log_to_file_only(logger, f"\nError: {error}")
@@ -121,7 +124,7 @@ def _code(status) -> int:
     return 1 if isinstance(status, BaseException) else int(status)
 
 
-def _process_and_write(params, jobs, comm, options, logger, gate_failure, finite) -> int:
+def _process_and_write(params, jobs, comm, options, logger) -> int:
     root = comm is None or comm.Get_rank() == 0
     progress = Progress(len(jobs) if comm is None else len(jobs[comm.Get_rank()::comm.Get_size()])) if root else None
 
@@ -165,7 +168,7 @@ def _process_and_write(params, jobs, comm, options, logger, gate_failure, finite
                 "files": [file_record(o) for o in outcomes],
                 "images": [{"file": o.index, **image} for o in outcomes for image in o.images],
             }
-            staged.add(params.output.json, (json.dumps(finite(report), indent=1) + "\n").encode())
+            staged.add(params.output.json, json_bytes(report))
         if params.output.per_file_csv:
             staged.add(params.output.per_file_csv, per_file_csv(outcomes))
         if params.output.html:

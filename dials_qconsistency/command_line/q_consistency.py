@@ -2,44 +2,33 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import sys
 
 import libtbx.phil
 
 from dials_qconsistency import __version__
-from dials_qconsistency.io import backends
-from dials_qconsistency.report import html as html_report
-from dials_qconsistency.core.statistics import norm_statistics, row_distances, summarise
 from dials_qconsistency.batch.campaign import FileOutcome, describe
-from dials_qconsistency.core.q_vectors import Options, compute_q, rows_used_in_refinement, with_model_state
-from dials_qconsistency.core.decomposition import decompose
-from dials_qconsistency.core.diagnosis import diagnose
-from dials_qconsistency.errors import GateFailed
-from dials_qconsistency.io.staged import StagedOutputs
-from dials_qconsistency.io.pairing import expand, is_pattern, pair_files
-from dials_qconsistency.report.columns import (
-    OUTPUT_TYPES,
-    decomposition_columns,
-    existing_output_columns,
-    put_columns,
-    q_columns,
-)
 from dials_qconsistency.batch.parallel import threads_per_process
+from dials_qconsistency.core.pipeline import PairSettings, check_pair, load_pair
+from dials_qconsistency.core.q_vectors import Options
+from dials_qconsistency.core.verdict import gate_failure
+from dials_qconsistency.errors import GateFailed
+from dials_qconsistency.io.pairing import expand, is_pattern, pair_files
+from dials_qconsistency.io.staged import StagedOutputs
+from dials_qconsistency.report import html as html_report
 from dials_qconsistency.report.figures import FIGURE_NAMES, plot_path, render_plots
-from dials_qconsistency.core.verdict import centroid_sigma_q, judge, normalised_residual
 from dials_qconsistency.report.text import (
     diagnosis_lines,
     diagnosis_text,
-    verdict_text,
+    json_bytes,
     json_report,
     per_file_csv,
     per_image_csv,
     residuals_text,
     summary_text,
+    verdict_text,
 )
 
 from .many import run_many
@@ -271,77 +260,51 @@ def run(args=None, phil=phil_scope):
         threads=threads_per_process(params.mp.nthreads),
     )
     if len(pairs) > 1 or params.mp.method == "mpi":
-        return run_many(params, arguments, pairs, options, logger, gate_failure, _finite)
+        return run_many(params, arguments, pairs, options, logger)
     ((expt_path, refl_path),) = pairs
     check_output_paths(output_paths(params), [expt_path, refl_path])
 
-    backend = backends.get(arguments.backend)
-    experiments, table = backends.read_pair(backend, expt_path, refl_path)
-    columns = table.columns()
-    options = with_model_state(options, columns)
-    result = compute_q(
-        experiments, columns, table.identifiers, options, path=refl_path, experiments_path=expt_path
-    )
-    about, outliers = rows_used_in_refinement(result, columns.get("flags"), params.rows)
-    table.release_memory()  # the input's columns were read: the results take their place
+    pair = load_pair(arguments.backend, expt_path, refl_path, options, params.rows)
+    settings = PairSettings(params.rows, params.statistics.resolution_shells, params.statistics.panel_group_depth,
+                            diagnose=True, max_reflections=params.diagnosis.max_reflections)
 
     with logged_run(logger, params.output.log, arguments):
         log_header(logger, "dials.q_consistency", __version__, arguments)
-        logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}, {table.nrows} rows from {refl_path}")
+        logger.info(f"Read {len(pair.experiments)} experiment(s) from {expt_path}, {pair.table.nrows} rows from {refl_path}")
         with StagedOutputs() as outputs:
-            parts = decompose(experiments, result, options.threads)
-            writer = None
-            if params.output.reflections:
-                # Written by a thread while the statistics compute on one core
-                # (the decomposition has both): the input's own columns, then the new ones.
-                replaced = existing_output_columns(table)
-                writer = table.begin_write(outputs, params.output.reflections, OUTPUT_TYPES)
-                put_columns(writer, q_columns(result))
-                put_columns(writer, decomposition_columns(parts))
-            summary = summarise(
-                about, experiments, parts, params.statistics.resolution_shells, params.statistics.panel_group_depth
-            )
-            summary.outliers = None if outliers is None else norm_statistics(row_distances(result.q_bragg, result.q_pixel, outliers))
-            diagnoses = diagnose(experiments, about, parts, params.diagnosis.max_reflections)
-            variance = columns.get("xyzobs.mm.variance")
-            verdict = judge(
-                summary, options, diagnoses, centroid_sigma_q(experiments, about, variance),
-                normalised_residual(parts, about, variance) if options.q_pixel_source != "calculated" else None,
-                scan_varying=any(e.is_scan_varying for e in experiments),
-            )
-            summary.verdict = verdict.short
-            logger.info(verdict_text(verdict) + "\n")
-            logger.info(summary_text(summary, options))
-            logger.info(residuals_text(summary))
-            logger.info(diagnosis_text(diagnoses))
-            if writer:
-                if replaced:
-                    logger.info(f"Note: the input already had {', '.join(replaced)}: replaced")
-                writer.finish()
-            figures = stage_reports(params, experiments, table, columns, about, parts, summary, diagnoses, verdict,
-                                    options, (expt_path, refl_path), outputs)
+            checked = check_pair(pair, outputs, params.output.reflections, settings)
+            logger.info(verdict_text(checked.verdict) + "\n")
+            logger.info(summary_text(checked.summary, pair.options))
+            logger.info(residuals_text(checked.summary))
+            logger.info(diagnosis_text(checked.diagnoses))
+            if checked.replaced:
+                logger.info(f"Note: the input already had {', '.join(checked.replaced)}: replaced")
+            figures = stage_reports(params, checked, outputs)
             outputs.commit()
-        log_saved(params, figures, table.nrows)
-        gate = gate_failure(summary.delta_q, params.fail_if, verdict)
+        log_saved(params, figures, pair.table.nrows)
+        gate = gate_failure(checked.summary.delta_q, params.fail_if, checked.verdict)
         if gate:
             logger.info(f"\nfail_if: {gate}")
             raise GateFailed(gate)
     return 0
 
 
-def stage_reports(params, experiments, table, columns, result, parts, summary, diagnoses, verdict, options, inputs,
-                  outputs) -> list:
+def stage_reports(params, checked, outputs) -> list:
     """Stage the HTML and JSON reports, the CSV files and the figures beside the
-    table (``result``: the rows they are about); return the figures' paths."""
+    table (about the rows the statistics are about); return the figures' paths."""
+    pair, summary, diagnoses, verdict, parts = (checked.loaded, checked.summary, checked.diagnoses, checked.verdict,
+                                                checked.parts)
+    experiments, result, columns, options = pair.experiments, pair.about, pair.columns, pair.options
+    inputs = (pair.experiments_path, pair.reflections_path)
     summaries = (params.output.json, params.output.per_file_csv, params.output.per_image_csv)
     if any(summaries):  # the per-file and per-image records of a run over many files
         outcome = FileOutcome(0, inputs[0], inputs[1], params.output.reflections)
-        describe(outcome, experiments, table, result, summary)
+        describe(outcome, experiments, pair.table, result, summary)
     if params.output.json:
         report = {"verdict": verdict.as_dict(),
                   **json_report(summary, diagnoses, options, {"experiments": inputs[0], "reflections": inputs[1]})}
         report["images"] = outcome.images
-        outputs.add(params.output.json, (json.dumps(_finite(report), indent=1) + "\n").encode())
+        outputs.add(params.output.json, json_bytes(report))
     if params.output.per_file_csv:
         outputs.add(params.output.per_file_csv, per_file_csv([outcome]))
     if params.output.per_image_csv:
@@ -378,33 +341,6 @@ def log_saved(params, figures, nrows) -> None:
         logger.info(f"Saved {len(figures)} figures: {', '.join(figures)}")
     if params.output.reflections:
         logger.info(f"\nSaved {nrows} rows with q_bragg, q_pixel, q_pred, delta_q and its parts to {params.output.reflections}")
-
-
-def gate_failure(statistics: dict, bounds, verdict=None) -> str | None:
-    """The first fail_if bound exceeded, as a one-line reason (None if all hold)."""
-    if getattr(bounds, "inconsistent", False) and verdict is not None and verdict.consistent is not True:
-        return f"the verdict is {verdict.short} (fail_if.inconsistent=True): {verdict.headline}"
-    for name, key in (("mean_delta_q", "mean"), ("median_delta_q", "median"), ("max_delta_q", "max")):
-        bound = getattr(bounds, name)
-        if bound is None:
-            continue
-        value = statistics.get(key)
-        if value is None:
-            return f"{name}: no reflection to compare, so the bound {bound:g} cannot be met"
-        if value > bound:
-            return f"{key} |delta_q| = {value:.4g} 1/Angstrom exceeds fail_if.{name}={bound:g}"
-    return None
-
-
-def _finite(value):
-    """JSON has no NaN or infinity: write them as null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def main(args=None):

@@ -180,3 +180,19 @@ def campaign_verdict(merged) -> Verdict:
                              "predictions to numerical precision (the diagnosis is made for one pair at a time)")
     return Verdict(False, f"INCONSISTENT: {merged.verdict} (the files marked inconsistent in the table and the CSV)",
                    [merged.verdict])
+
+
+def gate_failure(statistics: dict, bounds, verdict=None) -> str | None:
+    """The first fail_if bound exceeded, as a one-line reason (None if all hold)."""
+    if getattr(bounds, "inconsistent", False) and verdict is not None and verdict.consistent is not True:
+        return f"the verdict is {verdict.short} (fail_if.inconsistent=True): {verdict.headline}"
+    for name, key in (("mean_delta_q", "mean"), ("median_delta_q", "median"), ("max_delta_q", "max")):
+        bound = getattr(bounds, name)
+        if bound is None:
+            continue
+        value = statistics.get(key)
+        if value is None:
+            return f"{name}: no reflection to compare, so the bound {bound:g} cannot be met"
+        if value > bound:
+            return f"{key} |delta_q| = {value:.4g} 1/Angstrom exceeds fail_if.{name}={bound:g}"
+    return None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 from dials_qconsistency.core.statistics import S1_NEITHER, S1_OBSERVED, S1_PREDICTED, Summary
 
 
@@ -303,3 +306,19 @@ def per_image_csv(outcomes) -> bytes:
             rows.append([o.index, o.reflections, image["experiment"], image["identifier"], image["image"]]
                         + [image[name] for name in STATISTIC_NAMES])
     return _csv(header, rows)
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_bytes(report: dict) -> bytes:
+    """The JSON report as written: indented, NaN and infinity as null."""
+    return (json.dumps(_finite(report), indent=1) + "\n").encode()

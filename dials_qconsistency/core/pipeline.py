@@ -1,0 +1,116 @@
+"""The one-pair pipeline, written once: the single-pair command, the worker
+processes of a run over many files and the MPI ranks all call it.
+
+Two steps, so that bad input is refused before any file exists:
+
+* :func:`load_pair` reads the ``.expt`` and the ``.refl`` (with the backend
+  chosen), computes q_bragg, q_pixel and q_pred for every row and picks the
+  rows the statistics are about; it writes nothing.
+* :func:`check_pair` decomposes Δq, writes the output table (staged, by a
+  thread while the rest computes), summarises, diagnoses and judges.
+
+All vectors are lab frame, Å⁻¹, no 2π.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dials_qconsistency.core.decomposition import decompose
+from dials_qconsistency.core.diagnosis import MAX_REFLECTIONS, diagnose
+from dials_qconsistency.core.q_vectors import Options, compute_q, rows_used_in_refinement, with_model_state
+from dials_qconsistency.core.statistics import norm_statistics, row_distances, summarise
+from dials_qconsistency.core.verdict import centroid_sigma_q, judge, normalised_residual
+from dials_qconsistency.io import backends
+from dials_qconsistency.report.columns import (
+    OUTPUT_TYPES,
+    decomposition_columns,
+    existing_output_columns,
+    put_columns,
+    q_columns,
+)
+
+
+@dataclass
+class PairSettings:
+    """What a pair is checked for (mirrors the command's PHIL parameters)."""
+
+    rows: str = "used_in_refinement"  # the rows the statistics are about: used_in_refinement | indexed
+    resolution_shells: int = 10
+    panel_group_depth: int = 1
+    diagnose: bool = True  # fit and name mistakes (a run over many files does not, per file)
+    max_reflections: int = MAX_REFLECTIONS  # the diagnosis' sample per scope (0: all)
+
+
+@dataclass
+class LoadedPair:
+    """A pair read and its q vectors computed; nothing written yet."""
+
+    experiments_path: str
+    reflections_path: str
+    experiments: object  # model.experiment.ExperimentList
+    table: object  # the backend's table (columns, identifiers, begin_write)
+    columns: dict  # column name -> numpy array
+    options: Options  # model_state=auto resolved for this table
+    result: object  # q_vectors.QResult of every row
+    about: object  # the QResult the statistics are about (outliers marked not used)
+    outliers: object  # row numbers left out as refinement outliers, or None
+
+
+@dataclass
+class CheckedPair:
+    """Everything the reports need of one pair."""
+
+    loaded: LoadedPair
+    parts: object  # decomposition.Decomposition
+    summary: object  # statistics.Summary, its verdict set
+    diagnoses: list  # diagnosis.Diagnosis per scope ([] without the diagnosis)
+    verdict: object  # verdict.Verdict
+    replaced: list  # q columns the input already had (replaced in the output table)
+
+
+def load_pair(backend_name: str, experiments_path: str, reflections_path: str, options: Options,
+              rows: str = "used_in_refinement") -> LoadedPair:
+    """Read a pair and compute its q vectors; raises QConsistencyError naming
+    the file on bad input. The input table's pages are released afterwards."""
+    backend = backends.get(backend_name)
+    experiments, table = backends.read_pair(backend, experiments_path, reflections_path)
+    columns = table.columns()
+    options = with_model_state(options, columns)
+    result = compute_q(experiments, columns, table.identifiers, options, path=reflections_path,
+                       experiments_path=experiments_path)
+    about, outliers = rows_used_in_refinement(result, columns.get("flags"), rows)
+    table.release_memory()  # the input's columns were read: the results take their place
+    return LoadedPair(experiments_path, reflections_path, experiments, table, columns, options, result, about,
+                      outliers)
+
+
+def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: PairSettings) -> CheckedPair:
+    """Decompose, write ``output_table`` into ``staged`` (None: no table),
+    summarise, diagnose and judge one loaded pair."""
+    experiments, result, about, options = pair.experiments, pair.result, pair.about, pair.options
+    parts = decompose(experiments, result, options.threads)
+    writer, replaced = None, []
+    if output_table:
+        # Written by a thread while the statistics compute on one core
+        # (the decomposition has both): the input's own columns, then the new ones.
+        replaced = existing_output_columns(pair.table)
+        writer = pair.table.begin_write(staged, output_table, OUTPUT_TYPES)
+        put_columns(writer, q_columns(result))
+        put_columns(writer, decomposition_columns(parts))
+    summary = summarise(about, experiments, parts, settings.resolution_shells, settings.panel_group_depth)
+    if pair.outliers is not None:
+        summary.outliers = norm_statistics(row_distances(result.q_bragg, result.q_pixel, pair.outliers))
+    diagnoses, sigma_q, normalised = [], None, None
+    if settings.diagnose:
+        diagnoses = diagnose(experiments, about, parts, settings.max_reflections)
+        variance = pair.columns.get("xyzobs.mm.variance")
+        sigma_q = centroid_sigma_q(experiments, about, variance)
+        if options.q_pixel_source != "calculated":
+            normalised = normalised_residual(parts, about, variance)
+    verdict = judge(summary, options, diagnoses if settings.diagnose else None, sigma_q, normalised,
+                    scan_varying=any(e.is_scan_varying for e in experiments))
+    summary.verdict = verdict.short
+    if writer:
+        writer.finish()
+    return CheckedPair(pair, parts, summary, diagnoses, verdict, replaced)
