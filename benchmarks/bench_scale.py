@@ -76,7 +76,8 @@ def io_floor_output(expt, refl, out):
     """The I/O floor of the output: read the table and write it back with the
     command's new columns (zeros, nothing computed), so the same bytes."""
     from dials_qconsistency.report.columns import OUTPUT_TYPES
-    from dials_qconsistency.io.refl import ReflectionTable, row_bytes
+    from dials_qconsistency.io.refl import ReflectionTable
+    from dials_qconsistency.io.refl_format import row_bytes
 
     start = time.perf_counter()
     table = ReflectionTable.from_file(refl)

@@ -11,7 +11,8 @@ import pytest
 from dials_qconsistency.core.q_vectors import compute_q
 from dials_qconsistency.core.decomposition import decompose
 from dials_qconsistency.core.statistics import sample_rows
-from dials_qconsistency.core.diagnosis import axis_angle, diagnose, hkl_expression, kabsch, reindexing_operator
+from dials_qconsistency.core.diagnosis import diagnose
+from dials_qconsistency.core.fits import axis_angle, hkl_expression, kabsch, reindexing_operator
 from dials_qconsistency.io.expt import experiments_from_dict
 from simulation.gallery import all_cases
 

@@ -25,7 +25,8 @@ from dials_qconsistency.core.diagnosis import diagnose
 from dials_qconsistency.errors import QConsistencyError
 from dials_qconsistency.io.expt import experiments_from_bytes, read_experiments
 from dials_qconsistency.report.columns import add_columns
-from dials_qconsistency.io.refl import FIXED_TYPES, OPAQUE_TYPES, ReflectionTable
+from dials_qconsistency.io.refl import ReflectionTable
+from dials_qconsistency.io.refl_format import FIXED_TYPES, OPAQUE_TYPES
 from dials_qconsistency.report.text import diagnosis_text, json_report, residuals_text, summary_text
 from conftest import SHARED_DATA
 

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.errors import QConsistencyError
-from dials_qconsistency.io import refl as reflection_table
+from dials_qconsistency.io import refl_writer
 from dials_qconsistency.io.staged import StagedOutputs
 from dials_qconsistency.report.columns import OUTPUT_TYPES
-from dials_qconsistency.io.refl import ColumnBlocks, ReflectionTable, row_bytes
+from dials_qconsistency.io.refl import ReflectionTable
+from dials_qconsistency.io.refl_format import row_bytes
+from dials_qconsistency.io.refl_writer import ColumnBlocks
 from conftest import SHARED_DATA
 
 
@@ -145,7 +147,7 @@ def test_a_full_disk_while_copying_is_a_one_line_error_naming_the_output(shared,
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(reflection_table, "_copy_range", full)
+    monkeypatch.setattr(refl_writer, "_copy_range", full)
     table = ReflectionTable.from_file(shared("quartz_processed", "refined.refl"))
     out = str(tmp_path / "out.refl")
     with pytest.raises(QConsistencyError) as error:

@@ -32,7 +32,8 @@ import numpy as np
 from dials_qconsistency.model import experiment as models
 from dials_qconsistency.errors import OtherTableFormat, QConsistencyError
 from dials_qconsistency.io.expt import hierarchy_groups, read_experiments_and_document
-from dials_qconsistency.io.refl import ReflectionTable, column_values
+from dials_qconsistency.io.refl import ReflectionTable
+from dials_qconsistency.io.refl_writer import column_values
 
 #: The columns the numpy core reads (table_checks.COLUMN_SHAPES), taken from the flex table.
 CORE_COLUMNS = ("id", "panel", "miller_index", "s1", "xyzcal.mm", "xyzobs.mm.value", "xyzobs.px.value",
@@ -214,7 +215,7 @@ class NativeTable:
 
 
 class _WriteWhenFinished:
-    """The interface of reflection_table.TableWriter over a NativeTable."""
+    """The interface of refl_writer.TableWriter over a NativeTable."""
 
     def __init__(self, table, write):
         self.table = table

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from dials_qconsistency.core import geometry
-from dials_qconsistency.io.refl import ColumnBlocks
+from dials_qconsistency.io.refl_writer import ColumnBlocks
 
 #: Column name -> DIALS type name, in the order of the table above.
 OUTPUT_TYPES = {

@@ -1,0 +1,181 @@
+"""The diagnosis' findings in words: a fitted scale, rotation, mirror or
+detector change named as the mistake a crystallographer makes (2π units, a
+wavelength or cell error, a missing goniometer rotation, a sign flip, a
+reindexing, a detector distance, beam centre or tilt), with its size.
+Lab frame, Å⁻¹, mm, degrees.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from dials_qconsistency.core import geometry
+from dials_qconsistency.core.fits import LAB_AXES, axis_angle, hkl_expression, lab_axis_name, reindexing_operator, same_rotation
+
+#: Below this RMS |Δq| (Å⁻¹) the model is consistent to rounding.
+ROUNDING = 1e-9
+
+
+MIN_ANGLE_DEG = 0.005
+
+
+MIN_SCALE = 1e-5
+
+
+MIN_SHIFT_MM = 0.002
+
+
+MIN_TILT_DEG = 0.01
+
+
+TILT_OFFSET_RATIO = 0.25
+
+
+@dataclass
+class Finding:
+    mistake: str  # a stable key, e.g. "sign_flip", "two_pi", "beam_centre_shift"
+    message: str
+    size: dict
+
+
+def name_scale(fit, experiment) -> Finding:
+    s = fit["scale"]
+    two_pi = 2 * math.pi
+    if abs(s / two_pi - 1) < 0.005:
+        return Finding("two_pi", f"q_pixel = {s:.4f} × q_bragg: a factor 2π (q_bragg lacks it, or q_pixel has it)", {"scale": s})
+    if abs(s * two_pi - 1) < 0.005:
+        return Finding("two_pi", f"q_pixel = q_bragg / {1 / s:.4f}: a factor 2π (q_bragg has it, or q_pixel lacks it)", {"scale": s})
+    size = {"scale": s}
+    text = f"an isotropic scale q_pixel = {s:.5f} × q_bragg: a wrong wavelength or cell"
+    if experiment is not None and experiment.beam is not None:
+        size["wavelength_fit"] = s * experiment.beam.wavelength
+        size["wavelength_model"] = experiment.beam.wavelength
+        text += f" (the spots fit λ = {s * experiment.beam.wavelength:.5f} Å, the model has {experiment.beam.wavelength:.5f} Å)"
+    return Finding("wavelength_or_cell_scale", text, size)
+
+
+def name_rotation(key, fit, experiment):
+    m = np.array(fit["matrix"])
+    axis, angle = np.array(fit["axis"]), fit["angle_deg"]
+    size = {"angle_deg": angle, "axis": axis.tolist()}
+    lab_axis = lab_axis_name(axis)
+    frame = "lab" if key.endswith("_lab") else "scan_undone"
+    rotation_data = experiment is not None and experiment.is_rotation
+    crystal = experiment.crystal if experiment is not None else None
+
+    if key.startswith("mirror"):
+        if frame == "scan_undone" or not rotation_data:
+            k = _reindex_in_crystal_frame(m, experiment, frame) if crystal is not None else None
+            if k is not None:
+                return Finding("reindexing", f"Miller indices in an inverted setting: reindex with h,k,l -> {hkl_expression(k)}", {**size, "operator": hkl_expression(k)})
+        if lab_axis and abs(angle - 180) < 1.0 and frame == "lab":
+            return Finding("sign_flip", f"sign flip of lab {lab_axis}: q_pixel is q_bragg mirrored through the plane normal to {lab_axis}", {"axis": lab_axis, "angle_deg": angle})
+        return Finding("mirror", f"a mirror (handedness) error: reflection through the plane normal to {_vec(axis)}", size)
+
+    if crystal is not None and (frame == "scan_undone" or not rotation_data):
+        k = _reindex_in_crystal_frame(m, experiment, frame)
+        if k is not None:
+            return Finding(
+                "reindexing",
+                f"Miller indices in a symmetry-equivalent setting ({angle:.1f}° about {_vec(axis)}): "
+                f"reindex the table with h,k,l -> {hkl_expression(k)}",
+                {**size, "operator": hkl_expression(k)},
+            )
+    if lab_axis and frame == "lab" and min(abs(angle - a) for a in (90, 180)) < 0.5:
+        return Finding(
+            "lab_axis_rotation",
+            f"a constant {angle:.1f}° rotation about lab {lab_axis} (sign {'+' if axis @ LAB_AXES[lab_axis] > 0 else '-'}): "
+            "a frame transform (such as goniometer to lab) applied where it should not be, or missing",
+            {**size, "lab_axis": lab_axis, "signed_angle_deg": angle * float(np.sign(axis @ LAB_AXES[lab_axis]))},
+        )
+    if not rotation_data:
+        return Finding("crystal_orientation", f"the crystal orientation is off by {angle:.3f}° about lab {_vec(axis)}", size)
+    gonio = experiment.goniometer
+    S, F = gonio.setting_rotation, gonio.fixed_rotation
+    if frame == "lab":
+        if not np.allclose(S, np.eye(3)) and same_rotation(m @ S, np.eye(3), max(0.05, 0.01 * angle)):
+            return Finding("extra_setting_rotation", f"an extra goniometer setting rotation: the model's S ({angle:.3f}° about {_vec(axis)}) should be the identity", size)
+        if np.allclose(S, np.eye(3)):
+            return Finding("missing_setting_rotation", f"a missing goniometer setting rotation: the data fit S = {angle:.3f}° about {_vec(axis)}", size)
+        return Finding("setting_rotation", f"a wrong goniometer setting rotation: the data fit S' = M·S, M = {angle:.3f}° about {_vec(axis)}", size)
+    datum = S.T @ m @ S  # the same rotation in the goniometer datum frame
+    datum_axis, _ = axis_angle(datum)
+    size = {"angle_deg": angle, "axis": datum_axis.tolist(), "frame": "goniometer datum"}
+    if not np.allclose(F, np.eye(3)) and same_rotation(datum @ F, np.eye(3), max(0.05, 0.01 * angle)):
+        return Finding("extra_fixed_rotation", f"an extra goniometer fixed rotation: the model's F ({angle:.3f}°) should be the identity", size)
+    if np.allclose(F, np.eye(3)) and gonio.kind == "multi-axis":
+        return Finding("missing_fixed_rotation", f"a missing goniometer fixed rotation: the data fit F = {angle:.3f}° about {_vec(datum_axis)} (datum frame)", size)
+    return Finding("crystal_orientation", f"the crystal orientation (U) is off by {angle:.3f}° about {_vec(datum_axis)} (goniometer datum frame), or F is wrong", size)
+
+
+def _reindex_in_crystal_frame(m, experiment, frame):
+    crystal = experiment.crystal
+    if frame == "scan_undone":
+        S, F = experiment.goniometer.setting_rotation, experiment.goniometer.fixed_rotation
+        m = F.T @ S.T @ m @ S @ F
+    return reindexing_operator(crystal.A, m)
+
+
+def tilt_matters(p, panel) -> bool:
+    """Is a fitted tilt a cause of its own: significant, and moving the panel's edge
+    (half its diagonal from the centre) by a quarter of the fitted origin offset or
+    more? (A small tilt fitted on a panel moved by millimetres is the fit's noise.)"""
+    if p["tilt_deg"] <= MIN_TILT_DEG:
+        return False
+    half_diagonal = 0.5 * float(np.linalg.norm(np.asarray(panel.image_size) * np.asarray(panel.pixel_size)))
+    return math.radians(p["tilt_deg"]) * half_diagonal >= TILT_OFFSET_RATIO * float(np.linalg.norm(p["origin_offset_mm"]))
+
+
+def name_detector(fit, detector, beam_s0) -> list[Finding]:
+    panels = fit["panels"]
+    findings = []
+    tilted = {i: p for i, p in panels.items() if tilt_matters(p, detector.panels[i])}
+    flat = {i: p for i, p in panels.items() if i not in tilted}
+    if tilted and (flat or len(panels) == 1):
+        for i, p in tilted.items():
+            findings.append(
+                Finding(
+                    "tilted_panel",
+                    f"panel {i} ({p['name']}) is tilted by {p['tilt_deg']:.3f}° in the model relative to where its spots put it",
+                    {"panel": i, "tilt_deg": p["tilt_deg"], "axis_fast_slow": p["tilt_axis_fast_slow"]},
+                )
+            )
+    if tilted and not flat and len(panels) > 1:
+        tilts = [p["tilt_deg"] for p in tilted.values()]
+        findings.append(Finding("detector_tilt", f"every panel is tilted by {np.mean(tilts):.3f}°", {"tilt_deg": float(np.mean(tilts))}))
+    if not flat:
+        return findings
+    offsets = np.array([p["origin_offset_mm"] for p in flat.values()])
+    mean_offset = offsets.mean(axis=0)
+    uniform = np.abs(offsets - mean_offset).max() < max(MIN_SHIFT_MM, 0.02 * np.linalg.norm(mean_offset))
+    if not uniform:
+        for i, p in flat.items():
+            if np.linalg.norm(p["origin_offset_mm"]) > MIN_SHIFT_MM:
+                findings.append(Finding("panel_shift", f"panel {i} ({p['name']}) is displaced by {_vec(p['origin_offset_mm'])} mm (model - data, lab)", {"panel": i, "offset_mm": p["origin_offset_mm"]}))
+        return findings
+    # one translation t of the whole detector: along the beam it is a distance error, across it a beam-centre shift
+    along_beam = geometry.unit(beam_s0)
+    distance = float(mean_offset @ along_beam)
+    across = mean_offset - distance * along_beam
+    if abs(distance) > MIN_SHIFT_MM:
+        findings.append(Finding("detector_distance", f"the detector distance is off by {distance:+.3f} mm (model - data)", {"distance_mm": distance}))
+    if np.linalg.norm(across) > MIN_SHIFT_MM:
+        first = detector.panels[next(iter(flat))]
+        beam_centre = [-float(across @ first.fast), -float(across @ first.slow)]
+        findings.append(
+            Finding(
+                "beam_centre_shift",
+                f"the detector is shifted across the beam by {_vec(across)} mm (lab, model - data): the beam centre "
+                f"is off by ({beam_centre[0]:+.3f}, {beam_centre[1]:+.3f}) mm along panel {next(iter(flat))}'s (fast, slow)",
+                {"offset_lab_mm": across.tolist(), "beam_centre_mm": beam_centre},
+            )
+        )
+    return findings
+
+
+def _vec(v, spec=".3f") -> str:
+    return "(" + ", ".join(format(float(x), spec) for x in v) + ")"
+

@@ -1,0 +1,141 @@
+"""Fitting primitives of the diagnosis: the best rotation or mirror (Kabsch),
+axis and angle, an isotropic scale, a panel frame from spots (direct linear
+fit), a reindexing operator, and a rotation refined on the spots themselves.
+Lab frame, Å⁻¹ and mm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from dials_qconsistency.core import geometry
+
+MIN_PANEL_ROWS = 8
+
+
+LAB_AXES = {"X": np.array([1.0, 0, 0]), "Y": np.array([0, 1.0, 0]), "Z": np.array([0, 0, 1.0])}
+
+
+def kabsch(p, q, proper=True) -> np.ndarray:
+    """Orthogonal M minimising Σ|M·p - q|²: det +1 (proper) or -1 (improper)."""
+    u, _, vt = np.linalg.svd(np.asarray(p).T @ np.asarray(q))
+    d = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
+    return vt.T @ np.diag([1.0, 1.0, d if proper else -d]) @ u.T
+
+
+def axis_angle(rotation) -> tuple[np.ndarray, float]:
+    """Unit axis and angle (degrees, 0..180) of a proper rotation matrix."""
+    r = np.asarray(rotation)
+    w = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
+    cos_angle = np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0)
+    sin_angle = np.linalg.norm(w) / 2.0
+    angle = math.degrees(math.atan2(sin_angle, cos_angle))
+    if sin_angle > 1e-6:
+        return w / np.linalg.norm(w), angle
+    if cos_angle > 0:
+        return np.array([0.0, 0.0, 1.0]), angle
+    outer = (r + np.eye(3)) / 2.0  # = a·aᵀ for a half turn
+    column = outer[:, int(np.argmax(np.diag(outer)))]
+    return column / np.linalg.norm(column), 180.0
+
+
+def scale_fit(p, q) -> float:
+    """s minimising Σ|s·p - q|²."""
+    return float(np.sum(p * q) / np.sum(p * p))
+
+
+def vector_rms(vectors) -> float:
+    return float(np.sqrt(np.mean(np.sum(np.asarray(vectors) ** 2, axis=-1))))
+
+
+def lab_axis_name(axis, tolerance_deg=1.0) -> str | None:
+    for name, lab in LAB_AXES.items():
+        if math.degrees(math.acos(min(1.0, abs(float(axis @ lab))))) < tolerance_deg:
+            return name
+    return None
+
+
+def same_rotation(a, b, tolerance_deg=0.05) -> bool:
+    return axis_angle(a @ b.T)[1] < tolerance_deg
+
+
+def reindexing_operator(A, rotation_in_A_frame) -> np.ndarray | None:
+    """Integer K with A·K = M·A (M a rotation or mirror in the frame of A): h_true = K·h_table."""
+    k = np.linalg.inv(A) @ rotation_in_A_frame @ A
+    rounded = np.round(k)
+    if np.abs(k - rounded).max() < 0.02 and abs(abs(np.linalg.det(rounded)) - 1) < 1e-6 and not np.allclose(rounded, np.eye(3)):
+        return rounded.astype(int)
+    return None
+
+
+def hkl_expression(k) -> str:
+    """'k,h,-l'-style text for h' = K·h (h, k, l of the table)."""
+    letters = "hkl"
+    terms = []
+    for row in np.asarray(k, dtype=int):
+        text = ""
+        for coefficient, letter in zip(row, letters):
+            if coefficient == 0:
+                continue
+            sign = "-" if coefficient < 0 else ("+" if text else "")
+            magnitude = "" if abs(coefficient) == 1 else str(abs(coefficient))
+            text += f"{sign}{magnitude}{letter}"
+        terms.append(text or "0")
+    return ",".join(terms)
+
+
+def fit_panel(xy_mm, rays) -> np.ndarray | None:
+    """The panel frame D = [fast | slow | origin] with D·(x, y, 1) ∥ ray (direct linear fit).
+
+    Points are normalised first (Hartley); |fast| and |slow| average to 1 so
+    that D is in mm. Returns None for too few or degenerate points.
+    """
+    xy = np.asarray(xy_mm, dtype=float)
+    if len(xy) < MIN_PANEL_ROWS:
+        return None
+    centre = xy.mean(axis=0)
+    spread = np.sqrt(np.mean(np.sum((xy - centre) ** 2, axis=1))) or 1.0
+    t = np.array([[1 / spread, 0, -centre[0] / spread], [0, 1 / spread, -centre[1] / spread], [0, 0, 1.0]])
+    u = np.column_stack([xy, np.ones(len(xy))]) @ t.T
+    r = geometry.unit(rays)
+    zero = np.zeros_like(u)
+    rows = np.concatenate(
+        [
+            np.hstack([zero, r[:, 2:3] * u, -r[:, 1:2] * u]),
+            np.hstack([-r[:, 2:3] * u, zero, r[:, 0:1] * u]),
+            np.hstack([r[:, 1:2] * u, -r[:, 0:1] * u, zero]),
+        ]
+    )
+    _, singular, vt = np.linalg.svd(rows, full_matrices=False)
+    if singular[-2] < 1e-9 * singular[0]:
+        return None
+    d = vt[-1].reshape(3, 3) @ t
+    d /= 0.5 * (np.linalg.norm(d[:, 0]) + np.linalg.norm(d[:, 1]))
+    if np.mean(geometry.rowdot(geometry.matvec(d, np.column_stack([xy, np.ones(len(xy))])), r)) < 0:
+        d = -d
+    return d
+
+
+def refine_map(matrix, spot_residuals, iterations=8):
+    """Gauss-Newton on a small rotation ω: M = M0·R(ω) minimising |spot_residuals(M)|².
+
+    Kabsch fits lattice points; spots constrain a rotation differently (a turn
+    in the scattering plane moves Δψ, not the spot), so the map is refined on
+    the spots themselves.
+    """
+    m = np.asarray(matrix, dtype=float)
+    step = 1e-7
+    for _ in range(iterations):
+        f0 = spot_residuals(m)
+        jacobian = np.column_stack(
+            [(spot_residuals(m @ geometry.rotation_matrix(axis, step)) - f0) / step for axis in np.eye(3)]
+        )
+        omega = np.linalg.lstsq(jacobian, -f0, rcond=None)[0]
+        angle = float(np.linalg.norm(omega))
+        if angle < 1e-13:
+            break
+        m = m @ geometry.rotation_matrix(omega / angle, angle)
+    return m
+

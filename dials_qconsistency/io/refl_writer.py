@@ -1,0 +1,188 @@
+"""Write a reflection table while the program computes.
+
+Every piece of the output has a known place in the file before any value is
+computed, so :class:`TableWriter` copies the unchanged columns from the input
+file in the kernel (``copy_file_range``) on a thread, and writes each new
+column into its place when it is handed over, whole or a block of rows at a
+time (:class:`ColumnBlocks`). The bytes are those of a write in one go.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+
+import numpy as np
+
+from dials_qconsistency.core.blocks import row_blocks
+from dials_qconsistency.errors import QConsistencyError
+from dials_qconsistency.io.refl_format import FIXED_TYPES, SourceFile, row_bytes
+
+#: Unchanged columns are copied in pieces of this size, so that a cancelled
+#: write stops soon.
+COPY_BYTES = 1 << 28
+
+
+def _write_at(descriptor: int, payload, at: int) -> None:
+    view = memoryview(payload).cast("B")
+    while view:
+        written = os.pwrite(descriptor, view[: 1 << 30], at)
+        view = view[written:]
+        at += written
+
+
+def _copy_range(source: SourceFile, offset: int, length: int, descriptor: int, at: int, stop=None) -> None:
+    """Copy ``length`` bytes at ``offset`` of the source file to ``at`` in
+    ``descriptor`` in the kernel; through memory where the kernel cannot."""
+    done = 0
+    try:
+        while done < length and not (stop and stop.is_set()):
+            copied = os.copy_file_range(source.descriptor, descriptor, min(length - done, COPY_BYTES),
+                                        offset + done, at + done)
+            if copied == 0:
+                raise OSError("copy_file_range copied nothing")
+            done += copied
+    except (AttributeError, OSError):  # an old kernel or Python, another file system
+        _write_at(descriptor, memoryview(source.map)[offset + done: offset + length], at + done)
+
+
+def write_pieces(layout, descriptor: int, changed: bool, stop=None, names=None) -> None:
+    """Write the pieces of ``layout`` ((offset, piece) pairs) at their places:
+    the framing and unchanged columns, or (``changed``) the new columns (those
+    in ``names`` if given)."""
+    for at, piece in layout:
+        if stop and stop.is_set():
+            return
+        if isinstance(piece, bytes):
+            if not changed:
+                _write_at(descriptor, piece, at)
+            continue
+        name, column = piece
+        if column.changed != changed or (names is not None and name not in names):
+            continue
+        if column.blob is None:
+            raise RuntimeError(f"the reserved column {name} was never given its values")
+        if column.source is not None and not column.changed:
+            _copy_range(column.source, column.offset, column.nbytes, descriptor, at, stop)
+        else:
+            _write_at(descriptor, column.blob, at)
+
+
+class ColumnBlocks:
+    """A column's values made a block of rows at a time, never held whole:
+    ``make(rows)`` gives the values of the rows in the slice ``rows``; blocks of
+    ``rows_per_block`` rows (None: :data:`blocks.BLOCK_ROWS`)."""
+
+    def __init__(self, make, rows_per_block: int | None = None):
+        self.make = make
+        self.rows_per_block = rows_per_block
+
+    def blocks(self, nrows: int):
+        """(rows, values) for consecutive slices covering ``range(nrows)``."""
+        for rows in row_blocks(nrows, self.rows_per_block):
+            yield rows, self.make(rows)
+
+    def whole(self, nrows: int) -> np.ndarray:
+        pieces = self.blocks(nrows)
+        rows, first = next(pieces, (slice(0, 0), np.asarray(self.make(slice(0, 0)))))
+        first = np.asarray(first)
+        values = np.empty((nrows,) + first.shape[1:], dtype=first.dtype)
+        values[rows] = first
+        for rows, block in pieces:
+            values[rows] = block
+        return values
+
+
+def column_values(values, nrows: int):
+    """An array of a column's values: ``values`` itself, or a ColumnBlocks made whole."""
+    return values.whole(nrows) if isinstance(values, ColumnBlocks) else values
+
+
+class TableWriter:
+    """A table being written into a staged file while the program computes.
+
+    Its layout is fixed when it starts: every new column has its place. A
+    thread writes the framing and copies the unchanged columns at once, then
+    each new column as it is handed over (:meth:`put`), whole or a block of
+    rows at a time; :meth:`finish` writes any new column set in the table
+    meanwhile. The bytes are those of a write in one go.
+    """
+
+    def __init__(self, table, outputs, path: str, new_columns):
+        self._table = table
+        self._path = path
+        self._layout = table._layout()
+        self._places = {piece[0]: at for at, piece in self._layout if not isinstance(piece, bytes)}
+        self._new = set(new_columns)
+        self._written = set()
+        self._queue = queue.SimpleQueue()
+        self._descriptor = os.open(outputs.reserve(path), os.O_WRONLY)
+        self._stop = threading.Event()
+        self._error = None
+        self._thread = threading.Thread(target=self._write, name="table writer", daemon=True)
+        outputs.on_abort(self.cancel)
+        self._thread.start()
+
+    def put(self, name: str, type_name: str, values) -> None:
+        """Hand over a new column: an array (kept in the table as well) or a
+        :class:`ColumnBlocks` (written block by block, never whole)."""
+        if name not in self._new:
+            raise RuntimeError(f"column {name} has no place kept in the table being written")
+        if not isinstance(values, ColumnBlocks):
+            self._table.set_column(name, type_name, values)
+            values = self._table._columns[name].blob
+        self._queue.put((name, type_name, values))
+
+    def _write(self) -> None:
+        try:
+            write_pieces(self._layout, self._descriptor, changed=False, stop=self._stop)
+            for name, type_name, values in iter(self._queue.get, None):
+                if self._stop.is_set():
+                    return
+                at = self._places[name]
+                if isinstance(values, ColumnBlocks):
+                    dtype, shape = FIXED_TYPES[type_name]
+                    width = row_bytes(type_name)
+                    for rows, block in values.blocks(self._table.nrows):
+                        if self._stop.is_set():
+                            return
+                        block = np.ascontiguousarray(block, dtype=dtype)
+                        if block.shape != (rows.stop - rows.start,) + shape:
+                            raise RuntimeError(f"column {name}: a block of shape {block.shape}")
+                        _write_at(self._descriptor, block, at + rows.start * width)
+                else:
+                    _write_at(self._descriptor, values, at)
+                self._written.add(name)
+        except BaseException as error:  # raised by finish
+            self._error = error
+
+    def finish(self) -> None:
+        """Wait for the thread, write the new columns set in the table but not
+        handed over; errors name the file."""
+        self._queue.put(None)
+        self._thread.join()
+        try:
+            if self._error is not None:
+                raise self._error
+            layout = self._table._layout()
+            if [at for at, _ in layout] != [at for at, _ in self._layout]:
+                raise RuntimeError("the table's columns changed after its layout was fixed")
+            write_pieces(layout, self._descriptor, changed=True, names=self._new - self._written)
+        except OSError as error:
+            raise QConsistencyError(f"cannot be written ({error.strerror})", self._path) from None
+        finally:
+            self._close()
+
+    def cancel(self) -> None:
+        """Stop the thread (the run failed); the staged file is removed."""
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join()
+        self._close()
+
+    def _close(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
