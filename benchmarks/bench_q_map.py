@@ -164,7 +164,7 @@ def measure(case, name, repeat):
         def once():
             from dials_qconsistency.command_line import q_map
 
-            q_map.run([expt, f"output.hdf5={folder}/q_map.h5", f"output.log={folder}/q_map.log", "nproc=2"])
+            q_map.run([expt, f"output.hdf5={folder}/q_map.h5", f"output.log={folder}/q_map.log", "mp.nthreads=2"])
     else:
         names, dtype = {"q": (["q"], np.float32), "q_norm": (["q_norm"], np.float64)}[case]
 

@@ -94,7 +94,7 @@ def stages(expt, refl, out):
     from dials_qconsistency.core.q_vectors import Options, compute_q
     from dials_qconsistency.core.decomposition import decompose
     from dials_qconsistency.io.expt import read_experiments
-    from dials_qconsistency.report.columns import add_columns
+    from dials_qconsistency.report.columns import output_columns
     from dials_qconsistency.io.refl import ReflectionTable
 
     t0 = time.perf_counter()
@@ -104,7 +104,8 @@ def stages(expt, refl, out):
     result = compute_q(experiments, table.columns(), table.identifiers, Options())
     parts = decompose(experiments, result)
     summarise(result, experiments, parts)
-    add_columns(table, result, parts)
+    for name, (type_name, values) in output_columns(result, parts).items():
+        table.set_column(name, type_name, values)
     t2 = time.perf_counter()
     table.write(out)
     t3 = time.perf_counter()

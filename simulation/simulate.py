@@ -26,7 +26,7 @@ from dials_qconsistency.core.geometry import (
     matvec,
     millimetre_to_pixel,
     panel_intersection,
-    rotate_about,
+    rotate_about_axes,
     rotation_matrix,
     stills_rotation,
 )
@@ -321,7 +321,7 @@ def simulate_stills(seed=2, n_crystals=3, d_min=2.0, tolerance=0.003, noise_mm=0
         hkl, r = hkl[near], r[near]
         # rotate each r in the (s0, r) plane onto the sphere: the DIALS stills prediction
         delpsi_all, psi_axis = stills_rotation(r, s0)
-        r_on_sphere = rotate_about(r, psi_axis, delpsi_all)
+        r_on_sphere = rotate_about_axes(r, psi_axis, delpsi_all)
         s1 = s0 + r_on_sphere
         panel, xy = intersect_panels(s1, panels)
         keep = panel >= 0

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.io import backends
-from dials_qconsistency.core.panels import panel_millimetres
+from dials_qconsistency.core.panels import panel_pixel_to_millimetre
 from dials_qconsistency.core.q_vectors import Options, compute_q
 from dials_qconsistency.core.geometry import pixel_to_millimetre
 from conftest import EXAMPLES, REPO_ROOT, load
@@ -110,7 +110,7 @@ def test_per_panel_pixel_mapping_callables_are_used_row_by_panel(shared):
     detector = experiments[0].detector
     rows = table.get("panel").astype(np.int64)
     xy_px = table.get("xyzobs.px.value")[:, :2]
-    expected = panel_millimetres(detector, rows, xy_px)
+    expected = panel_pixel_to_millimetre(detector, rows, xy_px)
     calls = []
 
     def mapping_of(panel, index):
@@ -122,9 +122,59 @@ def test_per_panel_pixel_mapping_callables_are_used_row_by_panel(shared):
 
     for index, panel in enumerate(detector.panels):
         panel.pixel_to_millimetre = mapping_of(panel, index)
-    np.testing.assert_array_equal(panel_millimetres(detector, rows, xy_px), expected)
+    np.testing.assert_array_equal(panel_pixel_to_millimetre(detector, rows, xy_px), expected)
     assert sorted(calls) == sorted(set(rows.tolist())) and len(set(rows.tolist())) > 32
     result = compute_q(experiments, columns, table.identifiers, Options(q_pixel_source="observed_px"))
     assert np.nanmax(np.linalg.norm(result.q_pixel - result.q_pixel_observed, axis=1)) < 1e-12
 
 
+
+
+def _protocol_members(protocol) -> dict:
+    """Name -> parameter names (None for a data attribute) of a Protocol's members."""
+    import inspect
+
+    members = {name: None for name in getattr(protocol, "__annotations__", {})}
+    for name, value in vars(protocol).items():
+        if callable(value) and (not name.startswith("_") or name == "__contains__"):
+            members[name] = list(inspect.signature(value).parameters)
+    return members
+
+
+def _check_implements(obj, protocol):
+    """Every member of ``protocol`` on ``obj``, methods with the same parameters."""
+    import inspect
+
+    owner = obj if isinstance(obj, type) else type(obj)  # a backend is a class of static methods
+    assert isinstance(obj, protocol), f"{owner.__name__} is not a {protocol.__name__}"
+    for name, parameters in _protocol_members(protocol).items():
+        assert hasattr(obj, name), f"{owner.__name__} lacks {name}"
+        if parameters is not None:
+            implemented = list(inspect.signature(getattr(owner, name)).parameters)
+            if isinstance(inspect.getattr_static(owner, name), staticmethod):
+                implemented = ["self"] + implemented
+            assert implemented == parameters, (owner.__name__, name, implemented, parameters)
+
+
+@pytest.mark.parametrize("name", ["standalone", pytest.param("native", marks=pytest.mark.dials)])
+def test_each_backend_implements_the_interface_in_full(name, tmp_path):
+    """Backend, Table and TableWrite (io.backends) as typing.Protocols: the
+    backend object, a table it reads and a write it starts have every member,
+    methods with the same parameters; a member missing from a backend fails
+    here, not in a user's run."""
+    from dials_qconsistency.io.staged import StagedOutputs
+
+    assert len(_protocol_members(backends.Table)) == 8 and len(_protocol_members(backends.Backend)) == 3
+    backend = backends.get(name)
+    _check_implements(backend, backends.Backend)
+    experiments, table = backends.read_pair(backend, os.path.join(EXAMPLES, "rotation.expt"),
+                                            os.path.join(EXAMPLES, "rotation.refl"))
+    assert len(experiments) == 1 and table.nrows == 1432 and table.notes == []
+    _check_implements(table, backends.Table)
+    with StagedOutputs() as outputs:
+        write = table.begin_write(outputs, str(tmp_path / "out.refl"), {"q_extra": "vec3<double>"})
+        _check_implements(write, backends.TableWrite)
+        write.put("q_extra", "vec3<double>", np.zeros((table.nrows, 3)))
+        write.finish()
+        outputs.commit()
+    assert os.path.getsize(tmp_path / "out.refl") > os.path.getsize(os.path.join(EXAMPLES, "rotation.refl"))

@@ -133,3 +133,16 @@ def test_no_cctbx_extension_is_imported_after_matplotlib(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "q_consistency_detector_norm.png" in os.listdir(tmp_path) and "q_map.h5" in os.listdir(tmp_path)
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_help_names_every_column_the_output_table_gains():
+    """-h says what the output table holds: all 13 new columns by name (an
+    earlier -h listed 5 of them)."""
+    import re
+
+    from dials_qconsistency.command_line.q_consistency import help_message
+    from dials_qconsistency.report.columns import OUTPUT_COLUMNS
+
+    words = set(re.findall(r"[\w.]*\w", help_message))  # dotted names, without a full stop after them
+    assert len(OUTPUT_COLUMNS) == 13 and "13 columns" in help_message
+    assert [name for name in OUTPUT_COLUMNS if name not in words] == []

@@ -171,7 +171,7 @@ def test_the_residual_and_cell_tables_equal_a_direct_computation(shared, tmp_pat
     """The CSPAD stills with observed positions: per quadrant the weighted RMSD and
     the correlations with Δψ from the written table's own columns, and the cell
     spread from the .expt's real-space axes, computed here directly."""
-    from dials_qconsistency.report import html as html_report
+    from dials_qconsistency.report.residual_tables import residual_tables
     from dials_qconsistency.core.q_vectors import Options, compute_q, rows_used_in_refinement
     from dials_qconsistency.core.decomposition import decompose
     from dials_qconsistency.io.expt import read_experiments
@@ -191,7 +191,7 @@ def test_the_residual_and_cell_tables_equal_a_direct_computation(shared, tmp_pat
     columns = table.columns()
     result = compute_q(experiments, columns, table.identifiers, Options(q_pixel_source="observed"))
     about, _ = rows_used_in_refinement(result, columns["flags"])
-    residuals, cells = html_report.residual_tables(experiments, about, decompose(experiments, about), columns["xyzobs.mm.variance"])
+    residuals, cells = residual_tables(experiments, about, decompose(experiments, about), columns["xyzobs.mm.variance"])
     rows = {row[0]: row for row in residuals["rows"]}
     for name, mine in [("all", np.ones(panel.size, bool))] + [(g.name, np.isin(panel, list(g.panels))) for g in groups]:
         weighted = 1000 * np.sqrt(np.sum(xy[mine] ** 2 / var[mine]) / np.sum(1 / var[mine]))

@@ -79,7 +79,7 @@ def test_dxtbx_models_equal_the_standalone_reader(shared, folder, name):
 
 @pytest.mark.parametrize("folder, name", REAL_PAIRS)
 def test_dxtbx_pixel_mapping_equals_the_numpy_one(shared, folder, name):
-    from dials_qconsistency.core.panels import panel_millimetres
+    from dials_qconsistency.core.panels import panel_pixel_to_millimetre
 
     (mine, my_table, *_), (theirs, *_) = both(shared, folder, name)
     columns = my_table.columns()
@@ -90,7 +90,7 @@ def test_dxtbx_pixel_mapping_equals_the_numpy_one(shared, folder, name):
         rows = ids == index
         panels = columns["panel"][rows].astype(np.int64)
         xy = columns["xyzobs.px.value"][rows, :2]
-        assert_close(panel_millimetres(a.detector, panels, xy), panel_millimetres(b.detector, panels, xy), 1e-9)
+        assert_close(panel_pixel_to_millimetre(a.detector, panels, xy), panel_pixel_to_millimetre(b.detector, panels, xy), 1e-9)
 
 
 def run_command(*args, cwd):

@@ -19,7 +19,7 @@ from conftest import BACKENDS, REAL_PAIRS, REPO_ROOT, run_core
 from dials_qconsistency.core import geometry
 from dials_qconsistency.command_line import q_map
 from dials_qconsistency.io.expt import read_experiments
-from dials_qconsistency.model.scan_varying import image_setting
+from dials_qconsistency.core.scan_varying import image_setting
 from dials_qconsistency.model.experiment import Panel
 from dials_qconsistency.core.pixel_map import MapSetting, QUANTITIES, panel_blocks, pixel_q, quantities_at
 
@@ -294,7 +294,7 @@ def test_float64_selected_panels_and_the_cspad_layout(shared, tmp_path, monkeypa
     """The standalone mapping, bit for bit (the native one: test_native_backend)."""
     monkeypatch.chdir(tmp_path)
     expt = shared("dials_current", "cspad_stills_refined.expt")
-    assert q_map.run([expt, "experiments=3", "panels=0,63", "precision=float64", "rows_per_block=5", "nproc=2",
+    assert q_map.run([expt, "experiments=3", "panels=0,63", "precision=float64", "rows_per_block=5", "mp.nthreads=2",
                       "backend=standalone"]) == 0
     experiment = read_experiments(expt)[3]
     with h5py.File("q_map.h5", "r") as h5:

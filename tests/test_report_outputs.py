@@ -8,6 +8,8 @@ import os
 import numpy as np
 import pytest
 
+from dials_qconsistency.core.decomposition import spot_lab_positions
+from dials_qconsistency.core.statistics import take_rows
 from dials_qconsistency.report import figures as plots
 from dials_qconsistency.core.decomposition import decompose
 from simulation.gallery import rotation_cases
@@ -52,7 +54,7 @@ def test_detector_views_draw_every_panel_of_the_cspad(shared):
     fig, n = plots.arrow_map(experiments, result, parts)
     assert _panels_drawn(fig) == 64
     # the spots lie inside the drawn layout
-    xy = plots._project(plots.spot_lab_positions(experiments, result)[result.used], plots.view_basis(experiments[0].beam.s0))
+    xy = plots.project(spot_lab_positions(experiments, result)[result.used], plots.view_basis(experiments[0].beam.s0))
     corners = np.concatenate([plots.panel_outline(p, plots.view_basis(experiments[0].beam.s0)) for p in experiments[0].detector.panels])
     assert xy.min(axis=0).tolist() >= (corners.min(axis=0) - 1).tolist()
     assert xy.max(axis=0).tolist() <= (corners.max(axis=0) + 1).tolist()
@@ -153,6 +155,6 @@ def test_figures_of_points_draw_an_even_sample_and_the_histogram_counts_every_ro
             assert note in texts, name
     assert by_name["detector_norm"][0][0] == shown and by_name["components_vs_pixel"][0] == [shown] * 6
     # the points drawn are those rows' values
-    sampled = plots.take_rows(result, used[::step], len(result.reason))
+    sampled = take_rows(result, used[::step], len(result.reason))
     assert np.array_equal(sampled.q_bragg, result.q_bragg[used[::step]]) and sampled.notes == result.notes
     assert sampled.q_pixel_observed.shape == (shown, 3) and sampled.used.all()

@@ -15,7 +15,7 @@ from dials_qconsistency.errors import QConsistencyError
 from dials_qconsistency.io.staged import StagedOutputs
 from dials_qconsistency.io.map_files import WRITERS
 from dials_qconsistency.batch.parallel import available_cpus
-from dials_qconsistency.model.scan_varying import image_setting
+from dials_qconsistency.core.scan_varying import image_setting
 from dials_qconsistency.core.pixel_map import (
     QUANTITIES,
     MapSetting,
@@ -81,9 +81,12 @@ miller_indices = False
 precision = *float32 float64
   .type = choice
   .help = "Floating-point type of the maps written."
-nproc = Auto
-  .type = int(value_min=1)
-  .help = "Threads computing row blocks (Auto: the CPUs this process may use)."
+mp {
+  nthreads = Auto
+    .type = int(value_min=1)
+    .help = "Threads computing row blocks (Auto: the CPUs this process may"
+            "use), as dials.q_consistency's mp.nthreads."
+}
 rows_per_block = Auto
   .type = int(value_min=1)
   .help = "Rows computed and written at a time (Auto: about 131072 pixels):"
@@ -185,7 +188,7 @@ def write_maps(params, experiments, plan, expt_path):
     """Compute every selected panel in row blocks and stream it to the writers."""
     dtype = np.dtype(params.precision)
     names = [n for n in QUANTITIES if n != "miller_index" or params.miller_indices]
-    workers = params.nproc if isinstance(params.nproc, int) else available_cpus()
+    workers = params.mp.nthreads if isinstance(params.mp.nthreads, int) else available_cpus()
     attributes = {
         "program": "dials.q_map",
         "version": __version__,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dials_qconsistency.core import geometry
+from dials_qconsistency.core.geometry import cross_components, dot_components, unit_components
 from dials_qconsistency.core.blocks import for_each_block, rows_by_group
 from dials_qconsistency.core.panels import per_row_components
 from dials_qconsistency.core.q_vectors import s1_is_prediction
@@ -46,10 +47,6 @@ class Decomposition:
     radial: np.ndarray  # Å⁻¹
     transverse: np.ndarray  # Å⁻¹
     rotation: np.ndarray  # (N,) bool: rotation data (angle is Δφ)
-
-    @property
-    def in_plane_mm(self) -> np.ndarray:
-        return np.hypot(self.delta_xy[:, 0], self.delta_xy[:, 1])
 
 
 def panel_frames(experiments, result):
@@ -90,25 +87,12 @@ class PanelLookup:
         return values[0:3], values[3:6], values[6:9], values[9:18]
 
 
-def _unit(v):
-    length = np.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
-    return v[0] / length, v[1] / length, v[2] / length
-
-
-def _cross(a, b):
-    return a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]
-
-
-def _dot(a, b):
-    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
-
-
 def onto_sphere(q_bragg, s0, rotation_axis):
     """(angle, q_sphere): rows with a finite axis rotate by Δφ about it, others by Δψ."""
     rotation = np.all(np.isfinite(rotation_axis), axis=1)
     if rotation.all():  # rotation data only: no masks
         angle = geometry.nearest_ewald_rotation(q_bragg, rotation_axis, s0)
-        return angle, geometry.rotate_about(q_bragg, rotation_axis, angle), rotation
+        return angle, geometry.rotate_about_axes(q_bragg, rotation_axis, angle), rotation
     angle = np.full(len(q_bragg), np.nan)
     axis = np.full(q_bragg.shape, np.nan)
     if rotation.any():
@@ -117,7 +101,7 @@ def onto_sphere(q_bragg, s0, rotation_axis):
     still = ~rotation
     if still.any():
         angle[still], axis[still] = geometry.stills_rotation(q_bragg[still], s0[still])
-    return angle, geometry.rotate_about(q_bragg, axis, angle), rotation
+    return angle, geometry.rotate_about_axes(q_bragg, axis, angle), rotation
 
 
 def decompose(experiments, result, threads: int = 1) -> Decomposition:
@@ -178,14 +162,21 @@ def _decompose_rows(result, rows, row_numbers, predicted, panels, out) -> None:
     beam_centre = geometry.panel_points_to_lab(origin, fast, slow, *geometry.ray_panel_xy(d_inverse, s0))
     spot = geometry.panel_points_to_lab(origin, fast, slow, x_pixel, y_pixel)
     with np.errstate(invalid="ignore", divide="ignore"):
-        radial_dir = _unit(tuple(spot[i] - beam_centre[i] for i in range(3)))
-        transverse_dir = _unit(_cross(radial_dir, beam_centre))
-        s1_dir = _unit(tuple(s0[i] + q_pixel[i] for i in range(3)))
-        transverse_q = _unit(_cross(s1_dir, _unit(s0)))
-        radial_q = _cross(s1_dir, transverse_q)
+        radial_dir = unit_components(tuple(spot[i] - beam_centre[i] for i in range(3)))
+        transverse_dir = unit_components(cross_components(radial_dir, beam_centre))
+        s1_dir = unit_components(tuple(s0[i] + q_pixel[i] for i in range(3)))
+        transverse_q = unit_components(cross_components(s1_dir, unit_components(s0)))
+        radial_q = cross_components(s1_dir, transverse_q)
     in_plane_q = tuple(model_spot[i] - q_pixel[i] for i in range(3))
     out["along_q"][:] = geometry.norms(q_bragg) - geometry.norms(q_pixel)
-    out["radial_mm"][:] = _dot(delta_lab, radial_dir)
-    out["transverse_mm"][:] = _dot(delta_lab, transverse_dir)
-    out["radial"][:] = _dot(in_plane_q, radial_q)
-    out["transverse"][:] = _dot(in_plane_q, transverse_q)
+    out["radial_mm"][:] = dot_components(delta_lab, radial_dir)
+    out["transverse_mm"][:] = dot_components(delta_lab, transverse_dir)
+    out["radial"][:] = dot_components(in_plane_q, radial_q)
+    out["transverse"][:] = dot_components(in_plane_q, transverse_q)
+
+
+def spot_lab_positions(experiments, result):
+    """Lab position (mm) of each used row's q_pixel spot (NaN elsewhere)."""
+    d = panel_frames(experiments, result)
+    return geometry.lab_coordinates(d[:, :, 2], d[:, :, 0], d[:, :, 1], result.position_mm)
+

@@ -92,7 +92,7 @@ def _rotation_candidates(q_bragg, q_pixel, frame, spot_error, spot_residuals):
 
 
 def _undo_scan_rotation(q, rotation_axis, phi):
-    return geometry.rotate_about(q, rotation_axis, -phi)
+    return geometry.rotate_about_axes(q, rotation_axis, -phi)
 
 
 def _detector_candidate(detector, xy, panel, rays, q_spot, q_pixel, s0, q_bragg):
@@ -178,7 +178,7 @@ def diagnose_rows(scope, experiment, result, parts, rows, same_detector=None, ma
     # to the angular position (Δψ of stills, Δφ) does not hide a cause.
     s0, axis, phi = result.s0[rows], result.rotation_axis[rows], result.phi[rows]
     undo = lambda q: _undo_scan_rotation(q, axis, phi)  # noqa: E731
-    redo = lambda q: geometry.rotate_about(q, axis, phi)  # noqa: E731
+    redo = lambda q: geometry.rotate_about_axes(q, axis, phi)  # noqa: E731
 
     def spot_residuals(matrix, frame="lab"):
         mapped = q_bragg @ matrix.T if frame == "lab" else redo(undo(q_bragg) @ matrix.T)

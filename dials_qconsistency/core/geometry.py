@@ -23,13 +23,27 @@ def unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / norms(vectors)[..., None]
 
 
+def unit_components(v):
+    """:func:`unit` of vectors given as their three parts (x, y, z)."""
+    length = np.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
+    return v[0] / length, v[1] / length, v[2] / length
+
+
+def cross_components(a, b):
+    """a × b of vectors given as their three parts (x, y, z)."""
+    return a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]
+
+
+def dot_components(a, b):
+    """a · b of vectors given as their three parts (x, y, z)."""
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+
 def cross(a, b) -> np.ndarray:
     """a × b along the last axis (broadcasting), without numpy's axis shuffling."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     out = np.empty(np.broadcast_shapes(a.shape, b.shape))
-    out[..., 0] = a[..., 1] * b[..., 2] - a[..., 2] * b[..., 1]
-    out[..., 1] = a[..., 2] * b[..., 0] - a[..., 0] * b[..., 2]
-    out[..., 2] = a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
+    out[..., 0], out[..., 1], out[..., 2] = cross_components(components(a), components(b))
     return out
 
 
@@ -63,7 +77,8 @@ def rotation_matrix(axis, angle: float) -> np.ndarray:
 
 
 def apply_matrix(matrix, vectors) -> np.ndarray:
-    """One (3, 3) matrix applied to every row of ``vectors`` (..., 3).
+    """One (3, 3) matrix applied to every row of ``vectors`` (..., 3); for one
+    matrix per row, :func:`matvec`.
 
     Written out element by element, so each row's result is the same bits
     whatever the number of rows (a BLAS product may round differently for
@@ -79,7 +94,8 @@ def apply_matrix(matrix, vectors) -> np.ndarray:
 
 
 def matvec(matrices: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Apply one (3, 3) or N (N, 3, 3) matrices to N vectors (N, 3)."""
+    """Apply N (N, 3, 3) matrices (or one) to N vectors (N, 3); for one matrix
+    and rows that must not depend on the row count, :func:`apply_matrix`."""
     return np.einsum("...ij,...j->...i", matrices, vectors)
 
 
@@ -94,7 +110,7 @@ def lab_coordinates(origin, fast, slow, xy_mm) -> np.ndarray:
     Panel vectors may be one panel's (3,) or one per row (N, 3).
     """
     xy_mm = np.asarray(xy_mm, dtype=float)
-    return np.asarray(origin) + xy_mm[..., 0:1] * np.asarray(fast) + xy_mm[..., 1:2] * np.asarray(slow)
+    return np.stack(panel_points_to_lab(origin, fast, slow, xy_mm[..., 0], xy_mm[..., 1]), axis=-1)
 
 
 def components(vectors):
@@ -155,7 +171,7 @@ def _parallax_shift(x_mm, y_mm, origin, fast, slow, mu, thickness):
     return along_fast * depth, along_slow * depth
 
 
-def pixel_to_panel_mm(x_px, y_px, pixel_size, origin, fast, slow, mu=0.0, thickness=0.0, parallax=False):
+def pixel_to_millimetre_xy(x_px, y_px, pixel_size, origin, fast, slow, mu=0.0, thickness=0.0, parallax=False):
     """Panel px -> mm (x, y), sub-pixel; parallax-corrected like dxtbx where asked.
 
     The simple mapping scales by the pixel size; the parallax-corrected one
@@ -174,9 +190,9 @@ def pixel_to_panel_mm(x_px, y_px, pixel_size, origin, fast, slow, mu=0.0, thickn
 
 
 def pixel_to_millimetre(xy_px, pixel_size, origin, fast, slow, mu=0.0, thickness=0.0, parallax=False):
-    """:func:`pixel_to_panel_mm` for stacked (..., 2) coordinates."""
+    """:func:`pixel_to_millimetre_xy` for stacked (..., 2) coordinates."""
     xy_px = np.asarray(xy_px, dtype=float)
-    x, y = pixel_to_panel_mm(xy_px[..., 0], xy_px[..., 1], pixel_size, origin, fast, slow, mu, thickness, parallax)
+    x, y = pixel_to_millimetre_xy(xy_px[..., 0], xy_px[..., 1], pixel_size, origin, fast, slow, mu, thickness, parallax)
     return np.stack([x, y], axis=-1)
 
 
@@ -298,8 +314,9 @@ def stills_rotation(r, s0):
     return now - on_sphere, axis
 
 
-def rotate_about(vectors, axes, angles) -> np.ndarray:
-    """Rodrigues rotation of each row of ``vectors`` about its unit axis by its angle."""
+def rotate_about_axes(vectors, axes, angles) -> np.ndarray:
+    """Rodrigues rotation of each row of ``vectors`` about its own axis (N, 3) by
+    its angle (rad); about one axis for all rows, :func:`rotate_about_axis`."""
     v = np.asarray(vectors, dtype=float)
     e = unit(np.asarray(axes, dtype=float))
     angles = np.asarray(angles, dtype=float)[..., None]

@@ -37,7 +37,7 @@ def panel_groups(panel_rows):
     return [(int(p), rows) for p, rows in zip(panels, np.split(order, starts[1:]))]
 
 
-def panel_millimetres(detector, panel_rows, xy_px):
+def panel_pixel_to_millimetre(detector, panel_rows, xy_px):
     """Panel px (sub-pixel) -> panel mm (N, 2) with each row's panel mapping (parallax included).
 
     Panels read by the native backend map with dxtbx's own PxMmStrategy, one

@@ -73,7 +73,7 @@ def pixel_q(panel, s0, x_px, y_px):
         xy_mm = panel.pixel_to_millimetre(np.stack([x.ravel(), y.ravel()], axis=1))
         x_mm, y_mm = xy_mm[:, 0].reshape(x.shape), xy_mm[:, 1].reshape(x.shape)
     else:
-        x_mm, y_mm = geometry.pixel_to_panel_mm(
+        x_mm, y_mm = geometry.pixel_to_millimetre_xy(
             x_px, y_px, panel.pixel_size, panel.origin, panel.fast, panel.slow, panel.mu, panel.thickness, panel.parallax
         )
     lab = geometry.panel_points_to_lab(panel.origin, panel.fast, panel.slow, x_mm, y_mm)

@@ -14,7 +14,7 @@ import numpy as np
 
 from dials_qconsistency.core import geometry
 from dials_qconsistency.core.blocks import for_each_block, rows_by_group
-from dials_qconsistency.core.panels import panel_millimetres, panel_q
+from dials_qconsistency.core.panels import panel_pixel_to_millimetre, panel_q
 from dials_qconsistency.core.table_checks import (
     PHI_COLUMNS,
     POSITION_COLUMNS,
@@ -26,7 +26,7 @@ from dials_qconsistency.core.table_checks import (
     row_count,
 )
 from dials_qconsistency.errors import QConsistencyError
-from dials_qconsistency.model.scan_varying import choose_model_state, integrate_setting, refinement_scan_point, scan_varying_states
+from dials_qconsistency.core.scan_varying import choose_model_state, integrate_setting, refinement_scan_point, scan_varying_states
 
 #: Why a row was not used; index = code stored per row (0 = used).
 REASONS = (
@@ -311,7 +311,7 @@ def _compute_block(experiment, varying, rows, table: TableColumns, options, resu
     rows_panel = take(table.panel)
     position_mm = take(table.position[:, :2])
     if options.q_pixel_source == "observed_px":
-        position_mm = panel_millimetres(detector, rows_panel, position_mm)
+        position_mm = panel_pixel_to_millimetre(detector, rows_panel, position_mm)
     q_pixel = panel_q(detector, rows_panel, position_mm, s0)
     if "position_mm" not in views:
         _put(result, "position_mm", rows, position_mm)

@@ -9,6 +9,8 @@ experiments come from different models).
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,6 +116,15 @@ def sample_rows(rows, limit: int | None) -> np.ndarray:
     if limit and index.size > limit:
         index = index[:: -(-index.size // limit)]
     return index
+
+
+def take_rows(record, rows, n: int):
+    """A copy of a per-row record of ``n`` rows (QResult, Decomposition) holding only ``rows``."""
+    return dataclasses.replace(record, **{
+        f.name: value[rows]
+        for f in dataclasses.fields(record)
+        if isinstance(value := getattr(record, f.name), np.ndarray) and value.shape[:1] == (n,)
+    })
 
 
 def row_distances(a, b=None, rows=slice(None)) -> np.ndarray:

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from dials_qconsistency.core.statistics import S1_NEITHER, sample_rows
+from dials_qconsistency.core.statistics import S1_NEITHER, sample_rows, take_rows
 from dials_qconsistency.core.blocks import rows_by_group
-from dials_qconsistency.report.figures import spot_lab_positions, take_rows
+from dials_qconsistency.core.decomposition import spot_lab_positions
 
 #: The model's spot on xyzcal.mm to this RMS (mm): rounding, not geometry.
 PRECISION_MM = 1e-6

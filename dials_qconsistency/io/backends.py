@@ -14,20 +14,65 @@ imported. Whether they can is decided without importing them: importing a
 cctbx extension module after matplotlib can crash a process that has the
 ``cctbx-base`` wheel, so nothing of cctbx is imported unless it is used.
 
-A backend reads an experiment list into :class:`models.ExperimentList` and a
-table into an object with ``nrows``, ``identifiers`` (table id -> experiment
-identifier), ``columns()`` (name -> numpy array), ``set_column(name, type,
-values)``, ``in`` and ``stage(outputs, path)`` (write through a
-:class:`files.StagedOutputs`).
+Both implement :class:`Backend`, and their tables :class:`Table` (a test
+checks that they do, in full).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from typing import Protocol, runtime_checkable
 
 from dials_qconsistency.errors import QConsistencyError
 
 CHOICES = ("auto", "native", "standalone")
+
+
+@runtime_checkable
+class TableWrite(Protocol):
+    """A table being written into a staged file (:meth:`Table.begin_write`)."""
+
+    def put(self, name: str, type_name: str, values) -> None:
+        """Hand over a new column: an array or a ``refl_writer.ColumnBlocks``."""
+
+    def finish(self) -> None:
+        """Write what is left; one-line QConsistencyError naming the file on failure."""
+
+
+@runtime_checkable
+class Table(Protocol):
+    """A reflection table as the program uses it."""
+
+    nrows: int
+    identifiers: dict  # table id -> experiment identifier (may be empty: old tables)
+    notes: list  # what the reader had to say about the file, for the log
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def columns(self) -> dict:
+        """Column name -> numpy array, for the columns the core reads."""
+
+    def release_memory(self) -> None:
+        """Let the input's pages go once the columns were read."""
+
+    def set_column(self, name: str, type_name: str, values) -> None: ...
+
+    def begin_write(self, outputs, path: str, new_columns: dict) -> TableWrite:
+        """Start writing the table with ``new_columns`` (name -> DIALS type) as
+        one of ``outputs``' (a ``staged.StagedOutputs``) files."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Where the models and the table come from."""
+
+    name: str
+
+    def read_experiments(self, path: str):
+        """``model.experiment.ExperimentList`` of an ``.expt``; QConsistencyError naming it."""
+
+    def read_table(self, path: str) -> Table:
+        """The table of a ``.refl``; QConsistencyError naming it."""
 
 
 def dials_importable() -> bool:
@@ -58,7 +103,7 @@ def resolve(choice: str) -> str:
 
 
 class Standalone:
-    """This package's own readers and writer."""
+    """This package's own readers and writer (a :class:`Backend`)."""
 
     name = "standalone"
 
@@ -75,16 +120,16 @@ class Standalone:
         return ReflectionTable.from_file(path)
 
 
-def read_pair(backend, experiments_path, reflections_path):
+def read_pair(backend: Backend, experiments_path, reflections_path):
     """(models.ExperimentList, table) of one pair; what the table's reader had
     to say about the file joins the experiments' notes."""
     experiments = backend.read_experiments(experiments_path)
     table = backend.read_table(reflections_path)
-    experiments.notes = list(experiments.notes) + list(getattr(table, "notes", []))
+    experiments.notes = list(experiments.notes) + list(table.notes)
     return experiments, table
 
 
-def get(name: str):
+def get(name: str) -> Backend:
     """The backend object of a resolved name."""
     if name == "native":
         from dials_qconsistency.io import native

@@ -297,7 +297,6 @@ def _detector(d, notes) -> Detector:
                 thickness=thickness,
                 mu=mu,
                 parallax=parallax,
-                note=note,
             )
         )
     return Detector(panels, hierarchy_groups(hierarchy))
@@ -390,4 +389,4 @@ def _crystal(d) -> Crystal:
         raise _Bad("real-space axes a, b, c do not span a cell (zero volume)")
     A = np.linalg.inv(real_space)
     scan_points = _scan_points(d.get("A_at_scan_points"), (3, 3))
-    return Crystal(A=A, A_at_scan_points=scan_points, space_group=str(d.get("space_group_hall_symbol", "")))
+    return Crystal(A=A, A_at_scan_points=scan_points)

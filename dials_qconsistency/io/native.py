@@ -98,7 +98,6 @@ def detector_model(detector) -> models.Detector:
                 thickness=float(panel.get_thickness()),
                 mu=float(panel.get_mu()),
                 parallax=parallax,
-                note=f"panel {index}: pixels -> mm through dxtbx's {strategy}",
                 pixel_to_millimetre=_pixel_to_millimetre(panel),
             )
         )
@@ -123,15 +122,8 @@ def scan_model(scan) -> models.Scan:
 
 
 def crystal_model(crystal) -> models.Crystal:
-    try:
-        space_group = crystal.get_space_group().type().hall_symbol()
-    except Exception:  # the space group is only reported
-        space_group = ""
-    return models.Crystal(
-        A=_matrix(crystal.get_A()),
-        A_at_scan_points=_scan_points(crystal, "get_A_at_scan_point", _matrix),
-        space_group=str(space_group),
-    )
+    return models.Crystal(A=_matrix(crystal.get_A()),
+                          A_at_scan_points=_scan_points(crystal, "get_A_at_scan_point", _matrix))
 
 
 def experiments_from_dxtbx(experiment_list) -> models.ExperimentList:
@@ -215,14 +207,18 @@ class NativeTable:
 
 
 class _WriteWhenFinished:
-    """The interface of refl_writer.TableWriter over a NativeTable."""
+    """A :class:`backends.TableWrite` over a NativeTable: the new columns are set
+    in the flex table as they come, and DIALS writes it whole at :meth:`finish`."""
 
     def __init__(self, table, write):
         self.table = table
-        self.finish = write
+        self._write = write
 
     def put(self, name, type_name, values) -> None:
         self.table.set_column(name, type_name, column_values(values, self.table.nrows))
+
+    def finish(self) -> None:
+        self._write()
 
 
 def _one_line(error) -> str:

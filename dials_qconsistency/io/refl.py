@@ -59,6 +59,7 @@ class ReflectionTable:
         self.nrows = int(nrows)
         self.identifiers = dict(identifiers or {})
         self.version = version
+        self.notes: list[str] = []  # the standalone reader has nothing to add about a file it reads
         self._columns: dict[str, Column] = {}
         self._header_order = ["identifiers", "nrows", "data"]
         self._sorted_on_read = True

@@ -45,7 +45,6 @@ class Panel:
     thickness: float = 0.0
     mu: float = 0.0
     parallax: bool = False
-    note: str = ""  # anything the reader had to decide about the mapping
     #: The native backend's px -> mm: dxtbx's own mapping of (N, 2) arrays. None:
     #: the numpy mapping above (simple, or parallax-corrected as dxtbx does it).
     pixel_to_millimetre: object = field(default=None, repr=False, compare=False)
@@ -129,7 +128,6 @@ class Crystal:
 
     A: np.ndarray
     A_at_scan_points: np.ndarray | None = None  # (n, 3, 3)
-    space_group: str = ""
 
 
 @dataclass

@@ -106,12 +106,6 @@ def existing_output_columns(table) -> list[str]:
     return [name for name in OUTPUT_COLUMNS if name in table]
 
 
-def add_columns(table, result, parts) -> None:
-    """Add (or replace) the output columns of a table."""
-    for name, (type_name, values) in output_columns(result, parts).items():
-        table.set_column(name, type_name, values)
-
-
 def put_columns(writer, columns) -> None:
     """Hand ``columns`` (:func:`q_columns`, :func:`decomposition_columns`) to
     a table being written (``begin_write``)."""

@@ -9,16 +9,15 @@ on the figure); the histogram counts every one.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 
 import numpy as np
 
 from dials_qconsistency.core import geometry
-from dials_qconsistency.core.statistics import row_distances, sample_rows
+from dials_qconsistency.core.statistics import row_distances, sample_rows, take_rows
 from dials_qconsistency.core.blocks import rows_by_group
-from dials_qconsistency.core.decomposition import panel_frames
+from dials_qconsistency.core.decomposition import panel_frames, spot_lab_positions
 
 #: Figures of points draw at most this many reflections (``output.max_plot_points``).
 MAX_POINTS = 20_000
@@ -52,7 +51,7 @@ def view_basis(s0):
     return u, np.cross(b, u)
 
 
-def _project(lab, basis):
+def project(lab, basis):
     u, v = basis
     return np.stack([lab @ u, lab @ v], axis=-1)
 
@@ -60,13 +59,7 @@ def _project(lab, basis):
 def panel_outline(panel, basis):
     size = panel.image_size * panel.pixel_size
     corners = np.array([[0, 0], [size[0], 0], [size[0], size[1]], [0, size[1]]], dtype=float)
-    return _project(geometry.lab_coordinates(panel.origin, panel.fast, panel.slow, corners), basis)
-
-
-def spot_lab_positions(experiments, result):
-    """Lab position (mm) of each used row's q_pixel spot (NaN elsewhere)."""
-    d = panel_frames(experiments, result)
-    return geometry.lab_coordinates(d[:, :, 2], d[:, :, 0], d[:, :, 1], result.position_mm)
+    return project(geometry.lab_coordinates(panel.origin, panel.fast, panel.slow, corners), basis)
 
 
 def _draw_panels(ax, detector, basis):
@@ -89,7 +82,7 @@ def detector_heatmap(experiments, result, parts, quantity="norm"):
     fig, ax = plt.subplots(figsize=(7, 6))
     _draw_panels(ax, detector, basis)
     used = result.used
-    xy = _project(spot_lab_positions(experiments, result)[used], basis)
+    xy = project(spot_lab_positions(experiments, result)[used], basis)
     values = np.asarray(getter(result, parts))[used]
     signed = quantity != "norm"
     limit = float(np.nanmax(np.abs(values))) if values.size and np.isfinite(values).any() else 1.0
@@ -113,7 +106,7 @@ def arrow_map(experiments, result, parts):
     start = spot_lab_positions(experiments, result)[used]
     d = panel_frames(experiments, result)[used]
     delta_lab = parts.delta_xy[used, :1] * d[:, :, 0] + parts.delta_xy[used, 1:] * d[:, :, 1]
-    xy, dxy = _project(start, basis), _project(delta_lab, basis)
+    xy, dxy = project(start, basis), project(delta_lab, basis)
     size = np.linalg.norm(dxy, axis=1)
     typical = float(np.median(size)) if size.size else 0.0
     extent = float(np.ptp(xy[:, 0])) if xy.size else 1.0
@@ -199,15 +192,6 @@ def plot_path(target: str, name: str) -> str:
 FIGURE_NAMES = [f"detector_{q}" for q in HEATMAPS] + [
     "detector_arrows", "components_vs_pixel", "histogram", "vs_resolution", "vs_image",
 ]
-
-
-def take_rows(record, rows, n: int):
-    """A copy of a per-row record of ``n`` rows (QResult, Decomposition) holding only ``rows``."""
-    return dataclasses.replace(record, **{
-        f.name: value[rows]
-        for f in dataclasses.fields(record)
-        if isinstance(value := getattr(record, f.name), np.ndarray) and value.shape[:1] == (n,)
-    })
 
 
 def render_plots(target, experiments, result, parts, max_points: int = MAX_POINTS) -> dict[str, bytes]:

@@ -26,7 +26,9 @@ from dials_qconsistency.core.statistics import row_distances, sample_rows
 from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import panel_frames
 from dials_qconsistency.report.text import computation_choices, verdict_numbers
-from dials_qconsistency.report.figures import HEATMAPS, _project, panel_outline, spot_lab_positions, take_rows, view_basis
+from dials_qconsistency.core.decomposition import spot_lab_positions
+from dials_qconsistency.core.statistics import take_rows
+from dials_qconsistency.report.figures import HEATMAPS, panel_outline, project, view_basis
 
 #: The quantities the detector chart can colour the spots by: the PNG heatmaps' and Δψ/Δφ.
 COLOURS = {key: HEATMAPS[key] for key in ("norm", "dqx", "dqy", "dqz", "along_q")}
@@ -68,7 +70,7 @@ def detector_chart(experiments, points, parts, hkl, image, sample_note):
         outline_x += list(corners[:, 0]) + [corners[0, 0], None]
         outline_y += list(corners[:, 1]) + [corners[0, 1], None]
     used = points.used
-    xy = _project(spot_lab_positions(experiments, points)[used], basis)
+    xy = project(spot_lab_positions(experiments, points)[used], basis)
     colours = {key: np.asarray(getter(points, parts))[used] for key, (_, getter) in COLOURS.items()}
     hkl = hkl[used]
     # one float64 row per spot (plotly.js misreads 2-D float32 arrays in scattergl hovers)
@@ -105,9 +107,9 @@ def arrows_chart(experiments, points, parts, sample_note):
         used = np.zeros_like(used)
         used[sample_rows(every, MAX_ARROWS)] = True
         sample_note = f"{int(used.sum())} arrows of {sample_note}"
-    start = _project(spot_lab_positions(experiments, points)[used], basis)
+    start = project(spot_lab_positions(experiments, points)[used], basis)
     d = panel_frames(experiments, points)[used]
-    delta = _project(parts.delta_xy[used, :1] * d[:, :, 0] + parts.delta_xy[used, 1:] * d[:, :, 1], basis)
+    delta = project(parts.delta_xy[used, :1] * d[:, :, 0] + parts.delta_xy[used, 1:] * d[:, :, 1], basis)
     size = np.linalg.norm(delta, axis=1)
     typical = float(np.median(size)) if size.size else 0.0
     extent = float(np.ptp(start[:, 0])) if start.size else 1.0
@@ -274,7 +276,8 @@ def next_step(verdict) -> str:
     return NEXT_STEPS.get(key, "See the diagnosis above.")
 
 
-def _number(value, spec=".3e"):
+def number(value, spec=".3e"):
+    """A table cell: the value formatted, or a dash for None."""
     return "–" if value is None else format(value, spec)
 
 
@@ -287,15 +290,15 @@ def _statistics_table(title, label, entries, names):
               "transverse (mm)", "|q| err (Å⁻¹)"]
     rows = []
     for name, stats in zip(names, entries):
-        rows.append([name, stats.get("n")] + [_number(stats.get(k)) for k in STATISTICS[1:]]
-                    + [_number(stats.get(k), ".4f" if k.endswith("mm") else ".2e") for k in RESIDUALS])
+        rows.append([name, stats.get("n")] + [number(stats.get(k)) for k in STATISTICS[1:]]
+                    + [number(stats.get(k), ".4f" if k.endswith("mm") else ".2e") for k in RESIDUALS])
     return {"title": title, "header": header, "rows": rows}
 
 
 def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines, extra_tables=()) -> dict:
     """The text parts of the page, from what the log and the JSON say."""
-    tests = [[e.index, e.kind, e.s1_kind, _number(e.max_pixel_calculated_vs_pred), _number(e.max_pixel_observed_vs_pred),
-              _number(e.max_bragg_vs_pred)] for e in summary.experiments]
+    tests = [[e.index, e.kind, e.s1_kind, number(e.max_pixel_calculated_vs_pred), number(e.max_pixel_observed_vs_pred),
+              number(e.max_bragg_vs_pred)] for e in summary.experiments]
     lines = [line[0].upper() + line[1:] + "." for line in verdict_numbers(verdict.checks)]
     tables = [
         _statistics_table("Per experiment", "experiment", [{**e.delta_q, **e.residuals} for e in summary.experiments],
@@ -310,14 +313,14 @@ def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines, extr
         out = summary.outliers
         lines.insert(0, f"Statistics, verdict, diagnosis and charts are about the {summary.delta_q['n']} rows used in "
                         f"refinement (DIALS' flag used_in_refinement), as dials.refine's RMSDs are; the other "
-                        f"{out['n']} indexed rows (outliers) have mean |Δq| {_number(out.get('mean'), '.3g')} Å⁻¹, "
-                        f"max {_number(out.get('max'), '.3g')} Å⁻¹ (rows=indexed: every indexed row).")
+                        f"{out['n']} indexed rows (outliers) have mean |Δq| {number(out.get('mean'), '.3g')} Å⁻¹, "
+                        f"max {number(out.get('max'), '.3g')} Å⁻¹ (rows=indexed: every indexed row).")
     rotation = any(e.kind == "rotation" for e in summary.experiments)
     choices = computation_choices(options, rotation)
     return {
         "inputs": f"{inputs[0]} and {inputs[1]}",
         "verdict_class": {True: "consistent", False: "inconsistent", None: "nothing"}[verdict.consistent],
-        "mean_line": ("Mean |Δq| " + _number(mean, ".4g") + " Å⁻¹ over " + str(summary.delta_q["n"]) + " reflections"
+        "mean_line": ("Mean |Δq| " + number(mean, ".4g") + " Å⁻¹ over " + str(summary.delta_q["n"]) + " reflections"
                       " (lab frame, no 2π).") if mean is not None else "",
         "counts": [(reason, count) for reason, count in summary.counts.items() if count or reason == "used"],
         "choices": choices + ".",
@@ -342,13 +345,13 @@ def campaign_page(merged, outcomes, verdict, options, dependencies="embed") -> b
     files = {"title": f"Files, the largest mean |Δq| first ({len(outcomes)})",
              "header": ["file", "reflections", "rows", "n used", "mean |Δq|", "median", "RMS", "95th pct", "max", "verdict"],
              "rows": [[o.index, o.reflections, o.n_rows, o.delta_q.get("n", 0)]
-                      + [_number(o.delta_q.get(k)) for k in STATISTICS[1:]] + [o.verdict] for o in ranked]}
+                      + [number(o.delta_q.get(k)) for k in STATISTICS[1:]] + [o.verdict] for o in ranked]}
     images = sorted(((o.index, image) for o in outcomes for image in o.images), key=lambda item: -(item[1].get("mean") or 0.0))
     image_table = {"title": f"Images (stills: experiments), the largest mean |Δq| first (at most {MAX_IMAGE_ROWS} "
                             f"of {len(images)})",
                    "header": ["file", "experiment", "image", "n", "mean |Δq|", "median", "RMS", "95th pct", "max"],
                    "rows": [[index, image.get("experiment"), "–" if image.get("image") is None else image["image"],
-                             image.get("n")] + [_number(image.get(k)) for k in STATISTICS[1:]]
+                             image.get("n")] + [number(image.get(k)) for k in STATISTICS[1:]]
                             for index, image in images[:MAX_IMAGE_ROWS]]}
     every = np.concatenate([o.norms for o in outcomes]) if outcomes else np.zeros(0)
     chart_list = []
@@ -368,7 +371,7 @@ def campaign_page(merged, outcomes, verdict, options, dependencies="embed") -> b
     parts = {
         "inputs": f"{merged.n_files} files, {merged.n_rows} rows",
         "verdict_class": {True: "consistent", False: "inconsistent", None: "nothing"}[verdict.consistent],
-        "mean_line": f"Mean |Δq| {_number(mean, '.4g')} Å⁻¹ over {merged.delta_q['n']} reflections of every file "
+        "mean_line": f"Mean |Δq| {number(mean, '.4g')} Å⁻¹ over {merged.delta_q['n']} reflections of every file "
                      "(exact, lab frame, no 2π)." if mean is not None else "",
         "counts": [(reason, count) for reason, count in merged.counts.items() if count or reason == "used"],
         "choices": f"q_pixel from {options.q_pixel_source} positions.",
@@ -382,63 +385,3 @@ def campaign_page(merged, outcomes, verdict, options, dependencies="embed") -> b
     return render("dials.q_consistency: many files", verdict, parts, chart_list, dependencies)
 
 
-def _weighted_rmsd_um(xy, variance):
-    """√(Σ w r² / Σ w) over both panel axes (µm), w = 1 / the centroid variance, as refinement weights."""
-    ok = np.all(np.isfinite(xy), axis=1) & np.all(variance > 0, axis=1)
-    if not ok.any():
-        return None
-    weights = 1.0 / variance[ok]
-    return float(1000 * np.sqrt(np.sum(weights * xy[ok] ** 2) / np.sum(weights)))
-
-
-def _correlation(a, b):
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
-        return None
-    return float(np.corrcoef(a[ok], b[ok])[0, 1])
-
-
-def residual_tables(experiments, result, parts, variance, depth=1) -> list[dict]:
-    """The tables cctbx.xfel.detector_residuals users look for: per panel group the
-    RMS and weighted in-plane residual and the correlations of the radial and
-    transverse residuals with Δψ (or Δφ); the spread of the unit cell across the
-    experiments."""
-    tables = []
-    used = np.flatnonzero(result.used)
-    if used.size and parts is not None:
-        detector = experiments[int(result.experiment[used[0]])].detector
-        groups = detector.groups_at_depth(depth)
-        group_of_panel = np.full(max(len(detector.panels), int(result.panel[used].max()) + 1), -1)
-        for index, group in enumerate(groups):
-            group_of_panel[list(group.panels)] = index
-        label = group_of_panel[result.panel[used]]
-        xy, angle = parts.delta_xy[used], np.degrees(parts.angle[used])
-        radial, transverse = parts.radial_mm[used], parts.transverse_mm[used]
-        var = variance[used, :2] if variance is not None else None
-        rows = []
-        for name, mine in [("all", np.ones(used.size, bool))] + [(g.name, label == i) for i, g in enumerate(groups)]:
-            if not mine.any():
-                continue
-            rms = float(1000 * np.sqrt(np.nanmean(np.sum(xy[mine] ** 2, axis=1))))
-            weighted = None if var is None else _weighted_rmsd_um(xy[mine], var[mine])
-            rows.append([name, int(mine.sum()), _number(rms, ".1f"), _number(weighted, ".1f"),
-                         _number(_correlation(radial[mine], angle[mine]), ".2f"),
-                         _number(_correlation(transverse[mine], angle[mine]), ".2f")])
-        tables.append({"title": "In-plane residuals per panel group (as cctbx.xfel.detector_residuals reports them)",
-                       "header": ["group", "n", "RMS in-plane (µm)", "weighted RMSD (µm)", "r(radial, Δψ/Δφ)",
-                                  "r(transverse, Δψ/Δφ)"], "rows": rows})
-    cells = []
-    for experiment in experiments:
-        if experiment.crystal is not None:
-            real = np.linalg.inv(experiment.crystal.A)  # rows a, b, c (Å)
-            a, b, c = real
-            angle = lambda u, v: np.degrees(np.arccos(np.clip(u @ v / np.linalg.norm(u) / np.linalg.norm(v), -1, 1)))
-            cells.append([np.linalg.norm(a), np.linalg.norm(b), np.linalg.norm(c), angle(b, c), angle(a, c), angle(a, b)])
-    if len(cells) > 1:
-        cells = np.array(cells)
-        rows = [[name, _number(float(cells[:, i].mean()), ".4f"), _number(float(cells[:, i].std()), ".4f"),
-                 _number(float(cells[:, i].min()), ".4f"), _number(float(cells[:, i].max()), ".4f")]
-                for i, name in enumerate(("a (Å)", "b (Å)", "c (Å)", "α (°)", "β (°)", "γ (°)"))]
-        tables.append({"title": f"Unit cell across the {len(cells)} experiments (the model's, as refined)",
-                       "header": ["parameter", "mean", "standard deviation", "min", "max"], "rows": rows})
-    return tables
