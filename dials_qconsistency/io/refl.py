@@ -1,16 +1,9 @@
-"""Read and write DIALS reflection tables (``.refl``, msgpack) without DIALS.
+"""Read DIALS reflection tables (``.refl``, msgpack) without DIALS, and write them.
 
-The file is the msgpack array written by DIALS' C++ adaptor::
-
-    ["dials::af::reflection_table", VERSION,
-     {"identifiers": {id: identifier, ...}, "nrows": N,
-      "data": {name: [type_name, [N, <binary blob>]], ...}}]
-
-Fixed-size columns are little-endian C arrays (``vec3<double>`` is N x 3
-float64, ``cctbx::miller::index<>`` N x 3 int32, ...). Shoebox columns are a
-variable-length stream of per-row records. Every column is kept as the bytes it
-was read as, so a column the program does not change is written back byte for
-byte; numpy views of the fixed-size columns are made on request.
+The format, its column types and the checks of each column are in
+:mod:`refl_format`. Every column is kept as the bytes it was read as, so a
+column the program does not change is written back byte for byte; numpy views
+of the fixed-size columns are made on request.
 
 Files are memory-mapped and their columns left in place (:mod:`msgpack_lite`):
 reading touches only the header and the columns that are used, and writing

@@ -22,6 +22,11 @@ def _stats_row(label: str, stats: dict) -> str:
     )
 
 
+def _statistics_lines(title: str, label: str, stats: dict) -> list[str]:
+    """A blank line, the title, the header and the first row of a statistics table."""
+    return ["", title, STATS_HEADER, _stats_row(label, stats)]
+
+
 def verdict_text(verdict) -> str:
     """The verdict first: one sentence, then every reason and the numbers behind it."""
     lines = [f"Verdict: {verdict.headline}"]
@@ -94,10 +99,7 @@ def summary_text(summary: Summary, options) -> str:
         lines.append("Nothing to compare: no row has an indexed reflection with a position and s1.")
         return "\n".join(lines)
 
-    lines.append("")
-    lines.append("|delta_q| = |q_bragg - q_pixel| (1/Angstrom, no 2pi):")
-    lines.append(STATS_HEADER)
-    lines.append(_stats_row("all", summary.delta_q))
+    lines += _statistics_lines("|delta_q| = |q_bragg - q_pixel| (1/Angstrom, no 2pi):", "all", summary.delta_q)
     if summary.outliers is not None:
         lines.append(_stats_row("outliers", summary.outliers))
         lines.append("  (all: the rows used in refinement, flag used_in_refinement, as dials.refine's RMSDs; "
@@ -249,10 +251,8 @@ def campaign_text(merged, outcomes, options, worst: int = 10) -> str:
     if not merged.delta_q["n"]:
         lines.append("Nothing to compare: no file has an indexed reflection with a position and s1.")
         return "\n".join(lines)
-    lines.append("")
-    lines.append("|delta_q| = |q_bragg - q_pixel| over every file (1/Angstrom, no 2pi; exact, not estimated):")
-    lines.append(STATS_HEADER)
-    lines.append(_stats_row("all files", merged.delta_q))
+    lines += _statistics_lines("|delta_q| = |q_bragg - q_pixel| over every file (1/Angstrom, no 2pi; exact, "
+                               "not estimated):", "all files", merged.delta_q)
     lines.append(f"Mean |delta_q| {merged.delta_q['mean']:.4g}: {merged.verdict}.")
     ranked = sorted((o for o in outcomes if o.delta_q.get("n")), key=lambda o: -o.delta_q["mean"])[:worst]
     if ranked:
