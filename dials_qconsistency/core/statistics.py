@@ -259,6 +259,11 @@ class UsedRows:
         names = RMS_NAMES + ("along",)
         sums = [{name: np.zeros(k) for name in names} for _, k in groupings]
         counts = [{name: np.zeros(k) for name in names} for _, k in groupings]
+        # A grouping whose rows all carry one label sums exactly what the first
+        # such grouping sums (the same values in the same order): summed once.
+        uniform = [labels is None or (labels.size and np.all(labels == labels[0])) for labels, _ in groupings]
+        first = uniform.index(True) if any(uniform) else None
+        summed = [i for i in range(len(groupings)) if not uniform[i] or i == first]
         for block in row_blocks(m if self.parts is not None else 0):  # no decomposition: |Δq| only
             values, along = self._values(block)
             terms = {name: v * v for name, v in values.items()}
@@ -266,8 +271,9 @@ class UsedRows:
             finite = {name: np.isfinite(v) for name, v in values.items()}
             finite["along"] = finite["rms_along_q"]
             one_group = np.zeros(block.stop - block.start, dtype=np.int64)
-            for (labels, k), total, count in zip(groupings, sums, counts):
-                label = one_group if labels is None else labels[block]
+            for i in summed:
+                (labels, k), total, count = groupings[i], sums[i], counts[i]
+                label = one_group if uniform[i] else labels[block]
                 keep = finite
                 if not (label >= 0).all():
                     inside = label >= 0
@@ -282,6 +288,17 @@ class UsedRows:
                     elif ok.any():
                         total[name] += np.bincount(label[ok], weights=term[ok], minlength=k)
                         count[name] += np.bincount(label[ok], minlength=k)
+        if first is not None:  # the sums of every uniform grouping, in the bin of its one label
+            once = {name: (sums[first][name][0], counts[first][name][0]) for name in names}
+            for i, (labels, k) in enumerate(groupings):
+                if not uniform[i]:
+                    continue
+                group = 0 if labels is None else int(labels[0]) if labels.size else -1
+                for name in names:
+                    sums[i][name][:] = 0.0
+                    counts[i][name][:] = 0.0
+                    if group >= 0:
+                        sums[i][name][group], counts[i][name][group] = once[name]
         out = []
         for (labels, k), total, count in zip(groupings, sums, counts):
             stats = self._norm_statistics_by(labels, k)
