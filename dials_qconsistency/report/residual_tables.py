@@ -8,51 +8,82 @@ from __future__ import annotations
 
 import numpy as np
 
+from dials_qconsistency.core.blocks import row_blocks
 from dials_qconsistency.report.html import number
 
 
-def _weighted_rmsd_um(xy, variance):
-    """√(Σ w r² / Σ w) over both panel axes (µm), w = 1 / the centroid variance, as refinement weights."""
-    ok = np.all(np.isfinite(xy), axis=1) & np.all(variance > 0, axis=1)
-    if not ok.any():
-        return None
-    weights = 1.0 / variance[ok]
-    return float(1000 * np.sqrt(np.sum(weights * xy[ok] ** 2) / np.sum(weights)))
+#: Per-group sums behind the residual table, accumulated a block of rows at a time.
+SUMS = ("n_xy", "xy2", "w_xy2", "w", "n_r", "r_a", "r_b", "r_aa", "r_bb", "r_ab", "n_t", "t_a", "t_b", "t_aa", "t_bb",
+        "t_ab")
 
 
-def _correlation(a, b):
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
+def _group_sums(result, parts, variance, used, label, groups: int) -> dict:
+    """The sums of :data:`SUMS` per group (index ``groups``: rows in no group),
+    over the ``used`` rows in blocks: no temporary the size of the table."""
+    sums = {name: np.zeros(groups + 1) for name in SUMS}
+    for block in row_blocks(used.size):
+        rows, bin_ = used[block], label[block]
+        xy = parts.delta_xy[rows]
+        xy2 = xy[:, 0] ** 2 + xy[:, 1] ** 2
+        ok = np.isfinite(xy2)
+        sums["n_xy"] += np.bincount(bin_[ok], minlength=groups + 1)
+        sums["xy2"] += np.bincount(bin_[ok], weights=xy2[ok], minlength=groups + 1)
+        if variance is not None:
+            var = variance[rows, :2]
+            weighted = ok & np.all(var > 0, axis=1)
+            w = 1.0 / var[weighted]
+            sums["w_xy2"] += np.bincount(bin_[weighted], weights=np.sum(w * xy[weighted] ** 2, axis=1),
+                                         minlength=groups + 1)
+            sums["w"] += np.bincount(bin_[weighted], weights=np.sum(w, axis=1), minlength=groups + 1)
+        angle = np.degrees(parts.angle[rows])
+        for prefix, values in (("r", parts.radial_mm[rows]), ("t", parts.transverse_mm[rows])):
+            pair = np.isfinite(values) & np.isfinite(angle)
+            a, b, where = values[pair], angle[pair], bin_[pair]
+            sums[f"n_{prefix}"] += np.bincount(where, minlength=groups + 1)
+            for name, weights in (("a", a), ("b", b), ("aa", a * a), ("bb", b * b), ("ab", a * b)):
+                sums[f"{prefix}_{name}"] += np.bincount(where, weights=weights, minlength=groups + 1)
+    return sums
+
+
+def _correlation(n, sa, sb, saa, sbb, sab):
+    """Pearson's r from sums (None below 3 pairs or for a constant variable)."""
+    if n < 3:
         return None
-    return float(np.corrcoef(a[ok], b[ok])[0, 1])
+    var_a, var_b = saa / n - (sa / n) ** 2, sbb / n - (sb / n) ** 2
+    if var_a <= 1e-12 * saa / n or var_b <= 1e-12 * sbb / n:
+        return None
+    return float(np.clip((sab / n - sa * sb / n / n) / np.sqrt(var_a * var_b), -1.0, 1.0))
 
 
 def residual_tables(experiments, result, parts, variance, depth=1) -> list[dict]:
     """The tables cctbx.xfel.detector_residuals users look for: per panel group the
     RMS and weighted in-plane residual and the correlations of the radial and
     transverse residuals with Δψ (or Δφ); the spread of the unit cell across the
-    experiments."""
+    experiments. Sums over blocks of rows, so any table size costs little memory."""
     tables = []
     used = np.flatnonzero(result.used)
     if used.size and parts is not None:
         detector = experiments[int(result.experiment[used[0]])].detector
         groups = detector.groups_at_depth(depth)
-        group_of_panel = np.full(max(len(detector.panels), int(result.panel[used].max()) + 1), -1)
+        group_of_panel = np.full(max(len(detector.panels), int(result.panel[used].max()) + 1), len(groups))
         for index, group in enumerate(groups):
             group_of_panel[list(group.panels)] = index
         label = group_of_panel[result.panel[used]]
-        xy, angle = parts.delta_xy[used], np.degrees(parts.angle[used])
-        radial, transverse = parts.radial_mm[used], parts.transverse_mm[used]
-        var = variance[used, :2] if variance is not None else None
+        sums = _group_sums(result, parts, variance, used, label, len(groups))
+        total = {name: values.sum() for name, values in sums.items()}
+        counts = np.bincount(label, minlength=len(groups) + 1)
         rows = []
-        for name, mine in [("all", np.ones(used.size, bool))] + [(g.name, label == i) for i, g in enumerate(groups)]:
-            if not mine.any():
+        for name, at in [("all", None)] + [(g.name, i) for i, g in enumerate(groups)]:
+            n = used.size if at is None else int(counts[at])
+            if not n:
                 continue
-            rms = float(1000 * np.sqrt(np.nanmean(np.sum(xy[mine] ** 2, axis=1))))
-            weighted = None if var is None else _weighted_rmsd_um(xy[mine], var[mine])
-            rows.append([name, int(mine.sum()), number(rms, ".1f"), number(weighted, ".1f"),
-                         number(_correlation(radial[mine], angle[mine]), ".2f"),
-                         number(_correlation(transverse[mine], angle[mine]), ".2f")])
+            s = total if at is None else {key: values[at] for key, values in sums.items()}
+            rms = float(1000 * np.sqrt(s["xy2"] / s["n_xy"])) if s["n_xy"] else None
+            weighted = float(1000 * np.sqrt(s["w_xy2"] / s["w"])) if variance is not None and s["w"] else None
+            rows.append([name, n, number(rms, ".1f"),
+                         number(weighted, ".1f"),
+                         number(_correlation(*(s[k] for k in ("n_r", "r_a", "r_b", "r_aa", "r_bb", "r_ab"))), ".2f"),
+                         number(_correlation(*(s[k] for k in ("n_t", "t_a", "t_b", "t_aa", "t_bb", "t_ab"))), ".2f")])
         tables.append({"title": "In-plane residuals per panel group (as cctbx.xfel.detector_residuals reports them)",
                        "header": ["group", "n", "RMS in-plane (µm)", "weighted RMSD (µm)", "r(radial, Δψ/Δφ)",
                                   "r(transverse, Δψ/Δφ)"], "rows": rows})
