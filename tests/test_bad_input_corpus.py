@@ -409,6 +409,38 @@ def _(folder):
     return [path, shared_path(QUARTZ, ".refl")], path, "is a directory, not an experiment list"
 
 
+# time-of-flight (polychromatic) cases, from the SXD NaCl pair
+
+SXD = ("tof_sxd_nacl", "sxd_refined")  # neutron time of flight: a polychromatic beam
+
+
+@case("polychromatic table without wavelength_cal")
+def _(folder):
+    obj = table_object(SXD)
+    del obj[2]["data"]["wavelength_cal"]
+    args, path = refl_object(folder, obj, pair=SXD)
+    return args, path, "has no 'wavelength_cal' column, which the polychromatic beam of experiment 0 needs"
+
+
+@case("polychromatic table with a negative wavelength")
+def _(folder):
+    obj = table_object(SXD)
+    wavelength = np.frombuffer(obj[2]["data"]["wavelength_cal"][1][1], dtype="<f8").copy()
+    row = int(np.flatnonzero(wavelength > 0)[3])
+    wavelength[row] = -wavelength[row]
+    obj[2]["data"]["wavelength_cal"][1][1] = wavelength.tobytes()
+    args, path = refl_object(folder, obj, pair=SXD)
+    return args, path, f"column 'wavelength_cal' is zero or negative in 1 indexed row(s) of experiment 0 (first: row {row})"
+
+
+@case("polychromatic beam without a direction")
+def _(folder):
+    document = expt_document(SXD)
+    del document["beam"][0]["direction"]
+    args, path = expt_json(folder, document, pair=SXD)
+    return args, path, "beam 0: polychromatic beam has no direction"
+
+
 # output cases
 
 

@@ -18,10 +18,12 @@ from dials_qconsistency.core.panels import panel_pixel_to_millimetre, panel_q
 from dials_qconsistency.core.table_checks import (
     PHI_COLUMNS,
     POSITION_COLUMNS,
+    LAUE_COLUMNS,
     REQUIRED_COLUMNS,
     check_columns,
     check_experiment,
     check_values,
+    check_wavelengths,
     experiment_index,
     row_count,
 )
@@ -176,7 +178,13 @@ def compute_q(
     position_column = POSITION_COLUMNS[options.q_pixel_source]
     phi_column = PHI_COLUMNS[options.phi]
     optional = ("xyzobs.mm.value",) if "xyzobs.mm.value" in columns else ()
-    needed = list(dict.fromkeys(REQUIRED_COLUMNS + (position_column, phi_column) + optional))
+    laue = LAUE_COLUMNS if any(e.is_laue for e in experiments) else ()
+    for name in laue:
+        if name not in columns:
+            index = next(i for i, e in enumerate(experiments) if e.is_laue)
+            raise QConsistencyError(f"has no {name!r} column, which the polychromatic beam of experiment {index} needs "
+                                    "(each reflection's wavelength, as DIALS' Laue predictor writes it)", path)
+    needed = list(dict.fromkeys(REQUIRED_COLUMNS + (position_column, phi_column) + optional + laue))
     check_columns(columns, needed, n, path)
 
     ids = np.asarray(columns["id"])
@@ -189,6 +197,7 @@ def compute_q(
         xyzobs=None if xyzobs is None else np.asarray(xyzobs, dtype=float),
         position=np.asarray(columns[position_column], dtype=float),
         phi=np.asarray(columns[phi_column], dtype=float)[:, 2],
+        wavelength=np.asarray(columns["wavelength_cal"], dtype=float) if laue else None,
     )
     hkl, panel, xyzcal, position = table.hkl, table.panel, table.xyzcal, table.position
 
@@ -208,8 +217,21 @@ def compute_q(
         if rows.size == 0:
             continue
         check_experiment(experiment, index, panel[rows], table.phi[rows], path, experiments_path or path)
+        if experiment.is_laue:
+            check_wavelengths(experiment, index, table.wavelength[rows], rows, path)
         _compute_experiment(experiment, rows, table, options, result)
+    if laue and "s0_cal" in columns:
+        result.notes.append(_s0_cal_note(np.asarray(columns["s0_cal"], dtype=float), result))
     return result
+
+
+def _s0_cal_note(s0_cal, result) -> str:
+    """How far the table's s0_cal is from the s0 used (−unit(direction)/wavelength_cal)."""
+    used = np.flatnonzero(result.used & np.all(np.isfinite(result.s0), axis=1))
+    worst = float(np.max(np.linalg.norm(s0_cal[used] - result.s0[used], axis=1))) if used.size else 0.0
+    verdict = "as it should" if worst <= S1_MATCH_TOLERANCE else "so the table's s0_cal is not this beam's: check the models"
+    return (f"polychromatic beam: s0 of each row is -unit(direction)/wavelength_cal; the table's s0_cal agrees to "
+            f"{worst:.2g} 1/Angstrom ({verdict})")
 
 
 def _put(result, name, rows, values):
@@ -235,6 +257,7 @@ class TableColumns:
     xyzobs: np.ndarray | None  # (N, 3) observed position, if the table has it
     position: np.ndarray  # (N, 3) the position behind q_pixel (the q_pixel.source column)
     phi: np.ndarray  # (N,) rotation angle (rad) for q_bragg (the phi choice's column)
+    wavelength: np.ndarray | None = None  # (N,) Å: wavelength_cal, for polychromatic experiments
 
 
 def _compute_experiment(experiment, rows, table: TableColumns, options, result):
@@ -253,7 +276,7 @@ def _compute_experiment(experiment, rows, table: TableColumns, options, result):
     elif not varying:
         gonio = experiment.goniometer
         _put(result, "rotation_axis", rows, geometry.matvec(gonio.setting_rotation, gonio.axis))
-    if not varying:
+    if not varying and not experiment.is_laue:  # polychromatic: s0 of each row's wavelength, in the blocks
         _put(result, "s0", rows, experiment.beam.s0)
     # Columns used as they are: views of the table's own columns when every row is used.
     views = set()
@@ -280,11 +303,18 @@ def _compute_block(experiment, varying, rows, table: TableColumns, options, resu
     h = take(table.hkl).astype(float)
     phi = take(table.phi)
     n = len(h)
-    s0 = np.broadcast_to(beam.s0, (n, 3))
-
-    if not experiment.is_rotation:
+    if experiment.is_laue:
+        # DIALS' Laue predictor: q = S·F·A·h (the goniometer static), and s0_i = unit_s0 / λ_i
+        s0 = beam.unit_s0 / take(table.wavelength)[:, None]
+        _put(result, "s0", rows, s0)
+        gonio = experiment.goniometer
+        setting = crystal.A if gonio is None else gonio.setting_rotation @ gonio.fixed_rotation @ crystal.A
+        q_bragg = geometry.q_bragg_still(setting, h)
+    elif not experiment.is_rotation:
+        s0 = np.broadcast_to(beam.s0, (n, 3))
         q_bragg = geometry.q_bragg_still(crystal.A, h)
     else:
+        s0 = np.broadcast_to(beam.s0, (n, 3))
         gonio, scan = experiment.goniometer, experiment.scan
         if not varying:
             q_bragg = geometry.q_bragg_rotation(

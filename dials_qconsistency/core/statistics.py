@@ -379,16 +379,16 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
         cal, obs = _largest(calculated), None if observed is None else _largest(observed)
         s1_kind = classify_s1_distances(calculated, observed)
         del calculated, observed
-        rotation = experiment.is_rotation
+        predicted_from_q = experiment.is_rotation or experiment.is_laue  # q_pred is the model's own q_bragg
         summary.experiments.append(
             ExperimentSummary(
                 index=index,
-                kind="rotation" if rotation else "still",
+                kind=experiment.kind,
                 delta_q=_delta_q_part(mine),
                 s1_kind=s1_kind,
                 max_pixel_calculated_vs_pred=cal,
                 max_pixel_observed_vs_pred=obs,
-                max_bragg_vs_pred=_largest(distances(result.q_bragg, result.q_pred, rows)) if rotation else None,
+                max_bragg_vs_pred=_largest(distances(result.q_bragg, result.q_pred, rows)) if predicted_from_q else None,
                 outside_scan=int(np.count_nonzero(result.outside_scan[rows])),
                 residuals=dict(mine) if parts is not None else {},
             )

@@ -25,6 +25,10 @@ PHI_COLUMNS = {"calculated": "xyzcal.mm", "observed": "xyzobs.mm.value"}
 
 REQUIRED_COLUMNS = ("id", "miller_index", "panel", "s1", "xyzcal.mm")
 
+#: What a polychromatic (Laue, time-of-flight) experiment's rows need besides:
+#: each reflection's own wavelength (Å), as DIALS' Laue predictor writes it.
+LAUE_COLUMNS = ("wavelength_cal",)
+
 
 #: Per-row shape each column the core reads must have.
 COLUMN_SHAPES = {
@@ -35,6 +39,8 @@ COLUMN_SHAPES = {
     "xyzcal.mm": (3,),
     "xyzobs.mm.value": (3,),
     "xyzobs.px.value": (3,),
+    "wavelength_cal": (),
+    "s0_cal": (3,),
 }
 
 
@@ -110,7 +116,7 @@ def _per_row(shape) -> str:
 def check_values(columns, names, indexed, predicted, path, threads=1):
     """Indexed rows must carry finite numbers, and s1 = 0 only beside a
     ``predicted`` position (DIALS writes s1 = 0 only with xyzcal.mm = 0)."""
-    arrays = [np.asarray(columns[name], dtype=float) for name in names]
+    arrays = [np.asarray(columns[name], dtype=float).reshape(len(indexed), -1) for name in names]
     bad = np.zeros((len(names), len(indexed)), dtype=bool)
 
     def work(block):  # rows of every column at once, a block at a time
@@ -137,6 +143,16 @@ def _reject_rows(bad, problem, conclusion, path):
     if bad.any():
         rows = np.flatnonzero(bad)
         raise QConsistencyError(f"{problem} in {rows.size} indexed row(s) (first: row {rows[0]}); {conclusion}", path)
+
+
+def check_wavelengths(experiment, index, wavelengths, rows, path):
+    """A polychromatic experiment's indexed rows carry positive wavelengths."""
+    bad = ~(np.asarray(wavelengths) > 0)
+    if bad.any():
+        first = int(np.asarray(rows)[np.flatnonzero(bad)[0]])
+        raise QConsistencyError(
+            f"column 'wavelength_cal' is zero or negative in {int(bad.sum())} indexed row(s) of experiment {index} "
+            f"(first: row {first}); its polychromatic beam needs each reflection's wavelength", path)
 
 
 def check_experiment(experiment, index, panels, phi, path, experiments_path):

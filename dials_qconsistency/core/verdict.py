@@ -112,15 +112,22 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
                 f"the model's spots are {in_plane:.3g} mm (RMS) from the calculated positions in the table, "
                 f"not at them (numerical precision: {PRECISION_MM:g} mm)"
             )
-        if options.phi == "calculated":
-            rotation = [e for e in summary.experiments if e.kind == "rotation"]
-            worst = max((e.delta_q["rms"] for e in rotation if e.delta_q["rms"] is not None), default=None)
-            checks["rms_delta_q_rotation"] = worst
+        # Rotation data at the calculated φ, and Laue data (the goniometer static),
+        # are predicted from q_bragg itself: q_pred must equal it.
+        laue = [e for e in summary.experiments if e.kind in ("tof", "laue")]
+        for key, label, kinds, applies in (("rms_delta_q_rotation", "rotation", ("rotation",), options.phi == "calculated"),
+                                           ("rms_delta_q_laue", "Laue", ("tof", "laue"), bool(laue))):
+            if not applies:
+                continue
+            worst = max((e.delta_q["rms"] for e in summary.experiments
+                         if e.kind in kinds and e.delta_q["rms"] is not None), default=None)
+            checks[key] = worst
             if worst is not None and worst > PRECISION_Q:
                 reasons.append(
-                    f"for rotation data q_bragg differs from the table's prediction by {worst:.3g} 1/Angstrom (RMS), "
+                    f"for {label} data q_bragg differs from the table's prediction by {worst:.3g} 1/Angstrom (RMS), "
                     f"beyond numerical precision ({PRECISION_Q:g})"
-                    + (": check scan_varying.model_state (integrate for an integrated table)" if scan_varying else "")
+                    + (": check scan_varying.model_state (integrate for an integrated table)"
+                       if scan_varying and label == "rotation" else "")
                 )
     checks["named"] = named
     if reasons:

@@ -196,10 +196,16 @@ def _mat(values) -> np.ndarray:
     return _vec(values, 9).reshape(3, 3)
 
 
+#: dxtbx beam model types (``__id__``).
+POLYCHROMATIC_TYPES = ("polychromatic", "PolychromaticBeam")
+
+
 def _beam(d) -> Beam:
     kind = d.get("__id__", "monochromatic")
+    if kind in POLYCHROMATIC_TYPES:
+        return _polychromatic_beam(d)
     if kind not in ("monochromatic", "Beam"):
-        raise _Bad(f"beam type {kind!r:.40} is not supported (only monochromatic beams are)")
+        raise _Bad(f"beam type {kind!r:.40} is not supported (monochromatic and polychromatic beams are)")
     if "direction" in d:
         direction = _direction(d["direction"])
         wavelength = _number(d["wavelength"])
@@ -212,7 +218,23 @@ def _beam(d) -> Beam:
         raise _Bad(f"wavelength {wavelength:g} Å is not a plausible wavelength (1e-4 to 1e4 Å)")
     s0 = -direction / wavelength
     scan_points = _scan_points(d.get("s0_at_scan_points"), (3,))
-    return Beam(s0=s0, wavelength=wavelength, s0_at_scan_points=scan_points)
+    return Beam(s0=s0, wavelength=wavelength, s0_at_scan_points=scan_points, probe=str(d.get("probe", "xray")))
+
+
+def _polychromatic_beam(d) -> Beam:
+    """A polychromatic beam: a direction, the source distance and a wavelength
+    range; each reflection's wavelength comes from the table."""
+    if "direction" not in d:
+        raise _Bad("polychromatic beam has no direction")
+    direction = _direction(d["direction"])
+    distance = _number(d.get("sample_to_source_distance", 0.0))
+    if not distance > 0:
+        raise _Bad(f"polychromatic beam: sample_to_source_distance {distance:g} mm is not positive")
+    low, high = (_number(v) for v in d.get("wavelength_range", (0.0, 0.0)))
+    if not 0 < low <= high:
+        raise _Bad(f"polychromatic beam: wavelength_range ({low:g}, {high:g}) Å is not a range of positive wavelengths")
+    return Beam(s0=None, wavelength=None, polychromatic=True, unit_s0=-direction, sample_to_source_distance=distance,
+                wavelength_range=(low, high), probe=str(d.get("probe", "xray")))
 
 
 def _frame(node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -355,8 +377,13 @@ def _scan(d) -> Scan:
     if last < first:
         raise _Bad(f"image_range {first}..{last} is empty")
     n_images = last - first + 1
+    time_of_flight = None
     if "properties" in d:
         properties = d["properties"]
+        if "time_of_flight" in properties:
+            time_of_flight = np.array([_number(v) for v in properties["time_of_flight"]], dtype=float)
+            if time_of_flight.size != n_images:
+                raise _Bad(f"has {time_of_flight.size} time-of-flight values for {n_images} images")
         starts = [math.radians(_number(v)) for v in properties.get("oscillation", [])]
         if not starts:
             oscillation = (0.0, 0.0)
@@ -370,7 +397,7 @@ def _scan(d) -> Scan:
     else:
         start, width = d.get("oscillation", (0.0, 0.0))
         oscillation = (math.radians(_number(start)), math.radians(_number(width)))
-    return Scan((first, last), oscillation)
+    return Scan((first, last), oscillation, time_of_flight)
 
 
 #: dxtbx crystal model types (``__id__``); all carry A = U·B the same way.

@@ -37,7 +37,7 @@ from dials_qconsistency.io.refl_writer import column_values
 
 #: The columns the numpy core reads (table_checks.COLUMN_SHAPES), taken from the flex table.
 CORE_COLUMNS = ("id", "panel", "miller_index", "s1", "xyzcal.mm", "xyzobs.mm.value", "xyzobs.px.value",
-                "xyzobs.mm.variance", "flags")
+                "xyzobs.mm.variance", "flags", "wavelength_cal", "s0_cal")
 
 
 def _vector(values, n=3) -> np.ndarray:
@@ -61,12 +61,16 @@ def _scan_points(model, getter_name, convert):
 
 def beam_model(beam) -> models.Beam:
     kind = type(beam).__name__
-    if "Polychromatic" in kind or "TOF" in kind:
-        raise ValueError(f"beam type {kind!r} is not supported (only monochromatic beams are)")
+    if "Polychromatic" in kind:
+        return models.Beam(s0=None, wavelength=None, polychromatic=True, unit_s0=_vector(beam.get_unit_s0()),
+                           sample_to_source_distance=float(beam.get_sample_to_source_distance()),
+                           wavelength_range=tuple(float(v) for v in beam.get_wavelength_range()),
+                           probe=str(beam.get_probe_name()))
     return models.Beam(
         s0=_vector(beam.get_s0()),
         wavelength=float(beam.get_wavelength()),
         s0_at_scan_points=_scan_points(beam, "get_s0_at_scan_point", _vector),
+        probe=str(beam.get_probe_name()),
     )
 
 
@@ -117,6 +121,8 @@ def goniometer_model(goniometer) -> models.Goniometer:
 
 def scan_model(scan) -> models.Scan:
     first, last = (int(i) for i in scan.get_image_range())
+    if not scan.has_property("oscillation") and scan.has_property("time_of_flight"):  # a time-of-flight scan
+        return models.Scan((first, last), (0.0, 0.0), np.array(list(scan.get_property("time_of_flight")), dtype=float))
     start, width = (float(v) for v in scan.get_oscillation(deg=False))
     return models.Scan((first, last), (start, width))
 

@@ -20,11 +20,31 @@ MAX_MAGNITUDE = 1e10
 
 @dataclass
 class Beam:
-    """Monochromatic beam: ``s0 = -unit(direction) / wavelength`` (Å⁻¹)."""
+    """A beam. Monochromatic: ``s0 = -unit(direction) / wavelength`` (Å⁻¹).
 
-    s0: np.ndarray
-    wavelength: float
+    Polychromatic (Laue; neutron time of flight): every reflection has its own
+    wavelength λ_i (the table's ``wavelength_cal``) and s0_i = ``unit_s0`` / λ_i;
+    ``s0`` and ``wavelength`` are then None.
+    """
+
+    s0: np.ndarray | None
+    wavelength: float | None
     s0_at_scan_points: np.ndarray | None = None  # (n, 3)
+    polychromatic: bool = False
+    unit_s0: np.ndarray | None = None  # -unit(direction); set for every beam by the readers
+    sample_to_source_distance: float | None = None  # mm (polychromatic: the primary flight path L0)
+    wavelength_range: tuple[float, float] | None = None  # Å (polychromatic)
+    probe: str = "xray"
+
+    def __post_init__(self):
+        if self.unit_s0 is None and self.s0 is not None:
+            self.unit_s0 = np.asarray(self.s0, dtype=float) / np.linalg.norm(self.s0)
+
+    @property
+    def along_s0(self) -> np.ndarray:
+        """A vector along s0 (for drawing): s0 itself, or its unit vector for a
+        polychromatic beam."""
+        return self.s0 if self.s0 is not None else self.unit_s0
 
 
 @dataclass
@@ -94,6 +114,7 @@ class Scan:
 
     image_range: tuple[int, int]
     oscillation: tuple[float, float]
+    time_of_flight: np.ndarray | None = None  # µs per image (a time-of-flight scan: no oscillation)
 
     @property
     def array_range(self) -> tuple[int, int]:
@@ -147,6 +168,18 @@ class Experiment:
             and self.scan is not None
             and not self.scan.is_still
         )
+
+    @property
+    def is_laue(self) -> bool:
+        """Polychromatic data: each reflection has its own wavelength."""
+        return self.beam is not None and self.beam.polychromatic
+
+    @property
+    def kind(self) -> str:
+        """rotation, still, or tof / laue (polychromatic, with or without a time-of-flight scan)."""
+        if self.is_laue:
+            return "tof" if self.scan is not None and self.scan.time_of_flight is not None else "laue"
+        return "rotation" if self.is_rotation else "still"
 
     @property
     def is_scan_varying(self) -> bool:

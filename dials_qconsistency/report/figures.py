@@ -78,7 +78,7 @@ def detector_heatmap(experiments, result, parts, quantity="norm"):
     plt = _pyplot()
     label, getter = HEATMAPS[quantity]
     detector = experiments[0].detector
-    basis = view_basis(experiments[0].beam.s0)
+    basis = view_basis(experiments[0].beam.along_s0)
     fig, ax = plt.subplots(figsize=(7, 6))
     _draw_panels(ax, detector, basis)
     used = result.used
@@ -99,7 +99,7 @@ def arrow_map(experiments, result, parts):
     """(figure, panels drawn): in-plane residuals (model spot - q_pixel spot) as arrows."""
     plt = _pyplot()
     detector = experiments[0].detector
-    basis = view_basis(experiments[0].beam.s0)
+    basis = view_basis(experiments[0].beam.along_s0)
     fig, ax = plt.subplots(figsize=(7, 6))
     _draw_panels(ax, detector, basis)
     used = result.used & np.all(np.isfinite(parts.delta_xy), axis=1)

@@ -63,7 +63,7 @@ def _sample_note(shown, total):
 def detector_chart(experiments, points, parts, hkl, image, sample_note):
     """|Δq| (or a component, by the buttons) at each spot over the panels in
     their lab layout, seen from the sample; hover gives hkl, panel, image."""
-    basis = view_basis(experiments[0].beam.s0)
+    basis = view_basis(experiments[0].beam.along_s0)
     outline_x, outline_y = [], []
     for panel in experiments[0].detector.panels:
         corners = panel_outline(panel, basis)
@@ -100,7 +100,7 @@ def detector_chart(experiments, points, parts, hkl, image, sample_note):
 
 def arrows_chart(experiments, points, parts, sample_note):
     """In-plane residuals (model spot − q_pixel spot) as segments from each spot, scaled to be seen."""
-    basis = view_basis(experiments[0].beam.s0)
+    basis = view_basis(experiments[0].beam.along_s0)
     used = points.used & np.all(np.isfinite(parts.delta_xy), axis=1)
     every = np.flatnonzero(used)
     if every.size > MAX_ARROWS:  # more arrows than can be told apart: an even sample of them

@@ -42,6 +42,7 @@ def verdict_text(verdict) -> str:
 VERDICT_NUMBERS = (
     ("rms_in_plane_mm", "model spot to xyzcal.mm RMS {:.3g} mm"),
     ("rms_delta_q_rotation", "rotation data |q_bragg - q_pred| RMS {:.3g} 1/Angstrom"),
+    ("rms_delta_q_laue", "Laue data |q_bragg - q_pred| RMS {:.3g} 1/Angstrom"),
     ("centroid_sigma_q", "centroid uncertainty {:.3g} 1/Angstrom (median)"),
     ("normalised_residual", "normalised residual RMS {:.3g} (in-plane residual over the centroid sigma)"),
 )

@@ -1,0 +1,116 @@
+"""Neutron time-of-flight Laue data (ISIS SXD, NaCl; ../shared/data/tof_sxd_nacl):
+a polychromatic beam, one wavelength per reflection.
+
+References computed here, independently of the program: q_bragg = S·F·A·h from
+the .expt's real-space axes (A = inverse of the matrix with rows a, b, c),
+q_pred = s1 − s0_cal from the table's own columns (decoded with msgpack), and
+s0_i = −unit(direction)/wavelength_cal.
+"""
+
+from __future__ import annotations
+
+import json
+
+import msgpack
+import numpy as np
+import pytest
+
+from dials_qconsistency.core.q_vectors import NOT_INDEXED, REASONS, USED, Options, compute_q
+from conftest import BACKENDS
+
+SXD = ("tof_sxd_nacl", "sxd_refined")
+
+
+def raw_table(path):
+    obj = msgpack.unpackb(open(path, "rb").read(), raw=False, strict_map_key=False)
+    data, n = obj[2]["data"], obj[2]["nrows"]
+    dtypes = {"double": ("<f8", ()), "vec3<double>": ("<f8", (3,)), "int": ("<i4", ()),
+              "cctbx::miller::index<>": ("<i4", (3,))}
+
+    def column(name):
+        dtype, shape = dtypes[data[name][0]]
+        return np.frombuffer(data[name][1][1], dtype=dtype).reshape((n,) + shape)
+
+    return column
+
+
+@pytest.fixture
+def sxd(shared):
+    expt, refl = shared(SXD[0], SXD[1] + ".expt"), shared(SXD[0], SXD[1] + ".refl")
+    return expt, refl
+
+
+def reference(expt, refl):
+    document = json.load(open(expt))
+    crystal, beam, gonio = document["crystal"][0], document["beam"][0], document["goniometer"][0]
+    A = np.linalg.inv(np.array([crystal["real_space_a"], crystal["real_space_b"], crystal["real_space_c"]]))
+    S = np.array(gonio["setting_rotation"]).reshape(3, 3)
+    F = np.array(gonio["fixed_rotation"]).reshape(3, 3)
+    column = raw_table(refl)
+    ids, hkl = column("id"), column("miller_index").astype(float)
+    indexed = ids >= 0
+    q_bragg = (S @ F @ A @ hkl.T).T
+    direction = np.array(beam["direction"]) / np.linalg.norm(beam["direction"])
+    with np.errstate(divide="ignore", invalid="ignore"):  # unindexed rows hold wavelength_cal = 0
+        s0 = -direction / column("wavelength_cal")[:, None]
+    return indexed, q_bragg, column("s1") - column("s0_cal"), s0, column("s0_cal")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_q_vectors_of_every_indexed_row_against_dials_own_prediction(sxd, backend):
+    """Over the 455 indexed rows: q_bragg and q_pixel(xyzcal) equal the table's
+    s1 − s0_cal to ≤ 1e-9 Å⁻¹ (in practice ~1e-15), q_bragg equals S·F·A·h and
+    s0 equals −unit(direction)/wavelength_cal; the 52 unindexed rows (zeros in
+    wavelength_cal) are counted and left out."""
+    from dials_qconsistency.io import backends
+
+    expt, refl = sxd
+    experiments, table = backends.read_pair(backends.get(backend), expt, refl)
+    assert experiments[0].kind == "tof" and experiments[0].beam.sample_to_source_distance == 8300.0
+    assert experiments[0].scan.time_of_flight.size == 1821 and not experiments[0].is_rotation
+    result = compute_q(experiments, table.columns(), table.identifiers, Options())
+    indexed, q_bragg, q_pred, s0, s0_cal = reference(expt, refl)
+    used = result.used
+    assert used.sum() == 455 == indexed.sum() and np.sum(result.reason == NOT_INDEXED) == 52
+    assert np.array_equal(used, indexed) and set(np.unique(result.reason)) == {USED, NOT_INDEXED}
+    largest = lambda a, b: float(np.max(np.linalg.norm(a[used] - b[used], axis=1)))
+    assert largest(result.q_bragg, q_pred) <= 1e-9 and largest(result.q_pixel_calculated, q_pred) <= 1e-9
+    assert largest(result.q_pred, q_pred) <= 1e-15
+    assert largest(result.q_bragg, q_bragg) <= 1e-12
+    assert largest(result.s0, s0) <= 1e-15 and largest(result.s0, s0_cal) <= 1e-12
+    assert np.all(np.isnan(result.q_bragg[~used]))
+    assert REASONS[NOT_INDEXED].startswith("not indexed")
+
+
+@pytest.mark.dials
+def test_both_backends_agree_to_1e_12(sxd):
+    from dials_qconsistency.io import backends
+
+    expt, refl = sxd
+    results = []
+    for name in ("standalone", "native"):
+        experiments, table = backends.read_pair(backends.get(name), expt, refl)
+        for source in ("calculated", "observed"):
+            results.append(compute_q(experiments, table.columns(), table.identifiers, Options(q_pixel_source=source)))
+    for a, b in ((results[0], results[2]), (results[1], results[3])):
+        for field in ("q_bragg", "q_pixel", "q_pred", "s0"):
+            x, y = getattr(a, field)[a.used], getattr(b, field)[b.used]
+            assert np.max(np.abs(x - y)) <= 1e-12, field
+
+
+def test_the_command_calls_the_refined_model_consistent_and_says_what_it_checked(sxd, tmp_path, monkeypatch):
+    from dials_qconsistency.command_line.q_consistency import main
+
+    expt, refl = sxd
+    monkeypatch.chdir(tmp_path)
+    assert main([expt, refl, "output.json=qc.json", "rows=indexed", "fail_if.inconsistent=True",
+                 "backend=standalone"]) == 0
+    report = json.load(open("qc.json"))
+    assert report["verdict"]["consistent"] is True
+    assert report["verdict"]["checks"]["rms_delta_q_laue"] <= 1e-9
+    (experiment,) = report["per_experiment"]
+    assert experiment["kind"] == "tof" and experiment["s1"].startswith("prediction")
+    assert experiment["max_q_bragg_vs_q_pred"] <= 1e-9 and experiment["max_q_pixel_calculated_vs_q_pred"] <= 1e-9
+    log = open("dials.q_consistency.log").read()
+    assert "Laue data |q_bragg - q_pred| RMS" in log and "expt 0 (tof)" in log
+    assert "the table's s0_cal agrees to 0 1/Angstrom (as it should)" in log
