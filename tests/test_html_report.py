@@ -25,12 +25,16 @@ TRACES = {"detector": 2, "arrows": 1, "components_fast": 3, "components_slow": 3
 #: Charts of stills only (the trumpet, Δ2θ against 2θ, the per-still RMS histogram).
 STILLS_TRACES = {"trumpet": 1, "delta_two_theta": 1, "per_still": 1}
 
-#: (label, experiment list, table, options): stills, rotation, scan-varying, 64 panels, the bundled examples.
+#: Charts of polychromatic (time-of-flight) data: |Δq| and the time-of-flight error against wavelength.
+LAUE_TRACES = {"vs_wavelength": 1, "tof_vs_wavelength": 1}
+
+#: (label, experiment list, table, options): stills, rotation, scan-varying, 64 panels, time of flight, the bundled examples.
 PAIRS = [
     ("stills", os.path.join(SHARED_DATA, "ssx_CuNiR_test_data", "indexed"), []),
     ("rotation", os.path.join(SHARED_DATA, "dials_current", "centroid_refined"), []),
     ("scan-varying", os.path.join(SHARED_DATA, "quartz_processed", "refined"), []),
     ("64 panels", os.path.join(SHARED_DATA, "dials_current", "cspad_stills_refined"), []),
+    ("time of flight", os.path.join(SHARED_DATA, "tof_sxd_nacl", "sxd_refined"), ["q_pixel.source=observed"]),
     ("example rotation", os.path.join(EXAMPLES, "rotation"), ["q_pixel.source=observed"]),
     ("example stills", os.path.join(EXAMPLES, "stills"), []),
 ]
@@ -88,7 +92,7 @@ def test_the_report_opens_offline_and_says_what_the_log_says(browser, tmp_path, 
         "[c.id.slice(6), [c._fullData.length, c.querySelectorAll('.main-svg').length, c.querySelectorAll('canvas').length]]))")
     traces = {name: count for name, (count, _, _) in drawn.items()}
     stills = "stills" in label or "64 panels" in label
-    assert traces == {**TRACES, **(STILLS_TRACES if stills else {})}
+    assert traces == {**TRACES, **(STILLS_TRACES if stills else {}), **(LAUE_TRACES if "time" in label else {})}
     assert all(svg > 0 for _, svg, _ in drawn.values())
     assert drawn["detector"][2] > 0  # the spots are WebGL: drawn into a canvas
 

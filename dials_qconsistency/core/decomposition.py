@@ -34,6 +34,7 @@ from dials_qconsistency.core.geometry import cross_components, dot_components, u
 from dials_qconsistency.core.blocks import for_each_block, rows_by_group
 from dials_qconsistency.core.panels import per_row_components
 from dials_qconsistency.core.q_vectors import s1_is_prediction
+from dials_qconsistency.core.time_of_flight import bragg_wavelength_ratio, wavelength_from_tof
 
 
 @dataclass
@@ -47,6 +48,10 @@ class Decomposition:
     radial: np.ndarray  # Å⁻¹
     transverse: np.ndarray  # Å⁻¹
     rotation: np.ndarray  # (N,) bool: rotation data (angle is Δφ)
+    #: Polychromatic (Laue) rows, None without any: the model's q_bragg meets the
+    #: Ewald sphere at its own wavelength λ_b rather than by a rotation.
+    wavelength_rel: np.ndarray | None = None  # (N,) (λ_b − λ)/λ, λ the wavelength of the position's time
+    tof_us: np.ndarray | None = None  # (N,) µs: t(λ_b) − the position's time of flight
 
 
 def panel_frames(experiments, result):
@@ -114,6 +119,11 @@ def decompose(experiments, result, threads: int = 1) -> Decomposition:
     m = used_rows.size
     fields = {"q_sphere": 3, "angle": 0, "along_q": 0, "delta_xy": 2,
               "radial_mm": 0, "transverse_mm": 0, "radial": 0, "transverse": 0}
+    laue = np.array([e.is_laue for e in experiments] + [False])[result.experiment]  # index -1: no experiment
+    laue = laue if laue[used].any() else None
+    if laue is not None:
+        fields.update(wavelength_rel=0, tof_us=0)
+    source_mm = np.array([e.beam.sample_to_source_distance if e.is_laue else np.nan for e in experiments] + [np.nan])
     parts = {name: np.empty((m, k) if k else m) for name, k in fields.items()}
     predicted = [index for index, rows in enumerate(rows_by_group(result.experiment, len(experiments), used))
                  if s1_is_prediction(result, rows)]
@@ -121,7 +131,10 @@ def decompose(experiments, result, threads: int = 1) -> Decomposition:
 
     def work(block):
         rows = block if m == n else used_rows[block]  # every row used: views, no gathering
-        _decompose_rows(result, rows, used_rows[block], predicted, panels, {k: v[block] for k, v in parts.items()})
+        out = {k: v[block] for k, v in parts.items()}
+        _decompose_rows(result, rows, used_rows[block], predicted, panels, out, laue)
+        if laue is not None:
+            _wavelength_parts(result, used_rows[block], laue, source_mm, panels, out)
 
     for_each_block(m, work, threads)
 
@@ -136,12 +149,45 @@ def decompose(experiments, result, threads: int = 1) -> Decomposition:
     return Decomposition(**{name: full(values) for name, values in parts.items()}, rotation=rotation)
 
 
-def _decompose_rows(result, rows, row_numbers, predicted, panels, out) -> None:
+def _wavelength_parts(result, row_numbers, laue, source_mm, panels, out) -> None:
+    """For the time-of-flight rows among ``row_numbers``: the wavelength error
+    (λ_b − λ)/λ, λ_b the wavelength at which q_bragg diffracts and λ that of
+    the position's time of flight (µs) over L0 + |spot| (mm), and the
+    time-of-flight error t(λ_b) − t."""
+    out["wavelength_rel"][:] = np.nan
+    out["tof_us"][:] = np.nan
+    if result.tof is None:
+        return
+    at = np.flatnonzero(laue[row_numbers] & np.isfinite(result.tof[row_numbers]))
+    if not at.size:
+        return
+    numbers = row_numbers[at]
+    s0 = result.s0[numbers]
+    ratio = bragg_wavelength_ratio(result.q_bragg[numbers], s0)  # λ_b / λ_i, λ_i = 1/|s0| (wavelength_cal)
+    origin, fast, slow, _ = panels.rows(numbers)
+    xy = result.position_mm[numbers]
+    path = source_mm[result.experiment[numbers]] + geometry.norms(
+        np.stack(geometry.panel_points_to_lab(origin, fast, slow, xy[:, 0], xy[:, 1]), axis=-1))
+    time = result.tof[numbers]
+    wavelength = wavelength_from_tof(time, path)
+    bragg = ratio / geometry.norms(s0)
+    out["wavelength_rel"][at] = (bragg - wavelength) / wavelength
+    out["tof_us"][at] = time * (bragg - wavelength) / wavelength
+
+
+def _decompose_rows(result, rows, row_numbers, predicted, panels, out, laue=None) -> None:
     """The parts of Δq for some used rows, written into ``out`` (views of the
     parts' arrays). ``rows`` indexes the result; ``row_numbers`` are the same
-    rows as numbers; ``predicted``: experiments whose s1 is a prediction."""
+    rows as numbers; ``predicted``: experiments whose s1 is a prediction;
+    ``laue``: per table row, polychromatic (None: no such row)."""
     q_bragg, q_pixel, s0 = result.q_bragg[rows], result.q_pixel[rows], result.s0[rows]
     angle, q_sphere, _ = onto_sphere(q_bragg, s0, result.rotation_axis[rows])
+    if laue is not None and laue[row_numbers].any():
+        # Polychromatic rows meet the sphere at their own wavelength λ_b: q_bragg
+        # scaled onto the sphere of the row's s0 along its direction, no rotation.
+        at = np.flatnonzero(laue[row_numbers])
+        angle[at] = np.nan
+        q_sphere[at] = q_bragg[at] * bragg_wavelength_ratio(q_bragg[at], s0[at])[:, None]
     out["angle"][:] = angle
     out["q_sphere"][:] = q_sphere
     model_spot = q_sphere

@@ -23,7 +23,7 @@ from dials_qconsistency.core.statistics import norm_statistics, row_distances, s
 from dials_qconsistency.core.verdict import centroid_sigma_q, judge, normalised_residual
 from dials_qconsistency.io import backends
 from dials_qconsistency.report.columns import (
-    OUTPUT_TYPES,
+    output_types,
     decomposition_columns,
     existing_output_columns,
     put_columns,
@@ -95,7 +95,7 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
         # Written by a thread while the statistics compute on one core
         # (the decomposition has both): the input's own columns, then the new ones.
         replaced = existing_output_columns(pair.table)
-        writer = pair.table.begin_write(staged, output_table, OUTPUT_TYPES)
+        writer = pair.table.begin_write(staged, output_table, output_types(parts))
         put_columns(writer, q_columns(result))
         put_columns(writer, decomposition_columns(parts))
     summary = summarise(about, experiments, parts, settings.resolution_shells, settings.panel_group_depth)

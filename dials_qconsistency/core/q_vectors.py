@@ -103,6 +103,9 @@ class QResult:
     panel: np.ndarray  # (N,) panel index
     phi: np.ndarray  # (N,) rotation angle (rad) used for q_bragg (NaN for stills)
     notes: list[str] = field(default_factory=list)
+    #: (N,) µs: the time of flight of the position behind q_pixel (its z), for
+    #: the rows of time-of-flight experiments (NaN elsewhere); None without any.
+    tof: np.ndarray | None = None
 
     @classmethod
     def blank(cls, reason, experiment, panel, notes, observed=False) -> "QResult":
@@ -220,6 +223,10 @@ def compute_q(
         if experiment.is_laue:
             check_wavelengths(experiment, index, table.wavelength[rows], rows, path)
         _compute_experiment(experiment, rows, table, options, result)
+        if experiment.kind == "tof" and options.q_pixel_source != "observed_px":  # a frame number there, not µs
+            if result.tof is None:
+                result.tof = np.full(n, np.nan)
+            result.tof[rows] = table.position[rows, 2]
     if laue and "s0_cal" in columns:
         result.notes.append(_s0_cal_note(np.asarray(columns["s0_cal"], dtype=float), result))
     return result

@@ -196,6 +196,7 @@ class Summary:
     per_panel: list[dict] = field(default_factory=list)
     per_panel_group: list[dict] = field(default_factory=list)
     per_resolution_shell: list[dict] = field(default_factory=list)
+    per_wavelength_band: list[dict] = field(default_factory=list)  # polychromatic rows only
     #: |Δq| statistics of the indexed rows refinement did not use (None: every indexed row is used)
     outliers: dict | None = None
 
@@ -203,6 +204,8 @@ class Summary:
 #: The residual statistics of :meth:`UsedRows.statistics_by`: RMS of each value per row.
 RMS_NAMES = ("rms_in_plane_mm", "rms_x_mm", "rms_y_mm", "rms_radial_mm", "rms_transverse_mm", "rms_radial",
              "rms_transverse", "rms_along_q", "rms_delta_phi_deg", "rms_delta_psi_deg")
+#: ... and for tables with polychromatic (Laue) rows: RMS Δλ/λ and time-of-flight error (µs).
+LAUE_RMS_NAMES = ("rms_wavelength_rel", "rms_tof_us")
 
 
 class UsedRows:
@@ -219,6 +222,8 @@ class UsedRows:
         self.parts = parts
         self.selection = contiguous(self.rows, len(used))  # the rows, as a slice where they are consecutive
         self._all = None  # norm_statistics of every used row, once
+        laue = parts is not None and parts.wavelength_rel is not None
+        self.rms_names = RMS_NAMES + (LAUE_RMS_NAMES if laue else ())
 
     def _values(self, block) -> tuple[dict, np.ndarray]:
         """({statistic: value per row}, |q_bragg| - |q_pixel|) of the used rows at positions ``block``."""
@@ -240,6 +245,8 @@ class UsedRows:
             "rms_along_q": along,
             "rms_delta_phi_deg": np.where(rotation, angle, np.nan),
             "rms_delta_psi_deg": np.where(rotation, np.nan, angle),
+            **({"rms_wavelength_rel": parts.wavelength_rel[rows], "rms_tof_us": parts.tof_us[rows]}
+               if parts.wavelength_rel is not None else {}),
         }, along
 
     def statistics_by(self, groupings) -> list[list[dict | None]]:
@@ -256,7 +263,7 @@ class UsedRows:
         sums of squares of the finite values, group by group (``np.bincount``).
         """
         m = self.rows.size
-        names = RMS_NAMES + ("along",)
+        names = self.rms_names + ("along",)
         sums = [{name: np.zeros(k) for name in names} for _, k in groupings]
         counts = [{name: np.zeros(k) for name in names} for _, k in groupings]
         # A grouping whose rows all carry one label sums exactly what the first
@@ -305,7 +312,7 @@ class UsedRows:
             for group, entry in enumerate(stats):
                 if entry is None or self.parts is None:
                     continue
-                for name in RMS_NAMES:
+                for name in self.rms_names:
                     n = count[name][group]
                     entry[name] = float(np.sqrt(total[name][group] / n)) if n else None
                 n = count["along"][group]
@@ -334,6 +341,17 @@ def resolution_shells(d_spacing, n_shells: int):
     shell = np.clip(np.floor((inverse_cubed - low) / width).astype(int), 0, n_shells - 1)
     edges = np.linspace(low, high, n_shells + 1) ** (-1.0 / 3.0)
     return shell, edges
+
+
+def wavelength_bands(s0, polychromatic, n_bands: int):
+    """(band per row, edges in Å): bands of equal width in λ = 1/|s0| over the
+    polychromatic rows; -1 for the other rows."""
+    wavelength = 1.0 / np.sqrt(np.sum(np.asarray(s0, dtype=float) ** 2, axis=1))
+    low, high = wavelength[polychromatic].min(), wavelength[polychromatic].max()
+    width = (high - low) / n_bands or 1.0
+    band = np.clip(np.floor((wavelength - low) / width), 0, n_bands - 1)
+    band = np.where(polychromatic, band, -1).astype(np.int32)
+    return band, np.linspace(low, high, n_bands + 1)
 
 
 def _delta_q_part(stats: dict) -> dict:
@@ -365,6 +383,12 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
             groupings["shell"] = (shell.astype(np.int32), n_shells)
             labelled["shell"] = [{"d_max": float(edges[i]), "d_min": float(edges[i + 1])} for i in range(n_shells)]
         del d_spacing
+        if parts.wavelength_rel is not None and n_shells > 0:
+            laue_rows = np.array([e.is_laue for e in experiments])[experiment_of]
+            band, edges = wavelength_bands(result.s0[table.selection], laue_rows, n_shells)
+            groupings["wavelength_band"] = (band, n_shells)
+            labelled["wavelength_band"] = [{"wavelength_min": float(edges[i]), "wavelength_max": float(edges[i + 1])}
+                                           for i in range(n_shells)]
     stats = dict(zip(groupings, table.statistics_by(list(groupings.values()))))
 
     (everything,) = stats["all"]
@@ -396,7 +420,8 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
     if parts is None or not used.any():
         return summary
     summary.residuals = dict(everything)
-    for name, target in (("panel", "per_panel"), ("panel_group", "per_panel_group"), ("shell", "per_resolution_shell")):
+    for name, target in (("panel", "per_panel"), ("panel_group", "per_panel_group"), ("shell", "per_resolution_shell"),
+                         ("wavelength_band", "per_wavelength_band")):
         if name in stats:
             setattr(summary, target, [{**label, **entry} for label, entry in zip(labelled[name], stats[name])
                                       if entry is not None])

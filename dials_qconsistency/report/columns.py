@@ -25,6 +25,16 @@ delta_q.transverse.mm      double          and across it (DIALS' t_resid)
 delta_q.radial             double          model spot - q_pixel along increasing 2θ
 delta_q.transverse         double          ... along unit(ŝ1 × ŝ0)
 =========================  ==============  =============================================
+
+Tables with polychromatic (Laue, time-of-flight) experiments gain two more
+(NaN in the other rows):
+
+=========================  ==============  =============================================
+delta_q.wavelength_rel     double          (λ_b − λ)/λ: λ_b the wavelength at which
+                                           q_bragg diffracts, λ that of the position's
+                                           time of flight
+delta_q.tof.us             double          t(λ_b) − the position's time of flight (µs)
+=========================  ==============  =============================================
 """
 
 from __future__ import annotations
@@ -51,6 +61,18 @@ OUTPUT_TYPES = {
     "delta_q.transverse": "double",
 }
 OUTPUT_COLUMNS = tuple(OUTPUT_TYPES)
+
+#: The columns only tables with polychromatic experiments gain.
+LAUE_OUTPUT_TYPES = {
+    "delta_q.wavelength_rel": "double",
+    "delta_q.tof.us": "double",
+}
+
+
+def output_types(parts) -> dict[str, str]:
+    """The new columns of a table with this decomposition: name -> DIALS type."""
+    return {**OUTPUT_TYPES, **(LAUE_OUTPUT_TYPES if parts.wavelength_rel is not None else {})}
+
 
 
 def q_columns(result) -> dict[str, tuple[str, object]]:
@@ -92,18 +114,21 @@ def decomposition_columns(parts) -> dict[str, tuple[str, object]]:
         "delta_q.radial": parts.radial,
         "delta_q.transverse": parts.transverse,
     }
-    return {name: (OUTPUT_TYPES[name], column) for name, column in values.items()}
+    if parts.wavelength_rel is not None:
+        values.update({"delta_q.wavelength_rel": parts.wavelength_rel, "delta_q.tof.us": parts.tof_us})
+    types = output_types(parts)
+    return {name: (types[name], column) for name, column in values.items()}
 
 
 def output_columns(result, parts) -> dict[str, tuple[str, object]]:
     """Every output column: name -> (DIALS type name, values), in table order."""
     columns = {**q_columns(result), **decomposition_columns(parts)}
-    return {name: columns[name] for name in OUTPUT_TYPES}
+    return {name: columns[name] for name in output_types(parts)}
 
 
 def existing_output_columns(table) -> list[str]:
     """The output columns the input table already has (they are replaced)."""
-    return [name for name in OUTPUT_COLUMNS if name in table]
+    return [name for name in (*OUTPUT_COLUMNS, *LAUE_OUTPUT_TYPES) if name in table]
 
 
 def put_columns(writer, columns) -> None:

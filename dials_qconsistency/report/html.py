@@ -173,7 +173,8 @@ def stills_charts(experiments, summary, points, parts, sample_note):
     trumpet) and against 2θ, and the distribution of the per-still RMS |Δq|."""
     used = points.used
     angle = np.degrees(parts.angle[used])
-    still = ~parts.rotation[used]
+    kind_still = np.array([e.kind == "still" for e in experiments] + [False])
+    still = kind_still[points.experiment[used]]  # monochromatic stills: not rotation, not Laue
     if not still.any():
         return []
     tt_bragg, tt_pixel = two_theta(points.q_bragg[used], points.s0[used]), two_theta(points.q_pixel[used], points.s0[used])
@@ -190,6 +191,26 @@ def stills_charts(experiments, summary, points, parts, sample_note):
     if rms.size > 1:
         charts.append({"id": "per_still", "data": [{"type": "histogram", "x": typed(rms), "nbinsx": 40}],
                        "layout": _layout(f"RMS |Δq| of each still ({rms.size} stills)", "RMS |Δq| (Å⁻¹)", "stills")})
+    return charts
+
+
+def wavelength_charts(experiments, points, parts, sample_note):
+    """Polychromatic (Laue, time-of-flight) rows: |Δq| and the time-of-flight
+    error against each reflection's wavelength."""
+    laue = points.used & np.array([e.is_laue for e in experiments] + [False])[points.experiment]
+    if not laue.any():
+        return []
+    wavelength = 1.0 / np.linalg.norm(points.s0[laue], axis=1)
+    charts = [{"id": "vs_wavelength", "data": [{"type": "scattergl", "mode": "markers", "x": typed(wavelength),
+                                                "y": typed(np.linalg.norm(points.delta_q[laue], axis=1)),
+                                                "marker": {"size": 3}}],
+               "layout": _layout(f"|Δq| against wavelength ({sample_note})", "λ (Å)", "|Δq| (Å⁻¹)")}]
+    if parts.tof_us is not None and np.isfinite(parts.tof_us[laue]).any():
+        charts.append({"id": "tof_vs_wavelength", "data": [{"type": "scattergl", "mode": "markers",
+                                                            "x": typed(wavelength), "y": typed(parts.tof_us[laue]),
+                                                            "marker": {"size": 3}}],
+                       "layout": _layout(f"Time-of-flight error t(λ_b) − t against wavelength ({sample_note})",
+                                         "λ (Å)", "Δt (µs)")})
     return charts
 
 
@@ -217,7 +238,8 @@ def charts(experiments, result, parts, miller_index, max_points, summary=None) -
     note = _sample_note(shown.size, total)
     return ([detector_chart(experiments, points, point_parts, np.asarray(miller_index)[shown], image, note), arrows_chart(experiments, points, point_parts, note)]
             + component_charts(experiments, points, note) + trend_charts(experiments, result, points, image, note)
-            + (stills_charts(experiments, summary, points, point_parts, note) if summary is not None else []))
+            + (stills_charts(experiments, summary, points, point_parts, note) if summary is not None else [])
+            + wavelength_charts(experiments, points, point_parts, note))
 
 
 def plotly_script(dependencies: str) -> dict:
@@ -308,6 +330,12 @@ def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines, extr
         _statistics_table("Per resolution shell", "d (Å)", summary.per_resolution_shell,
                           [f"{s['d_max']:.2f}–{s['d_min']:.2f}" for s in summary.per_resolution_shell]),
     ]
+    if summary.per_wavelength_band:
+        tables.append({"title": "Per wavelength band (polychromatic rows)",
+                       "header": ["λ (Å)", "n", "mean |Δq|", "RMS Δλ/λ", "RMS Δt (µs)"],
+                       "rows": [[f"{b['wavelength_min']:.2f}–{b['wavelength_max']:.2f}", b["n"], number(b["mean"]),
+                                 number(b.get("rms_wavelength_rel"), ".2e"), number(b.get("rms_tof_us"), ".3g")]
+                                for b in summary.per_wavelength_band]})
     mean = summary.delta_q.get("mean")
     if summary.outliers is not None:
         out = summary.outliers

@@ -198,6 +198,14 @@ def residuals_text(summary) -> str:
         lines.append(note)
     for g in summary.per_panel_group:
         lines.append(row(f"group {g['group']}"[:18], g))
+    if summary.per_wavelength_band:
+        lines += ["", "Per wavelength band (polychromatic rows; wavelength error (lambda_b - lambda)/lambda, "
+                      "lambda_b where q_bragg diffracts, and time-of-flight error, microseconds):",
+                  f"{'lambda (A)':<14}{'n':>8}  {'mean |dq|':>9}  {'RMS dl/l':>9}  {'RMS dt us':>9}"]
+        for band in summary.per_wavelength_band:
+            lines.append(f"{band['wavelength_min']:.2f}-{band['wavelength_max']:.2f}".ljust(14)
+                         + f"{band['n']:>8}  {_fmt(band['mean'], '.3e'):>9}  {_fmt(band['rms_wavelength_rel'], '.2e'):>9}"
+                         f"  {_fmt(band['rms_tof_us'], '.3g'):>9}")
     return "\n".join(lines)
 
 
@@ -236,6 +244,7 @@ def json_report(summary, diagnoses, options, files) -> dict:
         "per_panel": summary.per_panel,
         "per_panel_group": summary.per_panel_group,
         "per_resolution_shell": summary.per_resolution_shell,
+        **({"per_wavelength_band": summary.per_wavelength_band} if summary.per_wavelength_band else {}),
         "diagnosis": [d.as_dict() for d in diagnoses],
         "notes": summary.notes,
     }
