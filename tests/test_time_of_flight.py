@@ -114,3 +114,53 @@ def test_the_command_calls_the_refined_model_consistent_and_says_what_it_checked
     log = open("dials.q_consistency.log").read()
     assert "Laue data |q_bragg - q_pred| RMS" in log and "expt 0 (tof)" in log
     assert "the table's s0_cal agrees to 0 1/Angstrom (as it should)" in log
+
+
+def test_q_map_of_a_time_of_flight_bin_at_each_spot_is_dials_prediction(sxd):
+    """dials.q_map's per-pixel wavelength for a time-of-flight bin (λ = t / (L0 +
+    |pixel|)·h/m_n): at each indexed spot's xyzcal.px, with the spot's own
+    calculated time (xyzcal.mm z), q equals the table's s1 − s0_cal, and 2θ the
+    angle between s1 and s0_cal."""
+    from dials_qconsistency.core.pixel_map import MapSetting, quantities_at
+    from dials_qconsistency.io.expt import read_experiments
+
+    expt, refl = sxd
+    experiment = read_experiments(expt)[0]
+    column = raw_table(refl)
+    indexed = np.flatnonzero(column("id") >= 0)[::9]  # 51 spots on several panels
+    obj = msgpack.unpackb(open(refl, "rb").read(), raw=False, strict_map_key=False)
+    panel_of = np.frombuffer(obj[2]["data"]["panel"][1][1], dtype="<u8")
+    xyz_px, xyz_mm = column("xyzcal.px"), column("xyzcal.mm")
+    q_pred, s1, s0_cal = column("s1") - column("s0_cal"), column("s1"), column("s0_cal")
+    assert len(set(panel_of[indexed])) >= 5
+    for row in indexed:
+        setting = MapSetting(experiment.beam.unit_s0, None, float(xyz_mm[row, 2]),
+                             experiment.beam.sample_to_source_distance)
+        values = quantities_at(experiment.detector.panels[int(panel_of[row])], setting,
+                               np.array([xyz_px[row, 0]]), np.array([xyz_px[row, 1]]), ["q", "two_theta"])
+        assert np.abs(values["q"][0] - q_pred[row]).max() <= 1e-9
+        cosine = s1[row] @ s0_cal[row] / np.linalg.norm(s1[row]) / np.linalg.norm(s0_cal[row])
+        assert abs(values["two_theta"][0] - np.degrees(np.arccos(cosine))) <= 1e-9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_q_map_of_a_polychromatic_beam(sxd, tmp_path, monkeypatch, backend):
+    """Without a wavelength only 2θ and the azimuth (which do not depend on it);
+    with wavelength= every quantity; Miller indices need one of them."""
+    import h5py
+
+    from dials_qconsistency.command_line import q_map
+    from dials_qconsistency.errors import QConsistencyError
+
+    expt, _ = sxd
+    monkeypatch.chdir(tmp_path)
+    assert q_map.run([expt, "panels=0", "output.hdf5=a.h5", f"backend={backend}"]) == 0
+    assert sorted(h5py.File("a.h5")["experiment_0/panel_0"]) == ["azimuth", "two_theta", "x_px", "y_px"]
+    assert q_map.run([expt, "panels=0", "wavelength=1.5", "miller_indices=True", "output.hdf5=b.h5",
+                      f"backend={backend}"]) == 0
+    group = h5py.File("b.h5")["experiment_0/panel_0"]
+    assert np.allclose(h5py.File("a.h5")["experiment_0/panel_0/two_theta"][()], group["two_theta"][()], atol=1e-4)
+    q = group["q"][()].astype(float)
+    assert np.allclose(np.linalg.norm(q, axis=-1), 2 * np.sin(np.radians(group["two_theta"][()] / 2)) / 1.5, rtol=1e-5)
+    with pytest.raises(QConsistencyError, match="no one wavelength; give wavelength= or image="):
+        q_map.run([expt, "panels=0", "miller_indices=True", "output.hdf5=c.h5", f"backend={backend}"])

@@ -65,7 +65,14 @@ image = None
   .type = int
   .help = "Rotation data: the image (its number in the scan) at whose centre"
           "phi the Miller indices, and a scan-varying beam, are evaluated;"
-          "default the first image of each scan. Stills ignore it."
+          "default the first image of each scan. Time-of-flight data: the"
+          "image (time-of-flight bin) whose time gives each pixel its"
+          "wavelength over its flight path. Stills ignore it."
+wavelength = None
+  .type = float(value_min=0)
+  .help = "Polychromatic (Laue, time-of-flight) beams: the wavelength (Angstrom)"
+          "of the maps. Without it (or image= for time-of-flight data) only"
+          "two_theta and azimuth are written, which do not depend on it."
 experiments = None
   .type = ints(value_min=0)
   .help = "Only these experiments (0-based); default all."
@@ -133,6 +140,7 @@ def selected(indices, count, what, path):
 def map_plan(experiments, params, path):
     """[(experiment index, MapSetting, image, φ, [panel indices])] after checking every choice."""
     plan = []
+    every = [n for n in QUANTITIES if n != "miller_index" or params.miller_indices]
     for index in selected(params.experiments, len(experiments), "experiments", path):
         experiment = experiments[index]
         for model in ("beam", "detector"):
@@ -140,6 +148,11 @@ def map_plan(experiments, params, path):
                 raise QConsistencyError(f"experiment {index} has no {model}", path)
         if params.miller_indices and experiment.crystal is None:
             raise QConsistencyError(f"experiment {index} has no crystal, so miller_indices=True cannot be met", path)
+        panels = selected(params.panels, len(experiment.detector.panels), "panels", path)
+        if experiment.is_laue:
+            setting, image, names = laue_setting(experiment, params, index, every, path)
+            plan.append((index, setting, image, None, panels, names))
+            continue
         try:
             M, s0, phi = image_setting(experiment, params.image)
         except ValueError as error:
@@ -147,9 +160,33 @@ def map_plan(experiments, params, path):
         image = None
         if phi is not None:
             image = experiment.scan.image_range[0] if params.image is None else params.image
-        panels = selected(params.panels, len(experiment.detector.panels), "panels", path)
-        plan.append((index, MapSetting(s0, M if params.miller_indices else None), image, phi, panels))
+        plan.append((index, MapSetting(s0, M if params.miller_indices else None), image, phi, panels, every))
     return plan
+
+
+def laue_setting(experiment, params, index, every, path):
+    """(MapSetting, image, quantities) of a polychromatic experiment: at
+    ``wavelength=``, at the time of ``image=`` (time-of-flight scans: each
+    pixel's own wavelength), or without either only 2θ and the azimuth."""
+    beam, scan, gonio, crystal = experiment.beam, experiment.scan, experiment.goniometer, experiment.crystal
+    M = None
+    if params.miller_indices:  # DIALS' Laue predictor: r = S·F·A·h, the goniometer static
+        M = crystal.A if gonio is None else gonio.setting_rotation @ gonio.fixed_rotation @ crystal.A
+    if params.wavelength is not None:
+        return MapSetting(beam.unit_s0 / params.wavelength, M), None, every
+    if params.image is not None:
+        if scan is None or scan.time_of_flight is None:
+            raise QConsistencyError(f"experiment {index}: image= needs a time-of-flight scan; give wavelength=", path)
+        first, last = scan.image_range
+        if not first <= params.image <= last:
+            raise QConsistencyError(f"experiment {index}: image {params.image} is outside the scan (images {first} "
+                                    f"to {last})", path)
+        time = float(scan.time_of_flight[params.image - first])
+        return MapSetting(beam.unit_s0, M, time, beam.sample_to_source_distance), params.image, every
+    if params.miller_indices:
+        raise QConsistencyError(f"experiment {index}: a polychromatic beam has no one wavelength; give wavelength= "
+                                "or image= for Miller indices", path)
+    return MapSetting(beam.unit_s0), None, ["two_theta", "azimuth"]
 
 
 def run(args=None, phil=phil_scope):
@@ -187,7 +224,6 @@ def run(args=None, phil=phil_scope):
 def write_maps(params, experiments, plan, expt_path):
     """Compute every selected panel in row blocks and stream it to the writers."""
     dtype = np.dtype(params.precision)
-    names = [n for n in QUANTITIES if n != "miller_index" or params.miller_indices]
     workers = params.mp.nthreads if isinstance(params.mp.nthreads, int) else available_cpus()
     attributes = {
         "program": "dials.q_map",
@@ -205,13 +241,12 @@ def write_maps(params, experiments, plan, expt_path):
                 path = getattr(params.output, kind)
                 if path:
                     writers.append(WRITERS[kind](staged.reserve(path), attributes))
-            for index, setting, image, phi, panels in plan:
+            for index, setting, image, phi, panels, names in plan:
                 experiment = experiments[index]
                 group = f"experiment_{index}"
                 for writer in writers:
                     writer.set_group_attributes(group, experiment_attributes(experiment, setting, image, phi))
-                line = f"Experiment {index}" + (f", image {image} (phi {np.degrees(phi):.3f} deg)" if image is not None else "")
-                logger.info(line + f", wavelength {1.0 / setting.wavenumber:.5f} A:")
+                logger.info(f"Experiment {index}" + setting_words(experiment, setting, image, phi, names) + ":")
                 for panel_index in panels:
                     panel = experiment.detector.panels[panel_index]
                     extent = write_panel(writers, f"{group}/panel_{panel_index}", panel, setting, names, params, dtype, workers)
@@ -230,10 +265,23 @@ def write_maps(params, experiments, plan, expt_path):
             logger.info(f"Saved the maps to {getattr(params.output, kind)}")
 
 
+def setting_words(experiment, setting, image, phi, names) -> str:
+    """The log's words for the beam and image a map is made for."""
+    if setting.time_of_flight_us is not None:
+        return (f", image {image} (time of flight {setting.time_of_flight_us:.1f} us: each pixel at the wavelength "
+                "of that time over its flight path)")
+    if "q_norm" not in names:
+        return ": a polychromatic beam and no wavelength= or image=, so two_theta and azimuth only"
+    words = f", image {image} (phi {np.degrees(phi):.3f} deg)" if image is not None else ""
+    return words + f", wavelength {1.0 / setting.wavenumber:.5f} A"
+
+
 def experiment_attributes(experiment, setting, image, phi) -> dict:
+    one_wavelength = setting.time_of_flight_us is None
     return {
         "identifier": experiment.identifier,
-        "wavelength": 1.0 / setting.wavenumber,
+        "wavelength": 1.0 / setting.wavenumber if one_wavelength else None,
+        "time_of_flight_us": setting.time_of_flight_us,
         "s0": setting.s0,
         "image": image,
         "phi_degrees": None if phi is None else float(np.degrees(phi)),
@@ -243,7 +291,8 @@ def experiment_attributes(experiment, setting, image, phi) -> dict:
 
 
 def write_panel(writers, group, panel, setting, names, params, dtype, workers):
-    """One panel, block by block; returns the (min, max) of |q| for the log."""
+    """One panel, block by block; returns (quantity, min, max) of |q| (or 2θ
+    when the map has no |q|) for the log."""
     x = pixel_centres(panel.image_size[0], params.subsample)
     y = pixel_centres(panel.image_size[1], params.subsample)
     datasets = {}
@@ -268,21 +317,24 @@ def write_panel(writers, group, panel, setting, names, params, dtype, workers):
     low, high = np.inf, -np.inf
     rows = params.rows_per_block if isinstance(params.rows_per_block, int) else None
     blocks = panel_blocks(panel, setting, names, params.subsample, rows, dtype, workers)
+    shown = "q_norm" if "q_norm" in names else "two_theta"
     for start, stop, arrays in blocks:
-        norm = arrays["q_norm"]
-        low, high = min(low, float(np.nanmin(norm))), max(high, float(np.nanmax(norm)))
+        values = arrays[shown]
+        low, high = min(low, float(np.nanmin(values))), max(high, float(np.nanmax(values)))
         for writer in writers:
             writer.write_rows(start, stop, arrays)
     for writer in writers:
         writer.end_panel()
-    return low, high
+    return shown, low, high
 
 
 def panel_line(index, panel, extent) -> str:
-    low, high = extent
+    shown, low, high = extent
+    size = f"{int(panel.image_size[0])} x {int(panel.image_size[1])} px"
+    if shown == "two_theta":
+        return f"  panel {index} ({panel.name or 'unnamed'}, {size}): 2theta {low:.3f} to {high:.3f} deg"
     with np.errstate(divide="ignore"):
         d_max, d_min = 1.0 / low, 1.0 / high
-    size = f"{int(panel.image_size[0])} x {int(panel.image_size[1])} px"
     return f"  panel {index} ({panel.name or 'unnamed'}, {size}): |q| {low:.5f} to {high:.5f} 1/A, d {d_min:.3f} to {d_max:.2f} A"
 
 

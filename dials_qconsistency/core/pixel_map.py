@@ -21,6 +21,7 @@ import numpy as np
 
 from dials_qconsistency.core import geometry
 from dials_qconsistency.core.blocks import row_blocks
+from dials_qconsistency.core.time_of_flight import wavelength_from_tof
 
 #: name -> (units, values per pixel, description); the order of the output datasets.
 QUANTITIES = {
@@ -42,10 +43,22 @@ class MapSetting:
 
     s0: np.ndarray
     setting: np.ndarray | None = None
+    #: A time-of-flight bin (µs) instead of one wavelength: each pixel's wavelength
+    #: is that of this time over its path, ``source_mm`` (L0) + the pixel's distance.
+    time_of_flight_us: float | None = None
+    source_mm: float | None = None
 
     @property
     def wavenumber(self) -> float:
         return float(np.linalg.norm(self.s0))
+
+    def wavenumbers(self, lab):
+        """|s0| (Å⁻¹) at lab positions (components, mm): one value, or one per
+        pixel for a time-of-flight bin."""
+        if self.time_of_flight_us is None:
+            return self.wavenumber
+        distance = np.sqrt(lab[0] * lab[0] + lab[1] * lab[1] + lab[2] * lab[2])
+        return 1.0 / wavelength_from_tof(self.time_of_flight_us, self.source_mm + distance)
 
     def azimuth_basis(self):
         """Unit vectors (e_x, e_y) spanning the plane normal to the beam."""
@@ -68,6 +81,12 @@ def pixel_q(panel, s0, x_px, y_px):
     ``x_px`` and ``y_px`` broadcast: points (N,) and (N,), or a grid as a row
     (1, nx) and a column (ny, 1).
     """
+    return geometry.q_from_lab_components(*pixel_lab(panel, x_px, y_px), s0)
+
+
+def pixel_lab(panel, x_px, y_px):
+    """Lab position components (mm) at panel pixel coordinates, through the
+    panel's own px -> mm mapping (parallax included)."""
     if panel.pixel_to_millimetre is not None:  # the native backend: dxtbx's own mapping of (N, 2) points
         x, y = np.broadcast_arrays(np.asarray(x_px, dtype=float), np.asarray(y_px, dtype=float))
         xy_mm = panel.pixel_to_millimetre(np.stack([x.ravel(), y.ravel()], axis=1))
@@ -76,8 +95,7 @@ def pixel_q(panel, s0, x_px, y_px):
         x_mm, y_mm = geometry.pixel_to_millimetre_xy(
             x_px, y_px, panel.pixel_size, panel.origin, panel.fast, panel.slow, panel.mu, panel.thickness, panel.parallax
         )
-    lab = geometry.panel_points_to_lab(panel.origin, panel.fast, panel.slow, x_mm, y_mm)
-    return geometry.q_from_lab_components(*lab, s0)
+    return geometry.panel_points_to_lab(panel.origin, panel.fast, panel.slow, x_mm, y_mm)
 
 
 def block_quantities(panel, setting: MapSetting, x_px, y_px, names, dtype=np.float32) -> dict:
@@ -90,7 +108,11 @@ def block_quantities(panel, setting: MapSetting, x_px, y_px, names, dtype=np.flo
 def quantities_at(panel, setting: MapSetting, x_px, y_px, names, dtype=np.float64) -> dict:
     """The requested quantities at pixel coordinates that broadcast (points or a grid)."""
     shape = np.broadcast_shapes(np.shape(x_px), np.shape(y_px))
-    qx, qy, qz = (np.broadcast_to(c, shape) for c in pixel_q(panel, setting.s0, x_px, y_px))
+    lab = pixel_lab(panel, x_px, y_px)
+    wavenumber = setting.wavenumbers(lab)
+    s0 = setting.s0 if setting.time_of_flight_us is None else tuple(
+        c * wavenumber for c in geometry.unit(np.asarray(setting.s0, dtype=float)))
+    qx, qy, qz = (np.broadcast_to(c, shape) for c in geometry.q_from_lab_components(*lab, s0))
     out = {}
     if "q" in names:
         out["q"] = _stack(dtype, qx, qy, qz)
@@ -101,7 +123,7 @@ def quantities_at(panel, setting: MapSetting, x_px, y_px, names, dtype=np.float6
         with np.errstate(divide="ignore"):
             out["d_spacing"] = (1.0 / norm).astype(dtype, copy=False)
     if "two_theta" in names:
-        sin_theta = np.minimum(norm / (2.0 * setting.wavenumber), 1.0)
+        sin_theta = np.minimum(norm / (2.0 * wavenumber), 1.0)
         out["two_theta"] = np.degrees(2.0 * np.arcsin(sin_theta)).astype(dtype, copy=False)
     if "azimuth" in names:
         e_x, e_y = setting.azimuth_basis()
