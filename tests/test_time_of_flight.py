@@ -164,3 +164,37 @@ def test_q_map_of_a_polychromatic_beam(sxd, tmp_path, monkeypatch, backend):
     assert np.allclose(np.linalg.norm(q, axis=-1), 2 * np.sin(np.radians(group["two_theta"][()] / 2)) / 1.5, rtol=1e-5)
     with pytest.raises(QConsistencyError, match="no one wavelength; give wavelength= or image="):
         q_map.run([expt, "panels=0", "miller_indices=True", "output.hdf5=c.h5", f"backend={backend}"])
+
+
+@pytest.mark.dials
+def test_s1_made_from_the_observed_centroids_is_recognised(sxd, tmp_path, monkeypatch):
+    """After dials.index alone the s1 column of time-of-flight data is the
+    observed s1: towards the observed centroid, |s1| = 1/the observed wavelength.
+    Such a table, made here with dxtbx's own lab coordinates and the table's
+    observed wavelengths, is classified as observed (its s1 is not compared by
+    length, which is another wavelength's), the refined one as a prediction."""
+    from dials.array_family import flex
+
+    from dials_qconsistency.command_line.q_consistency import main
+    from dials_qconsistency.io import native
+
+    expt, refl = sxd
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    models = ExperimentListFactory.from_dict(native.models_only(json.load(open(expt))), check_format=False)
+    table = flex.reflection_table.from_file(refl)
+    detector = models[0].detector
+    s1 = flex.vec3_double(len(table))
+    x, y, _ = table["xyzobs.mm.value"].parts()
+    for i in range(len(table)):
+        lab = detector[int(table["panel"][i])].get_lab_coord((x[i], y[i]))
+        length = (lab[0] ** 2 + lab[1] ** 2 + lab[2] ** 2) ** 0.5
+        s1[i] = tuple(c / length / table["wavelength"][i] for c in lab)
+    table["s1"] = s1
+    observed_table = str(tmp_path / "indexed_like.refl")
+    table.as_file(observed_table)
+    monkeypatch.chdir(tmp_path)
+    for path, kind in ((observed_table, "observed"), (refl, "prediction")):
+        main([expt, path, "output.json=qc.json", "output.reflections=None", "output.html=None", "rows=indexed",
+              "q_pixel.source=observed", "backend=standalone"])
+        assert json.load(open("qc.json"))["per_experiment"][0]["s1"].startswith(kind), path

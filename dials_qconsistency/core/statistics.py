@@ -146,6 +146,18 @@ def distances(a, b, rows=slice(None)) -> np.ndarray:
     return d[np.isfinite(d)]
 
 
+def direction_distances(q_pixel, q_pred, s0, rows) -> np.ndarray:
+    """|ŝ1 − û| · |s0| of the selected rows (finite values): how far the table's
+    s1 points from the position behind ``q_pixel``, whatever its length. For
+    polychromatic rows, where |s1| is the wavelength s1 was made with: the
+    observed one after dials.index, the calculated one after dials.refine."""
+    s0 = s0[rows]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.linalg.norm(geometry.unit(q_pixel[rows] + s0) - geometry.unit(q_pred[rows] + s0), axis=1)
+        d = d * np.linalg.norm(s0, axis=1)
+    return d[np.isfinite(d)]
+
+
 def _largest(d) -> float | None:
     return float(d.max()) if d.size else None
 
@@ -401,6 +413,10 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
         calculated = distances(result.q_pixel_calculated, result.q_pred, rows)
         observed = None if result.q_pixel_observed is None else distances(result.q_pixel_observed, result.q_pred, rows)
         cal, obs = _largest(calculated), None if observed is None else _largest(observed)
+        if experiment.is_laue:  # s1 has the length of the wavelength it was made with: compare directions
+            calculated = direction_distances(result.q_pixel_calculated, result.q_pred, result.s0, rows)
+            if observed is not None:
+                observed = direction_distances(result.q_pixel_observed, result.q_pred, result.s0, rows)
         s1_kind = classify_s1_distances(calculated, observed)
         del calculated, observed
         predicted_from_q = experiment.is_rotation or experiment.is_laue  # q_pred is the model's own q_bragg
