@@ -198,3 +198,47 @@ def test_s1_made_from_the_observed_centroids_is_recognised(sxd, tmp_path, monkey
         main([expt, path, "output.json=qc.json", "output.reflections=None", "output.html=None", "rows=indexed",
               "q_pixel.source=observed", "backend=standalone"])
         assert json.load(open("qc.json"))["per_experiment"][0]["s1"].startswith(kind), path
+
+
+def _mistaken(document, kind):
+    document = json.loads(json.dumps(document))
+    if kind == "flight path 10 mm longer":
+        document["beam"][0]["sample_to_source_distance"] += 10.0
+    elif kind == "crystal turned -90 degrees about X":
+        turn = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
+        for crystal in document["crystal"]:
+            for axis in ("real_space_a", "real_space_b", "real_space_c"):
+                crystal[axis] = list(turn @ np.array(crystal[axis]))
+    elif kind == "detector moved 1 mm along the beam":
+        direction = np.array(document["beam"][0]["direction"], dtype=float)
+        root = document["detector"][0]["hierarchy"]
+        root["origin"] = list(np.array(root["origin"]) + direction / np.linalg.norm(direction))
+    return document
+
+
+@pytest.mark.parametrize("kind, mistake, size_key, size", [
+    ("flight path 10 mm longer", "flight_path", "flight_path_mm", 10.0),
+    ("crystal turned -90 degrees about X", "lab_axis_rotation", "angle_deg", 90.0),
+    ("detector moved 1 mm along the beam", "detector_distance", "distance_mm", -1.0),
+])
+def test_a_real_mistake_in_the_time_of_flight_model_is_named_with_its_size(sxd, tmp_path, monkeypatch, kind, mistake,
+                                                                           size_key, size):
+    """The SXD model with one mistake: inconsistent, the gate exits 2, and the
+    diagnosis names it with its size. A flight path (L0) error does not move a
+    spot: only the time of flight tells it (the model's wavelengths against the
+    table's calculated times), and the time fit gives its length."""
+    from dials_qconsistency.command_line.q_consistency import main
+
+    expt, refl = sxd
+    monkeypatch.chdir(tmp_path)
+    json.dump(_mistaken(json.load(open(expt)), kind), open("mistaken.expt", "w"))
+    assert main(["mistaken.expt", refl, "output.json=qc.json", "output.reflections=None", "output.html=None",
+                 "fail_if.inconsistent=True", "backend=standalone"]) == 2
+    report = json.load(open("qc.json"))
+    assert report["verdict"]["consistent"] is False
+    (finding,) = report["diagnosis"][0]["findings"]
+    assert finding["mistake"] == mistake
+    assert abs(abs(finding["size"][size_key]) - abs(size)) <= 0.01 * abs(size), finding["size"]
+    if mistake == "flight_path":
+        assert finding["size"][size_key] == pytest.approx(size, abs=0.01)
+        assert report["verdict"]["checks"]["rms_wavelength_rel"] == pytest.approx(10.0 / 8550, rel=0.02)

@@ -34,11 +34,15 @@ from dials_qconsistency.core.findings import (
     MIN_TILT_DEG,
     ROUNDING,
     Finding,
+    MIN_FLIGHT_PATH_MM,
     name_detector,
+    name_flight_path,
     name_rotation,
     name_scale,
 )
 from dials_qconsistency.core.fits import (
+    MIN_PANEL_ROWS,
+    time_of_flight_fit,
     axis_angle,
     fit_panel,
     kabsch,
@@ -154,7 +158,42 @@ def _significant(key, fit) -> bool:
     return False
 
 
-def diagnose_rows(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None) -> Diagnosis:
+def diagnose_rows(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None,
+                  source_mm=None) -> Diagnosis:
+    """:func:`_diagnose_spots`, then for time-of-flight rows the time fit
+    (``source_mm``: the beam's flight path L0 of the scope, when it has one)."""
+    diagnosis = _diagnose_spots(scope, experiment, result, parts, rows, same_detector, max_reflections)
+    # Only where the spots name nothing: a mistake that moves the spots moves their wavelengths too.
+    if parts is not None and parts.tof_us is not None and source_mm and not diagnosis.findings:
+        _time_finding(diagnosis, result, parts, sample_rows(sample_rows(rows, None), max_reflections), source_mm)
+    return diagnosis
+
+
+#: A time-of-flight fit must leave at most this fraction of the RMS time
+#: residual, and the residual exceed this (µs), to name a cause.
+ROUNDING_US = 1e-6
+
+
+def _time_finding(diagnosis, result, parts, rows, source_mm) -> None:
+    """Fit the time-of-flight residual against the wavelength and name a
+    flight-path error when it explains the residual."""
+    rows = rows[np.isfinite(parts.tof_us[rows])]
+    if rows.size < MIN_PANEL_ROWS:
+        return
+    fit = time_of_flight_fit(1.0 / geometry.norms(result.s0[rows]), parts.tof_us[rows])
+    diagnosis.fits["time_of_flight"] = fit
+    if fit["rms_before"] < ROUNDING_US or fit["rms_after"] > EXPLAINED_RATIO * fit["rms_before"]:
+        return
+    finding = name_flight_path(fit, source_mm)
+    if not MIN_FLIGHT_PATH_MM <= abs(finding.size["flight_path_mm"]) < 0.5 * source_mm:
+        return
+    finding.size["explained"] = 1.0 - (fit["rms_after"] / fit["rms_before"]) ** 2
+    finding.size["rms_time_before_us"], finding.size["rms_time_after_us"] = fit["rms_before"], fit["rms_after"]
+    diagnosis.consistent = False
+    diagnosis.findings.append(finding)
+
+
+def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None) -> Diagnosis:
     """Fit every candidate over the selected rows (a boolean mask, or row
     numbers in ascending order) and name the best one.
 
@@ -260,15 +299,19 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS) -> lis
     used = result.used
     groups = rows_by_group(result.experiment, len(experiments), used)
     indices = np.array([i for i, rows in enumerate(groups) if rows.size], dtype=np.int64)
+    source = [e.beam.sample_to_source_distance if e.is_laue else None for e in experiments]
     each = [
-        diagnose_rows(f"experiment {int(i)}", experiments[int(i)], result, parts, groups[i], max_reflections=max_reflections)
+        diagnose_rows(f"experiment {int(i)}", experiments[int(i)], result, parts, groups[i],
+                      max_reflections=max_reflections, source_mm=source[int(i)])
         for i in indices
     ]
     if indices.size == 0:
         return []
     if indices.size == 1:
         return [Diagnosis(**{**each[0].__dict__, "scope": "pooled"})] + each
-    pooled = diagnose_rows("pooled", None, result, parts, used, _shared_detector(experiments, indices), max_reflections)
+    shared_source = {source[int(i)] for i in indices}
+    pooled = diagnose_rows("pooled", None, result, parts, used, _shared_detector(experiments, indices), max_reflections,
+                           source_mm=shared_source.pop() if len(shared_source) == 1 else None)
     named = {f.mistake for d in each for f in d.findings}
     if named and {f.mistake for f in pooled.findings} != named:
         # a pooled fit of what the experiments share (the detector, the wavelength) is

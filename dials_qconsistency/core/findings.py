@@ -41,6 +41,23 @@ class Finding:
     size: dict
 
 
+#: A flight-path error smaller than this (mm) is not named.
+MIN_FLIGHT_PATH_MM = 0.05
+
+
+def name_flight_path(fit, source_mm) -> Finding:
+    """A time-of-flight residual that grows with the wavelength: the flight path
+    (the beam's sample_to_source_distance) off by δ, or every wavelength scaled."""
+    from dials_qconsistency.core.time_of_flight import US_PER_ANGSTROM_MM
+
+    delta = fit["slope_us_per_angstrom"] / US_PER_ANGSTROM_MM
+    size = {"flight_path_mm": delta, "wavelength_scale": 1.0 + delta / source_mm, "time_offset_us": fit["offset_us"]}
+    message = (f"the time-of-flight residual grows with the wavelength as a flight path off by {delta:+.2f} mm would "
+               f"(model - data: the beam's sample_to_source_distance, or every wavelength scaled by "
+               f"{size['wavelength_scale']:.6f}); the spots do not move, so the cell is not in question")
+    return Finding("flight_path", message, size)
+
+
 def name_scale(fit, experiment) -> Finding:
     s = fit["scale"]
     two_pi = 2 * math.pi

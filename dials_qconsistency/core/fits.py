@@ -139,3 +139,15 @@ def refine_map(matrix, spot_residuals, iterations=8):
         m = m @ geometry.rotation_matrix(omega / angle, angle)
     return m
 
+
+
+def time_of_flight_fit(wavelength, delta_t) -> dict:
+    """Δt = a·λ + b by least squares over the rows (Δt in µs, λ in Å): a path
+    error δ gives a = δ·m_n/h (every neutron flies δ more), a time-zero error
+    gives b. With the RMS time residual before and after."""
+    wavelength, delta_t = np.asarray(wavelength, dtype=float), np.asarray(delta_t, dtype=float)
+    design = np.column_stack([wavelength, np.ones_like(wavelength)])
+    (slope, offset), *_ = np.linalg.lstsq(design, delta_t, rcond=None)
+    return {"slope_us_per_angstrom": float(slope), "offset_us": float(offset),
+            "rms_before": float(np.sqrt(np.mean(delta_t ** 2))),
+            "rms_after": float(np.sqrt(np.mean((delta_t - design @ (slope, offset)) ** 2)))}

@@ -20,7 +20,7 @@ from dials_qconsistency.core.decomposition import decompose
 from dials_qconsistency.core.diagnosis import MAX_REFLECTIONS, diagnose
 from dials_qconsistency.core.q_vectors import Options, compute_q, rows_used_in_refinement, with_model_state
 from dials_qconsistency.core.statistics import norm_statistics, row_distances, summarise
-from dials_qconsistency.core.verdict import centroid_sigma_q, judge, normalised_residual
+from dials_qconsistency.core.verdict import centroid_sigma_q, judge, normalised_residual, time_sigma_us
 from dials_qconsistency.io import backends
 from dials_qconsistency.report.columns import (
     output_types,
@@ -109,7 +109,8 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
         if options.q_pixel_source != "calculated":
             normalised = normalised_residual(parts, about, variance)
     verdict = judge(summary, options, diagnoses if settings.diagnose else None, sigma_q, normalised,
-                    scan_varying=any(e.is_scan_varying for e in experiments))
+                    scan_varying=any(e.is_scan_varying for e in experiments),
+                    sigma_t=time_sigma_us(about, pair.columns.get("xyzobs.mm.variance")))
     summary.verdict = verdict.short
     if writer:
         writer.finish()

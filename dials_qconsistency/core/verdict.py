@@ -37,7 +37,11 @@ from dials_qconsistency.core.decomposition import spot_lab_positions
 PRECISION_MM = 1e-6
 #: q_bragg = q_pred to this RMS (Å⁻¹) for rotation data at the calculated φ.
 PRECISION_Q = 1e-9
-#: A named mistake counts when it moves the spots by at least this fraction of σ_q.
+#: The model's wavelengths on the table's calculated times of flight to this
+#: RMS relative error (CODATA revisions of m_n differ by 1.5e-9).
+PRECISION_WAVELENGTH = 1e-7
+#: A named mistake counts when it moves the spots by at least this fraction of σ_q
+#: (a time-of-flight mistake: the times, against σ_t).
 LARGE = 0.25
 #: σ_q is the median over at most this many used rows (an even sample).
 SAMPLE = 100_000
@@ -90,14 +94,29 @@ def normalised_residual(parts, result, variance, max_rows=SAMPLE) -> float | Non
     return float(np.sqrt(np.mean(parts.delta_xy[rows][ok] ** 2 / var[ok])))
 
 
-def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_varying=False) -> Verdict:
+def time_sigma_us(result, variance) -> float | None:
+    """Median time-of-flight uncertainty (µs) of the observed centroids of the
+    used time-of-flight rows (z of ``xyzobs.mm.variance``); None without them."""
+    if result.tof is None or variance is None:
+        return None
+    rows = np.flatnonzero(result.used & np.isfinite(result.tof))
+    sigma = np.sqrt(np.asarray(variance, dtype=float)[rows, 2])
+    sigma = sigma[np.isfinite(sigma) & (sigma > 0)]
+    return float(np.median(sigma)) if sigma.size else None
+
+
+def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_varying=False,
+          sigma_t=None) -> Verdict:
     """The verdict of one table (``diagnoses`` None: without the diagnosis;
-    ``scan_varying``: some model varies along its scan)."""
+    ``scan_varying``: some model varies along its scan; ``sigma_t``: the
+    centroids' time-of-flight uncertainty, µs, for time-of-flight data)."""
     if not summary.delta_q["n"]:
         return Verdict(None, "Nothing to compare: no row has an indexed reflection with a position and s1.")
-    reasons = _named_mistakes(diagnoses, sigma_q)  # the mistake first, then the checks it breaks
+    reasons = _named_mistakes(diagnoses, sigma_q, sigma_t)  # the mistake first, then the checks it breaks
     named, reasons = [entry for entry, _ in reasons], [reason for _, reason in reasons if reason]
     checks = {"q_pixel_source": options.q_pixel_source, "centroid_sigma_q": sigma_q, "normalised_residual": normalised}
+    if sigma_t is not None:
+        checks["centroid_sigma_t_us"] = sigma_t
     others = [e.index for e in summary.experiments if e.s1_kind == S1_NEITHER]
     if others:
         reasons.append(
@@ -129,6 +148,15 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
                     + (": check scan_varying.model_state (integrate for an integrated table)"
                        if scan_varying and label == "rotation" else "")
                 )
+        wavelength = summary.residuals.get("rms_wavelength_rel")
+        if wavelength is not None:  # time-of-flight data: the model's times on the table's calculated ones
+            checks["rms_wavelength_rel"] = wavelength
+            if wavelength > PRECISION_WAVELENGTH:
+                reasons.append(
+                    f"the model's wavelengths differ from those of the table's calculated times of flight by "
+                    f"{wavelength:.3g} (RMS, relative), beyond numerical precision ({PRECISION_WAVELENGTH:g}): the "
+                    "flight path or the times belong to another model"
+                )
     checks["named"] = named
     if reasons:
         return Verdict(False, "INCONSISTENT: " + reasons[0] + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""),
@@ -139,7 +167,7 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
                          "centroids' uncertainty", [], checks)
 
 
-def _named_mistakes(diagnoses, sigma_q) -> list[tuple[dict, str | None]]:
+def _named_mistakes(diagnoses, sigma_q, sigma_t=None) -> list[tuple[dict, str | None]]:
     """(what the diagnosis named, the reason it gives or None when the mistake is
     small against σ_q); the pooled finding speaks for every experiment."""
     diagnoses = diagnoses or []
@@ -151,21 +179,26 @@ def _named_mistakes(diagnoses, sigma_q) -> list[tuple[dict, str | None]]:
         for finding in diagnosis.findings:
             if finding.mistake == "no_common_cause":
                 continue  # each experiment's finding is judged on its own
+            timing = "rms_time_before_us" in finding.size  # a time-of-flight mistake moves the times, not the spots
             effect = _effect(diagnosis, finding)
-            large = effect is None or sigma_q is None or effect >= LARGE * sigma_q
+            sigma, what, unit = (sigma_t, "times of flight", "us") if timing else (sigma_q, "spots", "1/Angstrom")
+            large = effect is None or sigma is None or effect >= LARGE * sigma
             reason = None
             if large:
                 reason = f"{diagnosis.scope}: {finding.message}"
-                if effect is not None and sigma_q:
-                    ratio = effect / sigma_q
+                if effect is not None and sigma:
+                    ratio = effect / sigma
                     times = f"{ratio:.1f}" if ratio < 100 else f"{ratio:.0f}"
-                    reason += f" (it moves the spots by {effect:.3g} 1/Angstrom RMS, {times} x the centroids' uncertainty)"
+                    reason += f" (it moves the {what} by {effect:.3g} {unit} RMS, {times} x the centroids' uncertainty)"
             out.append(({"scope": diagnosis.scope, "mistake": finding.mistake, "message": finding.message,
                          "moves_spots_by": effect, "large": bool(large)}, reason))
     return out
 
 
 def _effect(diagnosis, finding) -> float | None:
+    if "rms_time_before_us" in finding.size:
+        before, after = finding.size["rms_time_before_us"], finding.size["rms_time_after_us"]
+        return float(np.sqrt(max(before**2 - after**2, 0.0)))
     before, after = diagnosis.rms_in_plane_before, finding.size.get("rms_after_fit")
     if before is None or after is None:
         return None
