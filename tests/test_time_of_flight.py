@@ -242,3 +242,25 @@ def test_a_real_mistake_in_the_time_of_flight_model_is_named_with_its_size(sxd, 
     if mistake == "flight_path":
         assert finding["size"][size_key] == pytest.approx(size, abs=0.01)
         assert report["verdict"]["checks"]["rms_wavelength_rel"] == pytest.approx(10.0 / 8550, rel=0.02)
+
+
+def test_a_wavelength_scale_is_told_from_a_flight_path_error(sxd, tmp_path, monkeypatch):
+    """The table's calculated times all 0.1 % longer (a time calibration, or a
+    conversion constant): the time error grows with each reflection's own path
+    L0 + L1, not with the wavelength alone as a flight-path error does, and the
+    exact calculated times tell the two apart: named a wavelength scale of
+    0.999 (model / data), not a flight path."""
+    from dials_qconsistency.command_line.q_consistency import main
+
+    expt, refl = sxd
+    obj = msgpack.unpackb(open(refl, "rb").read(), raw=False, strict_map_key=False)
+    data, n = obj[2]["data"], obj[2]["nrows"]
+    xyz = np.frombuffer(data["xyzcal.mm"][1][1], dtype="<f8").reshape(n, 3).copy()
+    xyz[:, 2] *= 1.001
+    data["xyzcal.mm"][1][1] = xyz.tobytes()
+    monkeypatch.chdir(tmp_path)
+    open("scaled.refl", "wb").write(msgpack.packb(obj, use_bin_type=True))
+    assert main([expt, "scaled.refl", "output.json=qc.json", "output.reflections=None", "output.html=None",
+                 "fail_if.inconsistent=True", "backend=standalone"]) == 2
+    (finding,) = json.load(open("qc.json"))["diagnosis"][0]["findings"]
+    assert finding["mistake"] == "wavelength_scale" and finding["size"]["wavelength_scale"] == pytest.approx(0.999, abs=1e-6)

@@ -36,10 +36,11 @@ from dials_qconsistency.core.findings import (
     Finding,
     MIN_FLIGHT_PATH_MM,
     name_detector,
-    name_flight_path,
+    name_time_of_flight,
     name_rotation,
     name_scale,
 )
+from dials_qconsistency.core.time_of_flight import US_PER_ANGSTROM_MM, bragg_wavelength_ratio
 from dials_qconsistency.core.fits import (
     MIN_PANEL_ROWS,
     time_of_flight_fit,
@@ -176,19 +177,22 @@ ROUNDING_US = 1e-6
 
 def _time_finding(diagnosis, result, parts, rows, source_mm) -> None:
     """Fit the time-of-flight residual against the wavelength and name a
-    flight-path error when it explains the residual."""
+    flight-path or wavelength-scale error when it explains the residual."""
     rows = rows[np.isfinite(parts.tof_us[rows])]
     if rows.size < MIN_PANEL_ROWS:
         return
-    fit = time_of_flight_fit(1.0 / geometry.norms(result.s0[rows]), parts.tof_us[rows])
+    wavelength = bragg_wavelength_ratio(result.q_bragg[rows], result.s0[rows]) / geometry.norms(result.s0[rows])
+    position_wavelength = wavelength / (1.0 + parts.wavelength_rel[rows])
+    path = result.tof[rows] / (position_wavelength * US_PER_ANGSTROM_MM)  # L0 + the spot's distance, mm
+    fit = time_of_flight_fit(wavelength, path, parts.tof_us[rows])
     diagnosis.fits["time_of_flight"] = fit
-    if fit["rms_before"] < ROUNDING_US or fit["rms_after"] > EXPLAINED_RATIO * fit["rms_before"]:
+    finding, chosen = name_time_of_flight(fit)
+    if fit["rms_before"] < ROUNDING_US or chosen["rms_after"] > EXPLAINED_RATIO * fit["rms_before"]:
         return
-    finding = name_flight_path(fit, source_mm)
-    if not MIN_FLIGHT_PATH_MM <= abs(finding.size["flight_path_mm"]) < 0.5 * source_mm:
+    if not (MIN_FLIGHT_PATH_MM <= abs(finding.size["flight_path_mm"]) < 0.5 * source_mm):
         return
-    finding.size["explained"] = 1.0 - (fit["rms_after"] / fit["rms_before"]) ** 2
-    finding.size["rms_time_before_us"], finding.size["rms_time_after_us"] = fit["rms_before"], fit["rms_after"]
+    finding.size["explained"] = 1.0 - (chosen["rms_after"] / fit["rms_before"]) ** 2
+    finding.size["rms_time_before_us"], finding.size["rms_time_after_us"] = fit["rms_before"], chosen["rms_after"]
     diagnosis.consistent = False
     diagnosis.findings.append(finding)
 

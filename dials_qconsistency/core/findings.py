@@ -45,17 +45,25 @@ class Finding:
 MIN_FLIGHT_PATH_MM = 0.05
 
 
-def name_flight_path(fit, source_mm) -> Finding:
-    """A time-of-flight residual that grows with the wavelength: the flight path
-    (the beam's sample_to_source_distance) off by δ, or every wavelength scaled."""
-    from dials_qconsistency.core.time_of_flight import US_PER_ANGSTROM_MM
-
-    delta = fit["slope_us_per_angstrom"] / US_PER_ANGSTROM_MM
-    size = {"flight_path_mm": delta, "wavelength_scale": 1.0 + delta / source_mm, "time_offset_us": fit["offset_us"]}
-    message = (f"the time-of-flight residual grows with the wavelength as a flight path off by {delta:+.2f} mm would "
-               f"(model - data: the beam's sample_to_source_distance, or every wavelength scaled by "
-               f"{size['wavelength_scale']:.6f}); the spots do not move, so the cell is not in question")
-    return Finding("flight_path", message, size)
+def name_time_of_flight(fit) -> tuple[Finding, dict]:
+    """(the finding, the fit it rests on) for a time-of-flight residual that the
+    spots do not share: a flight-path error (the beam's
+    sample_to_source_distance, model − data) or every wavelength scaled (model /
+    data), whichever explains the times clearly better; both named when the
+    detector distances are too alike to tell (observed times). Neither moves a
+    spot, so the cell (which would) is not in question."""
+    path, scale = fit["flight_path"], fit["wavelength_scale"]
+    delta, factor = path["flight_path_mm"], scale["scale"]
+    size = {"flight_path_mm": delta, "wavelength_scale": factor, "time_offset_us": path["offset_us"]}
+    if scale["rms_after"] < 0.5 * path["rms_after"]:
+        size["time_offset_us"] = scale["offset_us"]
+        return Finding("wavelength_scale", f"every wavelength is {factor:.6f} x the data's (model / data; a time "
+                       "calibration or a conversion constant, not the flight path: the error grows with each "
+                       "reflection's own path); the spots do not move, so the cell is not in question", size), scale
+    either = "" if path["rms_after"] < 0.5 * scale["rms_after"] else f", or every wavelength scaled by {factor:.6f}"
+    return Finding("flight_path", f"the time-of-flight residual grows with the wavelength as a flight path off by "
+                   f"{delta:+.2f} mm would (model - data: the beam's sample_to_source_distance{either}); the spots "
+                   "do not move, so the cell is not in question", size), path
 
 
 def name_scale(fit, experiment) -> Finding:

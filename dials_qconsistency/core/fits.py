@@ -141,13 +141,22 @@ def refine_map(matrix, spot_residuals, iterations=8):
 
 
 
-def time_of_flight_fit(wavelength, delta_t) -> dict:
-    """Δt = a·λ + b by least squares over the rows (Δt in µs, λ in Å): a path
-    error δ gives a = δ·m_n/h (every neutron flies δ more), a time-zero error
-    gives b. With the RMS time residual before and after."""
-    wavelength, delta_t = np.asarray(wavelength, dtype=float), np.asarray(delta_t, dtype=float)
-    design = np.column_stack([wavelength, np.ones_like(wavelength)])
-    (slope, offset), *_ = np.linalg.lstsq(design, delta_t, rcond=None)
-    return {"slope_us_per_angstrom": float(slope), "offset_us": float(offset),
-            "rms_before": float(np.sqrt(np.mean(delta_t ** 2))),
-            "rms_after": float(np.sqrt(np.mean((delta_t - design @ (slope, offset)) ** 2)))}
+def time_of_flight_fit(wavelength, path_mm, delta_t) -> dict:
+    """Two explanations of the time-of-flight residual Δt (µs) by least squares,
+    each with a time offset: a flight-path error δ (every neutron flies δ more:
+    Δt = δ·λ·m_n/h, whatever its path) and a wavelength scale s (every time
+    scaled: Δt = (s − 1)·λ·L·m_n/h with L its own path). λ in Å, L in mm.
+    The paths differ by the detector distances only, so the two are told apart
+    where the times are exact (calculated positions), hardly by observations."""
+    from dials_qconsistency.core.time_of_flight import US_PER_ANGSTROM_MM
+
+    wavelength, path, delta_t = (np.asarray(v, dtype=float) for v in (wavelength, path_mm, delta_t))
+    out = {"rms_before": float(np.sqrt(np.mean(delta_t ** 2)))}
+    for name, regressor in (("flight_path", wavelength), ("wavelength_scale", wavelength * path)):
+        design = np.column_stack([regressor * US_PER_ANGSTROM_MM, np.ones_like(regressor)])
+        (coefficient, offset), *_ = np.linalg.lstsq(design, delta_t, rcond=None)
+        out[name] = {"coefficient": float(coefficient), "offset_us": float(offset),
+                     "rms_after": float(np.sqrt(np.mean((delta_t - design @ (coefficient, offset)) ** 2)))}
+    out["flight_path"]["flight_path_mm"] = out["flight_path"]["coefficient"]
+    out["wavelength_scale"]["scale"] = 1.0 + out["wavelength_scale"]["coefficient"]
+    return out
