@@ -20,7 +20,7 @@ import numpy as np
 
 from dials_qconsistency.core.geometry import rotation_matrix
 from dials_qconsistency.io.staged import write_atomically
-from simulation.simulate import multi_axis_goniometer_dict, simulate_rotation, simulate_stills
+from simulation.simulate import multi_axis_goniometer_dict, simulate_rotation, simulate_stills, simulate_time_of_flight
 
 TWO_PI = 2 * math.pi
 ANGLES = (10.0, 0.0, -25.0)  # the true multi-axis goniometer: F and S both non-trivial
@@ -29,7 +29,7 @@ ANGLES = (10.0, 0.0, -25.0)  # the true multi-axis goniometer: F and S both non-
 @dataclass
 class Case:
     name: str
-    kind: str  # "rotation" or "stills"
+    kind: str  # "rotation", "stills" or "tof"
     mistake: str  # the diagnosis key expected
     size: dict  # the injected size, in the units the diagnosis reports
     document: dict  # the broken .expt
@@ -87,9 +87,10 @@ def _frame_cases(kind, truth, table):
         broken = copy.deepcopy(truth)
         _map_crystals(broken, lambda v, f=factor: v / f)  # reciprocal vectors scaled by the factor
         cases.append(Case(name, kind, "two_pi", {"scale": scale}, broken, table))
-    broken = copy.deepcopy(truth)
-    broken["beam"][0]["wavelength"] *= 1.02
-    cases.append(Case("wavelength_2pc_long", kind, "wavelength_or_cell_scale", {"scale": 1 / 1.02}, broken, table))
+    if "wavelength" in truth["beam"][0]:  # a polychromatic beam has none: its scale is tof_cases'
+        broken = copy.deepcopy(truth)
+        broken["beam"][0]["wavelength"] *= 1.02
+        cases.append(Case("wavelength_2pc_long", kind, "wavelength_or_cell_scale", {"scale": 1 / 1.02}, broken, table))
     return cases
 
 
@@ -158,8 +159,25 @@ def stills_cases() -> list[Case]:
     return cases
 
 
+def tof_cases() -> list[Case]:
+    """A neutron time-of-flight still: the frame and detector mistakes, and the
+    two that move no spot: a flight path (the beam's sample_to_source_distance)
+    5 mm too long in the model, and the table's times 0.05 % long (a time
+    calibration: the model's wavelengths 1/1.0005 of the data's)."""
+    truth, table = simulate_time_of_flight()
+    cases = [Case("correct", "tof", "consistent", {}, truth, table)]
+    cases += _frame_cases("tof", truth, table)
+    cases += _detector_cases("tof", truth, table)[:2]
+    broken = copy.deepcopy(truth)
+    broken["beam"][0]["sample_to_source_distance"] += 5.0
+    cases.append(Case("flight_path_plus_5mm", "tof", "flight_path", {"flight_path_mm": 5.0}, broken, table))
+    _, slow_clock = simulate_time_of_flight(time_scale=1.0005)
+    cases.append(Case("times_x1.0005", "tof", "wavelength_scale", {"wavelength_scale": 1 / 1.0005}, truth, slow_clock))
+    return cases
+
+
 def all_cases() -> list[Case]:
-    return rotation_cases() + stills_cases()
+    return rotation_cases() + stills_cases() + tof_cases()
 
 
 def write_gallery(folder: str) -> list[str]:

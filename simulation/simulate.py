@@ -349,6 +349,73 @@ def simulate_stills(seed=2, n_crystals=3, d_min=2.0, tolerance=0.003, noise_mm=0
     return document, table
 
 
+def polychromatic_beam_dict(direction=(0.0, 0.0, 1.0), sample_to_source_mm=8300.0, wavelength_range=(0.5, 4.0)):
+    """A polychromatic (neutron time-of-flight) beam, as DIALS writes it."""
+    return {"__id__": "polychromatic", "direction": list(map(float, direction)), "divergence": 0.0,
+            "sigma_divergence": 0.0, "polarization_normal": [0.0, 1.0, 0.0], "polarization_fraction": 0.5,
+            "flux": 0.0, "transmission": 1.0, "probe": "neutron",
+            "sample_to_source_distance": float(sample_to_source_mm), "wavelength_range": list(map(float, wavelength_range))}
+
+
+def tof_scan_dict(n_images=1000, first_us=1000.0, last_us=20000.0):
+    """A time-of-flight scan: one time (µs) per image, no oscillation."""
+    return {"image_range": [1, n_images], "batch_offset": 0,
+            "properties": {"time_of_flight": list(np.linspace(first_us, last_us, n_images))},
+            "valid_image_ranges": {}}
+
+
+def simulate_time_of_flight(seed=3, d_min=0.7, noise_mm=0.0, noise_us=0.0, sample_to_source_mm=8300.0,
+                            time_scale=1.0, detector=None):
+    """(expt dict, ReflectionTable) for one neutron time-of-flight Laue still
+    predicted like DIALS' Laue predictor: q = S·F·A·h, λ = −2(û0·q)/|q|²,
+    s0 = û0/λ, s1 = s0 + q; the time of flight t = λ·(L0 + L1)·m_n/h in
+    xyzcal.mm z (µs), times ``time_scale`` (a time calibration: 1 is exact)."""
+    from dials_qconsistency.core.time_of_flight import tof_us
+
+    rng = np.random.default_rng(seed)
+    crystal = crystal_dict((12, 12, 12), _rot(rng.normal(size=3), rng.uniform(0, 360)), " P 1")
+    beam = polychromatic_beam_dict(sample_to_source_mm=sample_to_source_mm)
+    scan = tof_scan_dict()
+    goniometer = {"rotation_axis": [0.0, 1.0, 0.0], "fixed_rotation": list(np.eye(3).ravel()),
+                  "setting_rotation": list(np.eye(3).ravel())}
+    document = experiment_list_dict(beam, detector or tiled_detector(60.0), [crystal], ["example-tof"],
+                                    goniometer=goniometer, scan=scan)
+    experiment = experiments_from_dict(document)[0]
+    panels, unit_s0 = experiment.detector.panels, experiment.beam.unit_s0
+    A = experiment.crystal.A
+    hkl = miller_indices(A, d_min)
+    q = hkl @ A.T
+    wavelength = -2.0 * (q @ unit_s0) / np.sum(q * q, axis=1)
+    low, high = beam["wavelength_range"]
+    inside = (wavelength >= low) & (wavelength <= high)
+    hkl, q, wavelength = hkl[inside], q[inside], wavelength[inside]
+    s0 = unit_s0[None, :] / wavelength[:, None]
+    s1 = s0 + q
+    panel, xy = intersect_panels(s1, panels)
+    keep = panel >= 0
+    hkl, q, wavelength, s0, s1, panel, xy = (v[keep] for v in (hkl, q, wavelength, s0, s1, panel, xy))
+    n = len(hkl)
+    lab = np.array([panels[p].origin + x * panels[p].fast + y * panels[p].slow for p, (x, y) in zip(panel, xy)])
+    time = tof_us(wavelength, sample_to_source_mm + np.linalg.norm(lab, axis=1)) * time_scale
+    times = np.asarray(scan["properties"]["time_of_flight"])
+    frame = np.interp(time, times, np.arange(times.size, dtype=float))
+    xyzcal_mm = np.column_stack([xy, time])
+    xy_obs = xy + rng.normal(0.0, noise_mm, (n, 2))
+    time_obs = time + rng.normal(0.0, noise_us, n)
+    columns = {
+        "ids": np.zeros(n, dtype=np.int64), "hkl": hkl, "panel": panel, "s1": s1,
+        "xyzcal_mm": xyzcal_mm, "xyzcal_px": np.column_stack([_pixels(panels, panel, xy), frame]),
+        "xyzobs_mm": np.column_stack([xy_obs, time_obs]),
+        "xyzobs_px": np.column_stack([_pixels(panels, panel, xy_obs), np.interp(time_obs, times, np.arange(times.size))]),
+    }
+    columns = _with_unindexed(rng, columns, 4, lambda frac: 1000.0 + 19000.0 * frac)
+    pad = lambda values, width=None: np.concatenate([values, np.zeros((4,) + values.shape[1:])])  # noqa: E731
+    table = _table(["example-tof"], **columns, extra={"wavelength_cal": ("double", pad(wavelength)),
+                                                      "s0_cal": ("vec3<double>", pad(s0))})
+    table.set_column("xyzobs.mm.variance", "vec3<double>", np.tile([1e-4, 1e-4, 1.0], (n + 4, 1)))
+    return document, table
+
+
 def write_example(folder: str) -> list[str]:
     """Write rotation.expt/.refl and stills.expt/.refl into ``folder``."""
     os.makedirs(folder, exist_ok=True)

@@ -45,8 +45,10 @@ def test_gallery_names_the_mistake_and_its_size(case):
                 assert abs(size[key] - expected) < 0.1, (key, size[key])
             elif key == "scale":
                 assert abs(size[key] - expected) < 1e-3, (key, size[key])
-            elif key in ("distance_mm",):
-                assert abs(size[key] - expected) < 0.01
+            elif key in ("distance_mm", "flight_path_mm"):
+                assert abs(size[key] - expected) < 0.01, (key, size[key])
+            elif key == "wavelength_scale":
+                assert abs(size[key] - expected) < 1e-6, (key, size[key])
             elif key == "offset_lab_mm":
                 assert np.abs(np.array(size[key]) - expected).max() < 0.01
             else:

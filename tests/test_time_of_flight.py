@@ -264,3 +264,17 @@ def test_a_wavelength_scale_is_told_from_a_flight_path_error(sxd, tmp_path, monk
                  "fail_if.inconsistent=True", "backend=standalone"]) == 2
     (finding,) = json.load(open("qc.json"))["diagnosis"][0]["findings"]
     assert finding["mistake"] == "wavelength_scale" and finding["size"]["wavelength_scale"] == pytest.approx(0.999, abs=1e-6)
+
+
+def test_the_figures_gain_the_wavelength_axis(sxd, tmp_path, monkeypatch):
+    """output.plots on time-of-flight data: every figure of stills, and
+    vs_wavelength (|Δq| and the time-of-flight error against λ), no vs_image."""
+    from dials_qconsistency.command_line.q_consistency import main
+
+    expt, refl = sxd
+    monkeypatch.chdir(tmp_path)
+    assert main([expt, refl, "output.plots=figures/", "output.reflections=None", "output.html=None",
+                 "q_pixel.source=observed", "backend=standalone"]) == 0
+    names = sorted(p.stem for p in (tmp_path / "figures").iterdir())
+    assert "vs_wavelength" in names and "vs_image" not in names and len(names) == 12
+    assert (tmp_path / "figures" / "vs_wavelength.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -173,6 +173,24 @@ def against_image(experiments, result):
     return fig
 
 
+def against_wavelength(experiments, result, parts):
+    """Polychromatic rows: |Δq| and the time-of-flight error against each reflection's wavelength."""
+    plt = _pyplot()
+    laue = result.used & np.array([e.is_laue for e in experiments] + [False])[result.experiment]
+    wavelength = 1.0 / np.linalg.norm(result.s0[laue], axis=1)
+    timing = parts.tof_us is not None and np.isfinite(parts.tof_us[laue]).any()
+    fig, axes = plt.subplots(1, 2 if timing else 1, figsize=(10 if timing else 6, 4), squeeze=False)
+    axes[0, 0].scatter(wavelength, np.linalg.norm(result.delta_q[laue], axis=1), s=3)
+    axes[0, 0].set_xlabel("λ (Å)")
+    axes[0, 0].set_ylabel("|Δq| (Å⁻¹)")
+    if timing:
+        axes[0, 1].scatter(wavelength, parts.tof_us[laue], s=3)
+        axes[0, 1].set_xlabel("λ (Å)")
+        axes[0, 1].set_ylabel("t(λ_b) − t (µs)")
+    fig.tight_layout()
+    return fig
+
+
 def _png(fig) -> bytes:
     plt = _pyplot()
     buffer = io.BytesIO()
@@ -188,9 +206,10 @@ def plot_path(target: str, name: str) -> str:
     return f"{target}{name}.png"
 
 
-#: Every figure a run can write (``vs_image`` only for rotation data).
+#: Every figure a run can write (``vs_image`` only for rotation data,
+#: ``vs_wavelength`` only for polychromatic data).
 FIGURE_NAMES = [f"detector_{q}" for q in HEATMAPS] + [
-    "detector_arrows", "components_vs_pixel", "histogram", "vs_resolution", "vs_image",
+    "detector_arrows", "components_vs_pixel", "histogram", "vs_resolution", "vs_image", "vs_wavelength",
 ]
 
 
@@ -210,6 +229,8 @@ def render_plots(target, experiments, result, parts, max_points: int = MAX_POINT
     makers["vs_resolution"] = lambda: against_resolution(points)
     if any(e.is_rotation for e in experiments):
         makers["vs_image"] = lambda: against_image(experiments, points)
+    if any(e.is_laue for e in experiments):
+        makers["vs_wavelength"] = lambda: against_wavelength(experiments, points, point_parts)
     rendered = {}
     for name, make in makers.items():  # one figure open at a time
         fig = make()
