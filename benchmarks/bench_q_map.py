@@ -43,7 +43,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from dials_qconsistency import geometry  # noqa: E402
+from dials_qconsistency.core import geometry  # noqa: E402
 from dials_qconsistency.io.expt import experiments_from_dict  # noqa: E402
 from simulation.simulate import beam_dict, crystal_dict, experiment_list_dict, panel_dict  # noqa: E402
 
