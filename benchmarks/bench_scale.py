@@ -26,8 +26,13 @@ were just written), as when a pipeline reads what the step before it wrote.
   ``mp.nthreads=Auto`` and
   with ``mp.nthreads=1`` (OpenMPI binds each rank to one core either way)
 
-Targets (issue 7): end-to-end <= 1.5 x the I/O floor; >= 100 x the loop;
-10M reflections under 4 GB peak RSS; 2 MPI ranks >= 1.7 x faster than 1 on 8 files.
+* ``campaign``      500 small pairs (links to the real 64-panel CSPAD stills pair), ``nproc=2``
+
+Targets (issue 19): end-to-end <= 1.5 x the I/O floor of the output at 1M rows and
+<= 1.3 x at 10M; 10M peak RSS <= 2 GB; >= 100 x the loop; the 500 small pairs in
+half of 10.9 s. Inside DIALS (issue 16): the native backend <= 1.3 x the DIALS
+floor's time and <= 1.25 x its peak. The MPI speed-up (2 ranks against 1) is
+printed beside the 1.7 x of issue 7.
 """
 
 from __future__ import annotations
@@ -364,6 +369,12 @@ def main():
     print(f"\nstills, 10,000 experiments in one pair ({rows / 1e6:.1f}M rows): end to end {batch['seconds']:.2f} s, "
           f"peak RSS {batch['peak_rss_mb']:.0f} MiB")
 
+    campaign = campaign_run(args.folder)
+    if campaign is not None:
+        results["campaign"] = campaign
+        print(f"\n{campaign['files']} pairs of the 64-panel CSPAD stills ({campaign['rows']} rows each), nproc=2, "
+              f"tables and reports written: {campaign['seconds']:.1f} s, {campaign['files'] / campaign['seconds']:.0f} files/s")
+
     if shutil.which("mpirun"):
         folder8 = os.path.join(args.folder, "files8")
         if not os.path.exists(os.path.join(folder8, "sweep_007.refl")):
@@ -378,6 +389,28 @@ def main():
                   f"2 ranks {two:.2f} s, speed-up {one / two:.2f}x; merged statistics identical: {merged_one == merged_two}")
 
     report(results, args)
+
+
+def campaign_run(folder, files=500):
+    """The shape dials.stills_process leaves: one small pair per image. 500
+    links to the real 10-still CSPAD pair of ../shared/data, run with
+    ``nproc=2`` as a whole command (process start included); None without the data."""
+    source = os.path.join(os.path.dirname(ROOT), "shared", "data", "dials_current")
+    if not os.path.isdir(source):
+        return None
+    pairs = os.path.join(folder, "campaign")
+    shutil.rmtree(pairs, ignore_errors=True)
+    os.makedirs(os.path.join(pairs, "out"))
+    for i in range(files):
+        for ext in (".expt", ".refl"):
+            os.symlink(os.path.join(source, "cspad_stills_refined" + ext), os.path.join(pairs, f"shot_{i:04d}{ext}"))
+    command = [sys.executable, "-m", "dials_qconsistency.command_line.q_consistency", os.path.join(pairs, "shot_*.expt"),
+               os.path.join(pairs, "shot_*.refl"), "nproc=2", "output.reflections=out/qc.refl", "output.json=qc.json"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=pairs, env=dict(os.environ, PYTHONPATH=ROOT), check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(pairs)
+    return {"files": files, "rows": 1167, "seconds": seconds}
 
 
 def native_run(label, n, pair, results):
@@ -408,17 +441,23 @@ def report(results, args):
                   f"({'met' if peak_ratio <= 1.25 else 'NOT met'}: <= 1.25)")
         if "io_floor" not in entry:
             continue
-        ratio = entry["end_to_end"]["seconds"] / entry["io_floor"]["seconds"]
+        # issue 19: against the I/O floor of the output (the bytes the command must write)
+        ratio = entry["end_to_end"]["seconds"] / entry["io_floor_output"]["seconds"]
+        target = 1.3 if label == "10M" else 1.5
         speed = entry["loop"]["seconds"] / entry["formulas"]["seconds"]
-        output_ratio = entry["io_floor_output"]["seconds"] / entry["io_floor"]["seconds"]
-        print(f"  {label}: end-to-end {ratio:.2f} x the I/O floor ({'met' if ratio <= 1.5 else 'NOT met'}: <= 1.5; "
-              f"writing the output's bytes alone, computing nothing, takes {output_ratio:.2f} x); "
+        print(f"  {label}: end-to-end {ratio:.2f} x the I/O floor of the output "
+              f"({'met' if ratio <= target else 'NOT met'}: <= {target}); "
               f"the formulas {speed:.0f} x faster than the per-reflection loop "
               f"({'met' if speed >= 100 else 'NOT met'}: >= 100)")
         if label == "10M":
             peak = entry["end_to_end"]["peak_rss_mb"]
             print(f"  10M: peak RSS {peak:.0f} MiB = {peak * 2**20 / 1e9:.2f} GB "
-                  f"({'met' if peak * 2**20 < 4e9 else 'NOT met'}: < 4 GB)")
+                  f"({'met' if peak * 2**20 <= 2e9 else 'NOT met'}: <= 2 GB)")
+    if "campaign" in results:
+        run = results["campaign"]
+        print(f"  {run['files']} small pairs (64-panel CSPAD stills), nproc=2: {run['seconds']:.1f} s, "
+              f"{run['files'] / run['seconds']:.0f} files/s (issue 19: half of 10.9 s, "
+              f"{'met' if run['seconds'] <= 5.45 else 'NOT met'}: <= 5.45 s)")
     for threads in ("Auto", 1):
         if "mpi" in results:
             run = results["mpi"][f"nthreads={threads}"]
