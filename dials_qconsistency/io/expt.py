@@ -17,7 +17,7 @@ import numpy as np
 
 from dials_qconsistency.errors import QConsistencyError
 from dials_qconsistency.io.staged import read_input_file
-from dials_qconsistency.core.geometry import rotation_matrix, unit
+from dials_qconsistency.core.geometry import cross, rotation_matrix, unit
 from dials_qconsistency.model.experiment import (
     MAX_MAGNITUDE,
     Beam,
@@ -158,6 +158,10 @@ def _check_scan_points(experiment, index) -> None:
 
 
 def _vec(values, n=3) -> np.ndarray:
+    if type(values) is list and len(values) == n and all(type(v) is float or type(v) is int for v in values):
+        # the usual case, checked in Python: a detector hierarchy has hundreds of these
+        if all(math.isfinite(v) and abs(v) <= MAX_MAGNITUDE for v in values):
+            return np.array(values, dtype=float)
     array = np.asarray(values, dtype=float)
     if array.shape != (n,):
         raise _Bad(f"expected {n} numbers, got {values!r:.60}")
@@ -239,7 +243,7 @@ def _polychromatic_beam(d) -> Beam:
 
 def _frame(node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     fast, slow = _direction(node["fast_axis"]), _direction(node["slow_axis"])
-    if np.linalg.norm(np.cross(fast, slow)) < 1e-6:
+    if np.linalg.norm(cross(fast, slow)) < 1e-6:
         raise _Bad(f"fast and slow axes are parallel: {node['fast_axis']!r:.40} and {node['slow_axis']!r:.40}")
     return fast, slow, _vec(node["origin"])
 
@@ -247,7 +251,7 @@ def _frame(node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _compose(parent, local):
     """Lab frame of a child from its parent's lab frame and its local frame."""
     p_fast, p_slow, p_origin = (unit(parent[0]), unit(parent[1]), parent[2])
-    orientation = np.column_stack([p_fast, p_slow, np.cross(p_fast, p_slow)])
+    orientation = np.column_stack([p_fast, p_slow, cross(p_fast, p_slow)])
     fast, slow, origin = local
     return orientation @ fast, orientation @ slow, orientation @ origin + p_origin
 
