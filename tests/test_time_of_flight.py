@@ -209,6 +209,10 @@ def _mistaken(document, kind):
         for crystal in document["crystal"]:
             for axis in ("real_space_a", "real_space_b", "real_space_c"):
                 crystal[axis] = list(turn @ np.array(crystal[axis]))
+    elif kind == "cell 1 % long":
+        for crystal in document["crystal"]:
+            for axis in ("real_space_a", "real_space_b", "real_space_c"):
+                crystal[axis] = list(1.01 * np.array(crystal[axis]))
     elif kind == "detector moved 1 mm along the beam":
         direction = np.array(document["beam"][0]["direction"], dtype=float)
         root = document["detector"][0]["hierarchy"]
@@ -220,6 +224,7 @@ def _mistaken(document, kind):
     ("flight path 10 mm longer", "flight_path", "flight_path_mm", 10.0),
     ("crystal turned -90 degrees about X", "lab_axis_rotation", "angle_deg", 90.0),
     ("detector moved 1 mm along the beam", "detector_distance", "distance_mm", -1.0),
+    ("cell 1 % long", "cell_scale", "scale", 1.01),
 ])
 def test_a_real_mistake_in_the_time_of_flight_model_is_named_with_its_size(sxd, tmp_path, monkeypatch, kind, mistake,
                                                                            size_key, size):
@@ -278,3 +283,76 @@ def test_the_figures_gain_the_wavelength_axis(sxd, tmp_path, monkeypatch):
     names = sorted(p.stem for p in (tmp_path / "figures").iterdir())
     assert "vs_wavelength" in names and "vs_image" not in names and len(names) == 12
     assert (tmp_path / "figures" / "vs_wavelength.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_observed_pixel_positions_give_the_times_of_flight_too(sxd, tmp_path, monkeypatch):
+    """q_pixel.source=observed_px: the frame z goes through the scan's
+    time_of_flight (DIALS' frame -> time), so the wavelength and time errors are
+    those of observed (mm) positions to well within the centroid's time
+    uncertainty (~1 µs)."""
+    from dials_qconsistency.core.decomposition import decompose
+    from dials_qconsistency.core.pipeline import load_pair
+
+    expt, refl = sxd
+    parts = {}
+    for source in ("observed", "observed_px"):
+        pair = load_pair("standalone", expt, refl, Options(q_pixel_source=source), "indexed")
+        parts[source] = decompose(pair.experiments, pair.result).tof_us[pair.result.used]
+    assert np.isfinite(parts["observed_px"]).all()
+    assert np.abs(parts["observed_px"] - parts["observed"]).max() < 0.05  # µs; the positions differ by parallax-free px->mm
+
+
+def test_a_table_of_polychromatic_and_monochromatic_experiments(sxd, shared, tmp_path, monkeypatch):
+    """The SXD pair and the centroid sweep in one .expt and .refl: each row is
+    computed with its own beam (DIALS' own predictions reproduced for both), and
+    the s0_cal note speaks of the polychromatic rows only."""
+    from dials_qconsistency.command_line.q_consistency import main
+    from dials_qconsistency.io.refl import ReflectionTable
+
+    expt, refl = sxd
+    other = shared("dials_current", "centroid_refined.expt"), shared("dials_current", "centroid_refined.refl")
+    a, b = json.load(open(expt)), json.load(open(other[0]))
+    combined = dict(a)
+    for model in ("beam", "detector", "goniometer", "scan", "crystal"):
+        combined[model] = a[model] + b[model]
+    shift = {m: len(a[m]) for m in ("beam", "detector", "goniometer", "scan", "crystal")}
+    second = [{**e, **{m: e[m] + shift[m] for m in shift if m in e}} for e in b["experiment"]]
+    for e in second:
+        e.pop("imageset", None)
+    combined["experiment"] = [dict(a["experiment"][0], imageset=0)] + second
+    monkeypatch.chdir(tmp_path)
+    json.dump(combined, open("both.expt", "w"))
+    first, then = ReflectionTable.from_file(refl), ReflectionTable.from_file(other[1])
+    table = ReflectionTable(first.nrows + then.nrows, {0: a["experiment"][0]["identifier"],
+                                                       1: b["experiment"][0]["identifier"]})
+    for name in ("miller_index", "s1", "xyzcal.mm", "xyzobs.mm.value", "panel", "flags"):
+        table.set_column(name, first.column_type(name), np.concatenate([first.get(name), then.get(name)]))
+    ids = np.concatenate([first.get("id"), np.where(then.get("id") >= 0, 1, -1)]).astype(np.int32)
+    table.set_column("id", "int", ids)
+    for name, width in (("wavelength_cal", None), ("s0_cal", 3)):
+        zeros = np.zeros((then.nrows,) + ((width,) if width else ()))
+        table.set_column(name, first.column_type(name), np.concatenate([first.get(name), zeros]))
+    table.write("both.refl")
+    assert main(["both.expt", "both.refl", "output.json=qc.json", "output.reflections=None", "output.html=None",
+                 "rows=indexed", "fail_if.inconsistent=True", "backend=standalone"]) == 0
+    report = json.load(open("qc.json"))
+    assert [e["kind"] for e in report["per_experiment"]] == ["tof", "rotation"]
+    assert all(e["max_q_bragg_vs_q_pred"] <= 1e-9 for e in report["per_experiment"])
+    assert any("the table's s0_cal agrees to 0 1/Angstrom" in note for note in report["notes"])
+
+
+def test_a_laue_beam_without_a_flight_path(sxd, tmp_path, monkeypatch):
+    """dxtbx's defaults for a polychromatic beam (no sample_to_source_distance,
+    wavelength_range (0, 0)), as X-ray Laue data have them: read, q vectors as
+    before, no time-of-flight parts."""
+    from dials_qconsistency.command_line.q_consistency import main
+
+    expt, refl = sxd
+    document = json.load(open(expt))
+    document["beam"][0].update(sample_to_source_distance=0.0, wavelength_range=[0.0, 0.0])
+    monkeypatch.chdir(tmp_path)
+    json.dump(document, open("laue.expt", "w"))
+    assert main(["laue.expt", refl, "output.json=qc.json", "output.reflections=out.refl", "output.html=None",
+                 "backend=standalone"]) == 0
+    report = json.load(open("qc.json"))
+    assert report["verdict"]["consistent"] is True and "rms_wavelength_rel" not in report["verdict"]["checks"]

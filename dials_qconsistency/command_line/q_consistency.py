@@ -158,7 +158,8 @@ output {
 statistics {
   resolution_shells = 10
     .type = int(value_min=0)
-    .help = "Number of resolution shells (equal volume in 1/d^3)."
+    .help = "Number of resolution shells (equal volume in 1/d^3), and of"
+            "wavelength bands (equal width) for polychromatic data; 0: none."
   panel_group_depth = 1
     .type = int(value_min=1)
     .help = "Depth in the detector hierarchy of the panel groups reported."

@@ -16,6 +16,7 @@ from dials_qconsistency.io.staged import StagedOutputs
 from dials_qconsistency.io.map_files import WRITERS
 from dials_qconsistency.batch.parallel import available_cpus
 from dials_qconsistency.core.scan_varying import image_setting
+from dials_qconsistency.core.time_of_flight import laue_setting
 from dials_qconsistency.core.pixel_map import (
     QUANTITIES,
     MapSetting,
@@ -150,7 +151,7 @@ def map_plan(experiments, params, path):
             raise QConsistencyError(f"experiment {index} has no crystal, so miller_indices=True cannot be met", path)
         panels = selected(params.panels, len(experiment.detector.panels), "panels", path)
         if experiment.is_laue:
-            setting, image, names = laue_setting(experiment, params, index, every, path)
+            setting, image, names = polychromatic_map_setting(experiment, params, index, every, path)
             plan.append((index, setting, image, None, panels, names))
             continue
         try:
@@ -164,14 +165,12 @@ def map_plan(experiments, params, path):
     return plan
 
 
-def laue_setting(experiment, params, index, every, path):
+def polychromatic_map_setting(experiment, params, index, every, path):
     """(MapSetting, image, quantities) of a polychromatic experiment: at
     ``wavelength=``, at the time of ``image=`` (time-of-flight scans: each
     pixel's own wavelength), or without either only 2θ and the azimuth."""
-    beam, scan, gonio, crystal = experiment.beam, experiment.scan, experiment.goniometer, experiment.crystal
-    M = None
-    if params.miller_indices:  # DIALS' Laue predictor: r = S·F·A·h, the goniometer static
-        M = crystal.A if gonio is None else gonio.setting_rotation @ gonio.fixed_rotation @ crystal.A
+    beam, scan = experiment.beam, experiment.scan
+    M = laue_setting(experiment) if params.miller_indices else None  # DIALS' Laue predictor: r = S·F·A·h
     if params.wavelength is not None:
         return MapSetting(beam.unit_s0 / params.wavelength, M), None, every
     if params.image is not None:
@@ -181,12 +180,17 @@ def laue_setting(experiment, params, index, every, path):
         if not first <= params.image <= last:
             raise QConsistencyError(f"experiment {index}: image {params.image} is outside the scan (images {first} "
                                     f"to {last})", path)
-        time = float(scan.time_of_flight[params.image - first])
+        if not beam.sample_to_source_distance:
+            raise QConsistencyError(f"experiment {index}: image= needs the beam's sample_to_source_distance (it is 0); "
+                                    "give wavelength=", path)
+        # the image's centre, as for rotation data: frame (image - first) + 0.5 on DIALS' frame -> time scale
+        times = scan.time_of_flight
+        time = float(np.interp(params.image - first + 0.5, np.arange(times.size), times))
         return MapSetting(beam.unit_s0, M, time, beam.sample_to_source_distance), params.image, every
     if params.miller_indices:
         raise QConsistencyError(f"experiment {index}: a polychromatic beam has no one wavelength; give wavelength= "
                                 "or image= for Miller indices", path)
-    return MapSetting(beam.unit_s0), None, ["two_theta", "azimuth"]
+    return MapSetting(beam.unit_s0, wavelength_known=False), None, ["two_theta", "azimuth"]
 
 
 def run(args=None, phil=phil_scope):
@@ -270,19 +274,20 @@ def setting_words(experiment, setting, image, phi, names) -> str:
     if setting.time_of_flight_us is not None:
         return (f", image {image} (time of flight {setting.time_of_flight_us:.1f} us: each pixel at the wavelength "
                 "of that time over its flight path)")
-    if "q_norm" not in names:
+    if not setting.wavelength_known:
         return ": a polychromatic beam and no wavelength= or image=, so two_theta and azimuth only"
     words = f", image {image} (phi {np.degrees(phi):.3f} deg)" if image is not None else ""
     return words + f", wavelength {1.0 / setting.wavenumber:.5f} A"
 
 
 def experiment_attributes(experiment, setting, image, phi) -> dict:
-    one_wavelength = setting.time_of_flight_us is None
+    one_wavelength = setting.time_of_flight_us is None and setting.wavelength_known
     return {
         "identifier": experiment.identifier,
         "wavelength": 1.0 / setting.wavenumber if one_wavelength else None,
         "time_of_flight_us": setting.time_of_flight_us,
-        "s0": setting.s0,
+        "s0": setting.s0 if one_wavelength else None,
+        "unit_s0": setting.s0 / setting.wavenumber,
         "image": image,
         "phi_degrees": None if phi is None else float(np.degrees(phi)),
         "setting_matrix": setting.setting,

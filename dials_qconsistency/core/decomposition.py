@@ -34,7 +34,12 @@ from dials_qconsistency.core.geometry import cross_components, dot_components, u
 from dials_qconsistency.core.blocks import for_each_block, rows_by_group
 from dials_qconsistency.core.panels import per_row_components
 from dials_qconsistency.core.q_vectors import s1_is_prediction
-from dials_qconsistency.core.time_of_flight import bragg_wavelength_ratio, wavelength_from_tof
+from dials_qconsistency.core.time_of_flight import (
+    bragg_wavelength_ratio,
+    polychromatic_rows,
+    row_wavelengths,
+    wavelength_from_tof,
+)
 
 
 @dataclass
@@ -92,9 +97,17 @@ class PanelLookup:
         return values[0:3], values[3:6], values[6:9], values[9:18]
 
 
-def onto_sphere(q_bragg, s0, rotation_axis):
-    """(angle, q_sphere): rows with a finite axis rotate by Δφ about it, others by Δψ."""
+def onto_sphere(q_bragg, s0, rotation_axis, laue=None):
+    """(angle, q_sphere): rows with a finite axis rotate by Δφ about it, others by Δψ;
+    polychromatic rows (``laue``, per row) meet the sphere at their own wavelength
+    λ_b instead: q_bragg scaled along itself onto the sphere of the row's s0, no angle."""
     rotation = np.all(np.isfinite(rotation_axis), axis=1)
+    if laue is not None and np.any(laue):
+        angle, q_sphere, rotation = onto_sphere(q_bragg, s0, rotation_axis)
+        at = np.flatnonzero(laue)
+        angle[at] = np.nan
+        q_sphere[at] = q_bragg[at] * bragg_wavelength_ratio(q_bragg[at], s0[at])[:, None]
+        return angle, q_sphere, rotation
     if rotation.all():  # rotation data only: no masks
         angle = geometry.nearest_ewald_rotation(q_bragg, rotation_axis, s0)
         return angle, geometry.rotate_about_axes(q_bragg, rotation_axis, angle), rotation
@@ -119,7 +132,7 @@ def decompose(experiments, result, threads: int = 1) -> Decomposition:
     m = used_rows.size
     fields = {"q_sphere": 3, "angle": 0, "along_q": 0, "delta_xy": 2,
               "radial_mm": 0, "transverse_mm": 0, "radial": 0, "transverse": 0}
-    laue = np.array([e.is_laue for e in experiments] + [False])[result.experiment]  # index -1: no experiment
+    laue = polychromatic_rows(experiments, result.experiment)
     laue = laue if laue[used].any() else None
     if laue is not None:
         fields.update(wavelength_rel=0, tof_us=0)
@@ -170,7 +183,7 @@ def _wavelength_parts(result, row_numbers, laue, source_mm, panels, out) -> None
         np.stack(geometry.panel_points_to_lab(origin, fast, slow, xy[:, 0], xy[:, 1]), axis=-1))
     time = result.tof[numbers]
     wavelength = wavelength_from_tof(time, path)
-    bragg = ratio / geometry.norms(s0)
+    bragg = ratio * row_wavelengths(s0)
     out["wavelength_rel"][at] = (bragg - wavelength) / wavelength
     out["tof_us"][at] = time * (bragg - wavelength) / wavelength
 
@@ -181,13 +194,8 @@ def _decompose_rows(result, rows, row_numbers, predicted, panels, out, laue=None
     rows as numbers; ``predicted``: experiments whose s1 is a prediction;
     ``laue``: per table row, polychromatic (None: no such row)."""
     q_bragg, q_pixel, s0 = result.q_bragg[rows], result.q_pixel[rows], result.s0[rows]
-    angle, q_sphere, _ = onto_sphere(q_bragg, s0, result.rotation_axis[rows])
-    if laue is not None and laue[row_numbers].any():
-        # Polychromatic rows meet the sphere at their own wavelength λ_b: q_bragg
-        # scaled onto the sphere of the row's s0 along its direction, no rotation.
-        at = np.flatnonzero(laue[row_numbers])
-        angle[at] = np.nan
-        q_sphere[at] = q_bragg[at] * bragg_wavelength_ratio(q_bragg[at], s0[at])[:, None]
+    angle, q_sphere, _ = onto_sphere(q_bragg, s0, result.rotation_axis[rows],
+                                     None if laue is None else laue[row_numbers])
     out["angle"][:] = angle
     out["q_sphere"][:] = q_sphere
     model_spot = q_sphere

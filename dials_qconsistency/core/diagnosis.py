@@ -40,7 +40,12 @@ from dials_qconsistency.core.findings import (
     name_rotation,
     name_scale,
 )
-from dials_qconsistency.core.time_of_flight import US_PER_ANGSTROM_MM, bragg_wavelength_ratio
+from dials_qconsistency.core.time_of_flight import (
+    US_PER_ANGSTROM_MM,
+    bragg_wavelength_ratio,
+    polychromatic_rows,
+    row_wavelengths,
+)
 from dials_qconsistency.core.fits import (
     MIN_PANEL_ROWS,
     time_of_flight_fit,
@@ -160,14 +165,38 @@ def _significant(key, fit) -> bool:
 
 
 def diagnose_rows(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None,
-                  source_mm=None) -> Diagnosis:
-    """:func:`_diagnose_spots`, then for time-of-flight rows the time fit
-    (``source_mm``: the beam's flight path L0 of the scope, when it has one)."""
-    diagnosis = _diagnose_spots(scope, experiment, result, parts, rows, same_detector, max_reflections)
+                  source_mm=None, laue_rows=None) -> Diagnosis:
+    """:func:`_diagnose_spots`, then, where the spots name nothing, what
+    polychromatic rows show otherwise: a scale of q (:func:`_laue_scale`) and
+    the time-of-flight fit (``source_mm``: the scope's flight path L0, if known)."""
+    diagnosis = _diagnose_spots(scope, experiment, result, parts, rows, same_detector, max_reflections, laue_rows)
     # Only where the spots name nothing: a mistake that moves the spots moves their wavelengths too.
-    if parts is not None and parts.tof_us is not None and source_mm and not diagnosis.findings:
-        _time_finding(diagnosis, result, parts, sample_rows(sample_rows(rows, None), max_reflections), source_mm)
+    if laue_rows is None or diagnosis.findings:
+        return diagnosis
+    rows = sample_rows(sample_rows(rows, None), max_reflections)
+    rows = rows[laue_rows[rows]]
+    if rows.size >= MIN_PANEL_ROWS and not _laue_scale(diagnosis, result, rows):
+        if parts is not None and parts.tof_us is not None and source_mm:
+            _time_finding(diagnosis, result, parts, rows, source_mm)
     return diagnosis
+
+
+def _laue_scale(diagnosis, result, rows) -> bool:
+    """An isotropic scale of q (a cell error, 2π) moves no spot of polychromatic
+    data, only the wavelength each reflection diffracts at; it still moves q off
+    the table's s1 − s0. Named when it explains Δq; True then."""
+    q_bragg, q_pixel = result.q_bragg[rows], result.q_pixel[rows]
+    before = vector_rms(q_bragg - q_pixel)
+    scale = scale_fit(q_bragg, q_pixel)
+    after = vector_rms(scale * q_bragg - q_pixel)
+    if not before > ROUNDING or after > EXPLAINED_RATIO * before:
+        return False
+    finding = name_scale({"scale": scale}, None, laue=True)
+    finding.size["explained"] = 1.0 - (after / before) ** 2
+    finding.size["rms_delta_q_before"], finding.size["rms_delta_q_after"] = before, after
+    diagnosis.consistent = False
+    diagnosis.findings.append(finding)
+    return True
 
 
 #: A time-of-flight fit must leave at most this fraction of the RMS time
@@ -181,7 +210,7 @@ def _time_finding(diagnosis, result, parts, rows, source_mm) -> None:
     rows = rows[np.isfinite(parts.tof_us[rows])]
     if rows.size < MIN_PANEL_ROWS:
         return
-    wavelength = bragg_wavelength_ratio(result.q_bragg[rows], result.s0[rows]) / geometry.norms(result.s0[rows])
+    wavelength = bragg_wavelength_ratio(result.q_bragg[rows], result.s0[rows]) * row_wavelengths(result.s0[rows])
     position_wavelength = wavelength / (1.0 + parts.wavelength_rel[rows])
     path = result.tof[rows] / (position_wavelength * US_PER_ANGSTROM_MM)  # L0 + the spot's distance, mm
     fit = time_of_flight_fit(wavelength, path, parts.tof_us[rows])
@@ -189,15 +218,16 @@ def _time_finding(diagnosis, result, parts, rows, source_mm) -> None:
     finding, chosen = name_time_of_flight(fit)
     if fit["rms_before"] < ROUNDING_US or chosen["rms_after"] > EXPLAINED_RATIO * fit["rms_before"]:
         return
-    if not (MIN_FLIGHT_PATH_MM <= abs(finding.size["flight_path_mm"]) < 0.5 * source_mm):
-        return
+    if not (MIN_FLIGHT_PATH_MM <= abs(fit["flight_path"]["flight_path_mm"]) < 0.5 * source_mm):
+        return  # too small to name, or no flight path at all
     finding.size["explained"] = 1.0 - (chosen["rms_after"] / fit["rms_before"]) ** 2
     finding.size["rms_time_before_us"], finding.size["rms_time_after_us"] = fit["rms_before"], chosen["rms_after"]
     diagnosis.consistent = False
     diagnosis.findings.append(finding)
 
 
-def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None) -> Diagnosis:
+def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None,
+                    laue_rows=None) -> Diagnosis:
     """Fit every candidate over the selected rows (a boolean mask, or row
     numbers in ascending order) and name the best one.
 
@@ -220,12 +250,13 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     # onto the Ewald sphere by Δφ or Δψ), so that the part of Δq that belongs
     # to the angular position (Δψ of stills, Δφ) does not hide a cause.
     s0, axis, phi = result.s0[rows], result.rotation_axis[rows], result.phi[rows]
+    laue = None if laue_rows is None else laue_rows[rows]  # polychromatic rows meet the sphere at their own λ
     undo = lambda q: _undo_scan_rotation(q, axis, phi)  # noqa: E731
     redo = lambda q: geometry.rotate_about_axes(q, axis, phi)  # noqa: E731
 
     def spot_residuals(matrix, frame="lab"):
         mapped = q_bragg @ matrix.T if frame == "lab" else redo(undo(q_bragg) @ matrix.T)
-        on_sphere = onto_sphere(mapped, s0, axis)[1]
+        on_sphere = onto_sphere(mapped, s0, axis, laue)[1]
         # a point that never reaches the sphere keeps its whole distance
         on_sphere = np.where(np.isfinite(on_sphere), on_sphere, mapped)
         return (on_sphere - q_pixel).ravel()
@@ -272,7 +303,7 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     fit = fits[key]
     diagnosis.consistent = False
     if key == "scale":
-        findings = [name_scale(fit, experiment)]
+        findings = [name_scale(fit, experiment, laue is not None and bool(laue.all()))]
     elif key == "detector":
         findings = name_detector(fit, detector, s0.mean(axis=0))
     else:
@@ -304,9 +335,11 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS) -> lis
     groups = rows_by_group(result.experiment, len(experiments), used)
     indices = np.array([i for i, rows in enumerate(groups) if rows.size], dtype=np.int64)
     source = [e.beam.sample_to_source_distance if e.is_laue else None for e in experiments]
+    laue_rows = polychromatic_rows(experiments, result.experiment)
+    laue_rows = laue_rows if laue_rows.any() else None
     each = [
         diagnose_rows(f"experiment {int(i)}", experiments[int(i)], result, parts, groups[i],
-                      max_reflections=max_reflections, source_mm=source[int(i)])
+                      max_reflections=max_reflections, source_mm=source[int(i)], laue_rows=laue_rows)
         for i in indices
     ]
     if indices.size == 0:
@@ -315,7 +348,7 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS) -> lis
         return [Diagnosis(**{**each[0].__dict__, "scope": "pooled"})] + each
     shared_source = {source[int(i)] for i in indices}
     pooled = diagnose_rows("pooled", None, result, parts, used, _shared_detector(experiments, indices), max_reflections,
-                           source_mm=shared_source.pop() if len(shared_source) == 1 else None)
+                           source_mm=shared_source.pop() if len(shared_source) == 1 else None, laue_rows=laue_rows)
     named = {f.mistake for d in each for f in d.findings}
     if named and {f.mistake for f in pooled.findings} != named:
         # a pooled fit of what the experiments share (the detector, the wavelength) is

@@ -66,7 +66,7 @@ def name_time_of_flight(fit) -> tuple[Finding, dict]:
                    "do not move, so the cell is not in question", size), path
 
 
-def name_scale(fit, experiment) -> Finding:
+def name_scale(fit, experiment, laue=False) -> Finding:
     s = fit["scale"]
     two_pi = 2 * math.pi
     if abs(s / two_pi - 1) < 0.005:
@@ -74,6 +74,9 @@ def name_scale(fit, experiment) -> Finding:
     if abs(s * two_pi - 1) < 0.005:
         return Finding("two_pi", f"q_pixel = q_bragg / {1 / s:.4f}: a factor 2π (q_bragg has it, or q_pixel lacks it)", {"scale": s})
     size = {"scale": s}
+    if laue:  # a wavelength scale moves no q of Laue data
+        return Finding("cell_scale", f"an isotropic scale q_pixel = {s:.5f} × q_bragg: a wrong cell (with a "
+                       "polychromatic beam a wavelength scale moves no q; see the time-of-flight fit)", size)
     text = f"an isotropic scale q_pixel = {s:.5f} × q_bragg: a wrong wavelength or cell"
     if experiment is not None and experiment.beam is not None:
         size["wavelength_fit"] = s * experiment.beam.wavelength

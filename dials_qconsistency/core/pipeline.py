@@ -110,7 +110,7 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
             normalised = normalised_residual(parts, about, variance)
     verdict = judge(summary, options, diagnoses if settings.diagnose else None, sigma_q, normalised,
                     scan_varying=any(e.is_scan_varying for e in experiments),
-                    sigma_t=time_sigma_us(about, pair.columns.get("xyzobs.mm.variance")))
+                    sigma_t=time_sigma_us(experiments, about, pair.columns))
     summary.verdict = verdict.short
     if writer:
         writer.finish()

@@ -47,6 +47,9 @@ class MapSetting:
     #: is that of this time over its path, ``source_mm`` (L0) + the pixel's distance.
     time_of_flight_us: float | None = None
     source_mm: float | None = None
+    #: False for a polychromatic beam given no wavelength: ``s0`` is then only its
+    #: direction, good for 2θ and the azimuth alone.
+    wavelength_known: bool = True
 
     @property
     def wavenumber(self) -> float:

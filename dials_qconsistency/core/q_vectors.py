@@ -1,6 +1,6 @@
 """The numpy core: q_bragg, q_pixel and q_pred for every usable reflection.
 
-Input is backend-neutral: a :class:`models.ExperimentList` and a mapping of
+Input is backend-neutral: a :class:`model.experiment.ExperimentList` and a mapping of
 column name -> numpy array (plus the table's identifiers map). All vectors are
 lab frame, Å⁻¹, no 2π. Loops run over experiments and panels, never over
 reflections.
@@ -27,6 +27,7 @@ from dials_qconsistency.core.table_checks import (
     experiment_index,
     row_count,
 )
+from dials_qconsistency.core.time_of_flight import laue_setting, polychromatic_rows
 from dials_qconsistency.errors import QConsistencyError
 from dials_qconsistency.core.scan_varying import choose_model_state, integrate_setting, refinement_scan_point, scan_varying_states
 
@@ -223,18 +224,24 @@ def compute_q(
         if experiment.is_laue:
             check_wavelengths(experiment, index, table.wavelength[rows], rows, path)
         _compute_experiment(experiment, rows, table, options, result)
-        if experiment.kind == "tof" and options.q_pixel_source != "observed_px":  # a frame number there, not µs
+        if experiment.kind == "tof" and experiment.beam.sample_to_source_distance > 0:
             if result.tof is None:
                 result.tof = np.full(n, np.nan)
-            result.tof[rows] = table.position[rows, 2]
+            time = table.position[rows, 2]
+            if options.q_pixel_source == "observed_px":  # a frame number: DIALS' frame -> time of flight
+                times = experiment.scan.time_of_flight
+                time = np.interp(time, np.arange(times.size), times)
+            result.tof[rows] = time
     if laue and "s0_cal" in columns:
-        result.notes.append(_s0_cal_note(np.asarray(columns["s0_cal"], dtype=float), result))
+        result.notes.append(_s0_cal_note(np.asarray(columns["s0_cal"], dtype=float), result,
+                                         polychromatic_rows(experiments, result.experiment)))
     return result
 
 
-def _s0_cal_note(s0_cal, result) -> str:
-    """How far the table's s0_cal is from the s0 used (−unit(direction)/wavelength_cal)."""
-    used = np.flatnonzero(result.used & np.all(np.isfinite(result.s0), axis=1))
+def _s0_cal_note(s0_cal, result, laue) -> str:
+    """How far the table's s0_cal is from the s0 used (−unit(direction)/wavelength_cal)
+    on the polychromatic rows (``laue``, per row)."""
+    used = np.flatnonzero(result.used & laue & np.all(np.isfinite(result.s0), axis=1))
     worst = float(np.max(np.linalg.norm(s0_cal[used] - result.s0[used], axis=1))) if used.size else 0.0
     verdict = "as it should" if worst <= S1_MATCH_TOLERANCE else "so the table's s0_cal is not this beam's: check the models"
     return (f"polychromatic beam: s0 of each row is -unit(direction)/wavelength_cal; the table's s0_cal agrees to "
@@ -314,9 +321,7 @@ def _compute_block(experiment, varying, rows, table: TableColumns, options, resu
         # DIALS' Laue predictor: q = S·F·A·h (the goniometer static), and s0_i = unit_s0 / λ_i
         s0 = beam.unit_s0 / take(table.wavelength)[:, None]
         _put(result, "s0", rows, s0)
-        gonio = experiment.goniometer
-        setting = crystal.A if gonio is None else gonio.setting_rotation @ gonio.fixed_rotation @ crystal.A
-        q_bragg = geometry.q_bragg_still(setting, h)
+        q_bragg = geometry.q_bragg_still(laue_setting(experiment), h)
     elif not experiment.is_rotation:
         s0 = np.broadcast_to(beam.s0, (n, 3))
         q_bragg = geometry.q_bragg_still(crystal.A, h)

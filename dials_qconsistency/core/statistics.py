@@ -18,6 +18,7 @@ import numpy as np
 from dials_qconsistency.core import geometry
 from dials_qconsistency.core.blocks import row_blocks, rows_by_group
 from dials_qconsistency.core.q_vectors import REASONS, S1_MATCH_TOLERANCE, USED, QResult
+from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
 
 
 S1_PREDICTED = "prediction (s1 ends at xyzcal.mm)"
@@ -186,7 +187,7 @@ def classify_s1_distances(calculated, observed) -> str:
 @dataclass
 class ExperimentSummary:
     index: int
-    kind: str  # "rotation" or "still"
+    kind: str  # Experiment.kind: "rotation", "still", "tof" or "laue"
     delta_q: dict
     s1_kind: str
     max_pixel_calculated_vs_pred: float | None
@@ -358,7 +359,7 @@ def resolution_shells(d_spacing, n_shells: int):
 def wavelength_bands(s0, polychromatic, n_bands: int):
     """(band per row, edges in Å): bands of equal width in λ = 1/|s0| over the
     polychromatic rows; -1 for the other rows."""
-    wavelength = 1.0 / np.sqrt(np.sum(np.asarray(s0, dtype=float) ** 2, axis=1))
+    wavelength = row_wavelengths(s0)
     low, high = wavelength[polychromatic].min(), wavelength[polychromatic].max()
     width = (high - low) / n_bands or 1.0
     band = np.clip(np.floor((wavelength - low) / width), 0, n_bands - 1)
@@ -396,7 +397,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
             labelled["shell"] = [{"d_max": float(edges[i]), "d_min": float(edges[i + 1])} for i in range(n_shells)]
         del d_spacing
         if parts.wavelength_rel is not None and n_shells > 0:
-            laue_rows = np.array([e.is_laue for e in experiments])[experiment_of]
+            laue_rows = polychromatic_rows(experiments, experiment_of)
             band, edges = wavelength_bands(result.s0[table.selection], laue_rows, n_shells)
             groupings["wavelength_band"] = (band, n_shells)
             labelled["wavelength_band"] = [{"wavelength_min": float(edges[i]), "wavelength_max": float(edges[i + 1])}

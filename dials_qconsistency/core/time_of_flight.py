@@ -28,6 +28,24 @@ def wavelength_from_tof(time_us, path_mm):
     return np.asarray(time_us) / (np.asarray(path_mm) * US_PER_ANGSTROM_MM)
 
 
+def laue_setting(experiment) -> np.ndarray:
+    """r_lab = M·h for a polychromatic experiment, as DIALS' Laue predictor
+    forms it: M = S·F·A (the goniometer static), A without a goniometer."""
+    gonio, A = experiment.goniometer, experiment.crystal.A
+    return A if gonio is None else gonio.setting_rotation @ gonio.fixed_rotation @ A
+
+
+def polychromatic_rows(experiments, experiment_of_row) -> np.ndarray:
+    """Per row: does its experiment have a polychromatic beam (False for id -1)?"""
+    return np.array([e.is_laue for e in experiments] + [False])[np.asarray(experiment_of_row)]
+
+
+def row_wavelengths(s0):
+    """λ = 1/|s0| (Å) of each row's beam vector (N, 3)."""
+    s0 = np.asarray(s0, dtype=float)
+    return 1.0 / np.sqrt(np.sum(s0 * s0, axis=-1))
+
+
 def bragg_wavelength_ratio(q, s0):
     """λ_b/λ for each row: the wavelength at which q (N, 3) meets the Ewald
     sphere of its beam direction, λ_b = −2 (û0·q)/|q|², over the wavelength of

@@ -94,13 +94,23 @@ def normalised_residual(parts, result, variance, max_rows=SAMPLE) -> float | Non
     return float(np.sqrt(np.mean(parts.delta_xy[rows][ok] ** 2 / var[ok])))
 
 
-def time_sigma_us(result, variance) -> float | None:
+def time_sigma_us(experiments, result, columns) -> float | None:
     """Median time-of-flight uncertainty (µs) of the observed centroids of the
-    used time-of-flight rows (z of ``xyzobs.mm.variance``); None without them."""
-    if result.tof is None or variance is None:
+    used time-of-flight rows: the frame variance (z of ``xyzobs.px.variance``)
+    times the scan's µs per frame there. (DIALS' ``xyzobs.mm.variance`` z of
+    time-of-flight data is not in µs².) None without them."""
+    variance, frame = columns.get("xyzobs.px.variance"), columns.get("xyzobs.px.value")
+    if result.tof is None or variance is None or frame is None:
         return None
-    rows = np.flatnonzero(result.used & np.isfinite(result.tof))
-    sigma = np.sqrt(np.asarray(variance, dtype=float)[rows, 2])
+    sigma = []
+    for experiment, rows in zip(experiments, rows_by_group(result.experiment, len(experiments),
+                                                           result.used & np.isfinite(result.tof))):
+        if not rows.size or experiment.kind != "tof":
+            continue
+        times = experiment.scan.time_of_flight
+        per_frame = np.interp(np.asarray(frame, dtype=float)[rows, 2], np.arange(times.size), np.gradient(times))
+        sigma.append(np.sqrt(np.asarray(variance, dtype=float)[rows, 2]) * per_frame)
+    sigma = np.concatenate(sigma) if sigma else np.zeros(0)
     sigma = sigma[np.isfinite(sigma) & (sigma > 0)]
     return float(np.median(sigma)) if sigma.size else None
 

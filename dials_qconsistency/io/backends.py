@@ -1,7 +1,7 @@
 """Where the arrays come from and how the table goes back to disk.
 
-Two backends feed the same numpy core (:mod:`compute`, :mod:`decomposition`,
-:mod:`analysis`); they differ only in reading and writing:
+Two backends feed the same numpy core (:mod:`dials_qconsistency.core`); they
+differ only in reading and writing:
 
 - ``standalone``: this package's readers for ``.expt`` JSON and ``.refl``
   msgpack, and its own writer. Needs nothing of cctbx but ``libtbx.phil``.
@@ -121,7 +121,7 @@ class Standalone:
 
 
 def read_pair(backend: Backend, experiments_path, reflections_path):
-    """(models.ExperimentList, table) of one pair; what the table's reader had
+    """(model.experiment.ExperimentList, table) of one pair; what the table's reader had
     to say about the file joins the experiments' notes."""
     experiments = backend.read_experiments(experiments_path)
     table = backend.read_table(reflections_path)

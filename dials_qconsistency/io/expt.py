@@ -1,4 +1,4 @@
-"""Read a dxtbx ExperimentList (``.expt`` JSON) into :mod:`models` without dxtbx.
+"""Read a dxtbx ExperimentList (``.expt`` JSON) into the models of :mod:`dials_qconsistency.model.experiment` without dxtbx.
 
 Follows dxtbx's ``from_dict`` for each model: panel axes are normalised and the
 detector ``hierarchy`` is composed from the root down (a child's lab frame is
@@ -231,12 +231,10 @@ def _polychromatic_beam(d) -> Beam:
     if "direction" not in d:
         raise _Bad("polychromatic beam has no direction")
     direction = _direction(d["direction"])
-    distance = _number(d.get("sample_to_source_distance", 0.0))
-    if not distance > 0:
-        raise _Bad(f"polychromatic beam: sample_to_source_distance {distance:g} mm is not positive")
+    distance = _number(d.get("sample_to_source_distance", 0.0))  # 0 (dxtbx's default): no flight path known
+    if distance < 0:
+        raise _Bad(f"polychromatic beam: sample_to_source_distance {distance:g} mm is negative")
     low, high = (_number(v) for v in d.get("wavelength_range", (0.0, 0.0)))
-    if not 0 < low <= high:
-        raise _Bad(f"polychromatic beam: wavelength_range ({low:g}, {high:g}) Å is not a range of positive wavelengths")
     return Beam(s0=None, wavelength=None, polychromatic=True, unit_s0=-direction, sample_to_source_distance=distance,
                 wavelength_range=(low, high), probe=str(d.get("probe", "xray")))
 

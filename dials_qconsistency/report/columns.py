@@ -6,7 +6,8 @@ not used. Input columns are never touched.
 =========================  ==============  =============================================
 column                     type            meaning
 =========================  ==============  =============================================
-q_bragg                    vec3<double>    S·R(φ)·F·A·h (rotation) or A·h (stills)
+q_bragg                    vec3<double>    S·R(φ)·F·A·h (rotation), A·h (stills) or
+                                           S·F·A·h (polychromatic)
 q_pixel                    vec3<double>    k_out - k_in at the spot position used
 q_pred                     vec3<double>    s1 - s0 from the table
 delta_q                    vec3<double>    q_bragg - q_pixel

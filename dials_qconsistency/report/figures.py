@@ -18,6 +18,7 @@ from dials_qconsistency.core import geometry
 from dials_qconsistency.core.statistics import row_distances, sample_rows, take_rows
 from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import panel_frames, spot_lab_positions
+from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
 
 #: Figures of points draw at most this many reflections (``output.max_plot_points``).
 MAX_POINTS = 20_000
@@ -176,8 +177,8 @@ def against_image(experiments, result):
 def against_wavelength(experiments, result, parts):
     """Polychromatic rows: |Δq| and the time-of-flight error against each reflection's wavelength."""
     plt = _pyplot()
-    laue = result.used & np.array([e.is_laue for e in experiments] + [False])[result.experiment]
-    wavelength = 1.0 / np.linalg.norm(result.s0[laue], axis=1)
+    laue = result.used & polychromatic_rows(experiments, result.experiment)
+    wavelength = row_wavelengths(result.s0[laue])
     timing = parts.tof_us is not None and np.isfinite(parts.tof_us[laue]).any()
     fig, axes = plt.subplots(1, 2 if timing else 1, figsize=(10 if timing else 6, 4), squeeze=False)
     axes[0, 0].scatter(wavelength, np.linalg.norm(result.delta_q[laue], axis=1), s=3)

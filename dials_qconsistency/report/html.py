@@ -28,6 +28,7 @@ from dials_qconsistency.core.decomposition import panel_frames
 from dials_qconsistency.report.text import computation_choices, verdict_numbers
 from dials_qconsistency.core.decomposition import spot_lab_positions
 from dials_qconsistency.core.statistics import take_rows
+from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
 from dials_qconsistency.report.figures import HEATMAPS, panel_outline, project, view_basis
 
 #: The quantities the detector chart can colour the spots by: the PNG heatmaps' and Δψ/Δφ.
@@ -197,10 +198,10 @@ def stills_charts(experiments, summary, points, parts, sample_note):
 def wavelength_charts(experiments, points, parts, sample_note):
     """Polychromatic (Laue, time-of-flight) rows: |Δq| and the time-of-flight
     error against each reflection's wavelength."""
-    laue = points.used & np.array([e.is_laue for e in experiments] + [False])[points.experiment]
+    laue = points.used & polychromatic_rows(experiments, points.experiment)
     if not laue.any():
         return []
-    wavelength = 1.0 / np.linalg.norm(points.s0[laue], axis=1)
+    wavelength = row_wavelengths(points.s0[laue])
     charts = [{"id": "vs_wavelength", "data": [{"type": "scattergl", "mode": "markers", "x": typed(wavelength),
                                                 "y": typed(np.linalg.norm(points.delta_q[laue], axis=1)),
                                                 "marker": {"size": 3}}],

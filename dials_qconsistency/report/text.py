@@ -74,6 +74,8 @@ def computation_choices(options, rotation=True) -> str:
             state += ", chosen: no row of the table is flagged integrated)" if options.model_state_auto else ")"
         elif state == "integrate" and options.model_state_auto:
             state += " (chosen: rows of the table are flagged integrated)"
+        elif state == "auto":  # a run over many files: chosen for each table
+            state += " (for each table: integrate where rows are flagged integrated, else refinement)"
         choices += f"; q_bragg at the {options.phi} rotation angle; scan-varying model state: {state}"
     return choices
 
