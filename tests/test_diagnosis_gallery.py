@@ -10,7 +10,7 @@ import pytest
 
 from dials_qconsistency.core.q_vectors import compute_q
 from dials_qconsistency.core.decomposition import decompose
-from dials_qconsistency.core.statistics import sample_rows
+from dials_qconsistency.core.row_statistics import sample_rows
 from dials_qconsistency.core.diagnosis import diagnose
 from dials_qconsistency.core.fits import axis_angle, hkl_expression, kabsch, reindexing_operator
 from dials_qconsistency.io.expt import experiments_from_dict

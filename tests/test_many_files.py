@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REAL_PAIRS, REPO_ROOT, run_core
-from dials_qconsistency.core.statistics import norm_statistics
+from dials_qconsistency.core.row_statistics import norm_statistics
 from dials_qconsistency.batch.campaign import FileJob, process_file
 from dials_qconsistency.command_line.q_consistency import main
 from dials_qconsistency.core.pipeline import PairSettings

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.core.decomposition import spot_lab_positions
-from dials_qconsistency.core.statistics import take_rows
+from dials_qconsistency.core.row_statistics import take_rows
 from dials_qconsistency.report import figures as plots
 from dials_qconsistency.core.decomposition import decompose
 from simulation.gallery import rotation_cases

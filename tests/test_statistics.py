@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import run_core
-from dials_qconsistency.core.statistics import contiguous, norm_statistics, row_distances, summarise
+from dials_qconsistency.core.statistics import summarise
+from dials_qconsistency.core.row_statistics import contiguous, norm_statistics, row_distances
 from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import decompose
 

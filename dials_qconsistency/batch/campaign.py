@@ -19,7 +19,7 @@ import numpy as np
 
 from dials_qconsistency.core.pipeline import PairSettings, check_pair, load_pair
 from dials_qconsistency.core.q_vectors import REASONS
-from dials_qconsistency.core.statistics import grouped_statistics, norm_statistics
+from dials_qconsistency.core.row_statistics import grouped_statistics, norm_statistics
 from dials_qconsistency.errors import QConsistencyError
 from dials_qconsistency.io.staged import StagedOutputs
 

@@ -18,6 +18,7 @@ from dials_qconsistency.errors import GateFailed
 from dials_qconsistency.io.pairing import expand, is_pattern, pair_files
 from dials_qconsistency.io.staged import StagedOutputs
 from dials_qconsistency.report import html as html_report
+from dials_qconsistency.report.charts import charts
 from dials_qconsistency.report.residual_tables import residual_tables
 from dials_qconsistency.report.figures import FIGURE_NAMES, plot_path, render_plots
 from dials_qconsistency.report.text import (
@@ -324,7 +325,7 @@ def stage_reports(params, checked, outputs) -> list:
             html_report.sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines(diagnoses),
                                  residual_tables(experiments, result, parts, columns.get("xyzobs.mm.variance"),
                                                              params.statistics.panel_group_depth)),
-            html_report.charts(experiments, result, parts, columns.get("miller_index"),
+            charts(experiments, result, parts, columns.get("miller_index"),
                                params.output.max_plot_points or None, summary),
             params.output.external_dependencies,
         ))

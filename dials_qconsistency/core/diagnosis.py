@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dials_qconsistency.core import geometry
-from dials_qconsistency.core.statistics import row_distances, sample_rows
+from dials_qconsistency.core.row_statistics import row_distances, sample_rows
 from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import onto_sphere
 from dials_qconsistency.core.findings import (

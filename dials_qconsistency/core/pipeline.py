@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from dials_qconsistency.core.decomposition import decompose
 from dials_qconsistency.core.diagnosis import MAX_REFLECTIONS, diagnose
 from dials_qconsistency.core.q_vectors import Options, compute_q, rows_used_in_refinement, with_model_state
-from dials_qconsistency.core.statistics import norm_statistics, row_distances, summarise
+from dials_qconsistency.core.statistics import summarise
+from dials_qconsistency.core.row_statistics import norm_statistics, row_distances
 from dials_qconsistency.core.verdict import centroid_sigma_q, judge, normalised_residual, time_sigma_us
 from dials_qconsistency.io import backends
 from dials_qconsistency.report.columns import (

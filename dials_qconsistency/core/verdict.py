@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from dials_qconsistency.core.statistics import S1_NEITHER, sample_rows, take_rows
+from dials_qconsistency.core.statistics import S1_NEITHER
+from dials_qconsistency.core.row_statistics import sample_rows, take_rows
 from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import spot_lab_positions
 

@@ -31,7 +31,8 @@ import numpy as np
 
 from dials_qconsistency.model import experiment as models
 from dials_qconsistency.errors import OtherTableFormat, QConsistencyError
-from dials_qconsistency.io.expt import hierarchy_groups, read_experiments_and_document
+from dials_qconsistency.io.expt import read_experiments_and_document
+from dials_qconsistency.io.expt_detector import hierarchy_groups
 from dials_qconsistency.io.refl import ReflectionTable
 from dials_qconsistency.io.refl_writer import column_values
 

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from dials_qconsistency.core import geometry
-from dials_qconsistency.core.statistics import row_distances, sample_rows, take_rows
+from dials_qconsistency.core.row_statistics import row_distances, sample_rows, take_rows
 from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import panel_frames, spot_lab_positions
 from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths

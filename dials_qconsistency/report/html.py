@@ -16,231 +16,15 @@ histogram and every table count all of them. Lab frame, Å⁻¹ (no 2π), mm.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 
 import numpy as np
 
-from dials_qconsistency.core.statistics import row_distances, sample_rows
-from dials_qconsistency.core.blocks import rows_by_group
-from dials_qconsistency.core.decomposition import panel_frames
+from dials_qconsistency.report.charts import chart_layout, typed
 from dials_qconsistency.report.text import computation_choices, verdict_numbers
-from dials_qconsistency.core.decomposition import spot_lab_positions
-from dials_qconsistency.core.statistics import take_rows
-from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
-from dials_qconsistency.report.figures import HEATMAPS, panel_outline, project, view_basis
 
-#: The quantities the detector chart can colour the spots by: the PNG heatmaps' and Δψ/Δφ.
-COLOURS = {key: HEATMAPS[key] for key in ("norm", "dqx", "dqy", "dqz", "along_q")}
-COLOURS["angle"] = ("Δψ or Δφ (deg)", lambda r, p: np.degrees(p.angle))
 DEPENDENCIES = ("remote", "local", "embed")
-#: The arrows chart draws at most this many arrows (more cannot be told apart).
-MAX_ARROWS = 5000
-#: In-plane residuals below this (mm) are rounding: drawn unscaled, and said so.
-ROUNDING_MM = 1e-6
-
-
-def typed(values, dtype="f4"):
-    """A plotly.js typed array: base64 of the values as float32 (f4) or int16 (i2); NaN stays NaN."""
-    array = np.ascontiguousarray(values, dtype={"f4": "<f4", "f8": "<f8", "i2": "<i2", "i4": "<i4"}[dtype])
-    spec = {"dtype": dtype, "bdata": base64.b64encode(array.tobytes()).decode("ascii")}
-    if array.ndim == 2:
-        spec["shape"] = f"{array.shape[0]},{array.shape[1]}"
-    return spec
-
-
-def _layout(title, x_title, y_title, **extra):
-    return {"title": {"text": title}, "xaxis": {"title": {"text": x_title}}, "yaxis": {"title": {"text": y_title}},
-            "margin": {"t": 50, "l": 70, "r": 20, "b": 50}, "hovermode": "closest", **extra}
-
-
-def _sample_note(shown, total):
-    if shown >= total:
-        return f"all {total} used reflections"
-    return f"{shown} of {total} used reflections shown (1 in {-(-total // shown)}, in table order)"
-
-
-def detector_chart(experiments, points, parts, hkl, image, sample_note):
-    """|Δq| (or a component, by the buttons) at each spot over the panels in
-    their lab layout, seen from the sample; hover gives hkl, panel, image."""
-    basis = view_basis(experiments[0].beam.along_s0)
-    outline_x, outline_y = [], []
-    for panel in experiments[0].detector.panels:
-        corners = panel_outline(panel, basis)
-        outline_x += list(corners[:, 0]) + [corners[0, 0], None]
-        outline_y += list(corners[:, 1]) + [corners[0, 1], None]
-    used = points.used
-    xy = project(spot_lab_positions(experiments, points)[used], basis)
-    colours = {key: np.asarray(getter(points, parts))[used] for key, (_, getter) in COLOURS.items()}
-    hkl = hkl[used]
-    # one float64 row per spot (plotly.js misreads 2-D float32 arrays in scattergl hovers)
-    custom = np.column_stack([hkl, points.panel[used], image[used], points.experiment[used], colours["norm"],
-                              points.delta_q[used]])
-    hover = ("hkl (%{customdata[0]}, %{customdata[1]}, %{customdata[2]})<br>panel %{customdata[3]}, "
-             "image %{customdata[4]}, experiment %{customdata[5]}<br>|Δq| %{customdata[6]:.3g} Å⁻¹; "
-             "Δq (%{customdata[7]:.2e}, %{customdata[8]:.2e}, %{customdata[9]:.2e})<extra></extra>")
-    spots = {"type": "scattergl", "mode": "markers", "name": "spots", "x": typed(xy[:, 0]), "y": typed(xy[:, 1]),
-             "customdata": typed(custom, "f8"), "hovertemplate": hover,
-             "marker": {"size": 5, "color": typed(colours["norm"]), "colorscale": "Viridis", "showscale": True,
-                        "colorbar": {"title": {"text": "Å⁻¹"}}}}
-    panels = {"type": "scatter", "mode": "lines", "name": "panels", "x": outline_x, "y": outline_y,
-              "line": {"color": "#888", "width": 1}, "hoverinfo": "skip"}
-    buttons = []
-    for key, (label, _) in COLOURS.items():
-        signed = key != "norm"
-        limit = float(np.nanmax(np.abs(colours[key]))) if colours[key].size and np.isfinite(colours[key]).any() else 1.0
-        buttons.append({"label": label, "method": "restyle", "args": [
-            {"marker.color": [typed(colours[key])], "marker.colorscale": ["RdBu" if signed else "Viridis"],
-             "marker.cmin": [-limit if signed else 0.0], "marker.cmax": [limit or 1.0]}, [1]]})
-    layout = _layout(f"Δq on the detector, seen from the sample ({sample_note})", "mm across the beam", "mm",
-                     yaxis={"title": {"text": "mm"}, "scaleanchor": "x"}, showlegend=False,
-                     updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "y": 1.12, "xanchor": "right"}])
-    return {"id": "detector", "data": [panels, spots], "layout": layout}
-
-
-def arrows_chart(experiments, points, parts, sample_note):
-    """In-plane residuals (model spot − q_pixel spot) as segments from each spot, scaled to be seen."""
-    basis = view_basis(experiments[0].beam.along_s0)
-    used = points.used & np.all(np.isfinite(parts.delta_xy), axis=1)
-    every = np.flatnonzero(used)
-    if every.size > MAX_ARROWS:  # more arrows than can be told apart: an even sample of them
-        used = np.zeros_like(used)
-        used[sample_rows(every, MAX_ARROWS)] = True
-        sample_note = f"{int(used.sum())} arrows of {sample_note}"
-    start = project(spot_lab_positions(experiments, points)[used], basis)
-    d = panel_frames(experiments, points)[used]
-    delta = project(parts.delta_xy[used, :1] * d[:, :, 0] + parts.delta_xy[used, 1:] * d[:, :, 1], basis)
-    size = np.linalg.norm(delta, axis=1)
-    typical = float(np.median(size)) if size.size else 0.0
-    extent = float(np.ptp(start[:, 0])) if start.size else 1.0
-    rounding = typical < ROUNDING_MM
-    scale = 1.0 if rounding or typical <= 0 else 0.02 * extent / typical
-    end = start + scale * delta
-    x = np.column_stack([start[:, 0], end[:, 0], np.full(len(start), np.nan)]).ravel()
-    y = np.column_stack([start[:, 1], end[:, 1], np.full(len(start), np.nan)]).ravel()
-    trace = {"type": "scattergl", "mode": "lines", "x": typed(x), "y": typed(y), "line": {"width": 1}, "hoverinfo": "skip"}
-    title = (f"In-plane residuals: none beyond rounding (median {typical:.2g} mm; {sample_note})" if rounding else
-             f"In-plane residuals, arrows × {scale:.3g} (median {typical:.3g} mm; {sample_note})")
-    return {"id": "arrows", "data": [trace], "layout": _layout(title, "mm across the beam", "mm",
-                                                                 yaxis={"title": {"text": "mm"}, "scaleanchor": "x"})}
-
-
-def component_charts(experiments, points, sample_note):
-    """Δq components against the fast and the slow pixel coordinate."""
-    used = points.used
-    pixel = np.full((len(points.reason), 2), np.nan)
-    for experiment, rows in zip(experiments, rows_by_group(points.experiment, len(experiments), used)):
-        sizes = np.array([p.pixel_size for p in experiment.detector.panels])
-        pixel[rows] = points.position_mm[rows] / sizes[points.panel[rows]]
-    charts = []
-    for column, axis_name in enumerate(("fast", "slow")):
-        data = [{"type": "scattergl", "mode": "markers", "name": f"Δq_{c}", "x": typed(pixel[used, column]),
-                 "y": typed(points.delta_q[used, row]), "marker": {"size": 3}} for row, c in enumerate("xyz")]
-        charts.append({"id": f"components_{axis_name}", "data": data,
-                       "layout": _layout(f"Δq components against the {axis_name} pixel ({sample_note})",
-                                         f"{axis_name} pixel", "Δq (Å⁻¹)")})
-    return charts
-
-
-def trend_charts(experiments, result, points, image, sample_note):
-    """|Δq| against resolution and against image (rotation) or experiment (stills); the histogram of all rows."""
-    used = points.used
-    norm = np.linalg.norm(points.delta_q[used], axis=1)
-    q2 = np.sum(points.q_bragg[used] ** 2, axis=1)
-    charts = [{"id": "vs_resolution", "data": [{"type": "scattergl", "mode": "markers", "x": typed(q2), "y": typed(norm),
-                                                "marker": {"size": 3}}],
-               "layout": _layout(f"|Δq| against resolution ({sample_note})", "1/d² (Å⁻²)", "|Δq| (Å⁻¹)")}]
-    rotation = any(e.is_rotation for e in experiments)
-    x, what = (image[used], "image") if rotation else (points.experiment[used], "experiment (still)")
-    charts.append({"id": "vs_image", "data": [{"type": "scattergl", "mode": "markers", "x": typed(x), "y": typed(norm),
-                                               "marker": {"size": 3}}],
-                   "layout": _layout(f"|Δq| against {what} ({sample_note})", what, "|Δq| (Å⁻¹)")})
-    every = row_distances(result.q_bragg, result.q_pixel, np.flatnonzero(result.used))  # every used row
-    counts, edges = np.histogram(every, bins=50)
-    charts.append({"id": "histogram", "data": [{"type": "bar", "x": typed((edges[:-1] + edges[1:]) / 2),
-                                                "y": typed(counts, "i4"), "width": float(edges[1] - edges[0])}],
-                   "layout": _layout(f"|Δq| of all {every.size} used reflections", "|Δq| (Å⁻¹)", "reflections")})
-    return charts
-
-
-def two_theta(q, s0):
-    """2θ (deg) of scattering vectors q at incident beams s0 (Å⁻¹): sin θ = |q| / 2|s0|."""
-    return np.degrees(2 * np.arcsin(np.clip(np.linalg.norm(q, axis=1) / (2 * np.linalg.norm(s0, axis=1)), -1, 1)))
-
-
-def stills_charts(experiments, summary, points, parts, sample_note):
-    """What cctbx.xfel.detector_residuals shows for stills: Δ2θ against Δψ (the
-    trumpet) and against 2θ, and the distribution of the per-still RMS |Δq|."""
-    used = points.used
-    angle = np.degrees(parts.angle[used])
-    kind_still = np.array([e.kind == "still" for e in experiments] + [False])
-    still = kind_still[points.experiment[used]]  # monochromatic stills: not rotation, not Laue
-    if not still.any():
-        return []
-    tt_bragg, tt_pixel = two_theta(points.q_bragg[used], points.s0[used]), two_theta(points.q_pixel[used], points.s0[used])
-    delta = (tt_bragg - tt_pixel)[still]
-    charts = [
-        {"id": "trumpet", "data": [{"type": "scattergl", "mode": "markers", "x": typed(angle[still]), "y": typed(delta),
-                                    "marker": {"size": 3}}],
-         "layout": _layout(f"Δ2θ against Δψ, stills ({sample_note})", "Δψ (deg)", "2θ(q_bragg) − 2θ(q_pixel) (deg)")},
-        {"id": "delta_two_theta", "data": [{"type": "scattergl", "mode": "markers", "x": typed(tt_pixel[still]),
-                                            "y": typed(delta), "marker": {"size": 3}}],
-         "layout": _layout(f"Δ2θ against 2θ, stills ({sample_note})", "2θ (deg)", "Δ2θ (deg)")},
-    ]
-    rms = np.array([e.delta_q["rms"] for e in summary.experiments if e.kind == "still" and e.delta_q.get("rms") is not None])
-    if rms.size > 1:
-        charts.append({"id": "per_still", "data": [{"type": "histogram", "x": typed(rms), "nbinsx": 40}],
-                       "layout": _layout(f"RMS |Δq| of each still ({rms.size} stills)", "RMS |Δq| (Å⁻¹)", "stills")})
-    return charts
-
-
-def wavelength_charts(experiments, points, parts, sample_note):
-    """Polychromatic (Laue, time-of-flight) rows: |Δq| and the time-of-flight
-    error against each reflection's wavelength."""
-    laue = points.used & polychromatic_rows(experiments, points.experiment)
-    if not laue.any():
-        return []
-    wavelength = row_wavelengths(points.s0[laue])
-    charts = [{"id": "vs_wavelength", "data": [{"type": "scattergl", "mode": "markers", "x": typed(wavelength),
-                                                "y": typed(np.linalg.norm(points.delta_q[laue], axis=1)),
-                                                "marker": {"size": 3}}],
-               "layout": _layout(f"|Δq| against wavelength ({sample_note})", "λ (Å)", "|Δq| (Å⁻¹)")}]
-    if parts.tof_us is not None and np.isfinite(parts.tof_us[laue]).any():
-        charts.append({"id": "tof_vs_wavelength", "data": [{"type": "scattergl", "mode": "markers",
-                                                            "x": typed(wavelength), "y": typed(parts.tof_us[laue]),
-                                                            "marker": {"size": 3}}],
-                       "layout": _layout(f"Time-of-flight error t(λ_b) − t against wavelength ({sample_note})",
-                                         "λ (Å)", "Δt (µs)")})
-    return charts
-
-
-def image_numbers(experiments, result):
-    """Image number of each used row (rotation data), the experiment index for stills; -1 elsewhere."""
-    image = np.full(len(result.reason), -1, dtype=np.int64)
-    for index, (experiment, rows) in enumerate(zip(experiments, rows_by_group(result.experiment, len(experiments), result.used))):
-        if rows.size and experiment.is_rotation:
-            image[rows] = np.floor(experiment.scan.array_index_from_angle(result.phi[rows])).astype(np.int64) \
-                + experiment.scan.image_range[0]
-        elif rows.size:
-            image[rows] = index
-    return image
-
-
-def charts(experiments, result, parts, miller_index, max_points, summary=None) -> list[dict]:
-    """Every chart of the page (an empty list when no row was used)."""
-    if not result.used.any():
-        return []
-    shown = sample_rows(result.used, max_points)
-    total = int(np.count_nonzero(result.used))
-    n = len(result.reason)
-    points, point_parts = take_rows(result, shown, n), take_rows(parts, shown, n)
-    image = image_numbers(experiments, points)
-    note = _sample_note(shown.size, total)
-    return ([detector_chart(experiments, points, point_parts, np.asarray(miller_index)[shown], image, note), arrows_chart(experiments, points, point_parts, note)]
-            + component_charts(experiments, points, note) + trend_charts(experiments, result, points, image, note)
-            + (stills_charts(experiments, summary, points, point_parts, note) if summary is not None else [])
-            + wavelength_charts(experiments, points, point_parts, note))
 
 
 def plotly_script(dependencies: str) -> dict:
@@ -388,14 +172,14 @@ def campaign_page(merged, outcomes, verdict, options, dependencies="embed") -> b
         counts, edges = np.histogram(every, bins=50)
         chart_list.append({"id": "histogram", "data": [{"type": "bar", "x": typed((edges[:-1] + edges[1:]) / 2),
                                                         "y": typed(counts, "i4"), "width": float(edges[1] - edges[0])}],
-                           "layout": _layout(f"|Δq| of all {every.size} used reflections of every file",
+                           "layout": chart_layout(f"|Δq| of all {every.size} used reflections of every file",
                                              "|Δq| (Å⁻¹)", "reflections")})
         means = np.array([o.delta_q.get("mean") if o.delta_q.get("mean") is not None else np.nan for o in outcomes])
         chart_list.append({"id": "per_file", "data": [{"type": "scattergl", "mode": "markers",
                                                        "x": typed(np.array([o.index for o in outcomes]), "i4"),
                                                        "y": typed(means), "text": [o.reflections for o in outcomes],
                                                        "hovertemplate": "%{text}<br>mean |Δq| %{y:.3g}<extra></extra>"}],
-                           "layout": _layout("Mean |Δq| of each file", "file", "mean |Δq| (Å⁻¹)")})
+                           "layout": chart_layout("Mean |Δq| of each file", "file", "mean |Δq| (Å⁻¹)")})
     mean = merged.delta_q.get("mean")
     parts = {
         "inputs": f"{merged.n_files} files, {merged.n_rows} rows",

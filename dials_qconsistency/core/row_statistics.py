@@ -1,0 +1,151 @@
+"""Statistics of per-row values, exact and a block of rows at a time: |Δq| and
+distances between vector columns, their order statistics (numpy's median and
+linear percentile) overall and per group, and row selections (samples, runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from dials_qconsistency.core import geometry
+from dials_qconsistency.core.blocks import row_blocks
+
+
+def norm_statistics(values: np.ndarray) -> dict:
+    """n, mean, median, RMS, 95th percentile and max of non-negative values.
+
+    The median and the 95th percentile come from one ``np.partition`` and are
+    the same floats as ``np.median`` and ``np.percentile(values, 95)`` (numpy's
+    'linear' method, its own interpolation).
+    """
+    values = np.asarray(values, dtype=float)
+    n = values.size
+    if n == 0:
+        return {"n": 0, "mean": None, "median": None, "rms": None, "p95": None, "max": None}
+    below, above, weight = _percentile_positions(n, np.true_divide(95, 100))
+    below, above = int(below), int(above)
+    middle_low, middle_high = (n - 1) // 2, n // 2
+    ordered = np.partition(values, sorted({middle_low, middle_high, below, above}))
+    return {
+        "n": int(n),
+        "mean": float(values.mean()),
+        "median": float((ordered[middle_low] + ordered[middle_high]) / 2),
+        "rms": float(np.sqrt(np.mean(values**2))),
+        "p95": float(_lerp(ordered[below], ordered[above], weight)),
+        "max": float(values.max()),
+    }
+
+
+def _lerp(a, b, t):
+    """numpy's own linear interpolation for percentiles (exact same rounding)."""
+    difference = b - a
+    return np.where(t >= 0.5, b - difference * (1 - t), a + difference * t)
+
+
+def _percentile_positions(counts, fraction):
+    """(below, above, weight): numpy's 'linear' percentile of ``counts`` sorted
+    values is _lerp(sorted[below], sorted[above], weight); scalars or arrays."""
+    position = (counts - 1) * fraction
+    below = np.floor(position).astype(np.int64)
+    return below, np.minimum(below + 1, counts - 1), position - below
+
+
+def grouped_statistics(groups, values) -> tuple[np.ndarray, dict]:
+    """:func:`norm_statistics` for every group at once (no loop over groups).
+
+    ``groups`` are integer keys per value. Returns (sorted unique keys, dict of
+    arrays n, mean, median, rms, p95, max). n, median, p95 and max equal
+    ``norm_statistics`` of each group exactly (numpy's 'linear' percentile and
+    its median of the two middle values); mean and RMS are sums in value order,
+    equal to numpy's pairwise sums to rounding (~1e-16 relative).
+    """
+    groups = np.asarray(groups, dtype=np.int64)
+    values = np.asarray(values, dtype=float)
+    order = np.lexsort((values, groups))
+    keys, starts, counts = np.unique(groups[order], return_index=True, return_counts=True)
+    ordered = values[order]
+    last = starts + counts - 1
+
+    def percentile(fraction):
+        below, above, weight = _percentile_positions(counts, fraction)
+        return _lerp(ordered[starts + below], ordered[starts + above], weight)
+
+    middle_low = starts + (counts - 1) // 2
+    middle_high = starts + counts // 2
+    sums = np.add.reduceat(ordered, starts) if ordered.size else np.zeros(0)
+    squares = np.add.reduceat(ordered * ordered, starts) if ordered.size else np.zeros(0)
+    return keys, {
+        "n": counts,
+        "mean": sums / counts,
+        "median": (ordered[middle_low] + ordered[middle_high]) / 2,
+        "rms": np.sqrt(squares / counts),
+        "p95": percentile(np.true_divide(95, 100)),
+        "max": ordered[last],
+    }
+
+
+def contiguous(rows, count: int):
+    """``rows`` (sorted unique indices, or a slice) as a slice when they are a
+    run of consecutive rows: the arrays are then read as views, not gathered."""
+    if isinstance(rows, slice):
+        return slice(*rows.indices(count)[:2])
+    if rows.size == 0 or rows[-1] - rows[0] == rows.size - 1:
+        return slice(int(rows[0]), int(rows[-1]) + 1) if rows.size else slice(0, 0)
+    return rows
+
+
+def sample_rows(rows, limit: int | None) -> np.ndarray:
+    """Indices of the selected rows (a boolean mask, or row numbers in
+    ascending order), or of an even sample of at most ``limit`` of them: every
+    k-th in table order, as dials.refine samples reflections. None or 0: all."""
+    index = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+    if limit and index.size > limit:
+        index = index[:: -(-index.size // limit)]
+    return index
+
+
+def take_rows(record, rows, n: int):
+    """A copy of a per-row record of ``n`` rows (QResult, Decomposition) holding only ``rows``."""
+    return dataclasses.replace(record, **{
+        f.name: value[rows]
+        for f in dataclasses.fields(record)
+        if isinstance(value := getattr(record, f.name), np.ndarray) and value.shape[:1] == (n,)
+    })
+
+
+def row_distances(a, b=None, rows=slice(None)) -> np.ndarray:
+    """|a − b| (|a| without ``b``) of the selected rows, in row order, a block
+    of rows at a time (no temporary the size of the table)."""
+    rows = contiguous(rows, len(a))
+    first = rows.start if isinstance(rows, slice) else 0
+    count = rows.stop - rows.start if isinstance(rows, slice) else rows.size
+    out = np.empty(count)
+    for block in row_blocks(count):
+        chosen = slice(first + block.start, first + block.stop) if isinstance(rows, slice) else rows[block]
+        out[block] = geometry.norms(a[chosen] if b is None else a[chosen] - b[chosen])
+    return out
+
+
+def distances(a, b, rows=slice(None)) -> np.ndarray:
+    """The finite values of :func:`row_distances`."""
+    d = row_distances(a, b, rows)
+    return d[np.isfinite(d)]
+
+
+def direction_distances(q_pixel, q_pred, s0, rows) -> np.ndarray:
+    """|ŝ1 − û| · |s0| of the selected rows (finite values): how far the table's
+    s1 points from the position behind ``q_pixel``, whatever its length. For
+    polychromatic rows, where |s1| is the wavelength s1 was made with: the
+    observed one after dials.index, the calculated one after dials.refine."""
+    s0 = s0[rows]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.linalg.norm(geometry.unit(q_pixel[rows] + s0) - geometry.unit(q_pred[rows] + s0), axis=1)
+        d = d * np.linalg.norm(s0, axis=1)
+    return d[np.isfinite(d)]
+
+
+def largest(d) -> float | None:
+    return float(d.max()) if d.size else None
+

@@ -1,0 +1,131 @@
+"""The detector of an .expt: panels composed down the hierarchy into the lab
+frame (each node's origin and axes are local to its parent), the px -> mm
+strategy of each panel (parallax where dxtbx applies it), and the groups of
+the hierarchy at each depth.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dials_qconsistency.core.geometry import cross, unit
+from dials_qconsistency.io.expt_values import ModelProblem, as_direction, as_number, as_vector
+from dials_qconsistency.model.experiment import Detector, Panel, PanelGroup
+
+_SIMPLE = "SimplePxMmStrategy"
+
+
+_PARALLAX = "ParallaxCorrectedPxMmStrategy"
+
+
+_OFFSET = "OffsetPxMmStrategy"
+
+
+_OFFSET_PARALLAX = "OffsetParallaxCorrectedPxMmStrategy"
+
+
+def _frame(node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    fast, slow = as_direction(node["fast_axis"]), as_direction(node["slow_axis"])
+    if np.linalg.norm(cross(fast, slow)) < 1e-6:
+        raise ModelProblem(f"fast and slow axes are parallel: {node['fast_axis']!r:.40} and {node['slow_axis']!r:.40}")
+    return fast, slow, as_vector(node["origin"])
+
+
+def _compose(parent, local):
+    """Lab frame of a child from its parent's lab frame and its local frame."""
+    p_fast, p_slow, p_origin = (unit(parent[0]), unit(parent[1]), parent[2])
+    orientation = np.column_stack([p_fast, p_slow, cross(p_fast, p_slow)])
+    fast, slow, origin = local
+    return orientation @ fast, orientation @ slow, orientation @ origin + p_origin
+
+
+def read_detector(d, notes) -> Detector:
+    panel_dicts = d["panels"]
+    if not isinstance(panel_dicts, list) or not panel_dicts:
+        raise ModelProblem("has no panels")
+    identity = (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.zeros(3))
+    frames: list = [None] * len(panel_dicts)
+
+    def walk(node, parent_frame, depth) -> None:
+        if depth > 64:
+            raise ModelProblem("hierarchy is too deep (a cycle?)")
+        if "panel" in node:
+            index = node["panel"]
+            if not isinstance(index, int) or not 0 <= index < len(panel_dicts):
+                raise ModelProblem(f"hierarchy names panel {index!r}, which does not exist")
+            if frames[index] is not None:
+                raise ModelProblem(f"hierarchy names panel {index} twice")
+            frames[index] = _compose(parent_frame, _frame(panel_dicts[index]))
+            return
+        frame = _compose(parent_frame, _frame(node))
+        for child in node.get("children", []):
+            walk(child, frame, depth + 1)
+
+    hierarchy = d.get("hierarchy")
+    if hierarchy:
+        walk(hierarchy, identity, 0)
+        missing = [i for i, f in enumerate(frames) if f is None]
+        if missing:
+            raise ModelProblem(f"panel {missing[0]} is not in the detector hierarchy")
+    else:
+        frames = [_compose(identity, _frame(p)) for p in panel_dicts]
+
+    panels = []
+    for index, (p, (fast, slow, origin)) in enumerate(zip(panel_dicts, frames)):
+        mu = as_number(p.get("mu", 0.0))
+        thickness = as_number(p.get("thickness", 0.0))
+        strategy = (p.get("px_mm_strategy") or {}).get("type", _SIMPLE)
+        st = p.get("px_mm_strategy") or {}
+        if "mu" in st and "t0" in st:
+            mu, thickness = as_number(st["mu"]), as_number(st["t0"])
+        note = ""
+        if strategy not in (_SIMPLE, _PARALLAX, _OFFSET, _OFFSET_PARALLAX):
+            raise ModelProblem(f"panel {index} has unknown px_mm_strategy {strategy!r}")
+        parallax = strategy in (_PARALLAX, _OFFSET_PARALLAX)
+        if strategy in (_OFFSET, _OFFSET_PARALLAX):
+            note = (
+                f"panel {index}: {strategy} without its dx/dy offset maps in the .expt; "
+                "the offsets are not applied (as dxtbx does when reading the file alone)"
+            )
+        if parallax and not (mu > 0 and thickness > 0):
+            parallax = False
+            note = (
+                f"panel {index}: parallax correction requested but mu/thickness are not set; "
+                "the simple pixel->mm mapping is used (as dxtbx does)"
+            )
+        if note:
+            notes.append(note)
+        panels.append(
+            Panel(
+                name=str(p.get("name", "")),
+                origin=origin,
+                fast=fast,
+                slow=slow,
+                pixel_size=as_vector(p["pixel_size"], 2),
+                image_size=np.asarray(p["image_size"], dtype=int).reshape(2),
+                thickness=thickness,
+                mu=mu,
+                parallax=parallax,
+            )
+        )
+    return Detector(panels, hierarchy_groups(hierarchy))
+
+
+def hierarchy_groups(hierarchy) -> list[PanelGroup]:
+    """The groups below the root of a detector hierarchy dict (as in the .expt
+    and dxtbx's ``Detector.to_dict()``, leaves naming panels by index), ordered
+    by depth, then by first panel."""
+    groups: list[PanelGroup] = []
+
+    def walk(node, depth) -> list[int]:
+        if "panel" in node:
+            return [node["panel"]]
+        below = [index for child in node.get("children", []) for index in walk(child, depth + 1)]
+        if depth > 0:
+            groups.append(PanelGroup(str(node.get("name", "")) or f"group {len(groups)}", depth, below))
+        return below
+
+    if hierarchy:
+        walk(hierarchy, 0)
+    return sorted(groups, key=lambda group: (group.depth, group.panels[0] if group.panels else -1))
+
