@@ -121,7 +121,8 @@ def end_to_end(expt, refl, out):
     from dials_qconsistency.command_line.q_consistency import run
 
     start = time.perf_counter()
-    run([expt, refl, f"output.reflections={out}", "output.plots=None", f"output.log={out}.log", "backend=standalone"])
+    run([expt, refl, f"output.reflections={out}", "output.plots=None", f"output.log={out}.log", f"output.html={out}.html",
+         "backend=standalone"])
     return {"seconds": time.perf_counter() - start}
 
 
@@ -197,7 +198,8 @@ def end_to_end_native(expt, refl, out):
     from dials_qconsistency.command_line.q_consistency import run
 
     start = time.perf_counter()
-    run([expt, refl, f"output.reflections={out}", "output.plots=None", f"output.log={out}.log", "backend=native"])
+    run([expt, refl, f"output.reflections={out}", "output.plots=None", f"output.log={out}.log", f"output.html={out}.html",
+         "backend=native"])
     return {"seconds": time.perf_counter() - start}
 
 
@@ -240,7 +242,7 @@ def child(args):
         result = per_reflection_loop(expt, refl, args.subset)
     else:
         result = MEASUREMENTS[args.child](expt, refl, out)
-    for path in (out, out + ".log"):
+    for path in (out, out + ".log", out + ".html"):  # nothing is left in the working folder
         if os.path.exists(path):
             os.unlink(path)
     result["peak_rss_mb"] = _peak_mb()
