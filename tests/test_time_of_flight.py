@@ -356,3 +356,19 @@ def test_a_laue_beam_without_a_flight_path(sxd, tmp_path, monkeypatch):
                  "backend=standalone"]) == 0
     report = json.load(open("qc.json"))
     assert report["verdict"]["consistent"] is True and "rms_wavelength_rel" not in report["verdict"]["checks"]
+
+
+def test_q_map_refuses_a_wavelength_it_would_ignore(sxd, shared, tmp_path, monkeypatch):
+    """wavelength= with image= on a polychromatic beam, or on a monochromatic
+    beam (which has its own), is a one-line error, not silently ignored."""
+    from dials_qconsistency.command_line import q_map
+    from dials_qconsistency.errors import QConsistencyError
+
+    expt, _ = sxd
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(QConsistencyError, match="give wavelength= or image= for a polychromatic beam, not both"):
+        q_map.run([expt, "wavelength=1.5", "image=500", "output.hdf5=a.h5", "backend=standalone"])
+    with pytest.raises(QConsistencyError, match="wavelength= is for polychromatic beams"):
+        q_map.run([shared("dials_current", "centroid_refined.expt"), "wavelength=1.5", "output.hdf5=b.h5",
+                   "backend=standalone"])
+    assert not (tmp_path / "a.h5").exists() and not (tmp_path / "b.h5").exists()

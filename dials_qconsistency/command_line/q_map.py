@@ -150,6 +150,9 @@ def map_plan(experiments, params, path):
         if params.miller_indices and experiment.crystal is None:
             raise QConsistencyError(f"experiment {index} has no crystal, so miller_indices=True cannot be met", path)
         panels = selected(params.panels, len(experiment.detector.panels), "panels", path)
+        if params.wavelength is not None and not experiment.is_laue:
+            raise QConsistencyError(f"experiment {index}: wavelength= is for polychromatic beams; this beam has its "
+                                    "own wavelength", path)
         if experiment.is_laue:
             setting, image, names = polychromatic_map_setting(experiment, params, index, every, path)
             plan.append((index, setting, image, None, panels, names))
@@ -171,6 +174,9 @@ def polychromatic_map_setting(experiment, params, index, every, path):
     pixel's own wavelength), or without either only 2θ and the azimuth."""
     beam, scan = experiment.beam, experiment.scan
     M = laue_setting(experiment) if params.miller_indices else None  # DIALS' Laue predictor: r = S·F·A·h
+    if params.wavelength is not None and params.image is not None:
+        raise QConsistencyError(f"experiment {index}: give wavelength= or image= for a polychromatic beam, not both",
+                                path)
     if params.wavelength is not None:
         return MapSetting(beam.unit_s0 / params.wavelength, M), None, every
     if params.image is not None:
