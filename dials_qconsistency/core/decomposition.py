@@ -98,16 +98,11 @@ class PanelLookup:
 
 
 def onto_sphere(q_bragg, s0, rotation_axis, laue=None):
-    """(angle, q_sphere): rows with a finite axis rotate by Δφ about it, others by Δψ;
-    polychromatic rows (``laue``, per row) meet the sphere at their own wavelength
-    λ_b instead: q_bragg scaled along itself onto the sphere of the row's s0, no angle."""
+    """(angle, q_sphere, rotation): rows with a finite axis rotate by Δφ about it,
+    other monochromatic rows by Δψ; polychromatic rows (``laue``, per row) meet
+    the sphere at their own wavelength λ_b instead: q_bragg scaled along itself
+    onto the sphere of the row's s0, no angle."""
     rotation = np.all(np.isfinite(rotation_axis), axis=1)
-    if laue is not None and np.any(laue):
-        angle, q_sphere, rotation = onto_sphere(q_bragg, s0, rotation_axis)
-        at = np.flatnonzero(laue)
-        angle[at] = np.nan
-        q_sphere[at] = q_bragg[at] * bragg_wavelength_ratio(q_bragg[at], s0[at])[:, None]
-        return angle, q_sphere, rotation
     if rotation.all():  # rotation data only: no masks
         angle = geometry.nearest_ewald_rotation(q_bragg, rotation_axis, s0)
         return angle, geometry.rotate_about_axes(q_bragg, rotation_axis, angle), rotation
@@ -116,10 +111,13 @@ def onto_sphere(q_bragg, s0, rotation_axis, laue=None):
     if rotation.any():
         angle[rotation] = geometry.nearest_ewald_rotation(q_bragg[rotation], rotation_axis[rotation], s0[rotation])
         axis[rotation] = rotation_axis[rotation]
-    still = ~rotation
+    still = ~rotation if laue is None else ~rotation & ~laue
     if still.any():
         angle[still], axis[still] = geometry.stills_rotation(q_bragg[still], s0[still])
-    return angle, geometry.rotate_about_axes(q_bragg, axis, angle), rotation
+    q_sphere = geometry.rotate_about_axes(q_bragg, axis, angle)
+    if laue is not None and laue.any():
+        q_sphere[laue] = q_bragg[laue] * bragg_wavelength_ratio(q_bragg[laue], s0[laue])[:, None]
+    return angle, q_sphere, rotation
 
 
 def decompose(experiments, result, threads: int = 1) -> Decomposition:
