@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from dials_qconsistency.core.blocks import row_blocks
+from dials_qconsistency.core.row_statistics import contiguous
 from dials_qconsistency.report.html import number
 
 
@@ -19,29 +20,42 @@ SUMS = ("n_xy", "xy2", "w_xy2", "w", "n_r", "r_a", "r_b", "r_aa", "r_bb", "r_ab"
 
 def _group_sums(result, parts, variance, used, label, groups: int) -> dict:
     """The sums of :data:`SUMS` per group (index ``groups``: rows in no group),
-    over the ``used`` rows in blocks: no temporary the size of the table."""
+    over the ``used`` rows in blocks: no temporary the size of the table.
+    Consecutive used rows are read as views, and finite blocks unmasked."""
     sums = {name: np.zeros(groups + 1) for name in SUMS}
+    selection = contiguous(used, len(result.reason))
+
+    def add(name, bins, ok, weights=None):
+        if ok is not None:
+            bins, weights = bins[ok], None if weights is None else weights[ok]
+        sums[name] += np.bincount(bins, weights=weights, minlength=groups + 1)
+
     for block in row_blocks(used.size):
-        rows, bin_ = used[block], label[block]
-        xy = parts.delta_xy[rows]
-        xy2 = xy[:, 0] ** 2 + xy[:, 1] ** 2
+        rows = (slice(selection.start + block.start, selection.start + block.stop)
+                if isinstance(selection, slice) else used[block])
+        bin_ = label[block]
+        x, y = parts.delta_xy[rows, 0], parts.delta_xy[rows, 1]
+        xy2 = x * x + y * y
         ok = np.isfinite(xy2)
-        sums["n_xy"] += np.bincount(bin_[ok], minlength=groups + 1)
-        sums["xy2"] += np.bincount(bin_[ok], weights=xy2[ok], minlength=groups + 1)
-        if variance is not None:
-            var = variance[rows, :2]
-            weighted = ok & np.all(var > 0, axis=1)
-            w = 1.0 / var[weighted]
-            sums["w_xy2"] += np.bincount(bin_[weighted], weights=np.sum(w * xy[weighted] ** 2, axis=1),
-                                         minlength=groups + 1)
-            sums["w"] += np.bincount(bin_[weighted], weights=np.sum(w, axis=1), minlength=groups + 1)
+        ok = None if ok.all() else ok
+        add("n_xy", bin_, ok)
+        add("xy2", bin_, ok, xy2)
+        if variance is not None:  # weights 1/σ² of x and y where both are positive
+            with np.errstate(divide="ignore"):
+                w_x, w_y = 1.0 / variance[rows, 0], 1.0 / variance[rows, 1]
+            weighted = (w_x > 0) & (w_y > 0) & np.isfinite(w_x) & np.isfinite(w_y)
+            weighted = weighted if ok is None else weighted & ok
+            weighted = None if weighted.all() else weighted
+            add("w_xy2", bin_, weighted, w_x * x * x + w_y * y * y)
+            add("w", bin_, weighted, w_x + w_y)
         angle = np.degrees(parts.angle[rows])
+        angle_ok = np.isfinite(angle)
         for prefix, values in (("r", parts.radial_mm[rows]), ("t", parts.transverse_mm[rows])):
-            pair = np.isfinite(values) & np.isfinite(angle)
-            a, b, where = values[pair], angle[pair], bin_[pair]
-            sums[f"n_{prefix}"] += np.bincount(where, minlength=groups + 1)
+            pair = np.isfinite(values) & angle_ok
+            a, b, where = (values, angle, bin_) if pair.all() else (values[pair], angle[pair], bin_[pair])
+            add(f"n_{prefix}", where, None)
             for name, weights in (("a", a), ("b", b), ("aa", a * a), ("bb", b * b), ("ab", a * b)):
-                sums[f"{prefix}_{name}"] += np.bincount(where, weights=weights, minlength=groups + 1)
+                add(f"{prefix}_{name}", where, None, weights)
     return sums
 
 
