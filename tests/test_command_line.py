@@ -68,9 +68,8 @@ def sha(path):
 
 
 def test_every_input_column_survives_unchanged(shared, tmp_path):
-    """The standalone writer copies every input column byte for byte, and the
-    table's version; DIALS' writer (native backend) writes version 2, and keeps
-    every column's values (test_native_backend)."""
+    """The writer copies every input column byte for byte, and the table's
+    version (both backends: test_native_backend)."""
     pairs = [
         ("quartz_processed", "refined"), ("quartz_processed", "integrated"),
         ("ssx_CuNiR_test_data", "indexed"), ("ssx_CuNiR_test_data", "integrated"),

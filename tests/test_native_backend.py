@@ -6,7 +6,7 @@ checked: the dxtbx models give the same geometry as the standalone reader,
 dxtbx's own pixel -> mm mapping gives the same millimetres, both backends give
 the same q to 1e-12 1/Angstrom on every shared real pair, both write tables
 DIALS reads with every input column kept, the command runs as a native DIALS
-program (DIALS' parser, logging, as_file) with the standalone program's
+program (DIALS' parser and logging) with the standalone program's
 outputs, over many files too, and dials.q_map gives the same maps.
 """
 
@@ -177,7 +177,7 @@ COMPUTED = {name: 1e-9 if name.endswith(".mm") else TOLERANCE for name in OUTPUT
 ])
 def test_the_native_program_gives_the_standalone_outputs(shared, tmp_path, folder, name, options):
     """DIALS' parser reads the command line, dxtbx the models, DIALS the table,
-    DIALS' logging writes the log and as_file the table: the same columns and
+    DIALS' logging writes the log: the same columns and
     report as the standalone program."""
     inputs = [shared(folder, name + ".expt"), shared(folder, name + ".refl")]
     for backend in ("auto", "standalone"):
@@ -249,19 +249,44 @@ def test_a_pickled_table_is_read_by_dials_and_said(shared, tmp_path):
     assert os.listdir(tmp_path / "standalone") == []
 
 
-def test_dials_writes_table_version_2(shared, tmp_path):
-    """DIALS' as_file writes version 2 whatever it read (README: Backends); the
-    standalone writer keeps the input's version."""
+def test_the_native_backend_writes_msgpack_tables_as_the_standalone_one(shared, tmp_path):
+    """A msgpack input is written by the package's writer on both backends
+    (README: Backends): every input column byte for byte, the table's version
+    (1 here) and identifiers kept, the new columns equal to 1e-12; DIALS reads
+    the output back with the same values. A pickled input, which only DIALS
+    reads, is written by DIALS' as_file as version 2."""
+    from dials.array_family import flex
+    from dxtbx import flumpy
+
     from dials_qconsistency.io.refl import ReflectionTable
 
-    source = shared("quartz_processed", "refined.refl")
-    assert ReflectionTable.from_file(source).version == 1
-    for backend, version in (("native", 2), ("standalone", 1)):
+    source_path = shared("quartz_processed", "refined.refl")
+    source = ReflectionTable.from_file(source_path)
+    assert source.version == 1
+    written = {}
+    for backend in ("native", "standalone"):
         out = tmp_path / f"{backend}.refl"
-        done = run_command(shared("quartz_processed", "refined.expt"), source, f"backend={backend}",
+        done = run_command(shared("quartz_processed", "refined.expt"), source_path, f"backend={backend}",
                            f"output.reflections={out}", "output.plots=None", cwd=tmp_path)
         assert done.returncode == 0, done.stderr
-        assert ReflectionTable.from_file(str(out)).version == version
+        written[backend] = ReflectionTable.from_file(str(out))
+    native, standalone = written["native"], written["standalone"]
+    assert native.version == 1 and native.identifiers == source.identifiers
+    assert native.keys() == standalone.keys() and len(native.keys()) == len(source.keys()) + len(OUTPUT_TYPES)
+    for name in source.keys():
+        assert native.column_blob(name) == source.column_blob(name), name
+    for name in OUTPUT_TYPES:
+        assert_close(native.get(name), standalone.get(name), COMPUTED[name])
+    read_back = flex.reflection_table.from_file(str(tmp_path / "native.refl"))
+    np.testing.assert_array_equal(flumpy.to_numpy(read_back["delta_q"]), native.get("delta_q"))
+    np.testing.assert_array_equal(flumpy.to_numpy(read_back["miller_index"]), source.get("miller_index"))
+
+    pickled, out = tmp_path / "old.refl", tmp_path / "from_pickle.refl"
+    flex.reflection_table.from_file(source_path).as_pickle(str(pickled))
+    done = run_command(shared("quartz_processed", "refined.expt"), str(pickled), "backend=native",
+                       f"output.reflections={out}", "output.plots=None", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert ReflectionTable.from_file(str(out)).version == 2
 
 
 def test_q_map_is_a_native_program_with_the_same_maps(shared, tmp_path):

@@ -172,7 +172,43 @@ def test_a_reserved_column_must_be_given_its_values(shared, tmp_path):
             writer = table.begin_write(outputs, str(tmp_path / "out.refl"), {"zeta": "double"})
             writer.put("zeta", "double", ColumnBlocks(lambda rows: np.zeros((rows.stop - rows.start, 2)), 100))
             writer.finish()
+    with pytest.raises(RuntimeError, match="after the write was closed"):
+        with StagedOutputs() as outputs:
+            writer = table.begin_write(outputs, str(tmp_path / "out.refl"), {"zeta": "double"})
+            writer.close()
+            writer.put("zeta", "double", np.zeros(table.nrows))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_closed_write_is_finished_by_the_commit(shared, tmp_path):
+    """close() hands the rest to the writer's thread (it writes and syncs while
+    the program goes on); the commit waits for it: the table is complete, and
+    a write that failed meanwhile is told at the next staged file."""
+    path = shared("quartz_processed", "refined.refl")
+    table = ReflectionTable.from_file(path)
+    out = tmp_path / "out.refl"
+    with StagedOutputs() as outputs:
+        writer = table.begin_write(outputs, str(out), {"zeta": "double"})
+        writer.put("zeta", "double", np.arange(table.nrows, dtype=float))
+        writer.close()
+        outputs.finish_later(writer)
+        outputs.commit()
+    written = ReflectionTable.from_file(str(out))
+    np.testing.assert_array_equal(written.get("zeta"), np.arange(table.nrows))
+    assert written.column_blob("miller_index") == table.column_blob("miller_index")
+
+    class Failed:
+        def failed(self):
+            return True
+
+        def finish(self):
+            raise QConsistencyError("cannot be written (No space left on device)", "table.refl")
+
+    with pytest.raises(QConsistencyError, match="table.refl"):
+        with StagedOutputs() as outputs:
+            outputs.finish_later(Failed())
+            outputs.add(str(tmp_path / "report.json"), b"{}")
+    assert os.listdir(tmp_path) == ["out.refl"]
 
 
 def test_column_blocks_made_whole():

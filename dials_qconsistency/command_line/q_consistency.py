@@ -210,10 +210,11 @@ mp {
 }
 backend = *auto native standalone
   .type = choice
-  .help = "native: DIALS' option parser, dxtbx models and flex.reflection_table"
-          "(written with as_file); standalone: this package's own .expt and"
-          ".refl readers and writer; auto: native when DIALS and dxtbx can be"
-          "imported. Both give the same numbers."
+  .help = "native: DIALS' option parser, dxtbx models and flex.reflection_table;"
+          "standalone: this package's own .expt and .refl readers. Both write"
+          "msgpack tables with this package's writer (as_file only what DIALS"
+          "alone reads); auto: native when DIALS and dxtbx can be imported."
+          "Both give the same numbers."
 debug = False
   .type = bool
   .help = "Show a traceback for unexpected errors."

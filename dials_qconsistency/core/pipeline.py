@@ -88,7 +88,8 @@ def load_pair(backend_name: str, experiments_path: str, reflections_path: str, o
 
 def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: PairSettings) -> CheckedPair:
     """Decompose, write ``output_table`` into ``staged`` (None: no table),
-    summarise, diagnose and judge one loaded pair."""
+    summarise, diagnose and judge one loaded pair. The table's writer may
+    still be busy: ``staged`` waits for it before its files are committed."""
     experiments, result, about, options = pair.experiments, pair.result, pair.about, pair.options
     parts = decompose(experiments, result, options.threads)
     writer, replaced = None, []
@@ -99,6 +100,8 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
         writer = pair.table.begin_write(staged, output_table, output_types(parts))
         put_columns(writer, q_columns(result))
         put_columns(writer, decomposition_columns(parts))
+        writer.close()  # the rest is written and synced while the reports are made
+        staged.finish_later(writer)
     summary = summarise(about, experiments, parts, settings.resolution_shells, settings.panel_group_depth)
     if pair.outliers is not None:
         summary.outliers = norm_statistics(row_distances(result.q_bragg, result.q_pixel, pair.outliers))
@@ -113,6 +116,4 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
                     scan_varying=any(e.is_scan_varying for e in experiments),
                     sigma_t=time_sigma_us(experiments, about, pair.columns))
     summary.verdict = verdict.short
-    if writer:
-        writer.finish()
     return CheckedPair(pair, parts, summary, diagnoses, verdict, replaced)

@@ -1,13 +1,13 @@
 """Where the arrays come from and how the table goes back to disk.
 
 Two backends feed the same numpy core (:mod:`dials_qconsistency.core`); they
-differ only in reading and writing:
+differ only in reading:
 
 - ``standalone``: this package's readers for ``.expt`` JSON and ``.refl``
   msgpack, and its own writer. Needs nothing of cctbx but ``libtbx.phil``.
 - ``native``: inside a DIALS environment, DIALS' option parser, the dxtbx
-  models and ``flex.reflection_table`` with its own ``as_file``
-  (:mod:`dials_qconsistency.io.native`).
+  models and ``flex.reflection_table`` (:mod:`dials_qconsistency.io.native`);
+  msgpack tables are written by the standalone writer, the rest by ``as_file``.
 
 ``backend=auto`` takes the native one when both ``dials`` and ``dxtbx`` can be
 imported. Whether they can is decided without importing them: importing a
@@ -35,8 +35,15 @@ class TableWrite(Protocol):
     def put(self, name: str, type_name: str, values) -> None:
         """Hand over a new column: an array or a ``refl_writer.ColumnBlocks``."""
 
+    def close(self) -> None:
+        """No more columns: what is left may be written in the background."""
+
+    def failed(self) -> bool:
+        """Has writing already failed (the error is raised by :meth:`finish`)?"""
+
     def finish(self) -> None:
-        """Write what is left; one-line QConsistencyError naming the file on failure."""
+        """Close, and wait until everything is written; one-line
+        QConsistencyError naming the file on failure."""
 
 
 @runtime_checkable

@@ -105,8 +105,10 @@ class TableWriter:
     Its layout is fixed when it starts: every new column has its place. A
     thread writes the framing and copies the unchanged columns at once, then
     each new column as it is handed over (:meth:`put`), whole or a block of
-    rows at a time; :meth:`finish` writes any new column set in the table
-    meanwhile. The bytes are those of a write in one go.
+    rows at a time. After :meth:`close` (no more columns) it writes any new
+    column set in the table meanwhile and syncs the file to disk, while the
+    program goes on; :meth:`finish` waits for it. The bytes are those of a
+    write in one go.
     """
 
     def __init__(self, table, outputs, path: str, new_columns):
@@ -117,6 +119,7 @@ class TableWriter:
         self._new = set(new_columns)
         self._written = set()
         self._queue = queue.SimpleQueue()
+        self._closed = False
         self._descriptor = os.open(outputs.reserve(path), os.O_WRONLY)
         self._stop = threading.Event()
         self._error = None
@@ -129,6 +132,8 @@ class TableWriter:
         :class:`ColumnBlocks` (written block by block, never whole)."""
         if name not in self._new:
             raise RuntimeError(f"column {name} has no place kept in the table being written")
+        if self._closed:
+            raise RuntimeError(f"column {name} handed over after the write was closed")
         if not isinstance(values, ColumnBlocks):
             self._table.set_column(name, type_name, values)
             values = self._table._columns[name].blob
@@ -154,21 +159,33 @@ class TableWriter:
                 else:
                     _write_at(self._descriptor, values, at)
                 self._written.add(name)
+            if self._stop.is_set():
+                return
+            layout = self._table._layout()  # closed: the table no longer changes
+            if [at for at, _ in layout] != [at for at, _ in self._layout]:
+                raise RuntimeError("the table's columns changed after its layout was fixed")
+            write_pieces(layout, self._descriptor, changed=True, names=self._new - self._written)
+            os.fsync(self._descriptor)
         except BaseException as error:  # raised by finish
             self._error = error
 
+    def close(self) -> None:
+        """No more columns: the thread writes what is left and syncs the file."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+
+    def failed(self) -> bool:
+        """Has the thread stopped on an error (raised by :meth:`finish`)?"""
+        return self._error is not None
+
     def finish(self) -> None:
-        """Wait for the thread, write the new columns set in the table but not
-        handed over; errors name the file."""
-        self._queue.put(None)
+        """Close, and wait for the thread; errors name the file."""
+        self.close()
         self._thread.join()
         try:
             if self._error is not None:
                 raise self._error
-            layout = self._table._layout()
-            if [at for at, _ in layout] != [at for at, _ in self._layout]:
-                raise RuntimeError("the table's columns changed after its layout was fixed")
-            write_pieces(layout, self._descriptor, changed=True, names=self._new - self._written)
         except OSError as error:
             raise QConsistencyError(f"cannot be written ({error.strerror})", self._path) from None
         finally:
@@ -177,7 +194,7 @@ class TableWriter:
     def cancel(self) -> None:
         """Stop the thread (the run failed); the staged file is removed."""
         self._stop.set()
-        self._queue.put(None)
+        self.close()
         self._thread.join()
         self._close()
 

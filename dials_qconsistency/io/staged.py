@@ -52,6 +52,7 @@ class StagedOutputs:
         self._made_folders: list[str] = []
         self._committed = False
         self._on_abort = []  # writers still busy with a staged file, stopped first
+        self._pending = []  # writers finishing in the background: waited for before a commit
 
     def __enter__(self) -> "StagedOutputs":
         return self
@@ -75,7 +76,11 @@ class StagedOutputs:
 
     def add(self, path: str, payload) -> None:
         """Write ``payload`` (bytes, or a function that writes to a file
-        descriptor) to a temporary file that will become ``path``."""
+        descriptor) to a temporary file that will become ``path``. Should it
+        fail, or a writer still busy have failed, the error of the file
+        staged first is raised (a full disk is told about the table)."""
+        if any(writer.failed() for writer in self._pending):
+            self.wait_for_writers()
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):
             raise QConsistencyError("cannot be written (it is a directory)", path)
@@ -94,8 +99,10 @@ class StagedOutputs:
                 _write_fully(descriptor, payload)
             os.fsync(descriptor)
         except OSError as error:
+            os.close(descriptor)
+            self.wait_for_writers()
             raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
-        finally:
+        else:
             os.close(descriptor)
 
     def reserve(self, path: str) -> str:
@@ -107,6 +114,7 @@ class StagedOutputs:
     def detach(self) -> list[tuple[str, str]]:
         """Hand the staged (temporary, target) pairs to another StagedOutputs
         (a worker process's files, committed by the run that merges them)."""
+        self.wait_for_writers()
         staged, self._staged = self._staged, []
         self._on_abort = []  # their writers have finished
         return staged
@@ -117,6 +125,7 @@ class StagedOutputs:
 
     def commit(self) -> list[str]:
         """Rename every staged file into place; returns the target paths."""
+        self.wait_for_writers()
         targets = []
         for temporary, path in self._staged:  # files written by others since they were reserved
             try:
@@ -144,12 +153,25 @@ class StagedOutputs:
         self._on_abort = []
         return targets
 
+    def finish_later(self, writer) -> None:
+        """``writer`` (a ``backends.TableWrite``, closed) is still writing a
+        staged file: its ``finish()``, which waits and raises its error, is
+        called before the files are committed or detached, or as soon as
+        another file is added after it ``failed()`` (the first error is told)."""
+        self._pending.append(writer)
+
+    def wait_for_writers(self) -> None:
+        while self._pending:
+            self._pending[0].finish()
+            self._pending.pop(0)
+
     def on_abort(self, stop) -> None:
         """Call ``stop()`` before the temporary files are removed on abort."""
         self._on_abort.append(stop)
 
     def abort(self) -> None:
         """Remove every temporary file not yet committed."""
+        self._pending = []
         while self._on_abort:
             self._on_abort.pop()()
         while self._staged:
