@@ -5,8 +5,8 @@ Per used row (lab frame; Å⁻¹ unless the name says mm or rad):
 * ``angle``: the rotation that takes q_bragg onto the Ewald sphere: Δφ about
   the lab rotation axis S·e for rotation data (calculated minus used φ: with
   ``phi=observed`` it is ≈ φcal - φobs), Δψ for stills (DIALS' ``delpsical.rad``
-  convention). ``q_sphere`` is q_bragg so rotated; q_bragg - q_sphere is the
-  angular part of Δq.
+  convention). q_sphere (:func:`onto_sphere`) is q_bragg so rotated; q_bragg -
+  q_sphere is the angular part of Δq.
 * ``along_q`` = |q_bragg| - |q_pixel|: an error in |q| (wavelength, distance,
   cell).
 * In the detector plane: the model's spot minus the spot behind q_pixel. The
@@ -44,7 +44,6 @@ from dials_qconsistency.core.time_of_flight import (
 
 @dataclass
 class Decomposition:
-    q_sphere: np.ndarray  # (N, 3) q_bragg rotated onto the Ewald sphere
     angle: np.ndarray  # (N,) Δφ or Δψ, rad
     along_q: np.ndarray  # (N,)
     delta_xy: np.ndarray  # (N, 2) fast, slow mm: the model's spot minus the spot behind q_pixel
@@ -97,15 +96,14 @@ class PanelLookup:
         return values[0:3], values[3:6], values[6:9], values[9:18]
 
 
-def onto_sphere(q_bragg, s0, rotation_axis, laue=None):
-    """(angle, q_sphere, rotation): rows with a finite axis rotate by Δφ about it,
-    other monochromatic rows by Δψ; polychromatic rows (``laue``, per row) meet
-    the sphere at their own wavelength λ_b instead: q_bragg scaled along itself
-    onto the sphere of the row's s0, no angle."""
+def sphere_angles(q_bragg, s0, rotation_axis, laue=None):
+    """(angle, axis): rows with a finite axis rotate by Δφ about it onto the
+    Ewald sphere, other monochromatic rows by Δψ about their own axis;
+    polychromatic rows (``laue``, per row) have neither (NaN): they meet the
+    sphere at their own wavelength (:func:`onto_sphere`)."""
     rotation = np.all(np.isfinite(rotation_axis), axis=1)
     if rotation.all():  # rotation data only: no masks
-        angle = geometry.nearest_ewald_rotation(q_bragg, rotation_axis, s0)
-        return angle, geometry.rotate_about_axes(q_bragg, rotation_axis, angle), rotation
+        return geometry.nearest_ewald_rotation(q_bragg, rotation_axis, s0), rotation_axis
     angle = np.full(len(q_bragg), np.nan)
     axis = np.full(q_bragg.shape, np.nan)
     if rotation.any():
@@ -114,10 +112,18 @@ def onto_sphere(q_bragg, s0, rotation_axis, laue=None):
     still = ~rotation if laue is None else ~rotation & ~laue
     if still.any():
         angle[still], axis[still] = geometry.stills_rotation(q_bragg[still], s0[still])
+    return angle, axis
+
+
+def onto_sphere(q_bragg, s0, rotation_axis, laue=None):
+    """(angle, q_sphere): q_bragg rotated onto the Ewald sphere by the angle of
+    :func:`sphere_angles`; polychromatic rows (``laue``) scaled along
+    themselves onto the sphere of the row's s0 instead, no angle."""
+    angle, axis = sphere_angles(q_bragg, s0, rotation_axis, laue)
     q_sphere = geometry.rotate_about_axes(q_bragg, axis, angle)
     if laue is not None and laue.any():
         q_sphere[laue] = q_bragg[laue] * bragg_wavelength_ratio(q_bragg[laue], s0[laue])[:, None]
-    return angle, q_sphere, rotation
+    return angle, q_sphere
 
 
 def decompose(experiments, result, threads: int = 1) -> Decomposition:
@@ -128,7 +134,7 @@ def decompose(experiments, result, threads: int = 1) -> Decomposition:
     rotation = np.all(np.isfinite(result.rotation_axis), axis=1)
     used_rows = np.flatnonzero(used)
     m = used_rows.size
-    fields = {"q_sphere": 3, "angle": 0, "along_q": 0, "delta_xy": 2,
+    fields = {"angle": 0, "along_q": 0, "delta_xy": 2,
               "radial_mm": 0, "transverse_mm": 0, "radial": 0, "transverse": 0}
     laue = polychromatic_rows(experiments, result.experiment)
     laue = laue if laue[used].any() else None
@@ -192,15 +198,14 @@ def _decompose_rows(result, rows, row_numbers, predicted, panels, out, laue=None
     rows as numbers; ``predicted``: experiments whose s1 is a prediction;
     ``laue``: per table row, polychromatic (None: no such row)."""
     q_bragg, q_pixel, s0 = result.q_bragg[rows], result.q_pixel[rows], result.s0[rows]
-    angle, q_sphere, _ = onto_sphere(q_bragg, s0, result.rotation_axis[rows],
-                                     None if laue is None else laue[row_numbers])
-    out["angle"][:] = angle
-    out["q_sphere"][:] = q_sphere
-    model_spot = q_sphere
-    if predicted:
-        from_prediction = np.isin(result.experiment[row_numbers], predicted)
-        if from_prediction.any():
-            model_spot = q_sphere.copy()
+    laue = None if laue is None else laue[row_numbers]
+    from_prediction = np.isin(result.experiment[row_numbers], predicted) if predicted else None
+    if from_prediction is not None and from_prediction.all():  # the model's spots are the table's s1: no rotation
+        out["angle"][:] = sphere_angles(q_bragg, s0, result.rotation_axis[rows], laue)[0]
+        model_spot = result.q_pred[rows]
+    else:
+        out["angle"][:], model_spot = onto_sphere(q_bragg, s0, result.rotation_axis[rows], laue)
+        if from_prediction is not None and from_prediction.any():
             model_spot[from_prediction] = result.q_pred[row_numbers[from_prediction]]
     s0 = geometry.components(s0)
     model_spot, q_pixel = geometry.components(model_spot), geometry.components(q_pixel)

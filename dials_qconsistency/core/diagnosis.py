@@ -277,7 +277,7 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
         fit["rms_before"] = before
     detector = experiment.detector if experiment is not None else same_detector
     if detector is not None and parts is not None:
-        spot = parts.q_sphere[rows]
+        spot = onto_sphere(q_bragg, s0, axis, laue)[1]  # the model's spot on the sphere, as the decomposition has it
         fit = _detector_candidate(detector, result.position_mm[rows], result.panel[rows], s0 + spot, spot, q_pixel, s0, q_bragg)
         if fit is not None and fit["rms_before"] > ROUNDING:
             fits["detector"] = fit

@@ -140,6 +140,8 @@ def q_from_lab_components(lx, ly, lz, s0):
     dials.q_consistency and the per-pixel maps of dials.q_map both end here.
     ``s0`` is (3,) or one per point (N, 3); |k_out| = |s0|.
     """
+    if not isinstance(s0, tuple) and np.ndim(s0) == 2 and len(s0) and np.asarray(s0).strides[0] == 0:
+        s0 = np.asarray(s0)[0]  # one s0 for every point (a broadcast): |s0| once, the same bits
     s = components(s0)
     scale = np.sqrt(s[0] * s[0] + s[1] * s[1] + s[2] * s[2]) / np.sqrt(lx * lx + ly * ly + lz * lz)
     return lx * scale - s[0], ly * scale - s[1], lz * scale - s[2]
@@ -212,12 +214,13 @@ def q_bragg_still(A, hkl) -> np.ndarray:
     return apply_matrix(A, hkl) if A.ndim == 2 else matvec(A, hkl)
 
 
-def q_bragg_rotation(S, axis, phi, F, A, hkl) -> np.ndarray:
+def q_bragg_rotation(S, axis, phi, F, A, hkl, out=None) -> np.ndarray:
     """Rotation data: r = S · R(axis, φ) · F · A · h; S, A may be per row.
 
     With one S and one A (a static model) the constant products are single
     3×3 matrix products and R(φ) is applied by Rodrigues' formula to the
-    vectors, without building a matrix per row.
+    vectors, without building a matrix per row; written into ``out`` (N, 3)
+    when given.
     """
     S, A = np.asarray(S, dtype=float), np.asarray(A, dtype=float)
     if S.ndim == 2 and A.ndim == 2:
@@ -226,7 +229,7 @@ def q_bragg_rotation(S, axis, phi, F, A, hkl) -> np.ndarray:
         FA = np.asarray(F, dtype=float) @ A
         x, y, z = (FA[i, 0] * h + FA[i, 1] * k + FA[i, 2] * l for i in range(3))
         rx, ry, rz = _rodrigues(x, y, z, axis, phi)
-        out = np.empty(rx.shape + (3,))
+        out = np.empty(rx.shape + (3,)) if out is None else out
         for i in range(3):
             out[..., i] = S[i, 0] * rx + S[i, 1] * ry + S[i, 2] * rz
         return out
@@ -234,7 +237,10 @@ def q_bragg_rotation(S, axis, phi, F, A, hkl) -> np.ndarray:
     r_crystal = matvec(A, hkl)
     r_goniometer = matvec(F, r_crystal)
     r_rotated = rotate_about_axis(r_goniometer, axis, phi)
-    return matvec(S, r_rotated)
+    if out is None:
+        return matvec(S, r_rotated)
+    out[...] = matvec(S, r_rotated)
+    return out
 
 
 def _rodrigues(x, y, z, axis, angles):
@@ -318,9 +324,14 @@ def rotate_about_axes(vectors, axes, angles) -> np.ndarray:
     """Rodrigues rotation of each row of ``vectors`` about its own axis (N, 3) by
     its angle (rad); about one axis for all rows, :func:`rotate_about_axis`."""
     v = np.asarray(vectors, dtype=float)
-    e = unit(np.asarray(axes, dtype=float))
+    axes = np.asarray(axes, dtype=float)
+    if axes.ndim == 2 and len(axes) and axes.strides[0] == 0:  # one axis for every row (a broadcast)
+        e = np.broadcast_to(unit(axes[0]), axes.shape)
+    else:
+        e = unit(axes)
     angles = np.asarray(angles, dtype=float)[..., None]
-    return v * np.cos(angles) + cross(e, v) * np.sin(angles) + e * rowdot(e, v)[..., None] * (1 - np.cos(angles))
+    cos = np.cos(angles)
+    return v * cos + cross(e, v) * np.sin(angles) + e * rowdot(e, v)[..., None] * (1 - cos)
 
 
 def ray_panel_xy(d_inverse, rays):

@@ -65,9 +65,9 @@ def per_row_components(table, index) -> tuple:
     return tuple(np.take(table[:, k], index) for k in range(table.shape[1]))
 
 
-def panel_q(detector, panel_rows, xy_mm, s0):
+def panel_q(detector, panel_rows, xy_mm, s0, out=None):
     """q (N, 3) Å⁻¹ at panel positions (mm) on each row's panel, the same
-    function dials.q_map evaluates at every pixel.
+    function dials.q_map evaluates at every pixel; written into ``out`` when given.
 
     Each row's panel vectors are looked up component by component (np.take on
     the few panels), so rows are neither sorted nor scattered; one panel's
@@ -77,5 +77,9 @@ def panel_q(detector, panel_rows, xy_mm, s0):
     table = np.array([[*p.origin, *p.fast, *p.slow] for p in detector.panels], dtype=float)
     vectors = per_row_components(table, panel_rows)
     lab = geometry.panel_points_to_lab(vectors[0:3], vectors[3:6], vectors[6:9], xy_mm[:, 0], xy_mm[:, 1])
-    return np.stack(geometry.q_from_lab_components(*lab, s0), axis=-1)
+    q = geometry.q_from_lab_components(*lab, s0)
+    if out is None:
+        return np.stack(q, axis=-1)
+    out[:, 0], out[:, 1], out[:, 2] = q
+    return out
 

@@ -251,13 +251,22 @@ def _s0_cal_note(s0_cal, result, laue) -> str:
 def _put(result, name, rows, values):
     """result.<name>[rows] = values, ``rows`` an index array or a slice; when
     ``rows`` is every row the computed array (or a read-only broadcast of one
-    value) becomes the field, with no copy."""
+    value) becomes the field, with no copy; values computed into the field
+    (:func:`_field_view`) are left as they are."""
     target = getattr(result, name)
+    if isinstance(rows, slice) and isinstance(values, np.ndarray) and values.base is target:
+        return
     if isinstance(rows, np.ndarray) and rows.size == len(target):
         values = np.asarray(values, dtype=target.dtype)
         setattr(result, name, values if values.shape == target.shape else np.broadcast_to(values, target.shape))
     else:
         target[rows] = values
+
+
+def _field_view(result, name, rows):
+    """result.<name>[rows] to compute into, when ``rows`` is a slice (a view);
+    else None (the values are computed, then put in place)."""
+    return getattr(result, name)[rows] if isinstance(rows, slice) else None
 
 
 @dataclass
@@ -330,7 +339,8 @@ def _compute_block(experiment, varying, rows, table: TableColumns, options, resu
         gonio, scan = experiment.goniometer, experiment.scan
         if not varying:
             q_bragg = geometry.q_bragg_rotation(
-                gonio.setting_rotation, gonio.axis, phi, gonio.fixed_rotation, crystal.A, h
+                gonio.setting_rotation, gonio.axis, phi, gonio.fixed_rotation, crystal.A, h,
+                out=_field_view(result, "q_bragg", rows),  # None: computed, then put in place
             )
         else:
             if options.model_state == "integrate":
@@ -354,12 +364,12 @@ def _compute_block(experiment, varying, rows, table: TableColumns, options, resu
     position_mm = take(table.position[:, :2])
     if options.q_pixel_source == "observed_px":
         position_mm = panel_pixel_to_millimetre(detector, rows_panel, position_mm)
-    q_pixel = panel_q(detector, rows_panel, position_mm, s0)
+    q_pixel = panel_q(detector, rows_panel, position_mm, s0, out=_field_view(result, "q_pixel", rows))
     if "position_mm" not in views:
         _put(result, "position_mm", rows, position_mm)
     _put(result, "q_bragg", rows, q_bragg)
     _put(result, "q_pixel", rows, q_pixel)
-    _put(result, "q_pred", rows, take(table.s1) - s0)
+    _put(result, "q_pred", rows, np.subtract(take(table.s1), s0, out=_field_view(result, "q_pred", rows)))
     if options.q_pixel_source == "calculated":
         if not alias:
             _put(result, "q_pixel_calculated", rows, q_pixel)
@@ -367,9 +377,9 @@ def _compute_block(experiment, varying, rows, table: TableColumns, options, resu
         _put(result, "q_pixel_calculated", rows, panel_q(detector, rows_panel, take(table.xyzcal[:, :2]), s0))
     if table.xyzobs is not None:
         observed = take(table.xyzobs[:, :2])
-        finite = np.all(np.isfinite(observed), axis=1)
+        finite = np.isfinite(observed[:, 0]) & np.isfinite(observed[:, 1])
         if finite.all():
-            q_obs = panel_q(detector, rows_panel, observed, s0)
+            q_obs = panel_q(detector, rows_panel, observed, s0, out=_field_view(result, "q_pixel_observed", rows))
         else:
             q_obs = np.full((n, 3), np.nan)
             if finite.any():
