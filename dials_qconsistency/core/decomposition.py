@@ -101,7 +101,7 @@ def sphere_angles(q_bragg, s0, rotation_axis, laue=None):
     Ewald sphere, other monochromatic rows by Δψ about their own axis;
     polychromatic rows (``laue``, per row) have neither (NaN): they meet the
     sphere at their own wavelength (:func:`onto_sphere`)."""
-    rotation = np.all(np.isfinite(rotation_axis), axis=1)
+    rotation = geometry.finite_rows(rotation_axis)
     if rotation.all():  # rotation data only: no masks
         return geometry.nearest_ewald_rotation(q_bragg, rotation_axis, s0), rotation_axis
     angle = np.full(len(q_bragg), np.nan)
@@ -131,7 +131,7 @@ def decompose(experiments, result, threads: int = 1) -> Decomposition:
     (on up to ``threads`` threads; the results do not depend on it)."""
     n = len(result.reason)
     used = result.used
-    rotation = np.all(np.isfinite(result.rotation_axis), axis=1)
+    rotation = geometry.finite_rows(result.rotation_axis)
     used_rows = np.flatnonzero(used)
     m = used_rows.size
     fields = {"angle": 0, "along_q": 0, "delta_xy": 2,

@@ -17,6 +17,16 @@ def norms(vectors) -> np.ndarray:
     return np.sqrt(x * x + y * y + z * z)
 
 
+def finite_rows(vectors) -> np.ndarray:
+    """Rows of (..., k) vectors whose every component is finite, a column at a
+    time (numpy's reduction along a short last axis is slow)."""
+    vectors = np.asarray(vectors)
+    finite = np.isfinite(vectors[..., 0])
+    for i in range(1, vectors.shape[-1]):
+        finite &= np.isfinite(vectors[..., i])
+    return finite
+
+
 def unit(vectors: np.ndarray) -> np.ndarray:
     """Normalise vectors along the last axis."""
     vectors = np.asarray(vectors, dtype=float)
@@ -275,7 +285,16 @@ def ewald_rotation_angles(r, axis, s0) -> np.ndarray:
     row (all in one frame). Returns (N, 2), NaN where the point never reaches
     the sphere (the blind region).
     """
-    e = unit(np.asarray(axis, dtype=float))
+    return np.stack(_ewald_rotation_pair(r, axis, s0), axis=-1)
+
+
+def _ewald_rotation_pair(r, axis, s0):
+    """The two angles of :func:`ewald_rotation_angles`, as two arrays."""
+    axis = np.asarray(axis, dtype=float)
+    if axis.ndim == 2 and len(axis) and axis.strides[0] == 0:  # one axis for every row (a broadcast)
+        e = np.broadcast_to(unit(axis[0]), axis.shape)
+    else:
+        e = unit(axis)
     r = np.asarray(r, dtype=float)
     along = rowdot(r, e)
     perpendicular = r - along[..., None] * e
@@ -286,7 +305,7 @@ def ewald_rotation_angles(r, axis, s0) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         spread = np.arccos(c / rho)
     base = np.arctan2(b, a)
-    return np.stack([base - spread, base + spread], axis=-1)
+    return base - spread, base + spread
 
 
 def wrap_angle(angles) -> np.ndarray:
@@ -295,10 +314,11 @@ def wrap_angle(angles) -> np.ndarray:
 
 
 def nearest_ewald_rotation(r, axis, s0) -> np.ndarray:
-    """The smaller (in magnitude) of the two Ewald-sphere rotation angles (rad)."""
-    both = wrap_angle(ewald_rotation_angles(r, axis, s0))
-    pick = np.argmin(np.where(np.isnan(both), np.inf, np.abs(both)), axis=-1)
-    return np.take_along_axis(both, pick[..., None], axis=-1)[..., 0]
+    """The smaller (in magnitude) of the two Ewald-sphere rotation angles (rad),
+    the first on a tie; NaN where neither exists."""
+    first, second = (wrap_angle(angle) for angle in _ewald_rotation_pair(r, axis, s0))
+    size = lambda angle: np.where(np.isnan(angle), np.inf, np.abs(angle))  # noqa: E731
+    return np.where(size(second) < size(first), second, first)
 
 
 def stills_rotation(r, s0):

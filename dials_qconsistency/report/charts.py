@@ -12,6 +12,7 @@ import base64
 
 import numpy as np
 
+from dials_qconsistency.core import geometry
 from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import panel_frames, spot_lab_positions
 from dials_qconsistency.core.row_statistics import row_distances, sample_rows, take_rows
@@ -92,7 +93,7 @@ def detector_chart(experiments, points, parts, hkl, image, sample_note):
 def arrows_chart(experiments, points, parts, sample_note):
     """In-plane residuals (model spot − q_pixel spot) as segments from each spot, scaled to be seen."""
     basis = view_basis(experiments[0].beam.along_s0)
-    used = points.used & np.all(np.isfinite(parts.delta_xy), axis=1)
+    used = points.used & geometry.finite_rows(parts.delta_xy)
     every = np.flatnonzero(used)
     if every.size > MAX_ARROWS:  # more arrows than can be told apart: an even sample of them
         used = np.zeros_like(used)

@@ -103,7 +103,7 @@ def arrow_map(experiments, result, parts):
     basis = view_basis(experiments[0].beam.along_s0)
     fig, ax = plt.subplots(figsize=(7, 6))
     _draw_panels(ax, detector, basis)
-    used = result.used & np.all(np.isfinite(parts.delta_xy), axis=1)
+    used = result.used & geometry.finite_rows(parts.delta_xy)
     start = spot_lab_positions(experiments, result)[used]
     d = panel_frames(experiments, result)[used]
     delta_lab = parts.delta_xy[used, :1] * d[:, :, 0] + parts.delta_xy[used, 1:] * d[:, :, 1]
