@@ -109,7 +109,7 @@ def _detector_candidate(detector, xy, panel, rays, q_spot, q_pixel, s0, q_bragg)
     """Per-panel plane fits; RMS of the in-plane q residual (q_spot - q_pixel) before and after."""
     q_after = np.full(q_spot.shape, np.nan)
     panels = {}
-    finite = np.all(np.isfinite(rays), axis=1) & np.all(np.isfinite(xy), axis=1)
+    finite = geometry.finite_rows(rays) & geometry.finite_rows(xy)
     for index in np.unique(panel[finite]):
         mine = (panel == index) & finite
         d = fit_panel(xy[mine], rays[mine])
@@ -132,7 +132,7 @@ def _detector_candidate(detector, xy, panel, rays, q_spot, q_pixel, s0, q_bragg)
             "distance_mm": float(offset @ normal_model),
             "in_plane_mm": [float(offset @ model.fast), float(offset @ model.slow)],
         }
-    fitted = np.all(np.isfinite(q_after), axis=1)
+    fitted = geometry.finite_rows(q_after)
     if not fitted.any():
         return None
     return {

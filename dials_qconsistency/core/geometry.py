@@ -17,14 +17,25 @@ def norms(vectors) -> np.ndarray:
     return np.sqrt(x * x + y * y + z * z)
 
 
-def finite_rows(vectors) -> np.ndarray:
-    """Rows of (..., k) vectors whose every component is finite, a column at a
-    time (numpy's reduction along a short last axis is slow)."""
+def rows_where_all(test, vectors) -> np.ndarray:
+    """Rows of (..., k) ``vectors`` where ``test`` (elementwise, to booleans)
+    holds for every component, a column at a time: numpy's reduction along a
+    short last axis (``np.all(..., axis=-1)``) is several times slower."""
     vectors = np.asarray(vectors)
-    finite = np.isfinite(vectors[..., 0])
+    holds = test(vectors[..., 0])
     for i in range(1, vectors.shape[-1]):
-        finite &= np.isfinite(vectors[..., i])
-    return finite
+        holds &= test(vectors[..., i])
+    return holds
+
+
+def finite_rows(vectors) -> np.ndarray:
+    """Rows of (..., k) vectors whose every component is finite."""
+    return rows_where_all(np.isfinite, vectors)
+
+
+def nonzero_rows(vectors) -> np.ndarray:
+    """Rows of (..., k) vectors with some component not zero."""
+    return ~rows_where_all(lambda v: v == 0, vectors)
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:

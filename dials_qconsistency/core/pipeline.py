@@ -102,7 +102,8 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
         put_columns(writer, decomposition_columns(parts))
         writer.close()  # the rest is written and synced while the reports are made
         staged.finish_later(writer)
-    summary = summarise(about, experiments, parts, settings.resolution_shells, settings.panel_group_depth)
+    summary = summarise(about, experiments, parts, settings.resolution_shells, settings.panel_group_depth,
+                        options.threads)
     if pair.outliers is not None:
         summary.outliers = norm_statistics(row_distances(result.q_bragg, result.q_pixel, pair.outliers))
     diagnoses, sigma_q, normalised = [], None, None

@@ -210,9 +210,10 @@ def compute_q(
     if options.q_pixel_source != "calculated":
         reason[(position[:, 0] == 0) & (position[:, 1] == 0)] = NOT_OBSERVED
     reason[(xyzcal[:, 0] == 0) & (xyzcal[:, 1] == 0)] = NOT_PREDICTED
-    reason[~np.any(hkl != 0, axis=1)] = ZERO_HKL
+    has_hkl = geometry.nonzero_rows(hkl)
+    reason[~has_hkl] = ZERO_HKL
     reason[exp_of_row < 0] = NOT_INDEXED
-    indexed = (exp_of_row >= 0) & np.any(hkl != 0, axis=1)
+    indexed = (exp_of_row >= 0) & has_hkl
     check_values(columns, [name for name in needed if name not in ("id", "miller_index", "panel")], indexed,
                  reason != NOT_PREDICTED, path, options.threads)
 
@@ -241,7 +242,7 @@ def compute_q(
 def _s0_cal_note(s0_cal, result, laue) -> str:
     """How far the table's s0_cal is from the s0 used (−unit(direction)/wavelength_cal)
     on the polychromatic rows (``laue``, per row)."""
-    used = np.flatnonzero(result.used & laue & np.all(np.isfinite(result.s0), axis=1))
+    used = np.flatnonzero(result.used & laue & geometry.finite_rows(result.s0))
     worst = float(np.max(np.linalg.norm(s0_cal[used] - result.s0[used], axis=1))) if used.size else 0.0
     verdict = "as it should" if worst <= S1_MATCH_TOLERANCE else "so the table's s0_cal is not this beam's: check the models"
     return (f"polychromatic beam: s0 of each row is -unit(direction)/wavelength_cal; the table's s0_cal agrees to "

@@ -5,6 +5,8 @@ RMS of every part of the decomposition, reduced in one pass over blocks of rows.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from dials_qconsistency.core.blocks import row_blocks, rows_by_group
@@ -61,7 +63,7 @@ class UsedRows:
                if parts.wavelength_rel is not None else {}),
         }, along
 
-    def statistics_by(self, groupings) -> list[list[dict | None]]:
+    def statistics_by(self, groupings, threads: int = 1) -> list[list[dict | None]]:
         """Statistics of every group of every grouping: ``groupings`` is a list
         of (labels, k), labels a group 0..k-1 (or -1: none) per used row, or
         None for all used rows as one group. Returns, per grouping, k dicts
@@ -73,7 +75,34 @@ class UsedRows:
         of the radial and transverse parts in Å⁻¹, mean and RMS of |q_bragg| -
         |q_pixel| (Å⁻¹), RMS Δφ (rotation rows) and Δψ (still rows) in degrees:
         sums of squares of the finite values, group by group (``np.bincount``).
+        With ``threads`` > 1 the order statistics (``np.partition``, which
+        releases the GIL) are computed on a second thread beside the sums.
         """
+        order_statistics = lambda: [self._norm_statistics_by(labels, k) for labels, k in groupings]  # noqa: E731
+        if threads > 1:
+            with ThreadPoolExecutor(1) as pool:
+                ordered = pool.submit(order_statistics)
+                sums, counts = self._sums_by(groupings)
+                ordered = ordered.result()
+        else:
+            sums, counts = self._sums_by(groupings)
+            ordered = order_statistics()
+        out = []
+        for stats, total, count in zip(ordered, sums, counts):
+            for group, entry in enumerate(stats):
+                if entry is None or self.parts is None:
+                    continue
+                for name in self.rms_names:
+                    n = count[name][group]
+                    entry[name] = float(np.sqrt(total[name][group] / n)) if n else None
+                n = count["along"][group]
+                entry["mean_along_q"] = float(total["along"][group] / n) if n else None
+            out.append(stats)
+        return out
+
+    def _sums_by(self, groupings) -> tuple[list[dict], list[dict]]:
+        """(sums, counts): per grouping, name -> per-group sum of the squared
+        finite values (of |q_bragg| − |q_pixel| itself for "along") and their count."""
         m = self.rows.size
         names = self.rms_names + ("along",)
         sums = [{name: np.zeros(k) for name in names} for _, k in groupings]
@@ -118,19 +147,7 @@ class UsedRows:
                     counts[i][name][:] = 0.0
                     if group >= 0:
                         sums[i][name][group], counts[i][name][group] = once[name]
-        out = []
-        for (labels, k), total, count in zip(groupings, sums, counts):
-            stats = self._norm_statistics_by(labels, k)
-            for group, entry in enumerate(stats):
-                if entry is None or self.parts is None:
-                    continue
-                for name in self.rms_names:
-                    n = count[name][group]
-                    entry[name] = float(np.sqrt(total[name][group] / n)) if n else None
-                n = count["along"][group]
-                entry["mean_along_q"] = float(total["along"][group] / n) if n else None
-            out.append(stats)
-        return out
+        return sums, counts
 
     def _norm_statistics_by(self, labels, k) -> list[dict | None]:
         """:func:`norm_statistics` of |Δq| per group, the values in row order."""

@@ -102,7 +102,9 @@ def _delta_q_part(stats: dict) -> dict:
     return {name: stats[name] for name in ("n", "mean", "median", "rms", "p95", "max")}
 
 
-def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hierarchy_level: int = 1) -> Summary:
+def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hierarchy_level: int = 1,
+              threads: int = 1) -> Summary:
+    """The statistics of the used rows (``threads``: how many may compute at once)."""
     used = result.used
     counts = {REASONS[code]: int(np.count_nonzero(result.reason == code)) for code in range(len(REASONS))}
     table = UsedRows(result, parts, used)
@@ -133,7 +135,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
             groupings["wavelength_band"] = (band, n_shells)
             labelled["wavelength_band"] = [{"wavelength_min": float(edges[i]), "wavelength_max": float(edges[i + 1])}
                                            for i in range(n_shells)]
-    stats = dict(zip(groupings, table.statistics_by(list(groupings.values()))))
+    stats = dict(zip(groupings, table.statistics_by(list(groupings.values()), threads)))
 
     (everything,) = stats["all"]
     overall = _delta_q_part(everything) if everything else norm_statistics(np.zeros(0))

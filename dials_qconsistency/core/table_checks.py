@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dials_qconsistency.core import geometry
 from dials_qconsistency.core.blocks import for_each_block
 from dials_qconsistency.errors import QConsistencyError
 from dials_qconsistency.model.experiment import MAX_MAGNITUDE
@@ -121,15 +122,15 @@ def check_values(columns, names, indexed, predicted, path, threads=1):
 
     def work(block):  # rows of every column at once, a block at a time
         for values, out in zip(arrays, bad):
-            with np.errstate(invalid="ignore"):
-                out[block] = ~np.all(np.abs(values[block]) <= MAX_MAGNITUDE, axis=1)  # True for NaN too
+            with np.errstate(invalid="ignore"):  # NaN is not within the limit
+                out[block] = ~geometry.rows_where_all(lambda v: np.abs(v) <= MAX_MAGNITUDE, values[block])
 
     for_each_block(len(indexed), work, threads)
     for name, rows in zip(names, bad):
         _reject_rows(indexed & rows, f"column {name!r} is NaN, infinite or beyond {MAX_MAGNITUDE:g}",
                      "the table is corrupt", path)
     s1 = np.asarray(columns["s1"], dtype=float)
-    bad = indexed & predicted & ~np.any(s1 != 0, axis=1)
+    bad = indexed & predicted & ~geometry.nonzero_rows(s1)
     _reject_rows(
         bad,
         "column 's1' is (0, 0, 0) beside a calculated position",

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from dials_qconsistency.core import geometry
 from dials_qconsistency.core.statistics import S1_NEITHER
 from dials_qconsistency.core.row_statistics import sample_rows, take_rows
 from dials_qconsistency.core.blocks import rows_by_group
@@ -89,7 +90,7 @@ def normalised_residual(parts, result, variance, max_rows=SAMPLE) -> float | Non
         return None
     rows = sample_rows(result.used, max_rows)
     var = variance[rows, :2]
-    ok = np.all(var > 0, axis=1) & np.all(np.isfinite(parts.delta_xy[rows]), axis=1)
+    ok = geometry.rows_where_all(lambda v: v > 0, var) & geometry.finite_rows(parts.delta_xy[rows])
     if not ok.any():
         return None
     return float(np.sqrt(np.mean(parts.delta_xy[rows][ok] ** 2 / var[ok])))
