@@ -74,8 +74,7 @@ def panel_q(detector, panel_rows, xy_mm, s0, out=None):
     rows give the same bits as the map's scalar panel vectors.
     """
     xy_mm = np.asarray(xy_mm, dtype=float)
-    table = np.array([[*p.origin, *p.fast, *p.slow] for p in detector.panels], dtype=float)
-    vectors = per_row_components(table, panel_rows)
+    vectors = per_row_components(detector.panel_vectors, panel_rows)
     lab = geometry.panel_points_to_lab(vectors[0:3], vectors[3:6], vectors[6:9], xy_mm[:, 0], xy_mm[:, 1])
     q = geometry.q_from_lab_components(*lab, s0)
     if out is None:

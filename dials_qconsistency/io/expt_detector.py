@@ -6,6 +6,8 @@ the hierarchy at each depth.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dials_qconsistency.core.geometry import cross, unit
@@ -26,15 +28,22 @@ _OFFSET_PARALLAX = "OffsetParallaxCorrectedPxMmStrategy"
 
 def _frame(node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     fast, slow = as_direction(node["fast_axis"]), as_direction(node["slow_axis"])
-    if np.linalg.norm(cross(fast, slow)) < 1e-6:
+    (fx, fy, fz), (sx, sy, sz) = fast.tolist(), slow.tolist()
+    if math.hypot(fy * sz - fz * sy, fz * sx - fx * sz, fx * sy - fy * sx) < 1e-6:
         raise ModelProblem(f"fast and slow axes are parallel: {node['fast_axis']!r:.40} and {node['slow_axis']!r:.40}")
     return fast, slow, as_vector(node["origin"])
 
 
+def _orientation(frame) -> tuple[np.ndarray, np.ndarray]:
+    """(rotation [fast | slow | fast × slow], origin) of a lab frame, into
+    which its children's local frames are composed."""
+    fast, slow, origin = unit(frame[0]), unit(frame[1]), frame[2]
+    return np.column_stack([fast, slow, cross(fast, slow)]), origin
+
+
 def _compose(parent, local):
-    """Lab frame of a child from its parent's lab frame and its local frame."""
-    p_fast, p_slow, p_origin = (unit(parent[0]), unit(parent[1]), parent[2])
-    orientation = np.column_stack([p_fast, p_slow, cross(p_fast, p_slow)])
+    """Lab frame of a child from its parent's :func:`_orientation` and its local frame."""
+    orientation, p_origin = parent
     fast, slow, origin = local
     return orientation @ fast, orientation @ slow, orientation @ origin + p_origin
 
@@ -43,10 +52,10 @@ def read_detector(d, notes) -> Detector:
     panel_dicts = d["panels"]
     if not isinstance(panel_dicts, list) or not panel_dicts:
         raise ModelProblem("has no panels")
-    identity = (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.zeros(3))
+    root = _orientation((np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.zeros(3)))
     frames: list = [None] * len(panel_dicts)
 
-    def walk(node, parent_frame, depth) -> None:
+    def walk(node, parent, depth) -> None:
         if depth > 64:
             raise ModelProblem("hierarchy is too deep (a cycle?)")
         if "panel" in node:
@@ -55,20 +64,20 @@ def read_detector(d, notes) -> Detector:
                 raise ModelProblem(f"hierarchy names panel {index!r}, which does not exist")
             if frames[index] is not None:
                 raise ModelProblem(f"hierarchy names panel {index} twice")
-            frames[index] = _compose(parent_frame, _frame(panel_dicts[index]))
+            frames[index] = _compose(parent, _frame(panel_dicts[index]))
             return
-        frame = _compose(parent_frame, _frame(node))
+        below = _orientation(_compose(parent, _frame(node)))  # once for all the node's children
         for child in node.get("children", []):
-            walk(child, frame, depth + 1)
+            walk(child, below, depth + 1)
 
     hierarchy = d.get("hierarchy")
     if hierarchy:
-        walk(hierarchy, identity, 0)
+        walk(hierarchy, root, 0)
         missing = [i for i, f in enumerate(frames) if f is None]
         if missing:
             raise ModelProblem(f"panel {missing[0]} is not in the detector hierarchy")
     else:
-        frames = [_compose(identity, _frame(p)) for p in panel_dicts]
+        frames = [_compose(root, _frame(p)) for p in panel_dicts]
 
     panels = []
     for index, (p, (fast, slow, origin)) in enumerate(zip(panel_dicts, frames)):

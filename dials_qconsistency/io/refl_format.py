@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 import weakref
 
 import numpy as np
@@ -167,6 +168,7 @@ def is_int(value) -> bool:
 
 
 _SHOEBOX_HEADER = np.dtype([("panel", "<u4"), ("bbox", "<i4", (6,)), ("flag", "u1")])
+_SHOEBOX_HEADER_STRUCT = struct.Struct("<I6iB")
 
 
 def shoebox_blob_problem(blob: bytes, nrows: int, version: int) -> str | None:
@@ -174,20 +176,26 @@ def shoebox_blob_problem(blob: bytes, nrows: int, version: int) -> str | None:
 
     Each row is a uint32 panel, six int32 bbox values, a uint8 flag and, when
     the flag is 1 or 2, float32 data, a mask (int32 for flag 1, uint8 for
-    flag 2) and float32 background over the bbox volume.
+    flag 2) and float32 background over the bbox volume. Rows without data
+    (flag 0 everywhere, as after refinement) are checked all at once.
     """
     size = memoryview(blob).nbytes
-    offset = 0
     header_size = _SHOEBOX_HEADER.itemsize
+    if size == nrows * header_size:  # every row a bare header, if every flag is 0
+        headers = np.frombuffer(blob, dtype=_SHOEBOX_HEADER, count=nrows)
+        if not headers["flag"].any():
+            bbox = headers["bbox"]
+            if np.any((bbox[:, 1] < bbox[:, 0]) | (bbox[:, 3] < bbox[:, 2]) | (bbox[:, 5] < bbox[:, 4])):
+                return "shoebox with an inverted bounding box"
+            return None
+    offset = 0
     for _ in range(nrows):
         if offset + header_size > size:
             return "shoebox data ends early (truncated blob)"
-        header = np.frombuffer(blob, dtype=_SHOEBOX_HEADER, count=1, offset=offset)[0]
+        _, x0, x1, y0, y1, z0, z1, flag = _SHOEBOX_HEADER_STRUCT.unpack_from(blob, offset)
         offset += header_size
-        x0, x1, y0, y1, z0, z1 = (int(v) for v in header["bbox"])
         if x1 < x0 or y1 < y0 or z1 < z0:
             return "shoebox with an inverted bounding box"
-        flag = int(header["flag"])
         if flag in (1, 2):
             n = (x1 - x0) * (y1 - y0) * (z1 - z0)
             offset += n * (4 + (4 if flag == 1 else 1) + 4)

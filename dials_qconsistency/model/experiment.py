@@ -8,6 +8,7 @@ so the numpy core never sees where the numbers came from.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,6 +96,14 @@ class Detector:
 
     def groups_at_depth(self, depth: int) -> list[PanelGroup]:
         return [group for group in self.groups if group.depth == depth]
+
+    @functools.cached_property
+    def panel_vectors(self) -> np.ndarray:
+        """(panels, 9), read-only: each panel's origin, fast and slow axes (lab,
+        mm), tabulated once (the panels are not changed once read)."""
+        table = np.array([[*p.origin, *p.fast, *p.slow] for p in self.panels], dtype=float).reshape(-1, 9)
+        table.flags.writeable = False
+        return table
 
 
 @dataclass
