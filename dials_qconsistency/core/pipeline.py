@@ -92,6 +92,7 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
     still be busy: ``staged`` waits for it before its files are committed."""
     experiments, result, about, options = pair.experiments, pair.result, pair.about, pair.options
     parts = decompose(experiments, result, options.threads)
+    pair.table.release_memory()  # the positions read again by the decomposition
     writer, replaced = None, []
     if output_table:
         # Written by a thread while the statistics compute on one core

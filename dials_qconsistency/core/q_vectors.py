@@ -196,7 +196,7 @@ def compute_q(
     table = TableColumns(
         hkl=np.asarray(columns["miller_index"]),
         s1=np.asarray(columns["s1"], dtype=float),
-        panel=np.asarray(columns["panel"]).astype(np.int64),
+        panel=_as_int64(columns["panel"]),
         xyzcal=np.asarray(columns["xyzcal.mm"], dtype=float),
         xyzobs=None if xyzobs is None else np.asarray(xyzobs, dtype=float),
         position=np.asarray(columns[position_column], dtype=float),
@@ -262,6 +262,13 @@ def _put(result, name, rows, values):
         setattr(result, name, values if values.shape == target.shape else np.broadcast_to(values, target.shape))
     else:
         target[rows] = values
+
+
+def _as_int64(values) -> np.ndarray:
+    """An integer column as int64: DIALS' size_t (uint64) viewed, not copied
+    (a value beyond 2**63 reads negative, and is refused as a panel either way)."""
+    values = np.asarray(values)
+    return values.view(np.int64) if values.dtype == np.uint64 else values.astype(np.int64)
 
 
 def _field_view(result, name, rows):
