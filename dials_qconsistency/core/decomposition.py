@@ -78,14 +78,16 @@ class PanelLookup:
     """
 
     def __init__(self, experiments, result):
-        offsets, panels = {}, []
+        offsets, detectors, count = {}, [], 0
         for experiment in experiments:
             detector = experiment.detector
             if id(detector) not in offsets:
-                offsets[id(detector)] = len(panels)
-                panels.extend(detector.panels)
+                offsets[id(detector)] = count
+                detectors.append(detector)
+                count += len(detector.panels)
         self.offset = np.array([offsets[id(e.detector)] for e in experiments] + [0], dtype=np.int64)
-        self.table = np.array([[*p.origin, *p.fast, *p.slow, *np.linalg.inv(p.d_matrix).ravel()] for p in panels])
+        self.table = np.concatenate([np.hstack([d.panel_vectors, d.panel_inverses]) for d in detectors] or
+                                    [np.zeros((0, 18))])
         self.result = result
 
     def rows(self, row_numbers):

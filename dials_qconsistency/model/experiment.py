@@ -105,6 +105,14 @@ class Detector:
         table.flags.writeable = False
         return table
 
+    @functools.cached_property
+    def panel_inverses(self) -> np.ndarray:
+        """(panels, 9), read-only: the elements of each panel's D⁻¹, D = [fast |
+        slow | origin] (lab ray -> panel coordinates), row by row."""
+        table = np.array([np.linalg.inv(p.d_matrix).ravel() for p in self.panels], dtype=float).reshape(-1, 9)
+        table.flags.writeable = False
+        return table
+
 
 @dataclass
 class Goniometer:
