@@ -63,8 +63,7 @@ def panel_frames(experiments, result):
     d = np.full((len(result.reason), 3, 3), np.nan)
     for experiment, rows in zip(experiments, rows_by_group(result.experiment, len(experiments), result.used)):
         if rows.size:
-            stack = np.array([p.d_matrix for p in experiment.detector.panels])
-            d[rows] = stack[result.panel[rows]]
+            d[rows] = experiment.detector.panel_matrices[result.panel[rows]]
     return d
 
 

@@ -106,10 +106,17 @@ class Detector:
         return table
 
     @functools.cached_property
+    def panel_matrices(self) -> np.ndarray:
+        """(panels, 3, 3), read-only: each panel's D = [fast | slow | origin]."""
+        table = np.array([p.d_matrix for p in self.panels], dtype=float).reshape(-1, 3, 3)
+        table.flags.writeable = False
+        return table
+
+    @functools.cached_property
     def panel_inverses(self) -> np.ndarray:
-        """(panels, 9), read-only: the elements of each panel's D⁻¹, D = [fast |
-        slow | origin] (lab ray -> panel coordinates), row by row."""
-        table = np.array([np.linalg.inv(p.d_matrix).ravel() for p in self.panels], dtype=float).reshape(-1, 9)
+        """(panels, 9), read-only: the elements of each panel's D⁻¹ (lab ray ->
+        panel coordinates), row by row."""
+        table = np.array([np.linalg.inv(d).ravel() for d in self.panel_matrices], dtype=float).reshape(-1, 9)
         table.flags.writeable = False
         return table
 
