@@ -310,7 +310,7 @@ def campaign_phases(expt, refl, out, files=100):
         describe(FileOutcome(0, expt, refl, out), experiments, table, about, summary)
         t4 = time.perf_counter()
         with StagedOutputs() as outputs:
-            writer = table.begin_write(outputs, out, output_types(parts))
+            writer = table.begin_write(outputs, out, output_types(parts.wavelength_rel is not None))
             put_columns(writer, q_columns(result))
             put_columns(writer, decomposition_columns(parts))
             writer.close()

@@ -267,6 +267,8 @@ def run(args=None, phil=phil_scope):
         return run_many(params, arguments, pairs, options, logger)
     ((expt_path, refl_path),) = pairs
     check_output_paths(output_paths(params), [expt_path, refl_path])
+    if params.output.html:
+        html_report.prepare_in_background()
 
     pair = load_pair(arguments.backend, expt_path, refl_path, options, params.rows)
     settings = PairSettings(params.rows, params.statistics.resolution_shells, params.statistics.panel_group_depth,

@@ -127,6 +127,13 @@ def onto_sphere(q_bragg, s0, rotation_axis, laue=None):
     return angle, q_sphere
 
 
+def laue_rows(experiments, result) -> np.ndarray | None:
+    """The polychromatic rows (per table row), or None when no used row is one:
+    the decomposition then has no wavelength and time-of-flight parts."""
+    laue = polychromatic_rows(experiments, result.experiment)
+    return laue if laue[result.used].any() else None
+
+
 def decompose(experiments, result, threads: int = 1) -> Decomposition:
     """Decompose Δq of every used row (NaN elsewhere), a block of rows at a time
     (on up to ``threads`` threads; the results do not depend on it)."""
@@ -137,8 +144,7 @@ def decompose(experiments, result, threads: int = 1) -> Decomposition:
     m = used_rows.size
     fields = {"angle": 0, "along_q": 0, "delta_xy": 2,
               "radial_mm": 0, "transverse_mm": 0, "radial": 0, "transverse": 0}
-    laue = polychromatic_rows(experiments, result.experiment)
-    laue = laue if laue[used].any() else None
+    laue = laue_rows(experiments, result)
     if laue is not None:
         fields.update(wavelength_rel=0, tof_us=0)
     source_mm = np.array([e.beam.sample_to_source_distance if e.is_laue else np.nan for e in experiments] + [np.nan])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dials_qconsistency.core.decomposition import decompose
+from dials_qconsistency.core.decomposition import decompose, laue_rows
 from dials_qconsistency.core.diagnosis import MAX_REFLECTIONS, diagnose
 from dials_qconsistency.core.q_vectors import Options, compute_q, rows_used_in_refinement, with_model_state
 from dials_qconsistency.core.statistics import summarise
@@ -91,17 +91,18 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
     summarise, diagnose and judge one loaded pair. The table's writer may
     still be busy: ``staged`` waits for it before its files are committed."""
     experiments, result, about, options = pair.experiments, pair.result, pair.about, pair.options
-    parts = decompose(experiments, result, options.threads)
-    pair.table.release_memory()  # the positions read again by the decomposition
     writer, replaced = None, []
     if output_table:
-        # Written by a thread while the statistics compute on one core
-        # (the decomposition has both): the input's own columns, then the new ones.
+        # Written by a thread while the rest computes: the input's own columns
+        # and the q vectors while Δq is decomposed, then its parts.
         replaced = existing_output_columns(pair.table)
-        writer = pair.table.begin_write(staged, output_table, output_types(parts))
+        writer = pair.table.begin_write(staged, output_table, output_types(laue_rows(experiments, result) is not None))
         put_columns(writer, q_columns(result))
+    parts = decompose(experiments, result, options.threads)
+    pair.table.release_memory()  # the positions read again by the decomposition
+    if writer:
         put_columns(writer, decomposition_columns(parts))
-        writer.close()  # the rest is written and synced while the reports are made
+        writer.close()  # the rest is written and synced while the statistics and reports are made
         staged.finish_later(writer)
     summary = summarise(about, experiments, parts, settings.resolution_shells, settings.panel_group_depth,
                         options.threads)

@@ -70,9 +70,10 @@ LAUE_OUTPUT_TYPES = {
 }
 
 
-def output_types(parts) -> dict[str, str]:
-    """The new columns of a table with this decomposition: name -> DIALS type."""
-    return {**OUTPUT_TYPES, **(LAUE_OUTPUT_TYPES if parts.wavelength_rel is not None else {})}
+def output_types(time_parts: bool) -> dict[str, str]:
+    """The new columns of a table: name -> DIALS type; ``time_parts``: with the
+    wavelength and time-of-flight parts (:func:`decomposition.laue_rows`)."""
+    return {**OUTPUT_TYPES, **(LAUE_OUTPUT_TYPES if time_parts else {})}
 
 
 
@@ -117,14 +118,14 @@ def decomposition_columns(parts) -> dict[str, tuple[str, object]]:
     }
     if parts.wavelength_rel is not None:
         values.update({"delta_q.wavelength_rel": parts.wavelength_rel, "delta_q.tof.us": parts.tof_us})
-    types = output_types(parts)
+    types = output_types(parts.wavelength_rel is not None)
     return {name: (types[name], column) for name, column in values.items()}
 
 
 def output_columns(result, parts) -> dict[str, tuple[str, object]]:
     """Every output column: name -> (DIALS type name, values), in table order."""
     columns = {**q_columns(result), **decomposition_columns(parts)}
-    return {name: columns[name] for name in output_types(parts)}
+    return {name: columns[name] for name in output_types(parts.wavelength_rel is not None)}
 
 
 def existing_output_columns(table) -> list[str]:

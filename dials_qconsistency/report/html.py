@@ -16,8 +16,11 @@ histogram and every table count all of them. Lab frame, Å⁻¹ (no 2π), mm.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
+import threading
 
 import numpy as np
 
@@ -39,13 +42,33 @@ def plotly_script(dependencies: str) -> dict:
     return {"address": f"https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js"}
 
 
-def render(title, verdict, sections, chart_list, dependencies="embed") -> bytes:
-    """The page: ``sections`` is a dict of the template's text parts (see the template)."""
+@functools.lru_cache(maxsize=None)
+def _template():
+    """The page's jinja2 template, compiled once."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     environment = Environment(loader=PackageLoader("dials_qconsistency.report", "templates"),
                               autoescape=select_autoescape(["html"]))
-    page = environment.get_template("q_consistency.html").render(
+    return environment.get_template("q_consistency.html")
+
+
+def prepare_in_background() -> None:
+    """Import jinja2 and plotly and compile the template on a thread while the
+    program computes (0.1 s of a 1M-row run otherwise spent at its end); a
+    failure is left for :func:`render` to raise."""
+    def prepare():
+        try:
+            importlib.import_module("plotly.offline")
+            _template()
+        except Exception:
+            pass
+
+    threading.Thread(target=prepare, name="report imports", daemon=True).start()
+
+
+def render(title, verdict, sections, chart_list, dependencies="embed") -> bytes:
+    """The page: ``sections`` is a dict of the template's text parts (see the template)."""
+    page = _template().render(
         title=title, verdict=verdict, plotly=plotly_script(dependencies), **sections,
         # a script literal, not parsed JSON: NaN is a JavaScript value; "</" would end the script
         charts=[{"id": c["id"], "json": json.dumps({"data": c["data"], "layout": c["layout"]}).replace("</", "<\\/")}
