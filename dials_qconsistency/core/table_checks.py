@@ -66,23 +66,25 @@ def experiment_index(ids: np.ndarray, identifiers: dict, experiments, path: str 
         result[indexed] = ids[indexed]
         return result
     position = {identifier: i for i, identifier in enumerate(experiments.identifiers())}
-    lookup = {}
-    for table_id, identifier in identifiers.items():
-        if identifier in position:
-            lookup[table_id] = position[identifier]
-    used_ids = np.unique(ids[indexed])
-    missing = [int(i) for i in used_ids if int(i) not in lookup]
-    if missing:
-        first = missing[0]
+    lookup = {table_id: position[identifier] for table_id, identifier in identifiers.items() if identifier in position}
+    known = np.array(sorted(lookup), dtype=np.int64)  # table ids with an experiment, ascending
+    positions = np.array([lookup[i] for i in known.tolist()], dtype=np.int64)
+    largest = max(int(ids.max()), int(known[-1])) if known.size else -1
+    if known.size and known[0] >= 0 and largest < 1 << 24:  # ids as DIALS numbers them (0, 1, ...): a lookup array
+        table = np.full(largest + 1, -1, dtype=np.int64)
+        table[known] = positions
+        result = np.where(indexed, table[np.where(indexed, ids, 0)], -1)
+    elif known.size:  # other ids: found by a search
+        at = np.minimum(np.searchsorted(known, ids), known.size - 1)
+        result = np.where(indexed & (known[at] == ids), positions[at], -1)
+    missing = indexed & (result < 0)
+    if missing.any():
+        first = int(ids[missing].min())
         if first in identifiers:
             problem = f"identifier {identifiers[first]!r} of id {first} is not in the experiment list"
         else:
             problem = f"id {first} has no entry in the table's identifiers map"
         raise QConsistencyError(f"{problem}: experiments and reflections do not match", path)
-    table_ids = np.array(sorted(lookup), dtype=np.int64)  # every id of an indexed row is among them
-    positions = np.array([lookup[i] for i in table_ids.tolist()], dtype=np.int64)
-    rows = np.flatnonzero(indexed)
-    result[rows] = positions[np.searchsorted(table_ids, ids[rows])]
     return result
 
 
