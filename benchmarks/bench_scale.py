@@ -28,7 +28,10 @@ were just written), as when a pipeline reads what the step before it wrote.
   ``mp.nthreads=Auto`` and
   with ``mp.nthreads=1`` (OpenMPI binds each rank to one core either way)
 
-* ``campaign``      500 small pairs (links to the real 64-panel CSPAD stills pair), ``nproc=2``
+* ``300 stills``    one pair of 300 refined CSPAD stills (the real 10-still pair 30 times),
+  end to end with its PNG figures and the HTML report
+* ``campaign``      500 small pairs (links to the real 64-panel CSPAD stills pair), ``nproc=2``,
+  and where one file's time goes
 
 Targets (issue 19): end-to-end <= 1.5 x the I/O floor of the output at 1M rows and
 <= 1.3 x at 10M; 10M peak RSS <= 2 GB; >= 100 x the loop; the 500 small pairs in
