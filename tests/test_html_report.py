@@ -206,3 +206,23 @@ def test_the_residual_and_cell_tables_equal_a_direct_computation(shared, tmp_pat
     a = np.array([np.linalg.norm(c["real_space_a"]) for c in document["crystal"]])
     assert cells["rows"][0][0] == "a (Å)" and float(cells["rows"][0][1]) == pytest.approx(a.mean(), abs=5e-5)
     assert float(cells["rows"][0][2]) == pytest.approx(a.std(), abs=5e-5)
+
+
+def test_the_weighted_rmsd_weights_each_row_by_its_variances():
+    """The detector_residuals-style weighted RMSD, from sums over blocks: a row
+    whose σ² is infinite on one axis still counts (weight 0 there), a row with
+    a σ² of 0 does not; the value is sqrt(Σ(x²/σx² + y²/σy²) / Σ(1/σx² + 1/σy²))."""
+    from types import SimpleNamespace
+
+    from dials_qconsistency.report.residual_tables import _group_sums
+
+    xy = np.array([[0.01, 0.02], [0.03, -0.04], [-0.02, 0.01], [0.5, 0.5]])
+    variance = np.array([[1e-4, 1e-4, 0], [np.inf, 4e-4, 0], [1e-4, 1e-4, 0], [0.0, 1e-4, 0]])
+    parts = SimpleNamespace(delta_xy=xy, angle=np.zeros(4), radial_mm=np.zeros(4), transverse_mm=np.zeros(4))
+    result = SimpleNamespace(reason=np.zeros(4, dtype=np.int8))
+    sums = _group_sums(result, parts, variance, np.arange(4), np.zeros(4, dtype=np.int64), 1)
+    rows = variance[:3, :2]  # the row with σx² = 0 is left out
+    expected = np.sqrt(np.sum(xy[:3] ** 2 / rows) / np.sum(1 / rows))
+    assert np.sqrt(sums["w_xy2"][0] / sums["w"][0]) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(0.018150, abs=1e-6)  # the row with an infinite σx² kept: 0.015811 without it
+    assert sums["n_xy"][0] == 4 and sums["xy2"][0] == pytest.approx(np.sum(xy ** 2), rel=1e-12)

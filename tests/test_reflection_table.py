@@ -211,6 +211,47 @@ def test_a_closed_write_is_finished_by_the_commit(shared, tmp_path):
     assert os.listdir(tmp_path) == ["out.refl"]
 
 
+def test_a_failed_staged_file_closes_its_descriptor_and_finishes_each_writer_once(tmp_path, monkeypatch):
+    """A payload that raises leaves no open file; a pending writer whose own
+    finish stages a file that fails too (DIALS' as_file on a broken disk) is
+    finished once, and its error is told (no recursion)."""
+    def open_descriptors():
+        return len(os.listdir("/proc/self/fd"))
+
+    def broken_payload(descriptor):
+        raise RuntimeError("a bug while writing")
+
+    before = open_descriptors()
+    for _ in range(5):
+        with pytest.raises(RuntimeError):
+            with StagedOutputs() as outputs:
+                outputs.add(str(tmp_path / "a.json"), broken_payload)
+    assert open_descriptors() == before and os.listdir(tmp_path) == []
+
+    def no_fsync(descriptor):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", no_fsync)
+    calls = []
+
+    class WritesAtFinish:
+        def __init__(self, outputs):
+            self.outputs = outputs
+
+        def failed(self):
+            return False
+
+        def finish(self):
+            calls.append(1)
+            self.outputs.add(str(tmp_path / "table.refl"), b"table")
+
+    with pytest.raises(QConsistencyError, match="table.refl: cannot be written"):
+        with StagedOutputs() as outputs:
+            outputs.finish_later(WritesAtFinish(outputs))
+            outputs.add(str(tmp_path / "report.json"), b"{}")
+    assert calls == [1] and os.listdir(tmp_path) == []
+
+
 def test_column_blocks_made_whole():
     blocks = ColumnBlocks(lambda rows: np.arange(rows.start, rows.stop)[:, None] * [1.0, 2.0], 4)
     assert np.array_equal(blocks.whole(10), np.arange(10)[:, None] * [1.0, 2.0])

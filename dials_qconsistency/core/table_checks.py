@@ -70,7 +70,7 @@ def experiment_index(ids: np.ndarray, identifiers: dict, experiments, path: str 
     known = np.array(sorted(lookup), dtype=np.int64)  # table ids with an experiment, ascending
     positions = np.array([lookup[i] for i in known.tolist()], dtype=np.int64)
     largest = max(int(ids.max()), int(known[-1])) if known.size else -1
-    if known.size and known[0] >= 0 and largest < 1 << 24:  # ids as DIALS numbers them (0, 1, ...): a lookup array
+    if known.size and known[0] >= 0 and largest < 1 << 20:  # ids as DIALS numbers them (0, 1, ...): a lookup array
         table = np.full(largest + 1, -1, dtype=np.int64)
         table[known] = positions
         result = np.where(indexed, table[np.where(indexed, ids, 0)], -1)

@@ -229,7 +229,8 @@ class NativeTable:
 
 class _WriteWhenFinished:
     """A :class:`backends.TableWrite` over a NativeTable: the new columns are set
-    in the flex table as they come, and DIALS writes it whole at :meth:`finish`."""
+    in the flex table as they come, and DIALS writes it whole at :meth:`close`
+    (errors are raised there; :meth:`finish` has nothing left to wait for)."""
 
     def __init__(self, table, write):
         self.table = table
@@ -239,13 +240,15 @@ class _WriteWhenFinished:
         self.table.set_column(name, type_name, column_values(values, self.table.nrows))
 
     def close(self) -> None:
-        """DIALS writes in :meth:`finish`."""
+        if self._write is not None:
+            write, self._write = self._write, None
+            write()
 
     def failed(self) -> bool:
         return False
 
     def finish(self) -> None:
-        self._write()
+        self.close()
 
 
 def _one_line(error) -> str:

@@ -89,6 +89,7 @@ class StagedOutputs:
         except OSError as error:
             raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
         self._staged.append((temporary, path))
+        failure = None
         try:
             umask = os.umask(0)
             os.umask(umask)
@@ -99,11 +100,12 @@ class StagedOutputs:
                 _write_fully(descriptor, payload)
             os.fsync(descriptor)
         except OSError as error:
+            failure = error
+        finally:
             os.close(descriptor)
-            self.wait_for_writers()
-            raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
-        else:
-            os.close(descriptor)
+        if failure is not None:
+            self.wait_for_writers()  # a table that failed first is told first
+            raise QConsistencyError(f"cannot be written ({failure.strerror})", path) from None
 
     def reserve(self, path: str) -> str:
         """A temporary file that will become ``path``, for writers that need a
@@ -162,8 +164,7 @@ class StagedOutputs:
 
     def wait_for_writers(self) -> None:
         while self._pending:
-            self._pending[0].finish()
-            self._pending.pop(0)
+            self._pending.pop(0).finish()
 
     def on_abort(self, stop) -> None:
         """Call ``stop()`` before the temporary files are removed on abort."""

@@ -40,14 +40,17 @@ def _group_sums(result, parts, variance, used, label, groups: int) -> dict:
         ok = None if ok.all() else ok
         add("n_xy", bin_, ok)
         add("xy2", bin_, ok, xy2)
-        if variance is not None:  # weights 1/σ² of x and y where both are positive
-            with np.errstate(divide="ignore"):
-                w_x, w_y = 1.0 / variance[rows, 0], 1.0 / variance[rows, 1]
-            weighted = (w_x > 0) & (w_y > 0) & np.isfinite(w_x) & np.isfinite(w_y)
+        if variance is not None:  # weights 1/σ² of x and y where both variances are positive
+            var_x, var_y = variance[rows, 0], variance[rows, 1]
+            weighted = (var_x > 0) & (var_y > 0)
             weighted = weighted if ok is None else weighted & ok
-            weighted = None if weighted.all() else weighted
-            add("w_xy2", bin_, weighted, w_x * x * x + w_y * y * y)
-            add("w", bin_, weighted, w_x + w_y)
+            if not weighted.all():
+                var_x, var_y, x_w, y_w, bins = var_x[weighted], var_y[weighted], x[weighted], y[weighted], bin_[weighted]
+            else:
+                x_w, y_w, bins = x, y, bin_
+            w_x, w_y = 1.0 / var_x, 1.0 / var_y
+            add("w_xy2", bins, None, w_x * (x_w * x_w) + w_y * (y_w * y_w))
+            add("w", bins, None, w_x + w_y)
         angle = np.degrees(parts.angle[rows])
         angle_ok = np.isfinite(angle)
         for prefix, values in (("r", parts.radial_mm[rows]), ("t", parts.transverse_mm[rows])):
