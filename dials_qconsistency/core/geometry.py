@@ -44,6 +44,18 @@ def unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / norms(vectors)[..., None]
 
 
+def _is_one_vector(vectors) -> bool:
+    """Is ``vectors`` (N, k) a broadcast of one vector (row stride 0)?"""
+    return vectors.ndim == 2 and len(vectors) > 0 and vectors.strides[0] == 0
+
+
+def _unit_rows(vectors) -> np.ndarray:
+    """:func:`unit` of (N, 3) vectors; a broadcast of one vector (a static
+    goniometer's axis for every row) is normalised once: the same bits."""
+    vectors = np.asarray(vectors, dtype=float)
+    return np.broadcast_to(unit(vectors[0]), vectors.shape) if _is_one_vector(vectors) else unit(vectors)
+
+
 def unit_components(v):
     """:func:`unit` of vectors given as their three parts (x, y, z)."""
     length = np.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
@@ -161,8 +173,8 @@ def q_from_lab_components(lx, ly, lz, s0):
     dials.q_consistency and the per-pixel maps of dials.q_map both end here.
     ``s0`` is (3,) or one per point (N, 3); |k_out| = |s0|.
     """
-    if not isinstance(s0, tuple) and np.ndim(s0) == 2 and len(s0) and np.asarray(s0).strides[0] == 0:
-        s0 = np.asarray(s0)[0]  # one s0 for every point (a broadcast): |s0| once, the same bits
+    if not isinstance(s0, tuple) and _is_one_vector(np.asarray(s0)):
+        s0 = np.asarray(s0)[0]  # one s0 for every point: |s0| once, the same bits
     s = components(s0)
     scale = np.sqrt(s[0] * s[0] + s[1] * s[1] + s[2] * s[2]) / np.sqrt(lx * lx + ly * ly + lz * lz)
     return lx * scale - s[0], ly * scale - s[1], lz * scale - s[2]
@@ -301,11 +313,7 @@ def ewald_rotation_angles(r, axis, s0) -> np.ndarray:
 
 def _ewald_rotation_pair(r, axis, s0):
     """The two angles of :func:`ewald_rotation_angles`, as two arrays."""
-    axis = np.asarray(axis, dtype=float)
-    if axis.ndim == 2 and len(axis) and axis.strides[0] == 0:  # one axis for every row (a broadcast)
-        e = np.broadcast_to(unit(axis[0]), axis.shape)
-    else:
-        e = unit(axis)
+    e = _unit_rows(axis)
     r = np.asarray(r, dtype=float)
     along = rowdot(r, e)
     perpendicular = r - along[..., None] * e
@@ -355,11 +363,7 @@ def rotate_about_axes(vectors, axes, angles) -> np.ndarray:
     """Rodrigues rotation of each row of ``vectors`` about its own axis (N, 3) by
     its angle (rad); about one axis for all rows, :func:`rotate_about_axis`."""
     v = np.asarray(vectors, dtype=float)
-    axes = np.asarray(axes, dtype=float)
-    if axes.ndim == 2 and len(axes) and axes.strides[0] == 0:  # one axis for every row (a broadcast)
-        e = np.broadcast_to(unit(axes[0]), axes.shape)
-    else:
-        e = unit(axes)
+    e = _unit_rows(axes)
     angles = np.asarray(angles, dtype=float)[..., None]
     cos = np.cos(angles)
     return v * cos + cross(e, v) * np.sin(angles) + e * rowdot(e, v)[..., None] * (1 - cos)

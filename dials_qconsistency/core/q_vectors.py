@@ -385,7 +385,7 @@ def _compute_block(experiment, varying, rows, table: TableColumns, options, resu
         _put(result, "q_pixel_calculated", rows, panel_q(detector, rows_panel, take(table.xyzcal[:, :2]), s0))
     if table.xyzobs is not None:
         observed = take(table.xyzobs[:, :2])
-        finite = np.isfinite(observed[:, 0]) & np.isfinite(observed[:, 1])
+        finite = geometry.finite_rows(observed)
         if finite.all():
             q_obs = panel_q(detector, rows_panel, observed, s0, out=_field_view(result, "q_pixel_observed", rows))
         else:
