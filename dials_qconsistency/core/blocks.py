@@ -24,9 +24,11 @@ def rows_by_group(labels, count: int, select=None) -> list[np.ndarray]:
     are already in order, as DIALS writes experiments), not a pass over the
     table per group, so that thousands of experiments cost no more than one."""
     rows = np.flatnonzero(select) if select is not None else np.arange(len(labels))
-    label = np.asarray(labels)[rows]
+    label = np.asarray(labels)
+    label = label if rows.size == label.size else label[rows]  # every row selected: no gathering
     if count == 1:
-        return [rows[label == 0]]
+        mine = label == 0
+        return [rows if mine.all() else rows[mine]]
     inside = (label >= 0) & (label < count)
     if not inside.all():
         rows, label = rows[inside], label[inside]

@@ -31,7 +31,7 @@ import numpy as np
 
 from dials_qconsistency.core import geometry
 from dials_qconsistency.core.geometry import cross_components, dot_components, unit_components
-from dials_qconsistency.core.blocks import for_each_block, rows_by_group
+from dials_qconsistency.core.blocks import for_each_block
 from dials_qconsistency.core.panels import per_row_components
 from dials_qconsistency.core.q_vectors import s1_is_prediction
 from dials_qconsistency.core.time_of_flight import (
@@ -61,7 +61,7 @@ class Decomposition:
 def panel_frames(experiments, result):
     """Per-row d matrices [fast | slow | origin] (N, 3, 3) of each row's panel; NaN if unused."""
     d = np.full((len(result.reason), 3, 3), np.nan)
-    for experiment, rows in zip(experiments, rows_by_group(result.experiment, len(experiments), result.used)):
+    for experiment, rows in zip(experiments, result.used_rows_by_experiment(len(experiments))):
         if rows.size:
             d[rows] = experiment.detector.panel_matrices[result.panel[rows]]
     return d
@@ -149,7 +149,7 @@ def decompose(experiments, result, threads: int = 1) -> Decomposition:
         fields.update(wavelength_rel=0, tof_us=0)
     source_mm = np.array([e.beam.sample_to_source_distance if e.is_laue else np.nan for e in experiments] + [np.nan])
     parts = {name: np.empty((m, k) if k else m) for name, k in fields.items()}
-    predicted = [index for index, rows in enumerate(rows_by_group(result.experiment, len(experiments), used))
+    predicted = [index for index, rows in enumerate(result.used_rows_by_experiment(len(experiments)))
                  if s1_is_prediction(result, rows)]
     panels = PanelLookup(experiments, result)
 

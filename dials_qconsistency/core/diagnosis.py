@@ -25,7 +25,6 @@ import numpy as np
 
 from dials_qconsistency.core import geometry
 from dials_qconsistency.core.row_statistics import row_distances, sample_rows
-from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import onto_sphere
 from dials_qconsistency.core.findings import (
     MIN_ANGLE_DEG,
@@ -332,7 +331,7 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS) -> lis
     """Pooled diagnosis (lab-frame candidates) then one per experiment with used
     rows; each fitted on at most ``max_reflections`` rows."""
     used = result.used
-    groups = rows_by_group(result.experiment, len(experiments), used)
+    groups = result.used_rows_by_experiment(len(experiments))
     indices = np.array([i for i, rows in enumerate(groups) if rows.size], dtype=np.int64)
     source = [e.beam.sample_to_source_distance if e.is_laue else None for e in experiments]
     laue_rows = polychromatic_rows(experiments, result.experiment)

@@ -312,14 +312,17 @@ def ewald_rotation_angles(r, axis, s0) -> np.ndarray:
 
 
 def _ewald_rotation_pair(r, axis, s0):
-    """The two angles of :func:`ewald_rotation_angles`, as two arrays."""
-    e = _unit_rows(axis)
-    r = np.asarray(r, dtype=float)
-    along = rowdot(r, e)
-    perpendicular = r - along[..., None] * e
-    a = rowdot(perpendicular, s0)
-    b = rowdot(cross(e, r), s0)
-    c = -0.5 * rowdot(r, r) - along * rowdot(e, s0)
+    """The two angles of :func:`ewald_rotation_angles`, as two arrays, computed
+    on components; a static axis or beam (one vector for every row) enters as
+    scalars."""
+    e = components(_unit_rows(axis)[0] if _is_one_vector(np.asarray(axis)) else _unit_rows(axis))
+    k = components(np.asarray(s0)[0] if _is_one_vector(np.asarray(s0)) else s0)
+    r = components(r)
+    along = _rowdot_components(r, e)
+    perpendicular = tuple(r[i] - along * e[i] for i in range(3))
+    a = _rowdot_components(perpendicular, k)
+    b = _rowdot_components(cross_components(e, r), k)
+    c = -0.5 * _rowdot_components(r, r) - along * _rowdot_components(e, k)
     rho = np.hypot(a, b)
     with np.errstate(invalid="ignore", divide="ignore"):
         spread = np.arccos(c / rho)
@@ -327,9 +330,24 @@ def _ewald_rotation_pair(r, axis, s0):
     return base - spread, base + spread
 
 
+def _rowdot_components(a, b):
+    """:func:`rowdot` of component triples, added in the order numpy's einsum
+    adds a contiguous row, (x + z) + y: the same bits as ``rowdot`` of the
+    stacked vectors, without einsum's cost."""
+    return (a[0] * b[0] + a[2] * b[2]) + a[1] * b[1]
+
+
 def wrap_angle(angles) -> np.ndarray:
-    """Angles (rad) wrapped into [-π, π)."""
-    return np.mod(np.asarray(angles, dtype=float) + np.pi, 2 * np.pi) - np.pi
+    """Angles (rad) wrapped into [-π, π): np.mod(angle + π, 2π) - π, the same
+    bits, with one turn added or taken away where that is what np.mod does
+    (-2π <= angle + π < 4π: fmod is exact there, and so is the subtraction)."""
+    turn = 2 * np.pi
+    t = np.asarray(angles, dtype=float) + np.pi
+    wrapped = np.where(t < 0, t + turn, np.where(t >= turn, t - turn, t))
+    far = (t < -turn) | (t >= 2 * turn)
+    if far.any():
+        wrapped[far] = np.mod(t[far], turn)
+    return wrapped - np.pi
 
 
 def nearest_ewald_rotation(r, axis, s0) -> np.ndarray:

@@ -142,6 +142,16 @@ class QResult:
     def used(self) -> np.ndarray:
         return self.reason == USED
 
+    def used_rows_by_experiment(self, count: int) -> list[np.ndarray]:
+        """The used rows of each experiment 0..count-1 (:func:`rows_by_group`),
+        found once: the decomposition, the statistics, the diagnosis and the
+        reports all ask. Not a field, so a copy (``dataclasses.replace``, with
+        other reasons) finds its own."""
+        cached = self.__dict__.get("_used_rows_by_experiment")
+        if cached is None or cached[0] != count:
+            cached = self.__dict__["_used_rows_by_experiment"] = (count, rows_by_group(self.experiment, count, self.used))
+        return cached[1]
+
     @property
     def delta_q(self) -> np.ndarray:
         return self.q_bragg - self.q_pixel

@@ -123,10 +123,10 @@ class UsedRows:
             terms["along"] = along
             finite = {name: np.isfinite(v) for name, v in values.items()}
             finite["along"] = finite["rms_along_q"]
-            one_group = np.zeros(block.stop - block.start, dtype=np.int64)
+            one_group = np.zeros(block.stop - block.start, dtype=np.intp)
             for i in summed:
                 (labels, k), total, count = groupings[i], sums[i], counts[i]
-                label = one_group if uniform[i] else labels[block]
+                label = one_group if uniform[i] else labels[block].astype(np.intp)  # bincount's own type: cast once, not per call
                 keep = finite
                 if not (label >= 0).all():
                     inside = label >= 0

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.residual_statistics import UsedRows
 from dials_qconsistency.core.row_statistics import direction_distances, distances, largest, norm_statistics, row_distances
 from dials_qconsistency.core.q_vectors import REASONS, S1_MATCH_TOLERANCE, USED, QResult
@@ -140,7 +139,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
     (everything,) = stats["all"]
     overall = _delta_q_part(everything) if everything else norm_statistics(np.zeros(0))
     summary = Summary(len(result.reason), counts, overall, "", notes=list(result.notes))
-    for index, (experiment, rows) in enumerate(zip(experiments, rows_by_group(result.experiment, len(experiments), used))):
+    for index, (experiment, rows) in enumerate(zip(experiments, result.used_rows_by_experiment(len(experiments)))):
         mine = stats["experiment"][index]
         if mine is None:
             continue

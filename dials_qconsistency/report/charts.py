@@ -212,7 +212,7 @@ def image_numbers(experiments, result):
     time-of-flight data: the time bin its time falls in), the experiment index
     for stills; -1 elsewhere."""
     image = np.full(len(result.reason), -1, dtype=np.int64)
-    for index, (experiment, rows) in enumerate(zip(experiments, rows_by_group(result.experiment, len(experiments), result.used))):
+    for index, (experiment, rows) in enumerate(zip(experiments, result.used_rows_by_experiment(len(experiments)))):
         if rows.size and experiment.is_rotation:
             image[rows] = np.floor(experiment.scan.array_index_from_angle(result.phi[rows])).astype(np.int64) \
                 + experiment.scan.image_range[0]

@@ -16,7 +16,6 @@ import numpy as np
 
 from dials_qconsistency.core import geometry
 from dials_qconsistency.core.row_statistics import row_distances, sample_rows, take_rows
-from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import panel_frames, spot_lab_positions
 from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
 
@@ -121,7 +120,7 @@ def components_vs_pixel(experiments, result, parts):
     plt = _pyplot()
     used = result.used
     pixel = np.full((len(result.reason), 2), np.nan)
-    for experiment, rows in zip(experiments, rows_by_group(result.experiment, len(experiments), used)):
+    for experiment, rows in zip(experiments, result.used_rows_by_experiment(len(experiments))):
         sizes = np.array([p.pixel_size for p in experiment.detector.panels])
         pixel[rows] = result.position_mm[rows] / sizes[result.panel[rows]]
     fig, axes = plt.subplots(3, 2, figsize=(9, 8), sharex="col")
@@ -164,7 +163,7 @@ def against_resolution(result):
 def against_image(experiments, result):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for index, (experiment, rows) in enumerate(zip(experiments, rows_by_group(result.experiment, len(experiments), result.used))):
+    for index, (experiment, rows) in enumerate(zip(experiments, result.used_rows_by_experiment(len(experiments)))):
         if not rows.size or not experiment.is_rotation:
             continue
         image = experiment.scan.array_index_from_angle(result.phi[rows]) + experiment.scan.image_range[0]
