@@ -107,10 +107,12 @@ def sample_rows(rows, limit: int | None) -> np.ndarray:
     return index
 
 
-def take_rows(record, rows, n: int):
-    """A copy of a per-row record of ``n`` rows (QResult, Decomposition) holding only ``rows``."""
+def take_rows(record, rows, n: int, fields=None):
+    """A copy of a per-row record of ``n`` rows (QResult, Decomposition) holding
+    only ``rows``: of every per-row field, or of those named in ``fields`` (the
+    others are left out: None)."""
     return dataclasses.replace(record, **{
-        f.name: value[rows]
+        f.name: value[rows] if fields is None or f.name in fields else None
         for f in dataclasses.fields(record)
         if isinstance(value := getattr(record, f.name), np.ndarray) and value.shape[:1] == (n,)
     })

@@ -69,7 +69,7 @@ def centroid_sigma_q(experiments, result, variance=None, max_rows=SAMPLE) -> flo
     rows = sample_rows(result.used, max_rows)
     if rows.size == 0:
         return None
-    points = take_rows(result, rows, len(result.reason))
+    points = take_rows(result, rows, len(result.reason), ("reason", "experiment", "panel", "position_mm", "s0"))
     distance = np.linalg.norm(spot_lab_positions(experiments, points), axis=1)  # sample to spot, mm
     if variance is not None:
         sigma_mm = np.sqrt(np.sum(np.maximum(variance[rows, :2], 0), axis=1))
