@@ -148,3 +148,20 @@ def test_used_rows_by_experiment_are_found_once_per_result():
     fewer = replace(result, reason=np.where(experiment == 1, NOT_INDEXED, reason).astype(np.int8))
     assert fewer.used_rows_by_experiment(3)[1].size == 0  # a copy with other reasons finds its own
     assert rows[1].size > 0
+
+
+@pytest.mark.parametrize("folder,stem", [("dials_current", "cspad_stills_refined"), ("quartz_processed", "integrated")])
+def test_summary_on_threads_is_the_same_floats(shared, folder, stem, monkeypatch):
+    """The blocks' sums computed by three threads (and 50-row blocks, so many
+    finish out of order) are added in block order: the same floats as one thread."""
+    from dials_qconsistency.core import blocks
+
+    experiments, _, _, result = run_core(shared(folder, stem + ".expt"), shared(folder, stem + ".refl"),
+                                         q_pixel_source="observed")
+    parts = decompose(experiments, result)
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 50)
+    one, three = (summarise(result, experiments, parts, threads=threads) for threads in (1, 3))
+    assert result.used.sum() > 1000
+    for name in ("residuals", "per_panel", "per_panel_group", "per_resolution_shell"):
+        assert getattr(one, name) == getattr(three, name), name
+    assert one.per_panel and one.residuals["rms_in_plane_mm"] > 1e-3

@@ -80,14 +80,16 @@ class UsedRows:
         of the radial and transverse parts in Å⁻¹, mean and RMS of |q_bragg| -
         |q_pixel| (Å⁻¹), RMS Δφ (rotation rows) and Δψ (still rows) in degrees:
         sums of squares of the finite values, group by group (``np.bincount``).
-        With ``threads`` > 1 the order statistics (``np.partition``, which
-        releases the GIL) are computed on a second thread beside the sums.
+        With ``threads`` > 1 the order statistics (``np.partition``) and the
+        sums of the blocks of rows (``np.bincount``) are computed by that many
+        threads at once (numpy lets the GIL go in both); the blocks' sums are
+        added in block order, so the floats do not depend on it.
         """
         order_statistics = lambda: [self._norm_statistics_by(labels, k) for labels, k in groupings]  # noqa: E731
         if threads > 1:
-            with ThreadPoolExecutor(1) as pool:
+            with ThreadPoolExecutor(threads) as pool:
                 ordered = pool.submit(order_statistics)
-                sums, counts = self._sums_by(groupings)
+                sums, counts = self._sums_by(groupings, pool)
                 ordered = ordered.result()
         else:
             sums, counts = self._sums_by(groupings)
@@ -105,9 +107,11 @@ class UsedRows:
             out.append(stats)
         return out
 
-    def _sums_by(self, groupings) -> tuple[list[dict], list[dict]]:
+    def _sums_by(self, groupings, pool=None) -> tuple[list[dict], list[dict]]:
         """(sums, counts): per grouping, name -> per-group sum of the squared
-        finite values (of |q_bragg| − |q_pixel| itself for "along") and their count."""
+        finite values (of |q_bragg| − |q_pixel| itself for "along") and their
+        count; each block's sums on ``pool``'s threads when given, added here
+        in block order."""
         m = self.rows.size
         names = self.rms_names + ("along",)
         sums = [{name: np.zeros(k) for name in names} for _, k in groupings]
@@ -117,30 +121,43 @@ class UsedRows:
         uniform = [labels is None or (labels.size and np.all(labels == labels[0])) for labels, _ in groupings]
         first = uniform.index(True) if any(uniform) else None
         summed = [i for i in range(len(groupings)) if not uniform[i] or i == first]
-        for block in row_blocks(m if self.parts is not None else 0):  # no decomposition: |Δq| only
+
+        def block_sums(block) -> list[dict]:
+            """Per summed grouping, name -> (sums, counts) of the block's rows
+            (no entry: no finite value of that name in the block)."""
             values, along = self._values(block)
             terms = {name: v * v for name, v in values.items()}
             terms["along"] = along
             finite = {name: np.isfinite(v) for name, v in values.items()}
             finite["along"] = finite["rms_along_q"]
             one_group = np.zeros(block.stop - block.start, dtype=np.intp)
+            out = []
             for i in summed:
-                (labels, k), total, count = groupings[i], sums[i], counts[i]
-                label = one_group if uniform[i] else labels[block].astype(np.intp)  # bincount's own type: cast once, not per call
+                labels, k = groupings[i]
+                label = one_group if uniform[i] else labels[block].astype(np.intp)  # bincount's own type: cast once
                 keep = finite
                 if not (label >= 0).all():
                     inside = label >= 0
                     label = np.where(inside, label, 0)
                     keep = {name: ok & inside for name, ok in finite.items()}
                 everything = np.bincount(label, minlength=k)
+                mine = {}
                 for name, term in terms.items():
                     ok = keep[name]
                     if ok.all():  # the usual case: no mask to apply
-                        total[name] += np.bincount(label, weights=term, minlength=k)
-                        count[name] += everything
+                        mine[name] = (np.bincount(label, weights=term, minlength=k), everything)
                     elif ok.any():
-                        total[name] += np.bincount(label[ok], weights=term[ok], minlength=k)
-                        count[name] += np.bincount(label[ok], minlength=k)
+                        mine[name] = (np.bincount(label[ok], weights=term[ok], minlength=k),
+                                      np.bincount(label[ok], minlength=k))
+                out.append(mine)
+            return out
+
+        blocks = row_blocks(m if self.parts is not None else 0)  # no decomposition: |Δq| only
+        for partial in (pool.map if pool is not None else map)(block_sums, blocks):  # in block order
+            for i, mine in zip(summed, partial):
+                for name, (total, count) in mine.items():
+                    sums[i][name] += total
+                    counts[i][name] += count
         if first is not None:  # the sums of every uniform grouping, in the bin of its one label
             once = {name: (sums[first][name][0], counts[first][name][0]) for name in names}
             for i, (labels, k) in enumerate(groupings):
