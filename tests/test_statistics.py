@@ -24,6 +24,10 @@ def test_norm_statistics_are_numpys_median_and_percentile(n):
         assert stats["max"] == float(values.max())
         assert stats["rms"] == float(np.sqrt(np.mean(values**2)))
         assert stats["n"] == n
+        copy = values.copy()
+        assert norm_statistics(copy, overwrite=True) == stats  # partitioned in place, after the sums
+        assert n < 5 or not np.array_equal(copy, values)  # ... and so reordered
+        assert np.array_equal(np.sort(copy), np.sort(values))
 
 
 def test_contiguous_rows_become_slices():

@@ -107,7 +107,7 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
     summary = summarise(about, experiments, parts, settings.resolution_shells, settings.panel_group_depth,
                         options.threads)
     if pair.outliers is not None:
-        summary.outliers = norm_statistics(row_distances(result.q_bragg, result.q_pixel, pair.outliers))
+        summary.outliers = norm_statistics(row_distances(result.q_bragg, result.q_pixel, pair.outliers), overwrite=True)
     diagnoses, sigma_q, normalised = [], None, None
     if settings.diagnose:
         diagnoses = diagnose(experiments, about, parts, settings.max_reflections)

@@ -185,5 +185,5 @@ class UsedRows:
             picked = (self.norm[labels == group] for group in range(k))
         else:
             picked = (self.norm[rows] for rows in rows_by_group(labels, k))
-        return [norm_statistics(values) if values.size else None for values in picked]
+        return [norm_statistics(values, overwrite=True) if values.size else None for values in picked]  # copies
 

@@ -13,12 +13,13 @@ from dials_qconsistency.core import geometry
 from dials_qconsistency.core.blocks import row_blocks
 
 
-def norm_statistics(values: np.ndarray) -> dict:
+def norm_statistics(values: np.ndarray, overwrite: bool = False) -> dict:
     """n, mean, median, RMS, 95th percentile and max of non-negative values.
 
     The median and the 95th percentile come from one ``np.partition`` and are
     the same floats as ``np.median`` and ``np.percentile(values, 95)`` (numpy's
-    'linear' method, its own interpolation).
+    'linear' method, its own interpolation). ``overwrite``: ``values`` (a
+    copy the caller made) may be reordered in place, after the sums.
     """
     values = np.asarray(values, dtype=float)
     n = values.size
@@ -27,15 +28,22 @@ def norm_statistics(values: np.ndarray) -> dict:
     below, above, weight = _percentile_positions(n, np.true_divide(95, 100))
     below, above = int(below), int(above)
     middle_low, middle_high = (n - 1) // 2, n // 2
-    ordered = np.partition(values, sorted({middle_low, middle_high, below, above}))
     add = np.add.reduce  # what ndarray.mean sums with (then / n): the same floats, without its overhead
+    sums = {"mean": float(add(values) / n), "rms": float(np.sqrt(add(values * values) / n)),
+            "max": float(np.maximum.reduce(values))}  # in row order, before any reordering
+    kth = sorted({middle_low, middle_high, below, above})
+    if overwrite and values.flags.writeable:
+        values.partition(kth)
+        ordered = values
+    else:
+        ordered = np.partition(values, kth)
     return {
         "n": int(n),
-        "mean": float(add(values) / n),
+        "mean": sums["mean"],
         "median": float((ordered[middle_low] + ordered[middle_high]) / 2),
-        "rms": float(np.sqrt(add(values * values) / n)),
+        "rms": sums["rms"],
         "p95": float(_lerp(ordered[below], ordered[above], weight)),
-        "max": float(np.maximum.reduce(values)),
+        "max": sums["max"],
     }
 
 
