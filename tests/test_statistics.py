@@ -169,3 +169,23 @@ def test_summary_on_threads_is_the_same_floats(shared, folder, stem, monkeypatch
     for name in ("residuals", "per_panel", "per_panel_group", "per_resolution_shell"):
         assert getattr(one, name) == getattr(three, name), name
     assert one.per_panel and one.residuals["rms_in_plane_mm"] > 1e-3
+
+
+def test_resolution_shells_in_blocks_are_the_whole_table_formula(monkeypatch):
+    """Shells of equal volume in 1/d³ by blocks of 64 rows: the same shells and
+    edges as the formula on the whole column; none when some d is infinite."""
+    from dials_qconsistency.core import blocks
+    from dials_qconsistency.core.statistics import resolution_shells
+
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 64)
+    q = np.random.default_rng(3).normal(size=(1000, 3)) * 0.3
+    rows = np.flatnonzero(np.arange(1000) % 7 != 3)
+    shell, edges = resolution_shells(q, rows, 10)
+    inverse_cubed = 1.0 / (1.0 / np.linalg.norm(q[rows], axis=1)) ** 3
+    low, high = inverse_cubed.min(), inverse_cubed.max()
+    expected = np.clip(np.floor((inverse_cubed - low) / ((high - low) / 10)).astype(int), 0, 9)
+    assert np.array_equal(shell, expected) and shell.dtype == np.int32
+    assert np.unique(shell).size >= 5 and edges[0] > edges[-1]  # shells used; low resolution first
+    assert np.allclose(edges, np.linspace(low, high, 11) ** (-1 / 3), rtol=1e-15)
+    q[rows[500]] = 0.0
+    assert resolution_shells(q, rows, 10) is None

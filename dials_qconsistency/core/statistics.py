@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dials_qconsistency.core.blocks import row_blocks
 from dials_qconsistency.core.residual_statistics import UsedRows
 from dials_qconsistency.core.row_statistics import direction_distances, distances, largest, norm_statistics, row_distances
 from dials_qconsistency.core.q_vectors import REASONS, S1_MATCH_TOLERANCE, USED, QResult
@@ -76,12 +77,23 @@ class Summary:
     outliers: dict | None = None
 
 
-def resolution_shells(d_spacing, n_shells: int):
-    """(shell index per value, edges in Å from low to high resolution): equal volumes in 1/d³."""
-    inverse_cubed = 1.0 / np.asarray(d_spacing, dtype=float) ** 3
+def resolution_shells(q_bragg, rows, n_shells: int):
+    """(shell index per selected row (int32), edges in Å from low to high
+    resolution): shells of equal volume in 1/d³, d = 1/|q_bragg|; None when
+    some d is not finite. A block of rows at a time: besides the result, one
+    array of the rows' length."""
+    inverse_cubed = row_distances(q_bragg, rows=rows)  # |q|, then 1/d³ in its place
+    blocks = row_blocks(inverse_cubed.size)
+    for block in blocks:
+        d_spacing = 1.0 / inverse_cubed[block]
+        if not np.isfinite(d_spacing).all():
+            return None
+        inverse_cubed[block] = 1.0 / d_spacing**3
     low, high = inverse_cubed.min(), inverse_cubed.max()
     width = (high - low) / n_shells or 1.0
-    shell = np.clip(np.floor((inverse_cubed - low) / width).astype(int), 0, n_shells - 1)
+    shell = np.empty(inverse_cubed.size, dtype=np.int32)
+    for block in blocks:
+        shell[block] = np.clip(np.floor((inverse_cubed[block] - low) / width).astype(int), 0, n_shells - 1)
     edges = np.linspace(low, high, n_shells + 1) ** (-1.0 / 3.0)
     return shell, edges
 
@@ -122,12 +134,11 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
             group_of_panel[list(group.panels)] = index
         groupings["panel_group"] = (group_of_panel[panel_of], len(groups))
         labelled["panel_group"] = [{"group": g.name, "depth": g.depth, "panels": list(g.panels)} for g in groups]
-        d_spacing = 1.0 / row_distances(result.q_bragg, rows=table.selection)
-        if n_shells > 0 and np.all(np.isfinite(d_spacing)):
-            shell, edges = resolution_shells(d_spacing, n_shells)
-            groupings["shell"] = (shell.astype(np.int32), n_shells)
+        shells = resolution_shells(result.q_bragg, table.selection, n_shells) if n_shells > 0 else None
+        if shells is not None:
+            shell, edges = shells
+            groupings["shell"] = (shell, n_shells)
             labelled["shell"] = [{"d_max": float(edges[i]), "d_min": float(edges[i + 1])} for i in range(n_shells)]
-        del d_spacing
         if parts.wavelength_rel is not None and n_shells > 0:
             laue_rows = polychromatic_rows(experiments, experiment_of)
             band, edges = wavelength_bands(result.s0[table.selection], laue_rows, n_shells)
