@@ -85,7 +85,8 @@ def resolution_shells(q_bragg, rows, n_shells: int):
     inverse_cubed = row_distances(q_bragg, rows=rows)  # |q|, then 1/d³ in its place
     blocks = row_blocks(inverse_cubed.size)
     for block in blocks:
-        d_spacing = 1.0 / inverse_cubed[block]
+        with np.errstate(divide="ignore"):  # |q| = 0: d infinite, no shells
+            d_spacing = 1.0 / inverse_cubed[block]
         if not np.isfinite(d_spacing).all():
             return None
         inverse_cubed[block] = 1.0 / d_spacing**3
