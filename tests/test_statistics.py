@@ -136,24 +136,6 @@ def test_rows_by_group_equals_a_mask_per_group(count, in_order):
     assert np.array_equal(rows_by_group(one, 1, np.ones(5000, dtype=bool))[0], np.flatnonzero(one == 0))
 
 
-def test_used_rows_by_experiment_are_found_once_per_result():
-    from dataclasses import replace
-
-    from dials_qconsistency.core.q_vectors import NOT_INDEXED, USED, QResult
-
-    rng = np.random.default_rng(5)
-    experiment = rng.integers(0, 3, 1000)
-    reason = np.where(rng.random(1000) < 0.8, USED, NOT_INDEXED).astype(np.int8)
-    result = QResult.blank(reason, experiment, np.zeros(1000, dtype=np.int64), [])
-    rows = result.used_rows_by_experiment(3)
-    assert rows is result.used_rows_by_experiment(3)  # the same lists: found once
-    for index in range(3):
-        assert np.array_equal(rows[index], np.flatnonzero((reason == USED) & (experiment == index)))
-    fewer = replace(result, reason=np.where(experiment == 1, NOT_INDEXED, reason).astype(np.int8))
-    assert fewer.used_rows_by_experiment(3)[1].size == 0  # a copy with other reasons finds its own
-    assert rows[1].size > 0
-
-
 @pytest.mark.parametrize("folder,stem", [("dials_current", "cspad_stills_refined"), ("quartz_processed", "integrated")])
 def test_summary_on_threads_is_the_same_floats(shared, folder, stem, monkeypatch):
     """The blocks' sums computed by three threads (and 50-row blocks, so many

@@ -149,7 +149,8 @@ def decompose(experiments, result, threads: int = 1) -> Decomposition:
         fields.update(wavelength_rel=0, tof_us=0)
     source_mm = np.array([e.beam.sample_to_source_distance if e.is_laue else np.nan for e in experiments] + [np.nan])
     parts = {name: np.empty((m, k) if k else m) for name, k in fields.items()}
-    predicted = [index for index, d in enumerate(result.calculated_to_pred(len(experiments))) if s1_is_prediction(d)]
+    predicted = [index for index, rows in enumerate(result.used_rows_by_experiment(len(experiments)))
+                 if s1_is_prediction(result, rows)]
     panels = PanelLookup(experiments, result)
 
     def work(block):

@@ -143,26 +143,9 @@ class QResult:
         return self.reason == USED
 
     def used_rows_by_experiment(self, count: int) -> list[np.ndarray]:
-        """The used rows of each experiment 0..count-1 (:func:`rows_by_group`),
-        found once: the decomposition, the statistics, the diagnosis and the
-        reports all ask."""
-        return self._once("used_rows_by_experiment", count,
-                          lambda: rows_by_group(self.experiment, count, self.used))
-
-    def calculated_to_pred(self, count: int) -> list[np.ndarray]:
-        """The finite |q_pixel_calculated − q_pred| of each experiment's used
-        rows, found once: the decomposition and the summary both ask whether
-        s1 is a prediction (:func:`s1_is_prediction`)."""
-        return self._once("calculated_to_pred", count, lambda: [
-            distances(self.q_pixel_calculated, self.q_pred, rows) for rows in self.used_rows_by_experiment(count)])
-
-    def _once(self, name, count, make):
-        """``make()`` for ``count`` experiments, kept on this result. Not a field,
-        so a copy (``dataclasses.replace``, with other reasons) finds its own."""
-        cached = self.__dict__.get("_" + name)
-        if cached is None or cached[0] != count:
-            cached = self.__dict__["_" + name] = (count, make())
-        return cached[1]
+        """The used rows of each experiment 0..count-1 (:func:`rows_by_group`).
+        Found anew at each call, not kept: at 10M rows they are 80 MB."""
+        return rows_by_group(self.experiment, count, self.used)
 
     @property
     def delta_q(self) -> np.ndarray:
@@ -173,10 +156,9 @@ class QResult:
 S1_MATCH_TOLERANCE = 1e-7
 
 
-def s1_is_prediction(calculated_to_pred) -> bool:
-    """Does the table's s1 end at xyzcal.mm for every row (a prediction)?
-    ``calculated_to_pred``: their |q_pixel_calculated − q_pred| (QResult.calculated_to_pred)."""
-    d = calculated_to_pred
+def s1_is_prediction(result, rows) -> bool:
+    """Does the table's s1 end at xyzcal.mm for every row selected (a prediction)?"""
+    d = distances(result.q_pixel_calculated, result.q_pred, rows)
     return bool(d.size) and float(d.max()) <= S1_MATCH_TOLERANCE
 
 

@@ -155,7 +155,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
         mine = stats["experiment"][index]
         if mine is None:
             continue
-        calculated = result.calculated_to_pred(len(experiments))[index]
+        calculated = distances(result.q_pixel_calculated, result.q_pred, rows)
         observed = None if result.q_pixel_observed is None else distances(result.q_pixel_observed, result.q_pred, rows)
         cal, obs = largest(calculated), None if observed is None else largest(observed)
         if experiment.is_laue:  # s1 has the length of the wavelength it was made with: compare directions
