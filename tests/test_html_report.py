@@ -208,6 +208,34 @@ def test_the_residual_and_cell_tables_equal_a_direct_computation(shared, tmp_pat
     assert float(cells["rows"][0][2]) == pytest.approx(a.std(), abs=5e-5)
 
 
+def test_the_residual_sums_on_threads_are_the_same_floats(shared, monkeypatch):
+    """The residual tables' per-group sums of 50-row blocks summed by three
+    threads are added in block order: one thread's floats exactly."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dials_qconsistency.core import blocks
+    from dials_qconsistency.core.decomposition import decompose
+    from dials_qconsistency.core.q_vectors import Options, compute_q
+    from dials_qconsistency.io.expt import read_experiments
+    from dials_qconsistency.report.residual_tables import _group_sums
+
+    expt, refl = shared("dials_current", "cspad_stills_refined.expt"), shared("dials_current", "cspad_stills_refined.refl")
+    experiments = read_experiments(expt)
+    table = ReflectionTable.from_file(refl)
+    columns = table.columns()
+    result = compute_q(experiments, columns, table.identifiers, Options(q_pixel_source="observed"))
+    parts = decompose(experiments, result)
+    used = np.flatnonzero(result.used)
+    label = result.panel[used] % 4
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 50)
+    one = _group_sums(result, parts, columns["xyzobs.mm.variance"], used, label, 4)
+    with ThreadPoolExecutor(3) as pool:
+        three = _group_sums(result, parts, columns["xyzobs.mm.variance"], used, label, 4, pool)
+    assert used.size > 1000 and one["w"][:4].min() > 0
+    for name, values in one.items():
+        assert values.tobytes() == three[name].tobytes(), name
+
+
 def test_the_weighted_rmsd_weights_each_row_by_its_variances():
     """The detector_residuals-style weighted RMSD, from sums over blocks: a row
     whose σ² is infinite on one axis still counts (weight 0 there), a row with

@@ -327,7 +327,7 @@ def stage_reports(params, checked, outputs) -> list:
             "dials.q_consistency", verdict,
             html_report.sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines(diagnoses),
                                  residual_tables(experiments, result, parts, columns.get("xyzobs.mm.variance"),
-                                                             params.statistics.panel_group_depth)),
+                                                 params.statistics.panel_group_depth, options.threads)),
             charts(experiments, result, parts, columns.get("miller_index"),
                                params.output.max_plot_points or None, summary),
             params.output.external_dependencies,

@@ -47,6 +47,15 @@ def row_blocks(count: int, size: int | None = None) -> list[slice]:
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
+def map_blocks(count: int, work, pool=None):
+    """``work(block)`` for every slice of :func:`row_blocks`, the results in
+    block order, computed by the threads of ``pool`` (a ThreadPoolExecutor)
+    when given: sums of the results added in that order are the same floats
+    whatever the threads."""
+    blocks = row_blocks(count)
+    return pool.map(work, blocks) if pool is not None and len(blocks) > 1 else map(work, blocks)
+
+
 def for_each_block(count: int, work, threads: int = 1) -> None:
     """``work(block)`` for every slice of :func:`row_blocks`, on up to ``threads``
     threads (numpy releases the GIL in its loops). Each block must write only

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from dials_qconsistency.core.blocks import row_blocks, rows_by_group
+from dials_qconsistency.core.blocks import map_blocks, rows_by_group
 from dials_qconsistency.core.row_statistics import contiguous, norm_statistics, row_distances
 
 
@@ -152,8 +152,7 @@ class UsedRows:
                 out.append(mine)
             return out
 
-        blocks = row_blocks(m if self.parts is not None else 0)  # no decomposition: |Δq| only
-        for partial in (pool.map if pool is not None else map)(block_sums, blocks):  # in block order
+        for partial in map_blocks(m if self.parts is not None else 0, block_sums, pool):  # no decomposition: |Δq| only
             for i, mine in zip(summed, partial):
                 for name, (total, count) in mine.items():
                     sums[i][name] += total

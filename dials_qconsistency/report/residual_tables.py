@@ -6,9 +6,12 @@ spread of the unit cell across the experiments.
 
 from __future__ import annotations
 
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
-from dials_qconsistency.core.blocks import row_blocks
+from dials_qconsistency.core.blocks import map_blocks
 from dials_qconsistency.core.row_statistics import contiguous
 from dials_qconsistency.report.html import number
 
@@ -18,19 +21,21 @@ SUMS = ("n_xy", "xy2", "w_xy2", "w", "n_r", "r_a", "r_b", "r_aa", "r_bb", "r_ab"
         "t_ab")
 
 
-def _group_sums(result, parts, variance, used, label, groups: int) -> dict:
+def _group_sums(result, parts, variance, used, label, groups: int, pool=None) -> dict:
     """The sums of :data:`SUMS` per group (index ``groups``: rows in no group),
     over the ``used`` rows in blocks: no temporary the size of the table.
-    Consecutive used rows are read as views, and finite blocks unmasked."""
-    sums = {name: np.zeros(groups + 1) for name in SUMS}
+    Consecutive used rows are read as views, and finite blocks unmasked; the
+    blocks are summed on ``pool``'s threads when given, added in block order."""
     selection = contiguous(used, len(result.reason))
 
-    def add(name, bins, ok, weights=None):
-        if ok is not None:
-            bins, weights = bins[ok], None if weights is None else weights[ok]
-        sums[name] += np.bincount(bins, weights=weights, minlength=groups + 1)
+    def block_sums(block) -> dict:
+        out = {}
 
-    for block in row_blocks(used.size):
+        def add(name, bins, ok, weights=None):
+            if ok is not None:
+                bins, weights = bins[ok], None if weights is None else weights[ok]
+            out[name] = np.bincount(bins, weights=weights, minlength=groups + 1)
+
         rows = (slice(selection.start + block.start, selection.start + block.stop)
                 if isinstance(selection, slice) else used[block])
         bin_ = label[block]
@@ -59,6 +64,12 @@ def _group_sums(result, parts, variance, used, label, groups: int) -> dict:
             add(f"n_{prefix}", where, None)
             for name, weights in (("a", a), ("b", b), ("aa", a * a), ("bb", b * b), ("ab", a * b)):
                 add(f"{prefix}_{name}", where, None, weights)
+        return out
+
+    sums = {name: np.zeros(groups + 1) for name in SUMS}
+    for partial in map_blocks(used.size, block_sums, pool):  # in block order
+        for name, values in partial.items():
+            sums[name] += values
     return sums
 
 
@@ -72,11 +83,12 @@ def _correlation(n, sa, sb, saa, sbb, sab):
     return float(np.clip((sab / n - sa * sb / n / n) / np.sqrt(var_a * var_b), -1.0, 1.0))
 
 
-def residual_tables(experiments, result, parts, variance, depth=1) -> list[dict]:
+def residual_tables(experiments, result, parts, variance, depth=1, threads=1) -> list[dict]:
     """The tables cctbx.xfel.detector_residuals users look for: per panel group the
     RMS and weighted in-plane residual and the correlations of the radial and
     transverse residuals with Δψ (or Δφ); the spread of the unit cell across the
-    experiments. Sums over blocks of rows, so any table size costs little memory."""
+    experiments. Sums over blocks of rows (on up to ``threads`` threads, the
+    same floats), so any table size costs little memory."""
     tables = []
     used = np.flatnonzero(result.used)
     if used.size and parts is not None:
@@ -86,7 +98,8 @@ def residual_tables(experiments, result, parts, variance, depth=1) -> list[dict]
         for index, group in enumerate(groups):
             group_of_panel[list(group.panels)] = index
         label = group_of_panel[result.panel[used]]
-        sums = _group_sums(result, parts, variance, used, label, len(groups))
+        with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
+            sums = _group_sums(result, parts, variance, used, label, len(groups), pool)
         total = {name: values.sum() for name, values in sums.items()}
         counts = np.bincount(label, minlength=len(groups) + 1)
         rows = []
