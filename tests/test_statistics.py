@@ -50,6 +50,22 @@ def test_row_distances_in_blocks(monkeypatch):
     np.testing.assert_array_equal(row_distances(a, rows=np.arange(10, 500)), np.linalg.norm(a[10:500], axis=1))
 
 
+def test_largest_distance_in_blocks_is_the_largest_finite_one(monkeypatch):
+    from dials_qconsistency.core import blocks
+    from dials_qconsistency.core.row_statistics import largest_distance
+
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(size=(1000, 3)), rng.normal(size=(1000, 3))
+    a[::5] = np.nan  # rows not used: NaN vectors
+    rows = np.sort(rng.choice(1000, 300, replace=False))
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 7)
+    d = np.linalg.norm(a[rows] - b[rows], axis=1)
+    assert largest_distance(a, b, rows) == float(np.nanmax(d))
+    assert largest_distance(a, b, slice(10, 400)) == float(np.nanmax(np.linalg.norm(a[10:400] - b[10:400], axis=1)))
+    assert largest_distance(a, b, np.arange(0, 1000, 5)) is None  # no finite distance
+    assert largest_distance(a, b, np.zeros(0, dtype=np.int64)) is None
+
+
 def test_summary_of_one_experiment_is_the_overall_one_in_separate_dicts(shared):
     """One experiment: its statistics, the overall ones and the residual table are
     the same rows; they agree with a direct computation and are separate dicts."""

@@ -15,7 +15,7 @@ import numpy as np
 from dials_qconsistency.core import geometry
 from dials_qconsistency.core.blocks import for_each_block, rows_by_group
 from dials_qconsistency.core.panels import panel_pixel_to_millimetre, panel_q
-from dials_qconsistency.core.row_statistics import distances
+from dials_qconsistency.core.row_statistics import largest_distance
 from dials_qconsistency.core.table_checks import (
     PHI_COLUMNS,
     POSITION_COLUMNS,
@@ -158,8 +158,8 @@ S1_MATCH_TOLERANCE = 1e-7
 
 def s1_is_prediction(result, rows) -> bool:
     """Does the table's s1 end at xyzcal.mm for every row selected (a prediction)?"""
-    d = distances(result.q_pixel_calculated, result.q_pred, rows)
-    return bool(d.size) and float(d.max()) <= S1_MATCH_TOLERANCE
+    d = largest_distance(result.q_pixel_calculated, result.q_pred, rows)
+    return d is not None and d <= S1_MATCH_TOLERANCE
 
 
 def compute_q(

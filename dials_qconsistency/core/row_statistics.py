@@ -126,17 +126,40 @@ def take_rows(record, rows, n: int, fields=None):
     })
 
 
-def row_distances(a, b=None, rows=slice(None)) -> np.ndarray:
-    """|a − b| (|a| without ``b``) of the selected rows, in row order, a block
-    of rows at a time (no temporary the size of the table)."""
+def _distance_blocks(a, b, rows):
+    """(count, blocks): the selected rows' |a − b| (|a| without ``b``) a block
+    of rows at a time, as (positions among the selected rows, distances)."""
     rows = contiguous(rows, len(a))
     first = rows.start if isinstance(rows, slice) else 0
     count = rows.stop - rows.start if isinstance(rows, slice) else rows.size
+
+    def blocks():
+        for block in row_blocks(count):
+            chosen = slice(first + block.start, first + block.stop) if isinstance(rows, slice) else rows[block]
+            yield block, geometry.norms(a[chosen] if b is None else a[chosen] - b[chosen])
+
+    return count, blocks()
+
+
+def row_distances(a, b=None, rows=slice(None)) -> np.ndarray:
+    """|a − b| (|a| without ``b``) of the selected rows, in row order, a block
+    of rows at a time (no temporary the size of the table)."""
+    count, blocks = _distance_blocks(a, b, rows)
     out = np.empty(count)
-    for block in row_blocks(count):
-        chosen = slice(first + block.start, first + block.stop) if isinstance(rows, slice) else rows[block]
-        out[block] = geometry.norms(a[chosen] if b is None else a[chosen] - b[chosen])
+    for block, d in blocks:
+        out[block] = d
     return out
+
+
+def largest_distance(a, b, rows=slice(None)) -> float | None:
+    """The largest finite |a − b| of the selected rows (None: none), a block
+    of rows at a time: no array of them all."""
+    best = None
+    for _, d in _distance_blocks(a, b, rows)[1]:
+        d = d[np.isfinite(d)]
+        if d.size:
+            best = d.max() if best is None else max(best, d.max())
+    return None if best is None else float(best)
 
 
 def distances(a, b, rows=slice(None)) -> np.ndarray:
@@ -155,8 +178,4 @@ def direction_distances(q_pixel, q_pred, s0, rows) -> np.ndarray:
         d = np.linalg.norm(geometry.unit(q_pixel[rows] + s0) - geometry.unit(q_pred[rows] + s0), axis=1)
         d = d * np.linalg.norm(s0, axis=1)
     return d[np.isfinite(d)]
-
-
-def largest(d) -> float | None:
-    return float(d.max()) if d.size else None
 

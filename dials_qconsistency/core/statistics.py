@@ -16,7 +16,7 @@ import numpy as np
 
 from dials_qconsistency.core.blocks import row_blocks
 from dials_qconsistency.core.residual_statistics import UsedRows
-from dials_qconsistency.core.row_statistics import direction_distances, distances, largest, norm_statistics, row_distances
+from dials_qconsistency.core.row_statistics import direction_distances, distances, largest_distance, norm_statistics, row_distances
 from dials_qconsistency.core.q_vectors import REASONS, S1_MATCH_TOLERANCE, USED, QResult
 from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
 
@@ -155,15 +155,18 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
         mine = stats["experiment"][index]
         if mine is None:
             continue
-        calculated = distances(result.q_pixel_calculated, result.q_pred, rows)
-        observed = None if result.q_pixel_observed is None else distances(result.q_pixel_observed, result.q_pred, rows)
-        cal, obs = largest(calculated), None if observed is None else largest(observed)
+        observed = result.q_pixel_observed
+        cal = largest_distance(result.q_pixel_calculated, result.q_pred, rows)
+        obs = None if observed is None else largest_distance(observed, result.q_pred, rows)
         if experiment.is_laue:  # s1 has the length of the wavelength it was made with: compare directions
-            calculated = direction_distances(result.q_pixel_calculated, result.q_pred, result.s0, rows)
-            if observed is not None:
-                observed = direction_distances(result.q_pixel_observed, result.q_pred, result.s0, rows)
-        s1_kind = classify_s1_distances(calculated, observed)
-        del calculated, observed
+            s1_kind = classify_s1_distances(
+                direction_distances(result.q_pixel_calculated, result.q_pred, result.s0, rows),
+                None if observed is None else direction_distances(observed, result.q_pred, result.s0, rows))
+        elif cal is not None and cal <= S1_MATCH_TOLERANCE:  # a prediction (the usual case): no distances kept
+            s1_kind = S1_PREDICTED
+        else:
+            s1_kind = classify_s1_distances(distances(result.q_pixel_calculated, result.q_pred, rows),
+                                            None if observed is None else distances(observed, result.q_pred, rows))
         predicted_from_q = experiment.is_rotation or experiment.is_laue  # q_pred is the model's own q_bragg
         summary.experiments.append(
             ExperimentSummary(
@@ -173,7 +176,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
                 s1_kind=s1_kind,
                 max_pixel_calculated_vs_pred=cal,
                 max_pixel_observed_vs_pred=obs,
-                max_bragg_vs_pred=largest(distances(result.q_bragg, result.q_pred, rows)) if predicted_from_q else None,
+                max_bragg_vs_pred=largest_distance(result.q_bragg, result.q_pred, rows) if predicted_from_q else None,
                 outside_scan=int(np.count_nonzero(result.outside_scan[rows])),
                 residuals=dict(mine) if parts is not None else {},
             )
