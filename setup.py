@@ -46,8 +46,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "dials.q_consistency = dials_qconsistency.command_line.q_consistency:main",
-            "dials.q_map = dials_qconsistency.command_line.q_map:main",
+            "dials.q_consistency = dials_qconsistency.command_line.q_consistency:console",
+            "dials.q_map = dials_qconsistency.command_line.q_map:console",
         ]
     },
 )

@@ -145,3 +145,18 @@ def test_the_help_names_every_column_the_output_table_gains():
     words = set(re.findall(r"[\w.]*\w", help_message))  # dotted names, without a full stop after them
     assert len(OUTPUT_COLUMNS) == 13 and "13 columns" in help_message
     assert [name for name in OUTPUT_COLUMNS if name not in words] == []
+
+
+def test_the_installed_command_ends_with_mains_status_and_its_objects_frozen():
+    """console() is main() then end_process: the status is main's, and the
+    interpreter's last collection is spared by freezing every object."""
+    import gc
+
+    from dials_qconsistency.command_line.program import end_process
+
+    try:
+        with pytest.raises(SystemExit) as ended:
+            end_process(2)
+        assert ended.value.code == 2 and gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()

@@ -41,8 +41,8 @@ def test_cctbx_base_only_where_no_cctbx_is_installed(tmp_path):
 
     plain, entry_points = wheel_metadata(python, str(tmp_path / "plain"))
     assert "cctbx-base" in plain  # a fresh environment gets it
-    assert "dials.q_consistency = dials_qconsistency.command_line.q_consistency:main" in entry_points
-    assert "dials.q_map = dials_qconsistency.command_line.q_map:main" in entry_points
+    assert "dials.q_consistency = dials_qconsistency.command_line.q_consistency:console" in entry_points
+    assert "dials.q_map = dials_qconsistency.command_line.q_map:console" in entry_points
     assert "h5py" in plain
 
     purelib = subprocess.run(

@@ -26,6 +26,7 @@ from dials_qconsistency.core.pixel_map import (
 
 from .program import (
     check_output_paths,
+    end_process,
     log_header,
     logged_run,
     parse_command_line,
@@ -354,5 +355,10 @@ def main(args=None):
     return run_program("dials.q_map", run, sys.argv[1:] if args is None else list(args))
 
 
+def console():
+    """The installed command: :func:`main`, then the process ends (:func:`program.end_process`)."""
+    end_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
