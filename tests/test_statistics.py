@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -166,6 +168,7 @@ def test_summary_on_threads_is_the_same_floats(shared, folder, stem, monkeypatch
     assert result.used.sum() > 1000
     for name in ("residuals", "per_panel", "per_panel_group", "per_resolution_shell"):
         assert getattr(one, name) == getattr(three, name), name
+    assert [e.residuals for e in one.experiments] == [e.residuals for e in three.experiments]
     assert one.per_panel and one.residuals["rms_in_plane_mm"] > 1e-3
 
 
@@ -184,6 +187,39 @@ def test_resolution_shells_in_blocks_are_the_whole_table_formula(monkeypatch):
     expected = np.clip(np.floor((inverse_cubed - low) / ((high - low) / 10)).astype(int), 0, 9)
     assert np.array_equal(shell, expected) and shell.dtype == np.int32
     assert np.unique(shell).size >= 5 and edges[0] > edges[-1]  # shells used; low resolution first
-    assert np.allclose(edges, np.linspace(low, high, 11) ** (-1 / 3), rtol=1e-15)
+    assert np.array_equal(edges, np.linspace(low, high, 11) ** (-1.0 / 3.0))
     q[rows[500]] = 0.0
-    assert resolution_shells(q, rows, 10) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # |q| = 0: no shells, and no division warning
+        assert resolution_shells(q, rows, 10) is None
+
+
+def test_map_blocks_yields_in_block_order_a_few_blocks_ahead(monkeypatch):
+    """Blocks finishing out of order come back in block order; only a few are
+    handed to the pool ahead of the one taken; an error in one is raised."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dials_qconsistency.core import blocks
+
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 10)
+    started = []
+
+    def work(block):
+        started.append(block.start)
+        time.sleep(0.05 if block.start == 0 else 0.002 * ((block.start // 10) % 3))  # later blocks finish first
+        return block.start
+
+    with ThreadPoolExecutor(3) as pool:
+        results = blocks.map_blocks(200, work, pool)
+        first = next(results)
+        assert first == 0 and len(started) <= blocks.BLOCKS_AHEAD + 1
+        assert [first, *results] == list(range(0, 200, 10))
+
+    def failing(block):
+        if block.start == 50:
+            raise ValueError("block 50")
+        return block.start
+
+    with ThreadPoolExecutor(2) as pool, pytest.raises(ValueError, match="block 50"):
+        list(blocks.map_blocks(200, failing, pool))

@@ -5,6 +5,7 @@ and the pixel maps), and the rows of each group (experiment, panel) by one sort.
 
 from __future__ import annotations
 
+import collections
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -47,13 +48,32 @@ def row_blocks(count: int, size: int | None = None) -> list[slice]:
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
+#: Blocks :func:`map_blocks` hands to its pool ahead of the one it yields: the
+#: threads always have work, and at most this many results wait in memory.
+BLOCKS_AHEAD = 4
+
+
 def map_blocks(count: int, work, pool=None):
-    """``work(block)`` for every slice of :func:`row_blocks`, the results in
-    block order, computed by the threads of ``pool`` (a ThreadPoolExecutor)
-    when given: sums of the results added in that order are the same floats
-    whatever the threads."""
+    """``work(block)`` for every slice of :func:`row_blocks`, the results
+    yielded in block order, computed by the threads of ``pool`` (a
+    ThreadPoolExecutor) when given, :data:`BLOCKS_AHEAD` blocks ahead at most:
+    sums of the results added in that order are the same floats whatever the
+    threads. An error in a block is raised here, the blocks not begun dropped."""
     blocks = row_blocks(count)
-    return pool.map(work, blocks) if pool is not None and len(blocks) > 1 else map(work, blocks)
+    if pool is None or len(blocks) <= 1:
+        yield from map(work, blocks)
+        return
+    pending = collections.deque()
+    try:
+        for block in blocks:
+            pending.append(pool.submit(work, block))
+            if len(pending) > BLOCKS_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def for_each_block(count: int, work, threads: int = 1) -> None:

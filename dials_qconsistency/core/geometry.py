@@ -315,7 +315,7 @@ def _ewald_rotation_pair(r, axis, s0):
     """The two angles of :func:`ewald_rotation_angles`, as two arrays, computed
     on components; a static axis or beam (one vector for every row) enters as
     scalars."""
-    e = components(_unit_rows(axis)[0] if _is_one_vector(np.asarray(axis)) else _unit_rows(axis))
+    e = components(unit(np.asarray(axis, dtype=float)[0]) if _is_one_vector(np.asarray(axis)) else _unit_rows(axis))
     k = components(np.asarray(s0)[0] if _is_one_vector(np.asarray(s0)) else s0)
     r = components(r)
     along = _rowdot_components(r, e)
@@ -332,15 +332,17 @@ def _ewald_rotation_pair(r, axis, s0):
 
 def _rowdot_components(a, b):
     """:func:`rowdot` of component triples, added in the order numpy's einsum
-    adds a contiguous row, (x + z) + y: the same bits as ``rowdot`` of the
-    stacked vectors, without einsum's cost."""
+    adds a C-contiguous row, (x + z) + y: the same bits as ``rowdot`` of
+    C-ordered stacked vectors (every caller's), without einsum's cost."""
     return (a[0] * b[0] + a[2] * b[2]) + a[1] * b[1]
 
 
 def wrap_angle(angles) -> np.ndarray:
     """Angles (rad) wrapped into [-π, π): np.mod(angle + π, 2π) - π, the same
-    bits, with one turn added or taken away where that is what np.mod does
-    (-2π <= angle + π < 4π: fmod is exact there, and so is the subtraction)."""
+    bits, with one turn added or taken away where np.mod does just that
+    (-2π <= t = angle + π < 4π: for t < 0 np.mod adds the turn to fmod's
+    exact t, rounding as t + 2π does; for t >= 2π fmod's t - 2π is exact, and
+    so is the subtraction); elsewhere np.mod itself."""
     turn = 2 * np.pi
     t = np.asarray(angles, dtype=float) + np.pi
     wrapped = np.where(t < 0, t + turn, np.where(t >= turn, t - turn, t))

@@ -80,10 +80,11 @@ class UsedRows:
         of the radial and transverse parts in Å⁻¹, mean and RMS of |q_bragg| -
         |q_pixel| (Å⁻¹), RMS Δφ (rotation rows) and Δψ (still rows) in degrees:
         sums of squares of the finite values, group by group (``np.bincount``).
-        With ``threads`` > 1 the order statistics (``np.partition``) and the
-        sums of the blocks of rows (``np.bincount``) are computed by that many
-        threads at once (numpy lets the GIL go in both); the blocks' sums are
-        added in block order, so the floats do not depend on it.
+        With ``threads`` > 1 a pool of that many threads computes the order
+        statistics (``np.partition``, one task) and the sums of the blocks of
+        rows (``np.bincount``, a task a block) at once (numpy lets the GIL go
+        in both); this thread adds the blocks' sums in block order, so the
+        floats do not depend on the threads.
         """
         order_statistics = lambda: [self._norm_statistics_by(labels, k) for labels, k in groupings]  # noqa: E731
         if threads > 1:
