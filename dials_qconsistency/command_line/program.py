@@ -352,6 +352,17 @@ def run_program(name, run, argv):
         signal.signal(signal.SIGTERM, previous)
 
 
+def run_console(main):
+    """The installed command: ``main()``, then the process ends with its
+    status (:func:`end_process`), also when DIALS' option parser has exited by
+    itself (``-c``, ``-h`` inside DIALS)."""
+    try:
+        status = main()
+    except SystemExit as exit:
+        status = exit.code
+    end_process(status)
+
+
 def end_process(status: int):
     """End the installed command with ``status``. Every output is written,
     synced and closed by then, and the operating system frees the process's

@@ -26,10 +26,10 @@ from dials_qconsistency.core.pixel_map import (
 
 from .program import (
     check_output_paths,
-    end_process,
     log_header,
     logged_run,
     parse_command_line,
+    run_console,
     run_program,
 )
 
@@ -356,8 +356,8 @@ def main(args=None):
 
 
 def console():
-    """The installed command: :func:`main`, then the process ends (:func:`program.end_process`)."""
-    end_process(main())
+    """The installed command: :func:`main`, then the process ends (:func:`program.run_console`)."""
+    run_console(main)
 
 
 if __name__ == "__main__":
