@@ -324,13 +324,14 @@ def stage_reports(params, checked, outputs) -> list:
         outputs.make_folder(os.path.dirname(path) or ".")  # a new plots folder, removed on failure
         outputs.add(path, png)
     if params.output.html:
+        tables = residual_tables(experiments, result, parts, columns.get("xyzobs.mm.variance"),
+                                 params.statistics.panel_group_depth, options.threads)
+        pair.table.release_memory()  # the variances, read again for the residual tables
         outputs.add(params.output.html, html_report.render(
             "dials.q_consistency", verdict,
-            html_report.sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines(diagnoses),
-                                 residual_tables(experiments, result, parts, columns.get("xyzobs.mm.variance"),
-                                                 params.statistics.panel_group_depth, options.threads)),
+            html_report.sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines(diagnoses), tables),
             charts(experiments, result, parts, columns.get("miller_index"),
-                               params.output.max_plot_points or None, summary),
+                   params.output.max_plot_points or None, summary),
             params.output.external_dependencies,
         ))
     return list(rendered)

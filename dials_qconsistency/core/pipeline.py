@@ -115,6 +115,7 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
         sigma_q = centroid_sigma_q(experiments, about, variance)
         if options.q_pixel_source != "calculated":
             normalised = normalised_residual(parts, about, variance)
+        pair.table.release_memory()  # the variances read for σ_q
     verdict = judge(summary, options, diagnoses if settings.diagnose else None, sigma_q, normalised,
                     scan_varying=any(e.is_scan_varying for e in experiments),
                     sigma_t=time_sigma_us(experiments, about, pair.columns))
