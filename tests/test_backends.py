@@ -125,7 +125,8 @@ def test_per_panel_pixel_mapping_callables_are_used_row_by_panel(shared):
     np.testing.assert_array_equal(panel_pixel_to_millimetre(detector, rows, xy_px), expected)
     assert sorted(calls) == sorted(set(rows.tolist())) and len(set(rows.tolist())) > 32
     result = compute_q(experiments, columns, table.identifiers, Options(q_pixel_source="observed_px"))
-    assert np.nanmax(np.linalg.norm(result.q_pixel - result.q_pixel_observed, axis=1)) < 1e-12
+    at_mm = compute_q(experiments, columns, table.identifiers, Options(q_pixel_source="observed"))  # xyzobs.mm.value
+    assert np.nanmax(np.linalg.norm(result.q_pixel - at_mm.q_pixel, axis=1)) < 1e-12
 
 
 

@@ -115,7 +115,12 @@ def test_centroid_indexed_s1_follows_observations(shared):
     (only,) = summary.experiments
     assert only.s1_kind == S1_OBSERVED
     used = result.used
-    to_observed = np.linalg.norm(result.q_pixel_observed[used] - result.q_pred[used], axis=1)
+    to_observed = result.observed_to_pred[used]
+    _, _, _, at_observed = run_core(shared("centroid_test_data", "indexed.expt"), shared("centroid_test_data", "indexed.refl"),
+                                    q_pixel_source="observed")  # q_pixel at xyzobs.mm.value, computed as such
+    both = used & at_observed.used
+    assert both.sum() > 500 and np.allclose(result.observed_to_pred[both], np.linalg.norm(
+        at_observed.q_pixel[both] - result.q_pred[both], axis=1), rtol=0, atol=1e-15)
     to_calculated = np.linalg.norm(result.q_pixel_calculated[used] - result.q_pred[used], axis=1)
     # s1 was computed from the centroids with the geometry before indexing refined it
     assert np.median(to_observed) < 0.5 * np.median(to_calculated)
@@ -144,7 +149,7 @@ def test_blocks_change_no_bit(shared, monkeypatch, folder, name, options):
     monkeypatch.setattr(blocks, "BLOCK_ROWS", 7)
     blocks = compute.compute_q(experiments, columns, table.identifiers, Options(**options, threads=3))
     assert table.nrows > 7 * 10
-    for field in ("q_bragg", "q_pixel", "q_pred", "q_pixel_calculated", "q_pixel_observed", "s0", "rotation_axis",
+    for field in ("q_bragg", "q_pixel", "q_pred", "q_pixel_calculated", "observed_to_pred", "s0", "rotation_axis",
                   "position_mm", "phi", "outside_scan", "reason"):
         a, b = getattr(whole, field), getattr(blocks, field)
         assert (a is None) == (b is None), field

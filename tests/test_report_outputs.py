@@ -157,4 +157,4 @@ def test_figures_of_points_draw_an_even_sample_and_the_histogram_counts_every_ro
     # the points drawn are those rows' values
     sampled = take_rows(result, used[::step], len(result.reason))
     assert np.array_equal(sampled.q_bragg, result.q_bragg[used[::step]]) and sampled.notes == result.notes
-    assert sampled.q_pixel_observed.shape == (shown, 3) and sampled.used.all()
+    assert sampled.observed_to_pred.shape == (shown,) and sampled.used.all()

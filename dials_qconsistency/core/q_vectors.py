@@ -15,7 +15,7 @@ import numpy as np
 from dials_qconsistency.core import geometry
 from dials_qconsistency.core.blocks import for_each_block, rows_by_group
 from dials_qconsistency.core.panels import panel_pixel_to_millimetre, panel_q
-from dials_qconsistency.core.row_statistics import largest_distance
+from dials_qconsistency.core.row_statistics import direction_distance_rows, largest_distance
 from dials_qconsistency.core.table_checks import (
     PHI_COLUMNS,
     POSITION_COLUMNS,
@@ -97,7 +97,8 @@ class QResult:
     reason: np.ndarray  # int8 code into REASONS
     experiment: np.ndarray  # experiment index per row, -1 if none
     q_pixel_calculated: np.ndarray  # q from xyzcal.mm (self-test of s1)
-    q_pixel_observed: np.ndarray | None  # q from xyzobs.mm.value, if present
+    #: |q_pixel at xyzobs.mm.value − q_pred| per row (self-test of s1), if the table has xyzobs.mm.value
+    observed_to_pred: np.ndarray | None
     outside_scan: np.ndarray  # rows whose model state was clamped to the scan
     s0: np.ndarray  # (N, 3) incident beam vector used for each row
     rotation_axis: np.ndarray  # (N, 3) lab-frame rotation axis S·e (NaN for stills)
@@ -108,9 +109,12 @@ class QResult:
     #: (N,) µs: the time of flight of the position behind q_pixel (its z), for
     #: the rows of time-of-flight experiments (NaN elsewhere); None without any.
     tof: np.ndarray | None = None
+    #: The same as a direction, row_statistics.direction_distance_rows, for
+    #: polychromatic rows (|s1| is a wavelength); None without any or without xyzobs.mm.value.
+    observed_direction_to_pred: np.ndarray | None = None
 
     @classmethod
-    def blank(cls, reason, experiment, panel, notes, observed=False) -> "QResult":
+    def blank(cls, reason, experiment, panel, notes, observed=False, laue=False) -> "QResult":
         """Every vector NaN where a row will not be used; used rows are filled in
         as they are computed (so they are not written twice)."""
         n = len(reason)
@@ -128,7 +132,7 @@ class QResult:
             reason=reason,
             experiment=experiment,
             q_pixel_calculated=nan(3),
-            q_pixel_observed=nan(3) if observed else None,
+            observed_to_pred=nan() if observed else None,
             outside_scan=np.zeros(n, dtype=bool),
             s0=nan(3),
             rotation_axis=nan(3),
@@ -136,6 +140,7 @@ class QResult:
             panel=panel,
             phi=nan(),
             notes=list(notes),
+            observed_direction_to_pred=nan() if observed and laue else None,
         )
 
     @property
@@ -222,7 +227,7 @@ def compute_q(
     check_values(columns, [name for name in needed if name not in ("id", "miller_index", "panel")], indexed,
                  reason != NOT_PREDICTED, path, options.threads)
 
-    result = QResult.blank(reason, exp_of_row, panel, notes, observed=table.xyzobs is not None)
+    result = QResult.blank(reason, exp_of_row, panel, notes, observed=table.xyzobs is not None, laue=bool(laue))
     for index, (experiment, rows) in enumerate(zip(experiments, rows_by_group(exp_of_row, len(experiments), reason == USED))):
         if rows.size == 0:
             continue
@@ -392,9 +397,12 @@ def _compute_block(experiment, varying, rows, table: TableColumns, options, resu
         observed = take(table.xyzobs[:, :2])
         finite = geometry.finite_rows(observed)
         if finite.all():
-            q_obs = panel_q(detector, rows_panel, observed, s0, out=_field_view(result, "q_pixel_observed", rows))
+            q_obs = panel_q(detector, rows_panel, observed, s0)
         else:
             q_obs = np.full((n, 3), np.nan)
             if finite.any():
                 q_obs[finite] = panel_q(detector, rows_panel[finite], observed[finite], s0[finite])
-        _put(result, "q_pixel_observed", rows, q_obs)
+        q_pred = result.q_pred[rows]  # only the distances are kept: 8 bytes a row, not the vectors' 24
+        _put(result, "observed_to_pred", rows, geometry.norms(q_obs - q_pred))
+        if experiment.is_laue:
+            _put(result, "observed_direction_to_pred", rows, direction_distance_rows(q_obs, q_pred, s0))

@@ -126,19 +126,24 @@ def take_rows(record, rows, n: int, fields=None):
     })
 
 
-def _distance_blocks(a, b, rows):
-    """(count, blocks): the selected rows' |a − b| (|a| without ``b``) a block
-    of rows at a time, as (positions among the selected rows, distances)."""
-    rows = contiguous(rows, len(a))
+def _row_blocks_of(rows, count: int, values):
+    """(number of selected rows, blocks): ``values(chosen)`` of the selected
+    rows a block of rows at a time, as (positions among the selected rows,
+    values); ``chosen`` is a slice where the rows are consecutive."""
+    rows = contiguous(rows, count)
     first = rows.start if isinstance(rows, slice) else 0
-    count = rows.stop - rows.start if isinstance(rows, slice) else rows.size
+    selected = rows.stop - rows.start if isinstance(rows, slice) else rows.size
 
     def blocks():
-        for block in row_blocks(count):
-            chosen = slice(first + block.start, first + block.stop) if isinstance(rows, slice) else rows[block]
-            yield block, geometry.norms(a[chosen] if b is None else a[chosen] - b[chosen])
+        for block in row_blocks(selected):
+            yield block, values(slice(first + block.start, first + block.stop) if isinstance(rows, slice) else rows[block])
 
-    return count, blocks()
+    return selected, blocks()
+
+
+def _distance_blocks(a, b, rows):
+    """:func:`_row_blocks_of` for |a − b| (|a| without ``b``)."""
+    return _row_blocks_of(rows, len(a), lambda chosen: geometry.norms(a[chosen] if b is None else a[chosen] - b[chosen]))
 
 
 def row_distances(a, b=None, rows=slice(None)) -> np.ndarray:
@@ -151,15 +156,30 @@ def row_distances(a, b=None, rows=slice(None)) -> np.ndarray:
     return out
 
 
-def largest_distance(a, b, rows=slice(None)) -> float | None:
-    """The largest finite |a − b| of the selected rows (None: none), a block
-    of rows at a time: no array of them all."""
+def _largest(blocks) -> float | None:
     best = None
-    for _, d in _distance_blocks(a, b, rows)[1]:
+    for _, d in blocks:
         d = d[np.isfinite(d)]
         if d.size:
             best = d.max() if best is None else max(best, d.max())
     return None if best is None else float(best)
+
+
+def largest_distance(a, b, rows=slice(None)) -> float | None:
+    """The largest finite |a − b| of the selected rows (None: none), a block
+    of rows at a time: no array of them all."""
+    return _largest(_distance_blocks(a, b, rows)[1])
+
+
+def largest_value(values, rows=slice(None)) -> float | None:
+    """The largest finite value of a per-row array over the selected rows (None: none), a block at a time."""
+    return _largest(_row_blocks_of(rows, len(values), lambda chosen: values[chosen])[1])
+
+
+def finite_values(values, rows) -> np.ndarray:
+    """The finite values of a per-row array over the selected rows, in row order."""
+    values = values[rows]
+    return values[np.isfinite(values)]
 
 
 def distances(a, b, rows=slice(None)) -> np.ndarray:
@@ -169,13 +189,16 @@ def distances(a, b, rows=slice(None)) -> np.ndarray:
 
 
 def direction_distances(q_pixel, q_pred, s0, rows) -> np.ndarray:
-    """|ŝ1 − û| · |s0| of the selected rows (finite values): how far the table's
-    s1 points from the position behind ``q_pixel``, whatever its length. For
-    polychromatic rows, where |s1| is the wavelength s1 was made with: the
-    observed one after dials.index, the calculated one after dials.refine."""
-    s0 = s0[rows]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        d = np.linalg.norm(geometry.unit(q_pixel[rows] + s0) - geometry.unit(q_pred[rows] + s0), axis=1)
-        d = d * np.linalg.norm(s0, axis=1)
+    """The finite :func:`direction_distance_rows` of the selected rows."""
+    d = direction_distance_rows(q_pixel[rows], q_pred[rows], s0[rows])
     return d[np.isfinite(d)]
 
+
+def direction_distance_rows(q_pixel, q_pred, s0) -> np.ndarray:
+    """|ŝ1 − û| · |s0| per row: how far the table's s1 points from the
+    position behind ``q_pixel``, whatever its length. For polychromatic rows,
+    where |s1| is the wavelength s1 was made with: the observed one after
+    dials.index, the calculated one after dials.refine."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.linalg.norm(geometry.unit(q_pixel + s0) - geometry.unit(q_pred + s0), axis=1)
+        return d * np.linalg.norm(s0, axis=1)

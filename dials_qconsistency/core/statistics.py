@@ -16,7 +16,15 @@ import numpy as np
 
 from dials_qconsistency.core.blocks import row_blocks
 from dials_qconsistency.core.residual_statistics import UsedRows
-from dials_qconsistency.core.row_statistics import direction_distances, distances, largest_distance, norm_statistics, row_distances
+from dials_qconsistency.core.row_statistics import (
+    direction_distances,
+    distances,
+    finite_values,
+    largest_distance,
+    largest_value,
+    norm_statistics,
+    row_distances,
+)
 from dials_qconsistency.core.q_vectors import REASONS, S1_MATCH_TOLERANCE, USED, QResult
 from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
 
@@ -155,18 +163,18 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
         mine = stats["experiment"][index]
         if mine is None:
             continue
-        observed = result.q_pixel_observed
+        observed = result.observed_to_pred
         cal = largest_distance(result.q_pixel_calculated, result.q_pred, rows)
-        obs = None if observed is None else largest_distance(observed, result.q_pred, rows)
+        obs = None if observed is None else largest_value(observed, rows)
         if experiment.is_laue:  # s1 has the length of the wavelength it was made with: compare directions
             s1_kind = classify_s1_distances(
                 direction_distances(result.q_pixel_calculated, result.q_pred, result.s0, rows),
-                None if observed is None else direction_distances(observed, result.q_pred, result.s0, rows))
+                None if observed is None else finite_values(result.observed_direction_to_pred, rows))
         elif cal is not None and cal <= S1_MATCH_TOLERANCE:  # a prediction (the usual case): no distances kept
             s1_kind = S1_PREDICTED
         else:
             s1_kind = classify_s1_distances(distances(result.q_pixel_calculated, result.q_pred, rows),
-                                            None if observed is None else distances(observed, result.q_pred, rows))
+                                            None if observed is None else finite_values(observed, rows))
         predicted_from_q = experiment.is_rotation or experiment.is_laue  # q_pred is the model's own q_bragg
         summary.experiments.append(
             ExperimentSummary(
