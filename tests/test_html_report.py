@@ -254,3 +254,25 @@ def test_the_weighted_rmsd_weights_each_row_by_its_variances():
     assert np.sqrt(sums["w_xy2"][0] / sums["w"][0]) == pytest.approx(expected, rel=1e-12)
     assert expected == pytest.approx(0.018150, abs=1e-6)  # the row with an infinite σx² kept: 0.015811 without it
     assert sums["n_xy"][0] == 4 and sums["xy2"][0] == pytest.approx(np.sum(xy ** 2), rel=1e-12)
+
+
+def test_the_report_imports_finish_before_the_interpreter_shuts_down(monkeypatch):
+    """The thread importing the report's libraries is not a daemon: a run that
+    fails early ends after it (a daemon thread still importing at shutdown
+    crashed the process, SIGSEGV, in 8 of 180 runs under load)."""
+    import threading
+
+    from dials_qconsistency.report import html
+
+    started = []
+
+    class Recorded(threading.Thread):
+        def start(self):
+            started.append(self)
+            super().start()
+
+    monkeypatch.setattr(html.threading, "Thread", Recorded)
+    html.prepare_in_background()
+    for thread in started:
+        thread.join()
+    assert [t.name for t in started] == ["report imports"] and not started[0].daemon
