@@ -396,7 +396,9 @@ def _compute_block(experiment, varying, rows, table: TableColumns, options, resu
     if table.xyzobs is not None:
         observed = take(table.xyzobs[:, :2])
         finite = geometry.finite_rows(observed)
-        if finite.all():
+        if options.q_pixel_source == "observed":  # q_pixel is q at xyzobs.mm.value already
+            q_obs = q_pixel
+        elif finite.all():
             q_obs = panel_q(detector, rows_panel, observed, s0)
         else:
             q_obs = np.full((n, 3), np.nan)
