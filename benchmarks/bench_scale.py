@@ -281,7 +281,7 @@ def html_page(expt, refl, out):
     start = time.perf_counter()
     page = html_report.render("dials.q_consistency", verdict,
                               html_report.sections(summary, diagnoses, verdict, options, (expt, refl), diagnosis_lines(diagnoses)),
-                              charts(experiments, result, parts, columns["miller_index"], 20_000))
+                              charts(experiments, result, chart_sample(experiments, result, parts, columns["miller_index"], 20_000)))
     return {"seconds": time.perf_counter() - start, "bytes": len(page)}
 
 

@@ -280,3 +280,43 @@ def test_releasing_the_input_frees_its_pages_and_keeps_its_values(shared, tmp_pa
     quartz = ReflectionTable.from_file(shared("quartz_processed", "refined.refl"))
     quartz.release_memory()
     assert quartz.to_bytes() == open(shared("quartz_processed", "refined.refl"), "rb").read()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_releasing_rows_frees_the_pages_of_those_rows_only(tmp_path):
+    path = str(tmp_path / "big.refl")
+    big = ReflectionTable(1_000_000, {0: "x"})
+    big.set_column("xyzcal.mm", "vec3<double>", np.arange(3e6).reshape(-1, 3))  # 24 MB
+    big.set_column("flags", "std::size_t", np.arange(1_000_000))  # 8 MB
+    big.write(path)
+    table = ReflectionTable.from_file(path)
+    before = _resident_file_mb()
+    assert table.get("xyzcal.mm").sum() == 3e6 * (3e6 - 1) / 2 and table.get("flags").sum() > 0  # every page read
+    touched = _resident_file_mb()
+    table.release_rows(0, 500_000)  # half of each column: 12 + 4 MB
+    half = _resident_file_mb()
+    table.release_rows(500_000, 1_000_000)
+    released = _resident_file_mb()
+    assert touched - before > 30, (before, touched)
+    assert 14 < touched - half < 18 and 14 < half - released < 18, (touched, half, released)
+    assert np.array_equal(table.get("xyzcal.mm"), np.arange(3e6).reshape(-1, 3))  # read back from the file
+    assert np.array_equal(table.get("flags"), np.arange(1_000_000))
+
+
+def test_the_writer_lets_a_column_go_once_written(shared, tmp_path):
+    """A column handed to the writer is written from the caller's array, not
+    kept in the table: once written, the caller's letting go frees it."""
+    import weakref
+
+    table = ReflectionTable.from_file(shared("quartz_processed", "refined.refl"))
+    values = np.arange(3.0 * table.nrows).reshape(-1, 3)
+    alive = weakref.ref(values)
+    with StagedOutputs() as outputs:
+        writer = table.begin_write(outputs, str(tmp_path / "out.refl"), {"q_bragg": "vec3<double>"})
+        writer.put("q_bragg", "vec3<double>", values)
+        del values
+        writer.finish()
+        assert alive() is None
+        outputs.commit()
+    assert np.array_equal(ReflectionTable.from_file(str(tmp_path / "out.refl")).get("q_bragg"),
+                          np.arange(3.0 * table.nrows).reshape(-1, 3))

@@ -223,3 +223,47 @@ def test_map_blocks_yields_in_block_order_a_few_blocks_ahead(monkeypatch):
 
     with ThreadPoolExecutor(2) as pool, pytest.raises(ValueError, match="block 50"):
         list(blocks.map_blocks(200, failing, pool))
+
+
+@pytest.mark.parametrize("name", ["indexed.refl", "integrated.refl"])
+def test_releasing_the_input_a_block_at_a_time_changes_no_number(name, shared, monkeypatch, tmp_path):
+    """compute_q and the decomposition tell the table which rows they have
+    read, a block at a time, so that it lets their pages go: the released
+    ranges cover the rows used, and every number is the one computed without
+    releasing (with blocks of 128 rows, so that the 654/2269-row tables of the
+    centroid sweep make many, and on two threads). Blocks of fewer than
+    RELEASE_ROWS rows (experiments of a few rows) are not told."""
+    from dials_qconsistency.core import blocks
+    from dials_qconsistency.core.q_vectors import Options, compute_q
+    from dials_qconsistency.io.refl import ReflectionTable
+    from dials_qconsistency.io.expt import read_experiments
+
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 128)
+    monkeypatch.setattr(blocks, "RELEASE_ROWS", 1)
+    expt = shared("centroid_test_data", "indexed.expt" if name == "indexed.refl" else "experiments.json")
+    experiments = read_experiments(expt)
+    table = ReflectionTable.from_file(shared("centroid_test_data", name))
+    released = []
+
+    def release(start, stop):
+        released.append((start, stop))
+        table.release_rows(start, stop)
+
+    options = Options(q_pixel_source="observed", threads=2)
+    kept = compute_q(experiments, table.columns(), table.identifiers, options)
+    result = compute_q(experiments, table.columns(), table.identifiers, options, release_input=release)
+    covered = np.zeros(table.nrows, dtype=bool)
+    for start, stop in released:
+        covered[start:stop] = True
+    assert len(released) > 3 and covered[result.used].all()
+    told = []
+    monkeypatch.setattr(blocks, "RELEASE_ROWS", 32)
+    blocks.release_block(lambda *rows: told.append(rows), np.arange(5, 36))
+    blocks.release_block(lambda *rows: told.append(rows), slice(40, 72))
+    assert told == [(40, 72)]
+    parts = decompose(experiments, result, 2, release)
+    for field in ("q_bragg", "q_pixel", "q_pred", "position_mm", "s0"):
+        assert np.array_equal(getattr(result, field), getattr(kept, field), equal_nan=True), field
+    expected = decompose(experiments, kept, 2)
+    for field in ("angle", "along_q", "delta_xy", "radial", "transverse", "radial_mm", "transverse_mm"):
+        assert np.array_equal(getattr(parts, field), getattr(expected, field), equal_nan=True), field

@@ -18,7 +18,7 @@ from dials_qconsistency.errors import GateFailed
 from dials_qconsistency.io.pairing import expand, is_pattern, pair_files
 from dials_qconsistency.io.staged import StagedOutputs
 from dials_qconsistency.report import html as html_report
-from dials_qconsistency.report.charts import charts
+from dials_qconsistency.report.charts import chart_sample, charts
 from dials_qconsistency.report.residual_tables import residual_tables
 from dials_qconsistency.report.figures import FIGURE_NAMES, plot_path, render_plots
 from dials_qconsistency.report.text import (
@@ -327,11 +327,13 @@ def stage_reports(params, checked, outputs) -> list:
         tables = residual_tables(experiments, result, parts, columns.get("xyzobs.mm.variance"),
                                  params.statistics.panel_group_depth, options.threads)
         pair.table.release_memory()  # the variances, read again for the residual tables
+        sample = chart_sample(experiments, result, parts, columns.get("miller_index"),
+                              params.output.max_plot_points or None)
+        pair.table.release_memory()  # the sample's positions, panels and Miller indices
         outputs.add(params.output.html, html_report.render(
             "dials.q_consistency", verdict,
             html_report.sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines(diagnoses), tables),
-            charts(experiments, result, parts, columns.get("miller_index"),
-                   params.output.max_plot_points or None, summary),
+            charts(experiments, result, sample, summary),
             params.output.external_dependencies,
         ))
     return list(rendered)

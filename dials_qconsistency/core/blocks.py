@@ -41,6 +41,25 @@ def rows_by_group(labels, count: int, select=None) -> list[np.ndarray]:
     return [rows[bounds[i]:bounds[i + 1]] for i in range(count)]
 
 
+#: Blocks of fewer rows do not release the input's pages (:func:`release_block`):
+#: small experiments' blocks, whose pages are few, would cost a call each.
+RELEASE_ROWS = BLOCK_ROWS // 4
+
+
+def release_block(release, rows) -> None:
+    """Tell ``release(start, stop)`` (None: nothing to tell) that a block of
+    rows (a slice, or ascending row numbers) has been read: the input's pages
+    from its first to its last row may go. Blocks of fewer than
+    :data:`RELEASE_ROWS` rows are not told."""
+    if release is None:
+        return
+    if isinstance(rows, slice):
+        if rows.stop - rows.start >= RELEASE_ROWS:
+            release(rows.start, rows.stop)
+    elif rows.size >= RELEASE_ROWS:
+        release(int(rows[0]), int(rows[-1]) + 1)
+
+
 def row_blocks(count: int, size: int | None = None) -> list[slice]:
     """Consecutive slices of at most ``size`` rows (:data:`BLOCK_ROWS` when None,
     read at each call) covering ``range(count)``."""

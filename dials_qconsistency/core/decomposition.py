@@ -31,7 +31,7 @@ import numpy as np
 
 from dials_qconsistency.core import geometry
 from dials_qconsistency.core.geometry import cross_components, dot_components, unit_components
-from dials_qconsistency.core.blocks import for_each_block
+from dials_qconsistency.core.blocks import for_each_block, release_block
 from dials_qconsistency.core.panels import per_row_components
 from dials_qconsistency.core.q_vectors import s1_is_prediction
 from dials_qconsistency.core.time_of_flight import (
@@ -134,9 +134,11 @@ def laue_rows(experiments, result) -> np.ndarray | None:
     return laue if laue[result.used].any() else None
 
 
-def decompose(experiments, result, threads: int = 1) -> Decomposition:
+def decompose(experiments, result, threads: int = 1, release_input=None) -> Decomposition:
     """Decompose Δq of every used row (NaN elsewhere), a block of rows at a time
-    (on up to ``threads`` threads; the results do not depend on it)."""
+    (on up to ``threads`` threads; the results do not depend on it);
+    ``release_input`` as for :func:`q_vectors.compute_q` (the positions and
+    panels are read again here)."""
     n = len(result.reason)
     used = result.used
     rotation = geometry.finite_rows(result.rotation_axis)
@@ -159,6 +161,7 @@ def decompose(experiments, result, threads: int = 1) -> Decomposition:
         _decompose_rows(result, rows, used_rows[block], predicted, panels, out, laue)
         if laue is not None:
             _wavelength_parts(result, used_rows[block], laue, source_mm, panels, out)
+        release_block(release_input, rows)
 
     for_each_block(m, work, threads)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from dials_qconsistency.core.decomposition import decompose, laue_rows
 from dials_qconsistency.core.diagnosis import MAX_REFLECTIONS, diagnose
 from dials_qconsistency.core.q_vectors import Options, compute_q, rows_used_in_refinement, with_model_state
-from dials_qconsistency.core.statistics import summarise
+from dials_qconsistency.core.statistics import s1_self_tests, summarise
 from dials_qconsistency.core.row_statistics import norm_statistics, row_distances
 from dials_qconsistency.core.verdict import centroid_sigma_q, judge, normalised_residual, time_sigma_us
 from dials_qconsistency.io import backends
@@ -79,7 +79,7 @@ def load_pair(backend_name: str, experiments_path: str, reflections_path: str, o
     columns = table.columns()
     options = with_model_state(options, columns)
     result = compute_q(experiments, columns, table.identifiers, options, path=reflections_path,
-                       experiments_path=experiments_path)
+                       experiments_path=experiments_path, release_input=table.release_rows)
     about, outliers = rows_used_in_refinement(result, columns.get("flags"), rows)
     table.release_memory()  # the input's columns were read: the results take their place
     return LoadedPair(experiments_path, reflections_path, experiments, table, columns, options, result, about,
@@ -98,26 +98,41 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
         replaced = existing_output_columns(pair.table)
         writer = pair.table.begin_write(staged, output_table, output_types(laue_rows(experiments, result) is not None))
         put_columns(writer, q_columns(result))
-    parts = decompose(experiments, result, options.threads)
+    variance = pair.columns.get("xyzobs.mm.variance")
+    sigma_q = None
+    if settings.diagnose:  # on a sample of the variances, before the decomposition's parts take memory
+        sigma_q = centroid_sigma_q(experiments, about, variance)
+        pair.table.release_memory()  # the sample's positions, panels and variances
+    parts = decompose(experiments, result, options.threads, pair.table.release_rows)
     pair.table.release_memory()  # the positions read again by the decomposition
+    s1_tests = s1_self_tests(about, experiments)
+    # Written (by the writer, which holds them until then), decomposed and
+    # self-tested: read no more (320 MB at 10M rows).
+    _let_go((result, about), "q_pred", "observed_to_pred", "observed_direction_to_pred")
     if writer:
         put_columns(writer, decomposition_columns(parts))
         writer.close()  # the rest is written and synced while the statistics and reports are made
         staged.finish_later(writer)
     summary = summarise(about, experiments, parts, settings.resolution_shells, settings.panel_group_depth,
-                        options.threads)
+                        options.threads, s1_tests)
     if pair.outliers is not None:
         summary.outliers = norm_statistics(row_distances(result.q_bragg, result.q_pixel, pair.outliers), overwrite=True)
-    diagnoses, sigma_q, normalised = [], None, None
+    diagnoses, normalised = [], None
     if settings.diagnose:
         diagnoses = diagnose(experiments, about, parts, settings.max_reflections)
-        variance = pair.columns.get("xyzobs.mm.variance")
-        sigma_q = centroid_sigma_q(experiments, about, variance)
         if options.q_pixel_source != "calculated":
             normalised = normalised_residual(parts, about, variance)
-        pair.table.release_memory()  # the variances read for σ_q
+            pair.table.release_memory()  # the variances read again
     verdict = judge(summary, options, diagnoses if settings.diagnose else None, sigma_q, normalised,
                     scan_varying=any(e.is_scan_varying for e in experiments),
                     sigma_t=time_sigma_us(experiments, about, pair.columns))
     summary.verdict = verdict.short
     return CheckedPair(pair, parts, summary, diagnoses, verdict, replaced)
+
+
+def _let_go(results, *names) -> None:
+    """Set the per-row fields ``names`` of the QResults ``results`` (which
+    share their arrays) to None, so that the arrays' memory may go."""
+    for result in results:
+        for name in names:
+            setattr(result, name, None)

@@ -9,11 +9,12 @@ reflections.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 
 from dials_qconsistency.core import geometry
-from dials_qconsistency.core.blocks import for_each_block, rows_by_group
+from dials_qconsistency.core.blocks import for_each_block, release_block, rows_by_group
 from dials_qconsistency.core.panels import panel_pixel_to_millimetre, panel_q
 from dials_qconsistency.core.row_statistics import direction_distance_rows, largest_distance
 from dials_qconsistency.core.table_checks import (
@@ -93,7 +94,7 @@ class QResult:
 
     q_bragg: np.ndarray
     q_pixel: np.ndarray
-    q_pred: np.ndarray
+    q_pred: np.ndarray | None  # None once pipeline.check_pair has written and decomposed it
     reason: np.ndarray  # int8 code into REASONS
     experiment: np.ndarray  # experiment index per row, -1 if none
     q_pixel_calculated: np.ndarray  # q from xyzcal.mm (self-test of s1)
@@ -168,9 +169,14 @@ def s1_is_prediction(result, rows) -> bool:
 
 
 def compute_q(
-    experiments, columns, identifiers, options: Options = None, path: str = None, experiments_path: str = None
+    experiments, columns, identifiers, options: Options = None, path: str = None, experiments_path: str = None,
+    release_input: Callable[[int, int], None] | None = None,
 ) -> QResult:
     """Compute q_bragg, q_pixel and q_pred for all rows of a table.
+
+    ``release_input(start, stop)``, if given, is told when the rows start..stop
+    have been read (a large block at a time), so that the table may let go of
+    the pages holding them (``Table.release_rows``).
 
     Raises :class:`QConsistencyError` when the table cannot be used, naming
     ``path``: no rows, a missing or misshapen column, ids or panels that the
@@ -212,6 +218,7 @@ def compute_q(
         position=np.asarray(columns[position_column], dtype=float),
         phi=np.asarray(columns[phi_column], dtype=float)[:, 2],
         wavelength=np.asarray(columns["wavelength_cal"], dtype=float) if laue else None,
+        release=release_input,
     )
     hkl, panel, xyzcal, position = table.hkl, table.panel, table.xyzcal, table.position
 
@@ -299,6 +306,8 @@ class TableColumns:
     position: np.ndarray  # (N, 3) the position behind q_pixel (the q_pixel.source column)
     phi: np.ndarray  # (N,) rotation angle (rad) for q_bragg (the phi choice's column)
     wavelength: np.ndarray | None = None  # (N,) Å: wavelength_cal, for polychromatic experiments
+    #: release(start, stop): rows start..stop were read, the input's pages holding them may go (None: keep them)
+    release: Callable[[int, int], None] | None = None
 
 
 def _compute_experiment(experiment, rows, table: TableColumns, options, result):
@@ -329,7 +338,9 @@ def _compute_experiment(experiment, rows, table: TableColumns, options, result):
         views.add("position_mm")
     alias = every and options.q_pixel_source == "calculated"
     def work(block):
-        _compute_block(experiment, varying, block if every else rows[block], table, options, result, alias, views)
+        chosen = block if every else rows[block]
+        _compute_block(experiment, varying, chosen, table, options, result, alias, views)
+        release_block(table.release, chosen)
 
     for_each_block(rows.size, work, options.threads)
     if alias:

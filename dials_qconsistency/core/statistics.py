@@ -56,6 +56,17 @@ def classify_s1_distances(calculated, observed) -> str:
 
 
 @dataclass
+class S1Test:
+    """What the table's s1 is, for one experiment's used rows (Å⁻¹)."""
+
+    s1_kind: str
+    max_pixel_calculated_vs_pred: float | None
+    max_pixel_observed_vs_pred: float | None
+    max_bragg_vs_pred: float | None  # rotation and Laue data only (q_pred is the model's own q_bragg)
+    outside_scan: int  # rows whose model state was clamped to the scan
+
+
+@dataclass
 class ExperimentSummary:
     index: int
     kind: str  # Experiment.kind: "rotation", "still", "tof" or "laue"
@@ -122,9 +133,37 @@ def _delta_q_part(stats: dict) -> dict:
     return {name: stats[name] for name in ("n", "mean", "median", "rms", "p95", "max")}
 
 
+def s1_self_tests(result: QResult, experiments) -> list[S1Test | None]:
+    """The self-tests of s1 per experiment (None: no used row): the q_pred
+    distances a summary reports, computed while the result still has q_pred."""
+    tests = []
+    for experiment, rows in zip(experiments, result.used_rows_by_experiment(len(experiments))):
+        if not rows.size:
+            tests.append(None)
+            continue
+        observed = result.observed_to_pred
+        cal = largest_distance(result.q_pixel_calculated, result.q_pred, rows)
+        obs = None if observed is None else largest_value(observed, rows)
+        if experiment.is_laue:  # s1 has the length of the wavelength it was made with: compare directions
+            s1_kind = classify_s1_distances(
+                direction_distances(result.q_pixel_calculated, result.q_pred, result.s0, rows),
+                None if observed is None else finite_values(result.observed_direction_to_pred, rows))
+        elif cal is not None and cal <= S1_MATCH_TOLERANCE:  # a prediction (the usual case): no distances kept
+            s1_kind = S1_PREDICTED
+        else:
+            s1_kind = classify_s1_distances(distances(result.q_pixel_calculated, result.q_pred, rows),
+                                            None if observed is None else finite_values(observed, rows))
+        predicted_from_q = experiment.is_rotation or experiment.is_laue  # q_pred is the model's own q_bragg
+        tests.append(S1Test(s1_kind, cal, obs,
+                            largest_distance(result.q_bragg, result.q_pred, rows) if predicted_from_q else None,
+                            int(np.count_nonzero(result.outside_scan[rows]))))
+    return tests
+
+
 def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hierarchy_level: int = 1,
-              threads: int = 1) -> Summary:
-    """The statistics of the used rows (``threads``: how many may compute at once)."""
+              threads: int = 1, s1_tests=None) -> Summary:
+    """The statistics of the used rows (``threads``: how many may compute at
+    once); ``s1_tests``: :func:`s1_self_tests` of ``result``, if made already."""
     used = result.used
     counts = {REASONS[code]: int(np.count_nonzero(result.reason == code)) for code in range(len(REASONS))}
     table = UsedRows(result, parts, used)
@@ -159,33 +198,22 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
     (everything,) = stats["all"]
     overall = _delta_q_part(everything) if everything else norm_statistics(np.zeros(0))
     summary = Summary(len(result.reason), counts, overall, "", notes=list(result.notes))
-    for index, (experiment, rows) in enumerate(zip(experiments, result.used_rows_by_experiment(len(experiments)))):
+    if s1_tests is None:
+        s1_tests = s1_self_tests(result, experiments)
+    for index, (experiment, test) in enumerate(zip(experiments, s1_tests)):
         mine = stats["experiment"][index]
         if mine is None:
             continue
-        observed = result.observed_to_pred
-        cal = largest_distance(result.q_pixel_calculated, result.q_pred, rows)
-        obs = None if observed is None else largest_value(observed, rows)
-        if experiment.is_laue:  # s1 has the length of the wavelength it was made with: compare directions
-            s1_kind = classify_s1_distances(
-                direction_distances(result.q_pixel_calculated, result.q_pred, result.s0, rows),
-                None if observed is None else finite_values(result.observed_direction_to_pred, rows))
-        elif cal is not None and cal <= S1_MATCH_TOLERANCE:  # a prediction (the usual case): no distances kept
-            s1_kind = S1_PREDICTED
-        else:
-            s1_kind = classify_s1_distances(distances(result.q_pixel_calculated, result.q_pred, rows),
-                                            None if observed is None else finite_values(observed, rows))
-        predicted_from_q = experiment.is_rotation or experiment.is_laue  # q_pred is the model's own q_bragg
         summary.experiments.append(
             ExperimentSummary(
                 index=index,
                 kind=experiment.kind,
                 delta_q=_delta_q_part(mine),
-                s1_kind=s1_kind,
-                max_pixel_calculated_vs_pred=cal,
-                max_pixel_observed_vs_pred=obs,
-                max_bragg_vs_pred=largest_distance(result.q_bragg, result.q_pred, rows) if predicted_from_q else None,
-                outside_scan=int(np.count_nonzero(result.outside_scan[rows])),
+                s1_kind=test.s1_kind,
+                max_pixel_calculated_vs_pred=test.max_pixel_calculated_vs_pred,
+                max_pixel_observed_vs_pred=test.max_pixel_observed_vs_pred,
+                max_bragg_vs_pred=test.max_bragg_vs_pred,
+                outside_scan=test.outside_scan,
                 residuals=dict(mine) if parts is not None else {},
             )
         )

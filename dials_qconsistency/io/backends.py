@@ -62,6 +62,9 @@ class Table(Protocol):
     def release_memory(self) -> None:
         """Let the input's pages go once the columns were read."""
 
+    def release_rows(self, start: int, stop: int) -> None:
+        """The same for the pages of rows ``start`` to ``stop`` only."""
+
     def set_column(self, name: str, type_name: str, values) -> None: ...
 
     def begin_write(self, outputs, path: str, new_columns: dict) -> TableWrite:

@@ -205,6 +205,11 @@ class NativeTable:
         if self.source is not None:
             self.source.release_memory()
 
+    def release_rows(self, start: int, stop: int) -> None:
+        """As :meth:`release_memory`, for the pages of rows ``start`` to ``stop``."""
+        if self.source is not None:
+            self.source.release_rows(start, stop)
+
     def set_column(self, name, type_name, values) -> None:
         array = np.ascontiguousarray(values, dtype=float)
         if len(array) != self.nrows:

@@ -90,15 +90,29 @@ class ReflectionTable:
         for source in {id(c.source): c.source for c in self._columns.values() if c.source is not None}.values():
             source.release()
 
+    def release_rows(self, start: int, stop: int) -> None:
+        """Let go of the input file's pages holding rows ``start`` to ``stop``
+        of its fixed-size columns, once they have been read (a stage going
+        through the table a block at a time keeps only its blocks' pages)."""
+        for column in self._columns.values():
+            if column.source is not None and column.type_name in FIXED_TYPES:
+                width = row_bytes(column.type_name)
+                column.source.release(column.offset + start * width, (stop - start) * width)
+
     def set_column(self, name: str, type_name: str, values) -> None:
         """Add or replace a fixed-size column from an array of N rows."""
+        self._columns[name] = Column(type_name, self.column_array(name, type_name, values), changed=True)
+
+    def column_array(self, name: str, type_name: str, values) -> np.ndarray:
+        """``values`` as the contiguous array a column of this type and length
+        is written from (no copy when they already are one)."""
         dtype, shape = FIXED_TYPES[type_name]
         array = np.ascontiguousarray(column_values(values, self.nrows), dtype=dtype)
         if array.shape != (self.nrows,) + shape:
             raise ValueError(
                 f"column {name}: shape {array.shape} != {(self.nrows,) + shape}"
             )
-        self._columns[name] = Column(type_name, array, changed=True)  # written straight from the array
+        return array
 
     def reserve_column(self, name: str, type_name: str) -> None:
         """Add (or replace) a fixed-size column whose values come later

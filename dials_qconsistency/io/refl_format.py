@@ -97,12 +97,20 @@ class SourceFile:
         size = os.fstat(self.descriptor).st_size
         self.map = mmap.mmap(self.descriptor, size, access=mmap.ACCESS_READ) if size else b""
 
-    def release(self) -> None:
-        """Drop the file's pages from this process's memory: they stay in the
+    def release(self, offset: int = 0, length: int | None = None) -> None:
+        """Drop the file's pages (those holding bytes ``offset`` to ``offset +
+        length``; all by default) from this process's memory: they stay in the
         page cache, and a later read maps them back in (a read-only mapping
         of the file, so nothing is lost)."""
-        if isinstance(self.map, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        if not (isinstance(self.map, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED")):
+            return
+        if length is None:
             self.map.madvise(mmap.MADV_DONTNEED)
+            return
+        start = offset - offset % mmap.PAGESIZE
+        stop = min(offset + length, len(self.map))
+        if stop > start:
+            self.map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 class Column:

@@ -155,38 +155,25 @@ class TableWriter:
         self._thread.start()
 
     def put(self, name: str, type_name: str, values) -> None:
-        """Hand over a new column: an array (kept in the table as well) or a
+        """Hand over a new column: an array (held until it is written, not
+        kept in the table: the caller may let it go then) or a
         :class:`ColumnBlocks` (written block by block, never whole)."""
         if name not in self._new:
             raise RuntimeError(f"column {name} has no place kept in the table being written")
         if self._closed:
             raise RuntimeError(f"column {name} handed over after the write was closed")
         if not isinstance(values, ColumnBlocks):
-            self._table.set_column(name, type_name, values)
-            values = self._table._columns[name].blob
+            values = self._table.column_array(name, type_name, values)
         self._queue.put((name, type_name, values))
 
     def _write(self) -> None:
         try:
+            # The columns handed over first (the q vectors) are written before
+            # the input's columns are copied, so that their arrays may go sooner.
+            closed = self._write_columns(until_idle=True)
             write_pieces(self._layout, self._descriptor, changed=False, stop=self._stop)
-            for name, type_name, values in iter(self._queue.get, None):
-                if self._stop.is_set():
-                    return
-                at = self._places[name]
-                if isinstance(values, ColumnBlocks):
-                    dtype, shape = FIXED_TYPES[type_name]
-                    width = row_bytes(type_name)
-                    for rows, block in values.blocks(self._table.nrows):
-                        if self._stop.is_set():
-                            return
-                        block = np.ascontiguousarray(block, dtype=dtype)
-                        if block.shape != (rows.stop - rows.start,) + shape:
-                            raise RuntimeError(f"column {name}: a block of shape {block.shape}")
-                        _write_at(self._descriptor, block, at + rows.start * width)
-                else:
-                    _write_at(self._descriptor, values, at)
-                start_writeback(self._descriptor)
-                self._written.add(name)
+            if not closed:
+                self._write_columns()
             if self._stop.is_set():
                 return
             layout = self._table._layout()  # closed: the table no longer changes
@@ -196,6 +183,40 @@ class TableWriter:
             os.fsync(self._descriptor)
         except BaseException as error:  # raised by finish
             self._error = error
+
+    def _write_columns(self, until_idle: bool = False) -> bool:
+        """Write the columns handed over, as they come, until the write is
+        closed or stopped (True) or, ``until_idle``, until none waits after
+        the first (False)."""
+        item = self._queue.get()
+        while item is not None and not self._stop.is_set():
+            self._write_column(*item)
+            item = None  # written: its array is not held while the next is awaited
+            if until_idle:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return False
+            else:
+                item = self._queue.get()
+        return True
+
+    def _write_column(self, name: str, type_name: str, values) -> None:
+        at = self._places[name]
+        if isinstance(values, ColumnBlocks):
+            dtype, shape = FIXED_TYPES[type_name]
+            width = row_bytes(type_name)
+            for rows, block in values.blocks(self._table.nrows):
+                if self._stop.is_set():
+                    return
+                block = np.ascontiguousarray(block, dtype=dtype)
+                if block.shape != (rows.stop - rows.start,) + shape:
+                    raise RuntimeError(f"column {name}: a block of shape {block.shape}")
+                _write_at(self._descriptor, block, at + rows.start * width)
+        else:
+            _write_at(self._descriptor, values, at)
+        start_writeback(self._descriptor)
+        self._written.add(name)
 
     def close(self) -> None:
         """No more columns: the thread writes what is left and syncs the file."""

@@ -9,6 +9,7 @@ rows (said on each chart); the histogram counts all of them. Lab frame, Å⁻¹
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -225,17 +226,38 @@ def image_numbers(experiments, result):
     return image
 
 
-def charts(experiments, result, parts, miller_index, max_points, summary=None) -> list[dict]:
-    """Every chart of the page (an empty list when no row was used)."""
+@dataclass
+class ChartSample:
+    """The reflections the charts of points show: at most ``max_points`` used
+    rows, 1 in k in table order, copied out of the table (its pages may go)."""
+
+    note: str  # what is shown, said on each chart
+    points: object  # q_vectors.QResult of the sampled rows
+    parts: object  # decomposition.Decomposition of the sampled rows
+    miller_index: np.ndarray  # (k, 3)
+    image: np.ndarray  # image number (rotation data) of each sampled row
+
+
+def chart_sample(experiments, result, parts, miller_index, max_points) -> ChartSample | None:
+    """The sample of :class:`ChartSample` (None when no row was used)."""
     if not result.used.any():
-        return []
+        return None
     shown = sample_rows(result.used, max_points)
-    total = int(np.count_nonzero(result.used))
     n = len(result.reason)
-    points, point_parts = take_rows(result, shown, n), take_rows(parts, shown, n)
-    image = image_numbers(experiments, points)
-    note = _sample_note(shown.size, total)
-    return ([detector_chart(experiments, points, point_parts, np.asarray(miller_index)[shown], image, note), arrows_chart(experiments, points, point_parts, note)]
+    points = take_rows(result, shown, n)
+    return ChartSample(_sample_note(shown.size, int(np.count_nonzero(result.used))), points,
+                       take_rows(parts, shown, n), np.asarray(miller_index)[shown], image_numbers(experiments, points))
+
+
+def charts(experiments, result, sample: ChartSample | None, summary=None) -> list[dict]:
+    """Every chart of the page: those of points from ``sample``
+    (:func:`chart_sample`), the histogram from every used row of ``result``
+    (an empty list when no row was used)."""
+    if sample is None:
+        return []
+    points, point_parts, image, note = sample.points, sample.parts, sample.image, sample.note
+    return ([detector_chart(experiments, points, point_parts, sample.miller_index, image, note),
+             arrows_chart(experiments, points, point_parts, note)]
             + component_charts(experiments, points, note) + trend_charts(experiments, result, points, image, note)
             + (stills_charts(experiments, summary, points, point_parts, note) if summary is not None else [])
             + wavelength_charts(experiments, points, point_parts, note))
