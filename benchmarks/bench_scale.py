@@ -260,7 +260,7 @@ def html_page(expt, refl, out):
     """The HTML report alone: its charts and page built after everything it shows
     is known (timed), and its size."""
     from dials_qconsistency.report import html as html_report
-    from dials_qconsistency.report.charts import charts
+    from dials_qconsistency.report.charts import chart_sample, charts
     from dials_qconsistency.core.statistics import summarise
     from dials_qconsistency.core.q_vectors import Options, compute_q
     from dials_qconsistency.core.decomposition import decompose
