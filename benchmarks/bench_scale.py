@@ -260,7 +260,8 @@ def html_page(expt, refl, out):
     """The HTML report alone: its charts and page built after everything it shows
     is known (timed), and its size."""
     from dials_qconsistency.report import html as html_report
-    from dials_qconsistency.report.charts import chart_sample, charts
+    from dials_qconsistency.report.charts import charts
+    from dials_qconsistency.report.points import point_sample
     from dials_qconsistency.core.statistics import summarise
     from dials_qconsistency.core.q_vectors import Options, compute_q
     from dials_qconsistency.core.decomposition import decompose
@@ -281,7 +282,7 @@ def html_page(expt, refl, out):
     start = time.perf_counter()
     page = html_report.render("dials.q_consistency", verdict,
                               html_report.sections(summary, diagnoses, verdict, options, (expt, refl), diagnosis_lines(diagnoses)),
-                              charts(experiments, result, chart_sample(experiments, result, parts, columns["miller_index"], 20_000)))
+                              charts(experiments, result, point_sample(result, parts, 20_000, columns["miller_index"])))
     return {"seconds": time.perf_counter() - start, "bytes": len(page)}
 
 

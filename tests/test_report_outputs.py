@@ -11,6 +11,7 @@ import pytest
 from dials_qconsistency.core.decomposition import spot_lab_positions
 from dials_qconsistency.core.row_statistics import take_rows
 from dials_qconsistency.report import figures as plots
+from dials_qconsistency.report.points import point_sample
 from dials_qconsistency.core.decomposition import decompose
 from simulation.gallery import rotation_cases
 from dials_qconsistency.io.refl import ReflectionTable
@@ -28,7 +29,7 @@ def _panels_drawn(fig):
 def test_every_figure_is_written_and_non_empty(tmp_path, stem):
     experiments, _, _, result = run_core(os.path.join(EXAMPLES, stem + ".expt"), os.path.join(EXAMPLES, stem + ".refl"), q_pixel_source="observed")
     parts = decompose(experiments, result)
-    rendered = plots.render_plots(str(tmp_path) + os.sep, experiments, result, parts)
+    rendered = plots.render_plots(str(tmp_path) + os.sep, experiments, result, point_sample(result, parts, 20_000))
     names = {os.path.basename(p) for p in rendered}
     expected = {f"detector_{q}.png" for q in plots.HEATMAPS} | {
         "detector_arrows.png", "components_vs_pixel.png", "histogram.png", "vs_resolution.png",
@@ -143,7 +144,7 @@ def test_figures_of_points_draw_an_even_sample_and_the_histogram_counts_every_ro
 
     png = plots._png
     monkeypatch.setattr(plots, "_png", record)
-    rendered = plots.render_plots(str(tmp_path) + os.sep, experiments, result, parts, max_points=50)
+    rendered = plots.render_plots(str(tmp_path) + os.sep, experiments, result, point_sample(result, parts, 50))
     by_name = dict(zip([os.path.basename(p)[:-4] for p in rendered], drawn.values()))
     shown = len(used[::step])
     assert 25 < shown <= 50

@@ -18,9 +18,10 @@ from dials_qconsistency.errors import GateFailed
 from dials_qconsistency.io.pairing import expand, is_pattern, pair_files
 from dials_qconsistency.io.staged import StagedOutputs
 from dials_qconsistency.report import html as html_report
-from dials_qconsistency.report.charts import chart_sample, charts
+from dials_qconsistency.report.charts import charts
 from dials_qconsistency.report.residual_tables import residual_tables
 from dials_qconsistency.report.figures import FIGURE_NAMES, plot_path, render_plots
+from dials_qconsistency.report.points import point_sample
 from dials_qconsistency.report.text import (
     diagnosis_lines,
     diagnosis_text,
@@ -317,9 +318,12 @@ def stage_reports(params, checked, outputs) -> list:
     if params.output.per_image_csv:
         outputs.add(params.output.per_image_csv, per_image_csv([outcome]))
     target = params.output.plots
-    rendered = {}
-    if target and target != "None":
-        rendered = render_plots(target, experiments, result, parts, params.output.max_plot_points)
+    plots = bool(target and target != "None")
+    sample = None
+    if plots or params.output.html:  # the reflections the figures and charts of points show
+        sample = point_sample(result, parts, params.output.max_plot_points or None, columns.get("miller_index"))
+        pair.table.release_memory()  # the sample's positions, panels and Miller indices
+    rendered = render_plots(target, experiments, result, sample) if plots else {}
     for path, png in rendered.items():
         outputs.make_folder(os.path.dirname(path) or ".")  # a new plots folder, removed on failure
         outputs.add(path, png)
@@ -327,9 +331,6 @@ def stage_reports(params, checked, outputs) -> list:
         tables = residual_tables(experiments, result, parts, columns.get("xyzobs.mm.variance"),
                                  params.statistics.panel_group_depth, options.threads)
         pair.table.release_memory()  # the variances, read again for the residual tables
-        sample = chart_sample(experiments, result, parts, columns.get("miller_index"),
-                              params.output.max_plot_points or None)
-        pair.table.release_memory()  # the sample's positions, panels and Miller indices
         outputs.add(params.output.html, html_report.render(
             "dials.q_consistency", verdict,
             html_report.sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines(diagnoses), tables),

@@ -9,16 +9,16 @@ rows (said on each chart); the histogram counts all of them. Lab frame, Å⁻¹
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
 
 import numpy as np
 
 from dials_qconsistency.core import geometry
 from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import panel_frames, spot_lab_positions
-from dials_qconsistency.core.row_statistics import row_distances, sample_rows, take_rows
+from dials_qconsistency.core.row_statistics import row_distances, sample_rows
 from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
 from dials_qconsistency.report.figures import HEATMAPS, panel_outline, project, view_basis
+from dials_qconsistency.report.points import PointSample
 
 #: The quantities the detector chart can colour the spots by: the PNG heatmaps' and Δψ/Δφ.
 COLOURS = {key: HEATMAPS[key] for key in ("norm", "dqx", "dqy", "dqz", "along_q")}
@@ -226,36 +226,15 @@ def image_numbers(experiments, result):
     return image
 
 
-@dataclass
-class ChartSample:
-    """The reflections the charts of points show: at most ``max_points`` used
-    rows, 1 in k in table order, copied out of the table (its pages may go)."""
-
-    note: str  # what is shown, said on each chart
-    points: object  # q_vectors.QResult of the sampled rows
-    parts: object  # decomposition.Decomposition of the sampled rows
-    miller_index: np.ndarray  # (k, 3)
-    image: np.ndarray  # image number (rotation data) of each sampled row
-
-
-def chart_sample(experiments, result, parts, miller_index, max_points) -> ChartSample | None:
-    """The sample of :class:`ChartSample` (None when no row was used)."""
-    if not result.used.any():
-        return None
-    shown = sample_rows(result.used, max_points)
-    n = len(result.reason)
-    points = take_rows(result, shown, n)
-    return ChartSample(_sample_note(shown.size, int(np.count_nonzero(result.used))), points,
-                       take_rows(parts, shown, n), np.asarray(miller_index)[shown], image_numbers(experiments, points))
-
-
-def charts(experiments, result, sample: ChartSample | None, summary=None) -> list[dict]:
+def charts(experiments, result, sample: PointSample | None, summary=None) -> list[dict]:
     """Every chart of the page: those of points from ``sample``
-    (:func:`chart_sample`), the histogram from every used row of ``result``
-    (an empty list when no row was used)."""
+    (:func:`points.point_sample`, with its Miller indices), the histogram from
+    every used row of ``result`` (an empty list when no row was used)."""
     if sample is None:
         return []
-    points, point_parts, image, note = sample.points, sample.parts, sample.image, sample.note
+    points, point_parts = sample.points, sample.parts
+    image = image_numbers(experiments, points)
+    note = _sample_note(sample.shown, sample.total)
     return ([detector_chart(experiments, points, point_parts, sample.miller_index, image, note),
              arrows_chart(experiments, points, point_parts, note)]
             + component_charts(experiments, points, note) + trend_charts(experiments, result, points, image, note)

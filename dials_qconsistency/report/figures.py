@@ -15,12 +15,9 @@ import os
 import numpy as np
 
 from dials_qconsistency.core import geometry
-from dials_qconsistency.core.row_statistics import row_distances, sample_rows, take_rows
+from dials_qconsistency.core.row_statistics import row_distances
 from dials_qconsistency.core.decomposition import panel_frames, spot_lab_positions
 from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
-
-#: Figures of points draw at most this many reflections (``output.max_plot_points``).
-MAX_POINTS = 20_000
 
 #: Per-row quantities shown as detector heatmaps: file suffix -> (label, getter).
 HEATMAPS = {
@@ -213,15 +210,13 @@ FIGURE_NAMES = [f"detector_{q}" for q in HEATMAPS] + [
 ]
 
 
-def render_plots(target, experiments, result, parts, max_points: int = MAX_POINTS) -> dict[str, bytes]:
-    """Every figure as PNG bytes, keyed by its output path. None without used rows."""
-    if not result.used.any():
+def render_plots(target, experiments, result, sample) -> dict[str, bytes]:
+    """Every figure as PNG bytes, keyed by its output path: those of points
+    from ``sample`` (:func:`points.point_sample`), the histogram from every
+    used row of ``result``. None without used rows."""
+    if sample is None:
         return {}
-    shown = sample_rows(result.used, max_points)
-    total = int(np.count_nonzero(result.used))
-    sampled = shown.size < total
-    n = len(result.reason)
-    points, point_parts = (take_rows(result, shown, n), take_rows(parts, shown, n)) if sampled else (result, parts)
+    points, point_parts, total = sample.points, sample.parts, sample.total
     makers = {f"detector_{q}": (lambda q=q: detector_heatmap(experiments, points, point_parts, q)[0]) for q in HEATMAPS}
     makers["detector_arrows"] = lambda: arrow_map(experiments, points, point_parts)[0]
     makers["components_vs_pixel"] = lambda: components_vs_pixel(experiments, points, point_parts)
@@ -234,8 +229,8 @@ def render_plots(target, experiments, result, parts, max_points: int = MAX_POINT
     rendered = {}
     for name, make in makers.items():  # one figure open at a time
         fig = make()
-        if sampled and name != "histogram":
-            fig.text(0.01, 0.005, f"{shown.size} of {total} reflections shown (1 in {-(-total // max_points)} of the"
+        if sample.sampled and name != "histogram":
+            fig.text(0.01, 0.005, f"{sample.shown} of {total} reflections shown (1 in {-(-total // sample.max_points)} of the"
                      " used rows, in table order)", fontsize=7, color="0.3")
         rendered[plot_path(target, name)] = _png(fig)
     return rendered
