@@ -267,3 +267,35 @@ def test_releasing_the_input_a_block_at_a_time_changes_no_number(name, shared, m
     expected = decompose(experiments, kept, 2)
     for field in ("angle", "along_q", "delta_xy", "radial", "transverse", "radial_mm", "transverse_mm"):
         assert np.array_equal(getattr(parts, field), getattr(expected, field), equal_nan=True), field
+
+
+@pytest.mark.parametrize("n_groups,low", [(1, 0), (361, -1), (5000, 7), (40, 10**6)])
+def test_values_sorted_by_group_are_the_lexsorts_bit_for_bit(n_groups, low, monkeypatch):
+    """The segment sort of few groups (and the lexsort of many, or of keys
+    spanning 2**15 or more) give values[np.lexsort((values, groups))] to the
+    bit: ties (±0, repeated values, NaN) in their first order; and
+    grouped_statistics of it equal norm_statistics of each group."""
+    from dials_qconsistency.core import row_statistics
+
+    rng = np.random.default_rng(n_groups)
+    n = 20_000
+    groups = low + rng.integers(0, n_groups, n) * (40 if low == 10**6 else 1)
+    values = np.round(rng.exponential(1.0, n), 2)  # many ties
+    values[rng.integers(0, n, 50)] = -0.0
+    values[rng.integers(0, n, 50)] = 0.0
+    values[rng.integers(0, n, 5)] = np.nan
+    reference = values[np.lexsort((values, groups))]
+    for limit in (4096, 0):  # the segment sort where it applies, and the lexsort always
+        monkeypatch.setattr(row_statistics, "SEGMENT_SORT_GROUPS", limit)
+        keys, starts, counts, ordered = row_statistics._sorted_by_group(groups, values)
+        assert np.array_equal(ordered.view(np.int64), reference.view(np.int64))
+        assert np.array_equal(keys, np.unique(groups)) and counts.sum() == n
+        assert np.array_equal(np.repeat(keys, counts), np.sort(groups))
+    finite = np.abs(values)  # |Δq|-like: no NaN
+    finite[np.isnan(finite)] = 1.0
+    keys, stats = row_statistics.grouped_statistics(groups, finite)
+    for i in rng.integers(0, keys.size, 5):
+        expected = norm_statistics(finite[groups == keys[i]])
+        assert stats["n"][i] == expected["n"] and stats["median"][i] == expected["median"]
+        assert stats["p95"][i] == expected["p95"] and stats["max"][i] == expected["max"]
+        assert abs(stats["mean"][i] - expected["mean"]) <= 1e-15 * abs(expected["mean"])

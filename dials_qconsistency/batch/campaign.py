@@ -19,7 +19,7 @@ import numpy as np
 
 from dials_qconsistency.core.pipeline import PairSettings, check_pair, load_pair
 from dials_qconsistency.core.q_vectors import REASONS
-from dials_qconsistency.core.row_statistics import grouped_statistics, norm_statistics
+from dials_qconsistency.core.row_statistics import grouped_statistics, norm_statistics, row_distances
 from dials_qconsistency.errors import QConsistencyError
 from dials_qconsistency.io.staged import StagedOutputs
 
@@ -55,32 +55,48 @@ class FileOutcome:
     error: str | None = None  # a one-line error: the run fails, nothing is written
 
 
-def image_keys(experiments, result, rows):
+def image_keys(experiments, result, rows, release_input=None):
     """(experiment index, image number or -1 for stills) of each row.
 
     The image of a rotation reflection is the one its φ (the angle q_bragg
     used) falls in, clamped to the scan; a still is its experiment.
+    ``release_input()`` (if given) is told once the angles have been read.
     """
-    experiment = result.experiment[rows]
+    experiment = result.experiment[rows].astype(np.int64)
     image = np.full(rows.size, -1, dtype=np.int64)
-    for index in np.unique(experiment):
-        model = experiments[int(index)]
-        if model.is_rotation:  # stills keep image -1: only the few sweeps take a pass over the rows
-            mine = experiment == index
-            scan = model.scan
-            offset = np.floor(scan.array_index_from_angle(result.phi[rows][mine])) - scan.array_range[0]
-            image[mine] = scan.image_range[0] + np.clip(offset, 0, scan.num_images - 1).astype(np.int64)
-    return experiment.astype(np.int64), image
+    present = np.flatnonzero(np.bincount(experiment, minlength=len(experiments)))
+    sweeps = [int(index) for index in present if experiments[int(index)].is_rotation]
+    phi = result.phi[rows] if sweeps else None  # stills keep image -1: only the few sweeps read their angles
+    if release_input is not None:
+        release_input()
+    for index in sweeps:
+        mine = experiment == index
+        every = bool(mine.all())  # one sweep: no row gathered twice
+        scan = experiments[index].scan
+        offset = np.floor(scan.array_index_from_angle(phi if every else phi[mine]))
+        offset -= scan.array_range[0]
+        np.clip(offset, 0, scan.num_images - 1, out=offset)
+        if every:
+            image = offset.astype(np.int64)
+            image += scan.image_range[0]
+        else:
+            image[mine] = scan.image_range[0] + offset.astype(np.int64)
+    return experiment, image
 
 
-def per_image_statistics(experiments, result, norms_all) -> list[dict]:
-    """|Δq| statistics per (experiment, image), without a loop over images."""
+def per_image_statistics(experiments, result, norms, release_input=None) -> list[dict]:
+    """|Δq| statistics per (experiment, image), without a loop over images;
+    ``norms``: |Δq| of the used rows, in row order; ``release_input()`` (if
+    given) once the rows' angles have been read from the table."""
     rows = np.flatnonzero(result.used)
     if rows.size == 0:
         return []
-    experiment, image = image_keys(experiments, result, rows)
+    experiment, image = image_keys(experiments, result, rows, release_input)
     span = int(image.max()) + 2
-    keys, stats = grouped_statistics(experiment * span + (image + 1), norms_all[rows])
+    experiment *= span
+    experiment += image + 1  # the (experiment, image) key, in place: no more arrays of every row than needed
+    del image
+    keys, stats = grouped_statistics(experiment, norms)
     out = []
     for i, key in enumerate(keys):
         index, image_number = divmod(int(key), span)
@@ -116,14 +132,13 @@ def process_file(job: FileJob) -> FileOutcome:
 
 def describe(outcome: FileOutcome, experiments, table, result, summary) -> None:
     """Fill in what the merge, the JSON and the CSV files need of one file."""
-    norms_all = np.linalg.norm(result.delta_q, axis=1)
     outcome.n_rows = table.nrows
     outcome.counts = summary.counts
     outcome.delta_q = summary.delta_q
     outcome.verdict = summary.verdict
     outcome.s1 = sorted({e.s1_kind for e in summary.experiments})
-    outcome.norms = norms_all[result.used]
-    outcome.images = per_image_statistics(experiments, result, norms_all)
+    outcome.norms = row_distances(result.q_bragg, result.q_pixel, np.flatnonzero(result.used))  # a block at a time
+    outcome.images = per_image_statistics(experiments, result, outcome.norms, table.release_memory)
 
 
 @dataclass
