@@ -33,11 +33,21 @@ def test_example_runs_and_writes_columns_and_log(tmp_path, backend):
     assert "Mean |delta_q|" in done.stdout
     assert done.stdout.count("Verdict: CONSISTENT to numerical precision") == 1
     assert (tmp_path / "dials.q_consistency.log").read_text().count("Mean |delta_q|") == 1
+    assert "already had" not in done.stdout
     table = ReflectionTable.from_file(str(tmp_path / "q_consistency.refl"))
     assert {"q_bragg", "q_pixel", "q_pred", "delta_q", "delta_q.norm"} <= set(table.keys())
     used = np.isfinite(table.get("delta_q.norm"))
     assert used.sum() == table.nrows - 5  # the five simulated unindexed spots are NaN
     assert table.get("delta_q.norm")[used].max() < 1e-12
+    # Its own output as input: the 13 columns are said to be replaced, and are, with the same values.
+    again = run_command(os.path.join(EXAMPLES, "rotation.expt"), tmp_path / "q_consistency.refl",
+                        "output.reflections=again.refl", cwd=tmp_path, backend=backend)
+    assert again.returncode == 0, again.stderr
+    assert "Note: the input already had q_bragg, q_pixel, q_pred, delta_q, delta_q.norm, delta_q.along_q" in again.stdout
+    second = ReflectionTable.from_file(str(tmp_path / "again.refl"))
+    assert second.keys() == table.keys()
+    for name in ("q_bragg", "delta_q.norm", "delta_q.transverse"):
+        assert np.array_equal(second.get(name), table.get(name), equal_nan=True)
 
 
 def test_show_config_and_help(tmp_path):

@@ -116,7 +116,8 @@ def process_file(job: FileJob) -> FileOutcome:
     outcome = FileOutcome(job.index, job.experiments, job.reflections, job.output)
     staged = StagedOutputs(prefix=job.temporary_prefix)
     try:
-        pair = load_pair(job.backend, job.experiments, job.reflections, job.options, job.settings.rows)
+        pair = load_pair(job.backend, job.experiments, job.reflections, job.options, job.settings.rows, staged,
+                         job.output)
         checked = check_pair(pair, staged, job.output, job.settings)  # the precision checks; no diagnosis per file
         describe(outcome, pair.experiments, pair.table, pair.about, checked.summary)
         if job.output:

@@ -272,14 +272,15 @@ def run(args=None, phil=phil_scope):
     if params.output.html:
         html_report.prepare_in_background()
 
-    pair = load_pair(arguments.backend, expt_path, refl_path, options, params.rows)
     settings = PairSettings(params.rows, params.statistics.resolution_shells, params.statistics.panel_group_depth,
                             diagnose=True, max_reflections=params.diagnosis.max_reflections)
 
-    with logged_run(logger, params.output.log, arguments):
-        log_header(logger, "dials.q_consistency", __version__, arguments)
-        logger.info(f"Read {len(pair.experiments)} experiment(s) from {expt_path}, {pair.table.nrows} rows from {refl_path}")
-        with StagedOutputs() as outputs:
+    with StagedOutputs() as outputs:  # a refused pair removes the table begun while its q vectors are computed
+        pair = load_pair(arguments.backend, expt_path, refl_path, options, params.rows, outputs,
+                         params.output.reflections)
+        with logged_run(logger, params.output.log, arguments):
+            log_header(logger, "dials.q_consistency", __version__, arguments)
+            logger.info(f"Read {len(pair.experiments)} experiment(s) from {expt_path}, {pair.table.nrows} rows from {refl_path}")
             checked = check_pair(pair, outputs, params.output.reflections, settings)
             logger.info(verdict_text(checked.verdict) + "\n")
             logger.info(summary_text(checked.summary, pair.options))
@@ -289,11 +290,11 @@ def run(args=None, phil=phil_scope):
                 logger.info(f"Note: the input already had {', '.join(checked.replaced)}: replaced")
             figures = stage_reports(params, checked, outputs)
             outputs.commit()
-        log_saved(params, figures, pair.table.nrows)
-        gate = gate_failure(checked.summary.delta_q, params.fail_if, checked.verdict)
-        if gate:
-            logger.info(f"\nfail_if: {gate}")
-            raise GateFailed(gate)
+            log_saved(params, figures, pair.table.nrows)
+            gate = gate_failure(checked.summary.delta_q, params.fail_if, checked.verdict)
+            if gate:
+                logger.info(f"\nfail_if: {gate}")
+                raise GateFailed(gate)
     return 0
 
 

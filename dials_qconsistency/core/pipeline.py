@@ -1,11 +1,14 @@
 """The one-pair pipeline, written once: the single-pair command, the worker
 processes of a run over many files and the MPI ranks all call it.
 
-Two steps, so that bad input is refused before any file exists:
+Two steps, so that bad input is refused before any output file exists (the
+output table may be begun, staged, and is then removed):
 
 * :func:`load_pair` reads the ``.expt`` and the ``.refl`` (with the backend
   chosen), computes q_bragg, q_pixel and q_pred for every row and picks the
-  rows the statistics are about; it writes nothing.
+  rows the statistics are about. Given where, it starts writing the output
+  table (a thread copying the input's columns) while the q vectors are
+  computed, when the new columns are known before them.
 * :func:`check_pair` decomposes Δq, writes the output table (staged, by a
   thread while the rest computes), summarises, diagnoses and judges.
 
@@ -14,7 +17,7 @@ All vectors are lab frame, Å⁻¹, no 2π.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dials_qconsistency.core.decomposition import decompose, laue_rows
 from dials_qconsistency.core.diagnosis import MAX_REFLECTIONS, diagnose
@@ -56,6 +59,8 @@ class LoadedPair:
     result: object  # q_vectors.QResult of every row
     about: object  # the QResult the statistics are about (outliers marked not used)
     outliers: object  # row numbers left out as refinement outliers, or None
+    writer: object = None  # the output table's write, if begun already (backends.TableWrite)
+    replaced: list = field(default_factory=list)  # q columns the input already had (replaced in the output)
 
 
 @dataclass
@@ -71,19 +76,34 @@ class CheckedPair:
 
 
 def load_pair(backend_name: str, experiments_path: str, reflections_path: str, options: Options,
-              rows: str = "used_in_refinement") -> LoadedPair:
+              rows: str = "used_in_refinement", staged=None, output_table: str | None = None) -> LoadedPair:
     """Read a pair and compute its q vectors; raises QConsistencyError naming
-    the file on bad input. The input table's pages are released afterwards."""
+    the file on bad input. The input table's pages are released afterwards.
+
+    With ``staged`` (a ``staged.StagedOutputs``) and ``output_table``, the
+    output table is begun before the q vectors are computed when no
+    experiment is polychromatic (else its columns depend on them): its input
+    columns are copied meanwhile. Pass the same to :func:`check_pair`."""
     backend = backends.get(backend_name)
     experiments, table = backends.read_pair(backend, experiments_path, reflections_path)
     columns = table.columns()
     options = with_model_state(options, columns)
+    writer, replaced = None, []
+    if staged is not None and output_table and not any(e.is_laue for e in experiments):
+        writer, replaced = _begin_table(table, staged, output_table, time_parts=False)
     result = compute_q(experiments, columns, table.identifiers, options, path=reflections_path,
                        experiments_path=experiments_path, release_input=table.release_rows)
     about, outliers = rows_used_in_refinement(result, columns.get("flags"), rows)
     table.release_memory()  # the input's columns were read: the results take their place
     return LoadedPair(experiments_path, reflections_path, experiments, table, columns, options, result, about,
-                      outliers)
+                      outliers, writer, replaced)
+
+
+def _begin_table(table, staged, output_table: str, time_parts: bool):
+    """(the write of the output table begun in ``staged``, the q columns the
+    input already had); ``time_parts``: with the wavelength and time parts."""
+    replaced = existing_output_columns(table)  # before the new columns are reserved in it
+    return table.begin_write(staged, output_table, output_types(time_parts)), replaced
 
 
 def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: PairSettings) -> CheckedPair:
@@ -91,12 +111,12 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
     summarise, diagnose and judge one loaded pair. The table's writer may
     still be busy: ``staged`` waits for it before its files are committed."""
     experiments, result, about, options = pair.experiments, pair.result, pair.about, pair.options
-    writer, replaced = None, []
-    if output_table:
+    writer, replaced = pair.writer, pair.replaced
+    if output_table and writer is None:
+        writer, replaced = _begin_table(pair.table, staged, output_table, laue_rows(experiments, result) is not None)
+    if writer:
         # Written by a thread while the rest computes: the input's own columns
         # and the q vectors while Δq is decomposed, then its parts.
-        replaced = existing_output_columns(pair.table)
-        writer = pair.table.begin_write(staged, output_table, output_types(laue_rows(experiments, result) is not None))
         put_columns(writer, q_columns(result))
     variance = pair.columns.get("xyzobs.mm.variance")
     sigma_q = None

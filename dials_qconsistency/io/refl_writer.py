@@ -73,11 +73,14 @@ def start_writeback(descriptor: int) -> None:
         function(descriptor, 0, 0, _SYNC_FILE_RANGE_WRITE)  # a hint: an error changes nothing
 
 
-def write_pieces(layout, descriptor: int, changed: bool, stop=None, names=None) -> None:
+def write_pieces(layout, descriptor: int, changed: bool, stop=None, names=None, between=None) -> None:
     """Write the pieces of ``layout`` ((offset, piece) pairs) at their places:
     the framing and unchanged columns, or (``changed``) the new columns (those
-    in ``names`` if given); the writing back to disk is started after each column."""
+    in ``names`` if given); the writing back to disk is started after each
+    column, and ``between()`` (if given) is called before each piece."""
     for at, piece in layout:
+        if between is not None:
+            between()
         if stop and stop.is_set():
             return
         if isinstance(piece, bytes):
@@ -168,12 +171,14 @@ class TableWriter:
 
     def _write(self) -> None:
         try:
-            # The columns handed over first (the q vectors) are written before
-            # the input's columns are copied, so that their arrays may go sooner.
-            closed = self._write_columns(until_idle=True)
-            write_pieces(self._layout, self._descriptor, changed=False, stop=self._stop)
+            # The input's columns are copied from the start; a column handed
+            # over meanwhile is written between two of them, so that its array
+            # may go soon; then the rest as they come.
+            closed = []
+            write_pieces(self._layout, self._descriptor, changed=False, stop=self._stop,
+                         between=lambda: closed or self._write_columns(closed, wait=False))
             if not closed:
-                self._write_columns()
+                self._write_columns(closed)
             if self._stop.is_set():
                 return
             layout = self._table._layout()  # closed: the table no longer changes
@@ -184,22 +189,20 @@ class TableWriter:
         except BaseException as error:  # raised by finish
             self._error = error
 
-    def _write_columns(self, until_idle: bool = False) -> bool:
+    def _write_columns(self, closed: list, wait: bool = True) -> None:
         """Write the columns handed over, as they come, until the write is
-        closed or stopped (True) or, ``until_idle``, until none waits after
-        the first (False)."""
-        item = self._queue.get()
-        while item is not None and not self._stop.is_set():
+        closed (noted in ``closed``) or stopped; without ``wait``, only
+        those waiting now."""
+        while not self._stop.is_set():
+            try:
+                item = self._queue.get(block=wait)
+            except queue.Empty:
+                return
+            if item is None:
+                closed.append(True)
+                return
             self._write_column(*item)
             item = None  # written: its array is not held while the next is awaited
-            if until_idle:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    return False
-            else:
-                item = self._queue.get()
-        return True
 
     def _write_column(self, name: str, type_name: str, values) -> None:
         at = self._places[name]
