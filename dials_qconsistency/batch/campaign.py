@@ -60,7 +60,8 @@ def image_keys(experiments, result, rows, release_input=None):
 
     The image of a rotation reflection is the one its φ (the angle q_bragg
     used) falls in, clamped to the scan; a still is its experiment.
-    ``release_input()`` (if given) is told once the angles have been read.
+    ``release_input()`` (if given) is told once the angles have been read
+    (``result.phi`` is a view of the table's column when every row is used).
     """
     experiment = result.experiment[rows].astype(np.int64)
     image = np.full(rows.size, -1, dtype=np.int64)
@@ -87,7 +88,7 @@ def image_keys(experiments, result, rows, release_input=None):
 def per_image_statistics(experiments, result, norms, release_input=None) -> list[dict]:
     """|Δq| statistics per (experiment, image), without a loop over images;
     ``norms``: |Δq| of the used rows, in row order; ``release_input()`` (if
-    given) once the rows' angles have been read from the table."""
+    given) once the rows' angles have been read (:func:`image_keys`)."""
     rows = np.flatnonzero(result.used)
     if rows.size == 0:
         return []

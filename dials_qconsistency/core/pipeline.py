@@ -109,7 +109,8 @@ def _begin_table(table, staged, output_table: str, time_parts: bool):
 def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: PairSettings) -> CheckedPair:
     """Decompose, write ``output_table`` into ``staged`` (None: no table),
     summarise, diagnose and judge one loaded pair. The table's writer may
-    still be busy: ``staged`` waits for it before its files are committed."""
+    still be busy: ``staged`` waits for it before its files are committed.
+    Once per pair: q_pred is let go here."""
     experiments, result, about, options = pair.experiments, pair.result, pair.about, pair.options
     writer, replaced = pair.writer, pair.replaced
     if output_table and writer is None:

@@ -99,6 +99,7 @@ class QResult:
     experiment: np.ndarray  # experiment index per row, -1 if none
     q_pixel_calculated: np.ndarray  # q from xyzcal.mm (self-test of s1)
     #: |q_pixel at xyzobs.mm.value − q_pred| per row (self-test of s1), if the table has xyzobs.mm.value
+    #: (None too once pipeline.check_pair has self-tested s1, as the next one)
     observed_to_pred: np.ndarray | None
     outside_scan: np.ndarray  # rows whose model state was clamped to the scan
     s0: np.ndarray  # (N, 3) incident beam vector used for each row

@@ -163,7 +163,8 @@ def s1_self_tests(result: QResult, experiments) -> list[S1Test | None]:
 def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hierarchy_level: int = 1,
               threads: int = 1, s1_tests=None) -> Summary:
     """The statistics of the used rows (``threads``: how many may compute at
-    once); ``s1_tests``: :func:`s1_self_tests` of ``result``, if made already."""
+    once); ``s1_tests``: :func:`s1_self_tests` of ``result``, if made already
+    (they must be once the result's q_pred has been let go)."""
     used = result.used
     counts = {REASONS[code]: int(np.count_nonzero(result.reason == code)) for code in range(len(REASONS))}
     table = UsedRows(result, parts, used)

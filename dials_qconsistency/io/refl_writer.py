@@ -133,9 +133,10 @@ class TableWriter:
     """A table being written into a staged file while the program computes.
 
     Its layout is fixed when it starts: every new column has its place. A
-    thread writes the framing and copies the unchanged columns at once, then
-    each new column as it is handed over (:meth:`put`), whole or a block of
-    rows at a time. After :meth:`close` (no more columns) it writes any new
+    thread writes the framing and copies the unchanged columns from the
+    start; each new column handed over (:meth:`put`), whole or a block of
+    rows at a time, is written between two copied ones, or as it comes once
+    the copy is done. After :meth:`close` (no more columns) it writes any new
     column set in the table meanwhile and syncs the file to disk, while the
     program goes on; :meth:`finish` waits for it. The bytes are those of a
     write in one go.

@@ -1,8 +1,9 @@
 """The charts of dials.q_consistency.html: plain plotly.js figures (``data``,
 ``layout``) whose numeric arrays are typed arrays (``{"dtype", "bdata"}``:
 base64 of float32 or int16), so a chart of 100,000 points stays a few MB.
-Charts of points show at most ``max_points`` reflections, 1 in k of the used
-rows (said on each chart); the histogram counts all of them. Lab frame, Å⁻¹
+Charts of points show the sample of ``report.points`` (at most
+``output.max_plot_points`` reflections, 1 in k of the used rows, said on each
+chart); the histogram counts all of them. Lab frame, Å⁻¹
 (no 2π), mm.
 """
 

@@ -3,8 +3,9 @@
 The detector views draw every panel in its true place: panel corners and spots
 are projected from the lab frame (mm) onto the plane perpendicular to the beam,
 seen from the sample. Colour bars are in Å⁻¹ (no 2π). Figures of points draw
-at most ``max_points`` reflections, an even sample (every k-th used row, said
-on the figure); the histogram counts every one.
+the sample of ``report.points`` (at most ``output.max_plot_points``
+reflections, every k-th used row, said on the figure); the histogram counts
+every one.
 """
 
 from __future__ import annotations
