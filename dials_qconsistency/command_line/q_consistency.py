@@ -246,9 +246,11 @@ def output_paths(params) -> dict[str, str]:
 def run(args=None, phil=phil_scope):
     """Run the program; return 0 on success. Raises QConsistencyError on bad input.
 
-    Inputs are read and checked before any file is created; the outputs (table,
-    JSON, figures) are then written all together or not at all. The log file is
-    the one file a run that fails while writing leaves behind: it says why.
+    Inputs are read and checked before any output file appears: the table may
+    be begun as a hidden temporary file while the q vectors (and the checks of
+    their values) are computed, and is removed if a check fails. The outputs
+    (table, JSON, figures) are written all together or not at all. The log file
+    is the one file a run that fails while writing leaves behind: it says why.
     """
     args = sys.argv[1:] if args is None else list(args)
     arguments = parse_command_line(args, phil, usage, help_message)

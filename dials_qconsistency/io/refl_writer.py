@@ -150,6 +150,7 @@ class TableWriter:
         self._new = set(new_columns)
         self._written = set()
         self._queue = queue.SimpleQueue()
+        self._queue_ended = False  # the writer thread has taken the close (None) off the queue
         self._closed = False
         self._descriptor = os.open(outputs.reserve(path), os.O_WRONLY)
         self._stop = threading.Event()
@@ -175,11 +176,9 @@ class TableWriter:
             # The input's columns are copied from the start; a column handed
             # over meanwhile is written between two of them, so that its array
             # may go soon; then the rest as they come.
-            closed = []
             write_pieces(self._layout, self._descriptor, changed=False, stop=self._stop,
-                         between=lambda: closed or self._write_columns(closed, wait=False))
-            if not closed:
-                self._write_columns(closed)
+                         between=lambda: self._write_columns(wait=False))
+            self._write_columns()
             if self._stop.is_set():
                 return
             layout = self._table._layout()  # closed: the table no longer changes
@@ -190,17 +189,17 @@ class TableWriter:
         except BaseException as error:  # raised by finish
             self._error = error
 
-    def _write_columns(self, closed: list, wait: bool = True) -> None:
+    def _write_columns(self, wait: bool = True) -> None:
         """Write the columns handed over, as they come, until the write is
-        closed (noted in ``closed``) or stopped; without ``wait``, only
-        those waiting now."""
-        while not self._stop.is_set():
+        closed (the end of the queue seen) or stopped; without ``wait``,
+        only those waiting now."""
+        while not (self._stop.is_set() or self._queue_ended):
             try:
                 item = self._queue.get(block=wait)
             except queue.Empty:
                 return
             if item is None:
-                closed.append(True)
+                self._queue_ended = True
                 return
             self._write_column(*item)
             item = None  # written: its array is not held while the next is awaited
