@@ -37,7 +37,7 @@ setup(
     packages=find_packages(include=["dials_qconsistency", "dials_qconsistency.*"]),
     package_data={"dials_qconsistency.report": ["templates/*.html"]},
     python_requires=">=3.9",
-    install_requires=["numpy", "matplotlib", "msgpack", "h5py", "plotly", "jinja2"] + cctbx_requirement(),
+    install_requires=["numpy", "matplotlib", "msgpack", "h5py", "plotly", "jinja2", "threadpoolctl"] + cctbx_requirement(),
     extras_require={
         "test": ["pytest", "hypothesis", "mpi4py", "selenium"],
         "mpi": ["mpi4py"],

@@ -171,3 +171,24 @@ def test_the_installed_command_ends_with_mains_status_and_its_objects_frozen(tmp
                               timeout=300)
         assert done.returncode == status, done.stderr
         assert done.stdout.rstrip().endswith("frozen: True")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_command_runs_blas_on_one_thread_and_gives_its_threads_back(tmp_path, monkeypatch, backend):
+    """BLAS works on the calling thread while the command runs (its threads
+    would compete with the program's own), and has its threads again after."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from dials_qconsistency.command_line import q_consistency
+
+    blas_threads = lambda: [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]  # noqa: E731
+    seen, check_pair = [], q_consistency.check_pair
+    monkeypatch.setattr(q_consistency, "check_pair", lambda *a, **k: seen.append(blas_threads()) or check_pair(*a, **k))
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        q_consistency.run([os.path.join(EXAMPLES, "rotation.expt"), os.path.join(EXAMPLES, "rotation.refl"),
+                           f"output.reflections={tmp_path / 'out.refl'}", f"output.log={tmp_path / 'out.log'}",
+                           "output.html=None", f"backend={backend}"])
+        after = blas_threads()
+    assert before and before == after == [2] * len(before)
+    assert seen == [[1] * len(before)]

@@ -114,3 +114,23 @@ def test_reindexing_operator_text():
     assert hkl_expression(k) == "-k,h,l"
     assert reindexing_operator(a, np.eye(3)) is None
     assert hkl_expression(np.array([[1, 1, 0], [0, -2, 0], [0, 0, 1]])) == "h+k,-2k,l"
+
+
+@pytest.mark.parametrize("folder,stem", [("centroid_test_data", "indexed"), ("dials_current", "cspad_stills_refined")])
+def test_diagnosis_on_threads_in_small_blocks_is_the_same_bits(shared, folder, stem, monkeypatch):
+    """The fits' spot residuals computed by three threads in 50-row blocks
+    (rotation data: also in the frame with the scan undone) give one thread's
+    fits bit for bit; with observed centroids every fit runs."""
+    from dials_qconsistency.core import blocks
+    from conftest import run_core
+
+    experiments, _, _, result = run_core(shared(folder, stem + ".expt"), shared(folder, stem + ".refl"),
+                                         q_pixel_source="observed")
+    parts = decompose(experiments, result)
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 50)
+    one, three = ([d.as_dict() for d in diagnose(experiments, result, parts, threads=threads)] for threads in (1, 3))
+    assert repr(one) == repr(three)
+    fitted = {key for d in one for key in d["fits"]}
+    assert {"rotation_lab", "mirror_lab"} <= fitted and result.used.sum() > 500
+    if experiments[0].is_rotation:
+        assert {"rotation_scan_undone", "mirror_scan_undone"} <= fitted

@@ -224,3 +224,41 @@ def test_ewald_rotation_puts_the_point_on_the_sphere_and_matches_the_stacked_for
         spread = np.arccos(c / np.hypot(a, b))
     base = np.arctan2(b, a)
     assert pair.tobytes() == np.stack([base - spread, base + spread], axis=-1).tobytes()
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_axis_rotations_are_the_stacked_rodrigues_formula_bit_for_bit(static):
+    """AxisRotations (sines and cosines once, a component at a time, one axis as
+    scalars) gives the bits of v cos θ + (e × v) sin θ + e (e·v)(1 − cos θ) on
+    stacked vectors, whole or a block of rows at a time, and rotates as the
+    rotation matrices do."""
+    rng = np.random.default_rng(9)
+    n = 4000
+    v = rng.normal(size=(n, 3))
+    angles = rng.uniform(-4, 4, n)
+    axis = np.broadcast_to([0.3, -1.0, 0.2], (n, 3)) if static else rng.normal(size=(n, 3))
+    e = geometry.unit(np.ascontiguousarray(axis))  # one unit axis per row, even when they are all one
+    cos = np.cos(angles)[:, None]
+    expected = v * cos + geometry.cross(e, v) * np.sin(angles)[:, None] + e * geometry.rowdot(e, v)[:, None] * (1 - cos)
+    rotations = geometry.AxisRotations.of(axis, angles)
+    assert rotations.apply(v).tobytes() == expected.tobytes()
+    assert geometry.rotate_about_axes(v, axis, angles).tobytes() == expected.tobytes()
+    blocks = [rotations.rows(slice(i, i + 333)).apply(v[i:i + 333]) for i in range(0, n, 333)]
+    assert np.concatenate(blocks).tobytes() == expected.tobytes()
+    matrices = np.stack([geometry.rotation_matrix(a, t) for a, t in zip(np.asarray(axis)[:50], angles[:50])])
+    assert np.max(np.abs(np.einsum("nij,nj->ni", matrices, v[:50]) - expected[:50])) < 1e-14
+
+
+def test_one_vector_if_same_only_when_every_row_has_the_bits():
+    """Rows all of one vector become a broadcast of it; rows equal but not the
+    same bits (0.0 and -0.0) stay as they are; rows of NaN (no axis) are one."""
+    rows = np.tile([1.0, 0.0, -2.0], (5, 1))
+    one = geometry.one_vector_if_same(rows)
+    assert one.strides[0] == 0 and one.tobytes() == rows.tobytes()
+    signed = rows.copy()
+    signed[3, 1] = -0.0
+    assert geometry.one_vector_if_same(signed) is signed
+    different = rows.copy()
+    different[4, 2] = np.nextafter(-2.0, 0)
+    assert geometry.one_vector_if_same(different) is different
+    assert geometry.one_vector_if_same(np.full((4, 3), np.nan)).strides[0] == 0

@@ -36,6 +36,7 @@ from dials_qconsistency.report.text import (
 
 from .many import run_many
 from .program import (
+    blas_on_one_thread,
     check_output_paths,
     log_header,
     logged_run,
@@ -243,6 +244,7 @@ def output_paths(params) -> dict[str, str]:
     return outputs
 
 
+@blas_on_one_thread
 def run(args=None, phil=phil_scope):
     """Run the program; return 0 on success. Raises QConsistencyError on bad input.
 

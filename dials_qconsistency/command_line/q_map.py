@@ -25,6 +25,7 @@ from dials_qconsistency.core.pixel_map import (
 )
 
 from .program import (
+    blas_on_one_thread,
     check_output_paths,
     log_header,
     logged_run,
@@ -200,6 +201,7 @@ def polychromatic_map_setting(experiment, params, index, every, path):
     return MapSetting(beam.unit_s0, wavelength_known=False), None, ["two_theta", "azimuth"]
 
 
+@blas_on_one_thread
 def run(args=None, phil=phil_scope):
     """Run the program; return 0 on success. Raises QConsistencyError on bad input.
 

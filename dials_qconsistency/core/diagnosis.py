@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dials_qconsistency.core import geometry
+from dials_qconsistency.core.blocks import for_each_block
 from dials_qconsistency.core.row_statistics import row_distances, sample_rows
 from dials_qconsistency.core.decomposition import onto_sphere
 from dials_qconsistency.core.findings import (
@@ -100,10 +101,6 @@ def _rotation_candidates(q_bragg, q_pixel, frame, spot_error, spot_residuals):
     return out
 
 
-def _undo_scan_rotation(q, rotation_axis, phi):
-    return geometry.rotate_about_axes(q, rotation_axis, -phi)
-
-
 def _detector_candidate(detector, xy, panel, rays, q_spot, q_pixel, s0, q_bragg):
     """Per-panel plane fits; RMS of the in-plane q residual (q_spot - q_pixel) before and after."""
     q_after = np.full(q_spot.shape, np.nan)
@@ -164,11 +161,12 @@ def _significant(key, fit) -> bool:
 
 
 def diagnose_rows(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None,
-                  source_mm=None, laue_rows=None) -> Diagnosis:
+                  source_mm=None, laue_rows=None, threads: int = 1) -> Diagnosis:
     """:func:`_diagnose_spots`, then, where the spots name nothing, what
     polychromatic rows show otherwise: a scale of q (:func:`_laue_scale`) and
     the time-of-flight fit (``source_mm``: the scope's flight path L0, if known)."""
-    diagnosis = _diagnose_spots(scope, experiment, result, parts, rows, same_detector, max_reflections, laue_rows)
+    diagnosis = _diagnose_spots(scope, experiment, result, parts, rows, same_detector, max_reflections, laue_rows,
+                                threads)
     # Only where the spots name nothing: a mistake that moves the spots moves their wavelengths too.
     if laue_rows is None or diagnosis.findings:
         return diagnosis
@@ -226,7 +224,7 @@ def _time_finding(diagnosis, result, parts, rows, source_mm) -> None:
 
 
 def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None,
-                    laue_rows=None) -> Diagnosis:
+                    laue_rows=None, threads: int = 1) -> Diagnosis:
     """Fit every candidate over the selected rows (a boolean mask, or row
     numbers in ascending order) and name the best one.
 
@@ -248,17 +246,34 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     # q_pixel and the model's spot (q_bragg, mapped by the candidate, rotated
     # onto the Ewald sphere by Δφ or Δψ), so that the part of Δq that belongs
     # to the angular position (Δψ of stills, Δφ) does not hide a cause.
-    s0, axis, phi = result.s0[rows], result.rotation_axis[rows], result.phi[rows]
+    # One beam or axis for every row (the usual case) enters the fits as one vector.
+    s0, axis = (geometry.one_vector_if_same(v[rows]) for v in (result.s0, result.rotation_axis))
+    phi = result.phi[rows]
     laue = None if laue_rows is None else laue_rows[rows]  # polychromatic rows meet the sphere at their own λ
-    undo = lambda q: _undo_scan_rotation(q, axis, phi)  # noqa: E731
-    redo = lambda q: geometry.rotate_about_axes(q, axis, phi)  # noqa: E731
+    scan = {}  # the scan rotations and q_bragg, q_pixel with it undone: made once, if a fit asks
+
+    def undone(name):
+        if not scan:
+            undo = geometry.AxisRotations.of(axis, -phi)
+            scan["redo"], scan["q_bragg"], scan["q_pixel"] = geometry.AxisRotations.of(axis, phi), undo.apply(q_bragg), undo.apply(q_pixel)
+        return scan[name]
 
     def spot_residuals(matrix, frame="lab"):
-        mapped = q_bragg @ matrix.T if frame == "lab" else redo(undo(q_bragg) @ matrix.T)
-        on_sphere = onto_sphere(mapped, s0, axis, laue)[1]
-        # a point that never reaches the sphere keeps its whole distance
-        on_sphere = np.where(np.isfinite(on_sphere), on_sphere, mapped)
-        return (on_sphere - q_pixel).ravel()
+        """The model's spot minus q_pixel, rows of (x, y, z) flattened, with q_bragg
+        mapped by ``matrix`` in ``frame``: a block of rows at a time on up to
+        ``threads`` threads (the same bits whatever the count)."""
+        mapped = q_bragg @ matrix.T if frame == "lab" else undone("q_bragg") @ matrix.T
+        redo = None if frame == "lab" else undone("redo")
+        out = np.empty(mapped.shape)
+
+        def work(block):
+            spot = mapped[block] if redo is None else redo.rows(block).apply(mapped[block])
+            on_sphere = onto_sphere(spot, s0[block], axis[block], None if laue is None else laue[block])[1]
+            # a point that never reaches the sphere keeps its whole distance
+            out[block] = np.where(np.isfinite(on_sphere), on_sphere, spot) - q_pixel[block]
+
+        for_each_block(len(mapped), work, threads)
+        return out.ravel()
 
     def spot_error(matrix, frame="lab"):
         return float(np.sqrt(np.mean(spot_residuals(matrix, frame) ** 2) * 3))
@@ -269,7 +284,7 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
         return diagnosis
     fits = _rotation_candidates(q_bragg, q_pixel, "lab", spot_error, spot_residuals)
     if experiment is not None and experiment.is_rotation:
-        fits.update(_rotation_candidates(undo(q_bragg), undo(q_pixel), "scan_undone", spot_error, spot_residuals))
+        fits.update(_rotation_candidates(undone("q_bragg"), undone("q_pixel"), "scan_undone", spot_error, spot_residuals))
     scale = scale_fit(q_bragg, q_pixel)
     fits["scale"] = {"scale": scale, "rms_delta_q_after": vector_rms(scale * q_bragg - q_pixel), "rms_after": spot_error(scale * np.eye(3))}
     for fit in fits.values():
@@ -327,9 +342,10 @@ def _shared_detector(experiments, indices):
     return first
 
 
-def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS) -> list[Diagnosis]:
+def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS, threads: int = 1) -> list[Diagnosis]:
     """Pooled diagnosis (lab-frame candidates) then one per experiment with used
-    rows; each fitted on at most ``max_reflections`` rows."""
+    rows; each fitted on at most ``max_reflections`` rows, on up to ``threads``
+    threads (the results do not depend on it)."""
     used = result.used
     groups = result.used_rows_by_experiment(len(experiments))
     indices = np.array([i for i, rows in enumerate(groups) if rows.size], dtype=np.int64)
@@ -338,7 +354,7 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS) -> lis
     laue_rows = laue_rows if laue_rows.any() else None
     each = [
         diagnose_rows(f"experiment {int(i)}", experiments[int(i)], result, parts, groups[i],
-                      max_reflections=max_reflections, source_mm=source[int(i)], laue_rows=laue_rows)
+                      max_reflections=max_reflections, source_mm=source[int(i)], laue_rows=laue_rows, threads=threads)
         for i in indices
     ]
     if indices.size == 0:
@@ -347,7 +363,8 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS) -> lis
         return [Diagnosis(**{**each[0].__dict__, "scope": "pooled"})] + each
     shared_source = {source[int(i)] for i in indices}
     pooled = diagnose_rows("pooled", None, result, parts, used, _shared_detector(experiments, indices), max_reflections,
-                           source_mm=shared_source.pop() if len(shared_source) == 1 else None, laue_rows=laue_rows)
+                           source_mm=shared_source.pop() if len(shared_source) == 1 else None, laue_rows=laue_rows,
+                           threads=threads)
     named = {f.mistake for d in each for f in d.findings}
     if named and {f.mistake for f in pooled.findings} != named:
         # a pooled fit of what the experiments share (the detector, the wavelength) is

@@ -7,6 +7,8 @@ radians. Arrays of N vectors are (N, 3); stacks of matrices are (N, 3, 3).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -379,14 +381,60 @@ def stills_rotation(r, s0):
     return now - on_sphere, axis
 
 
+@dataclass
+class AxisRotations:
+    """The Rodrigues rotation of each row about its own unit axis (N, 3, or one
+    vector broadcast) by its own angle (rad), its sine and cosine computed once
+    (:meth:`of`), for rotating several sets of vectors by the same rotations."""
+
+    axes: np.ndarray  # (N, 3) unit
+    cos: np.ndarray  # (N,)
+    sin: np.ndarray  # (N,)
+    versine: np.ndarray  # (N,): 1 - cos
+
+    @classmethod
+    def of(cls, axes, angles) -> "AxisRotations":
+        angles = np.asarray(angles, dtype=float)
+        cos = np.cos(angles)
+        return cls(_unit_rows(axes), cos, np.sin(angles), 1 - cos)
+
+    def rows(self, block) -> "AxisRotations":
+        """The rotations of some rows (a slice or row numbers)."""
+        return AxisRotations(self.axes[block], self.cos[block], self.sin[block], self.versine[block])
+
+    def apply(self, vectors) -> np.ndarray:
+        """The rotated rows of ``vectors`` (N, 3): v cos θ + (e × v) sin θ +
+        e (e·v)(1 − cos θ), added in that order, a component at a time (one
+        axis for every row enters as scalars)."""
+        v = np.asarray(vectors, dtype=float)
+        along = rowdot(self.axes, v)
+        e = components(self.axes[0] if _is_one_vector(self.axes) else self.axes)
+        v_parts = components(v)
+        across = cross_components(e, v_parts)
+        out = np.empty(np.broadcast_shapes(v.shape, self.axes.shape))
+        for i in range(3):
+            out[..., i] = v_parts[i] * self.cos + across[i] * self.sin + e[i] * along * self.versine
+        return out
+
+
 def rotate_about_axes(vectors, axes, angles) -> np.ndarray:
     """Rodrigues rotation of each row of ``vectors`` about its own axis (N, 3) by
-    its angle (rad); about one axis for all rows, :func:`rotate_about_axis`."""
-    v = np.asarray(vectors, dtype=float)
-    e = _unit_rows(axes)
-    angles = np.asarray(angles, dtype=float)[..., None]
-    cos = np.cos(angles)
-    return v * cos + cross(e, v) * np.sin(angles) + e * rowdot(e, v)[..., None] * (1 - cos)
+    its angle (rad) (:class:`AxisRotations`); about one axis for all rows,
+    :func:`rotate_about_axis`."""
+    return AxisRotations.of(axes, angles).apply(vectors)
+
+
+def one_vector_if_same(vectors) -> np.ndarray:
+    """(N, k) ``vectors`` as a broadcast of their first row when every row has
+    its bits (a static goniometer's axis, a beam that does not vary), so that
+    the functions here that take one vector or one per row work on the one
+    (:func:`_is_one_vector`): the same bits, once instead of N times."""
+    vectors = np.asarray(vectors, dtype=float)
+    if vectors.ndim != 2 or not len(vectors) or _is_one_vector(vectors):
+        return vectors
+    bits = np.ascontiguousarray(vectors).view(np.int64)
+    same = rows_where_all(lambda column: column == column[0], bits).all()
+    return np.broadcast_to(vectors[0], vectors.shape) if same else vectors
 
 
 def ray_panel_xy(d_inverse, rays):

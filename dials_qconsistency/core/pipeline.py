@@ -140,7 +140,7 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
         summary.outliers = norm_statistics(row_distances(result.q_bragg, result.q_pixel, pair.outliers), overwrite=True)
     diagnoses, normalised = [], None
     if settings.diagnose:
-        diagnoses = diagnose(experiments, about, parts, settings.max_reflections)
+        diagnoses = diagnose(experiments, about, parts, settings.max_reflections, options.threads)
         if options.q_pixel_source != "calculated":
             normalised = normalised_residual(parts, about, variance)
             pair.table.release_memory()  # the variances read again
