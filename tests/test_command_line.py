@@ -175,13 +175,14 @@ def test_the_installed_command_ends_with_mains_status_and_its_objects_frozen(tmp
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_command_runs_blas_on_one_thread_and_gives_its_threads_back(tmp_path, monkeypatch, backend):
-    """BLAS works on the calling thread while the command runs (its threads
-    would compete with the program's own), and has its threads again after."""
+    """numpy's BLAS works on the calling thread while the command runs (its
+    threads would compete with the program's own), and has its threads again
+    after. (Inside DIALS, importing DIALS loads scipy's BLAS too: not numpy's.)"""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     from dials_qconsistency.command_line import q_consistency
 
-    blas_threads = lambda: [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]  # noqa: E731
+    blas_threads = lambda: {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}  # noqa: E731
     seen, check_pair = [], q_consistency.check_pair
     monkeypatch.setattr(q_consistency, "check_pair", lambda *a, **k: seen.append(blas_threads()) or check_pair(*a, **k))
     with threadpool_limits(limits=2, user_api="blas"):
@@ -190,5 +191,27 @@ def test_the_command_runs_blas_on_one_thread_and_gives_its_threads_back(tmp_path
                            f"output.reflections={tmp_path / 'out.refl'}", f"output.log={tmp_path / 'out.log'}",
                            "output.html=None", f"backend={backend}"])
         after = blas_threads()
-    assert before and before == after == [2] * len(before)
-    assert seen == [[1] * len(before)]
+    numpys = [path for path in before if "openblas" in os.path.basename(path)]
+    assert numpys and all(before[path] == after[path] == 2 for path in before)
+    assert len(seen) == 1 and all(seen[0][path] == 1 for path in before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_time_of_flight_parts_an_earlier_run_left_are_removed_not_kept_stale(tmp_path, backend):
+    """A table carrying the time-of-flight parts of an earlier run (on
+    polychromatic data), run on monochromatic data: the output has no such
+    columns (these data give none), and the note says they were removed."""
+    table = ReflectionTable.from_file(os.path.join(EXAMPLES, "rotation.refl"))
+    for name in ("delta_q.wavelength_rel", "delta_q.tof.us"):
+        table.set_column(name, "double", np.full(table.nrows, 7.0))
+    table.write(str(tmp_path / "stale.refl"))
+    done = run_command(os.path.join(EXAMPLES, "rotation.expt"), tmp_path / "stale.refl", cwd=tmp_path, backend=backend)
+    assert done.returncode == 0, done.stderr
+    assert ("Note: the input already had delta_q.wavelength_rel, delta_q.tof.us: removed (no polychromatic rows, "
+            "so no time-of-flight parts)") in done.stdout
+    from dials_qconsistency.report.columns import OUTPUT_TYPES
+
+    output = ReflectionTable.from_file(str(tmp_path / "q_consistency.refl"))
+    stale = {"delta_q.wavelength_rel", "delta_q.tof.us"}
+    assert set(output.keys()) == (set(table.keys()) - stale) | set(OUTPUT_TYPES)
+    assert output.nrows == table.nrows

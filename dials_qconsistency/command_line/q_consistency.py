@@ -19,6 +19,7 @@ from dials_qconsistency.io.pairing import expand, is_pattern, pair_files
 from dials_qconsistency.io.staged import StagedOutputs
 from dials_qconsistency.report import html as html_report
 from dials_qconsistency.report.charts import charts
+from dials_qconsistency.report.columns import existing_columns_note
 from dials_qconsistency.report.residual_tables import residual_tables
 from dials_qconsistency.report.figures import FIGURE_NAMES, plot_path, render_plots
 from dials_qconsistency.report.points import point_sample
@@ -291,7 +292,7 @@ def run(args=None, phil=phil_scope):
             logger.info(residuals_text(checked.summary))
             logger.info(diagnosis_text(checked.diagnoses))
             if checked.replaced:
-                logger.info(f"Note: the input already had {', '.join(checked.replaced)}: replaced")
+                logger.info(existing_columns_note(checked.replaced, checked.parts.wavelength_rel is not None))
             figures = stage_reports(params, checked, outputs)
             outputs.commit()
             log_saved(params, figures, pair.table.nrows)

@@ -32,6 +32,7 @@ from dials_qconsistency.report.columns import (
     existing_output_columns,
     put_columns,
     q_columns,
+    stale_output_columns,
 )
 
 
@@ -60,7 +61,7 @@ class LoadedPair:
     about: object  # the QResult the statistics are about (outliers marked not used)
     outliers: object  # row numbers left out as refinement outliers, or None
     writer: object = None  # the output table's write, if begun already (backends.TableWrite)
-    replaced: list = field(default_factory=list)  # q columns the input already had (replaced in the output)
+    replaced: list = field(default_factory=list)  # q columns the input already had (replaced or removed in the output)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class CheckedPair:
     summary: object  # statistics.Summary, its verdict set
     diagnoses: list  # diagnosis.Diagnosis per scope ([] without the diagnosis)
     verdict: object  # verdict.Verdict
-    replaced: list  # q columns the input already had (replaced in the output table)
+    replaced: list  # q columns the input already had (replaced or removed in the output table)
 
 
 def load_pair(backend_name: str, experiments_path: str, reflections_path: str, options: Options,
@@ -103,7 +104,10 @@ def _begin_table(table, staged, output_table: str, time_parts: bool):
     """(the write of the output table begun in ``staged``, the q columns the
     input already had); ``time_parts``: with the wavelength and time parts."""
     replaced = existing_output_columns(table)  # before the new columns are reserved in it
-    return table.begin_write(staged, output_table, output_types(time_parts)), replaced
+    new_columns = output_types(time_parts)
+    for name in stale_output_columns(table, new_columns):
+        table.remove_column(name)
+    return table.begin_write(staged, output_table, new_columns), replaced
 
 
 def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: PairSettings) -> CheckedPair:

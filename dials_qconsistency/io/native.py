@@ -217,6 +217,12 @@ class NativeTable:
         self._keep.append(array)
         self.table[name] = _flex_column(type_name, array)
 
+    def remove_column(self, name) -> None:
+        """Leave column ``name`` out of the table, and of the source file's copy when it writes."""
+        del self.table[name]
+        if self.source is not None:
+            self.source.remove_column(name)
+
     def stage(self, outputs, path) -> None:
         """Write with DIALS' own ``as_file`` into a staged temporary file."""
         try:

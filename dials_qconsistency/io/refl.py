@@ -114,6 +114,10 @@ class ReflectionTable:
             )
         return array
 
+    def remove_column(self, name: str) -> None:
+        """Leave column ``name`` out of the table (and of what it writes)."""
+        del self._columns[name]
+
     def reserve_column(self, name: str, type_name: str) -> None:
         """Add (or replace) a fixed-size column whose values come later
         (:meth:`set_column`, or a TableWriter's ``put``); its place in the

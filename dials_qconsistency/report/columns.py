@@ -129,8 +129,26 @@ def output_columns(result, parts) -> dict[str, tuple[str, object]]:
 
 
 def existing_output_columns(table) -> list[str]:
-    """The output columns the input table already has (they are replaced)."""
+    """The output columns the input table already has (an earlier run's): each
+    is replaced, or removed when this run does not write it (:func:`stale_output_columns`)."""
     return [name for name in (*OUTPUT_COLUMNS, *LAUE_OUTPUT_TYPES) if name in table]
+
+
+def stale_output_columns(table, new_columns) -> list[str]:
+    """The time-of-flight parts an earlier run on polychromatic data left in the
+    table, which this run, writing ``new_columns``, does not: removed from the
+    output rather than left with values these data did not give."""
+    return [name for name in LAUE_OUTPUT_TYPES if name in table and name not in new_columns]
+
+
+def existing_columns_note(existing, time_parts: bool) -> str:
+    """What became of the output columns the input already had (``existing``),
+    the output written with or without the time-of-flight parts."""
+    written = output_types(time_parts)
+    replaced, removed = [n for n in existing if n in written], [n for n in existing if n not in written]
+    said = ([f"{', '.join(replaced)}: replaced"] if replaced else []) + (
+        [f"{', '.join(removed)}: removed (no polychromatic rows, so no time-of-flight parts)"] if removed else [])
+    return f"Note: the input already had {'; '.join(said)}"
 
 
 def put_columns(writer, columns) -> None:
