@@ -165,7 +165,7 @@ def test_each_backend_implements_the_interface_in_full(name, tmp_path):
     here, not in a user's run."""
     from dials_qconsistency.io.staged import StagedOutputs
 
-    assert len(_protocol_members(backends.Table)) == 9 and len(_protocol_members(backends.Backend)) == 3
+    assert len(_protocol_members(backends.Table)) == 10 and len(_protocol_members(backends.Backend)) == 3
     backend = backends.get(name)
     _check_implements(backend, backends.Backend)
     experiments, table = backends.read_pair(backend, os.path.join(EXAMPLES, "rotation.expt"),

@@ -201,6 +201,8 @@ def test_time_of_flight_parts_an_earlier_run_left_are_removed_not_kept_stale(tmp
     """A table carrying the time-of-flight parts of an earlier run (on
     polychromatic data), run on monochromatic data: the output has no such
     columns (these data give none), and the note says they were removed."""
+    from dials_qconsistency.report.columns import OUTPUT_TYPES
+
     table = ReflectionTable.from_file(os.path.join(EXAMPLES, "rotation.refl"))
     for name in ("delta_q.wavelength_rel", "delta_q.tof.us"):
         table.set_column(name, "double", np.full(table.nrows, 7.0))
@@ -209,8 +211,6 @@ def test_time_of_flight_parts_an_earlier_run_left_are_removed_not_kept_stale(tmp
     assert done.returncode == 0, done.stderr
     assert ("Note: the input already had delta_q.wavelength_rel, delta_q.tof.us: removed (no polychromatic rows, "
             "so no time-of-flight parts)") in done.stdout
-    from dials_qconsistency.report.columns import OUTPUT_TYPES
-
     output = ReflectionTable.from_file(str(tmp_path / "q_consistency.refl"))
     stale = {"delta_q.wavelength_rel", "delta_q.tof.us"}
     assert set(output.keys()) == (set(table.keys()) - stale) | set(OUTPUT_TYPES)

@@ -255,7 +255,7 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     def undone(name):
         if not scan:
             undo = geometry.AxisRotations.of(axis, -phi)
-            scan["redo"], scan["q_bragg"], scan["q_pixel"] = geometry.AxisRotations.of(axis, phi), undo.apply(q_bragg), undo.apply(q_pixel)
+            scan.update(redo=geometry.AxisRotations.of(axis, phi), q_bragg=undo.apply(q_bragg), q_pixel=undo.apply(q_pixel))
         return scan[name]
 
     def spot_residuals(matrix, frame="lab"):

@@ -426,9 +426,10 @@ def rotate_about_axes(vectors, axes, angles) -> np.ndarray:
 
 def one_vector_if_same(vectors) -> np.ndarray:
     """(N, k) ``vectors`` as a broadcast of their first row when every row has
-    its bits (a static goniometer's axis, a beam that does not vary), so that
-    the functions here that take one vector or one per row work on the one
-    (:func:`_is_one_vector`): the same bits, once instead of N times."""
+    the first row's bits (a static goniometer's axis, a beam that does not
+    vary), so that the functions here that take one vector or one per row
+    work on the one (:func:`_is_one_vector`): the same bits, once instead of
+    N times. Otherwise ``vectors`` as they are."""
     vectors = np.asarray(vectors, dtype=float)
     if vectors.ndim != 2 or not len(vectors) or _is_one_vector(vectors):
         return vectors

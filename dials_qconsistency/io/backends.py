@@ -67,6 +67,9 @@ class Table(Protocol):
 
     def set_column(self, name: str, type_name: str, values) -> None: ...
 
+    def remove_column(self, name: str) -> None:
+        """Leave a column out of the table and of what it writes."""
+
     def begin_write(self, outputs, path: str, new_columns: dict) -> TableWrite:
         """Start writing the table with ``new_columns`` (name -> DIALS type) as
         one of ``outputs``' (a ``staged.StagedOutputs``) files."""
