@@ -239,7 +239,7 @@ def compute_q(
     for index, (experiment, rows) in enumerate(zip(experiments, rows_by_group(exp_of_row, len(experiments), reason == USED))):
         if rows.size == 0:
             continue
-        check_experiment(experiment, index, panel[rows], table.phi[rows], path, experiments_path or path)
+        check_experiment(experiment, index, panel, table.phi, rows, path, experiments_path or path)
         if experiment.is_laue:
             check_wavelengths(experiment, index, table.wavelength[rows], rows, path)
         _compute_experiment(experiment, rows, table, options, result)

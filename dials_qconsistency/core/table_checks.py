@@ -158,21 +158,23 @@ def check_wavelengths(experiment, index, wavelengths, rows, path):
             f"(first: row {first}); its polychromatic beam needs each reflection's wavelength", path)
 
 
-def check_experiment(experiment, index, panels, phi, path, experiments_path):
-    """The models an experiment's used rows need are there and agree with the table."""
+def check_experiment(experiment, index, panel, phi, rows, path, experiments_path):
+    """The models an experiment's used ``rows`` (row numbers) need are there and
+    agree with the table's ``panel`` and ``phi`` columns (every row's)."""
     if experiment.crystal is None:
         raise QConsistencyError(f"experiment {index} has no crystal model, but {path} has indexed reflections for it", experiments_path)
     if experiment.beam is None or experiment.detector is None:
         raise QConsistencyError(f"experiment {index} has no beam or no detector model", experiments_path)
     n_panels = len(experiment.detector.panels)
-    beyond = (panels < 0) | (panels >= n_panels)
-    if beyond.any():
+    panels = panel if rows.size == len(panel) else panel[rows]  # every row: no gathering
+    if panels.size and (panels.min() < 0 or panels.max() >= n_panels):
+        beyond = (panels < 0) | (panels >= n_panels)
         raise QConsistencyError(
             f"panel {np.asarray(panels[beyond]).astype(np.uint64).max()} is beyond the {n_panels} panel(s) "
             f"of experiment {index}'s detector",
             path,
         )
-    if experiment.goniometer is not None and experiment.scan is None and np.any(phi != 0):
+    if experiment.goniometer is not None and experiment.scan is None and np.any(phi[rows] != 0):
         raise QConsistencyError(
             f"experiment {index} has a goniometer but no scan, yet its reflections in {path} have rotation "
             "angles (the scan is missing from the experiment list)",
