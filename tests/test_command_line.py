@@ -56,10 +56,34 @@ def test_show_config_and_help(tmp_path):
     assert done.returncode == 0 and "model_state = *auto refinement integrate" in done.stdout
     assert done.stdout.startswith("Showing configuration parameters with:\n  attributes_level = 0\n  expert_level = 0\n")
     assert "  reflections = q_consistency.refl\n  log = dials.q_consistency.log\n" in done.stdout
-    assert ".help" not in done.stdout and ".help" in run_command("-c", "-a", "2", cwd=tmp_path).stdout
+    assert ".help" not in done.stdout and ".help" in run_command("-c", "-a2", cwd=tmp_path).stdout
     done = run_command("-h", cwd=tmp_path)
     assert done.returncode == 0 and "q_bragg = S . R(axis, phi) . F . A . h" in done.stdout
     assert not (tmp_path / "dials.q_consistency.log").exists()
+
+
+@pytest.mark.parametrize("words, levels", [
+    (["-a", "2"], (2, 0)), (["-a2"], (2, 0)), (["-e1"], (0, 1)), (["-e", "1", "-a1"], (1, 1)),
+    (["--attributes-level=3"], (3, 0)), (["--expert-level", "2"], (0, 2)),
+])
+def test_level_options_as_dials_parser_takes_them(words, levels):
+    """-a/-e take their number joined or apart, as argparse does in DIALS."""
+    from dials_qconsistency.command_line.program import parse_arguments
+    from dials_qconsistency.command_line.q_consistency import phil_scope
+    arguments = parse_arguments(["-c", *words], phil_scope)
+    assert (arguments.levels["attributes_level"], arguments.levels["expert_level"]) == levels
+
+
+@pytest.mark.parametrize("words, message", [
+    (["-a"], "option -a needs a whole number"), (["-ax"], "option -a needs a whole number"),
+    (["--expert-level=two"], "option --expert-level needs a whole number"), (["-x"], "unknown option '-x'"),
+])
+def test_level_options_refused(words, message):
+    from dials_qconsistency.command_line.program import parse_arguments
+    from dials_qconsistency.command_line.q_consistency import phil_scope
+    from dials_qconsistency.errors import QConsistencyError
+    with pytest.raises(QConsistencyError, match=message):
+        parse_arguments(words, phil_scope)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -51,6 +51,19 @@ DIALS_OPTIONS_WITH_NUMBERS = {"-a": "attributes_level", "--attributes-level": "a
                               "-e": "expert_level", "--expert-level": "expert_level"}
 
 
+def _numbered_option(arg):
+    """(option, value or None) for -a N, -a2, --attributes-level=2 and the
+    expert level alike, as argparse (DIALS' parser) takes them; None else."""
+    if arg in DIALS_OPTIONS_WITH_NUMBERS:
+        return arg, None
+    if arg.startswith("--") and "=" in arg:
+        option, value = arg.split("=", 1)
+        return (option, value) if option in DIALS_OPTIONS_WITH_NUMBERS else None
+    if arg[:2] in ("-a", "-e") and len(arg) > 2:
+        return arg[:2], arg[2:]
+    return None
+
+
 def parse_arguments(args, phil, accept_reflections=True):
     """Files by type, PHIL files and key=value words; the options DIALS
     programs take (-c, -h, -a N, -e N, -v)."""
@@ -65,11 +78,13 @@ def parse_arguments(args, phil, accept_reflections=True):
             show_config = True
         elif arg in ("-h", "--help"):
             show_help = True
-        elif arg in DIALS_OPTIONS_WITH_NUMBERS:
-            value = next(words, "")
+        elif _numbered_option(arg):
+            option, value = _numbered_option(arg)
+            if value is None:
+                value = next(words, "")
             if not value.lstrip("-").isdigit():
-                raise QConsistencyError(f"option {arg} needs a whole number")
-            levels[DIALS_OPTIONS_WITH_NUMBERS[arg]] = int(value)
+                raise QConsistencyError(f"option {option} needs a whole number")
+            levels[DIALS_OPTIONS_WITH_NUMBERS[option]] = int(value)
         elif arg.startswith("-v") and set(arg[1:]) == {"v"}:
             verbosity += len(arg) - 1
         elif arg.startswith("-") and not os.path.exists(arg):
