@@ -198,6 +198,26 @@ def test_the_installed_command_ends_with_mains_status_and_its_objects_frozen(tmp
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("args", [["-c", "-a2"], [os.path.join(EXAMPLES, "stills.expt"), os.path.join(EXAMPLES, "stills.refl")]])
+def test_a_closed_stdout_ends_the_console_quietly_and_the_run_goes_on(tmp_path, backend, args):
+    """``dials.q_consistency ... | head -2``: once the reader has gone, nothing
+    more is shown (no BrokenPipeError traceback per message), the run still
+    writes its outputs and a complete log, and it ends with its own status."""
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    command = [sys.executable, "-m", "dials_qconsistency.command_line.q_consistency", *args, f"backend={backend}"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the program has printed anything: its first write meets a closed pipe
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 0, stderr
+    assert stderr == ""
+    if "-c" not in args:
+        log = (tmp_path / "dials.q_consistency.log").read_text()
+        assert "Saved 1368 rows with q_bragg" in log
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "dials.q_consistency.html", "dials.q_consistency.log", "q_consistency.refl"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_the_command_runs_blas_on_one_thread_and_gives_its_threads_back(tmp_path, monkeypatch, backend):
     """numpy's BLAS works on the calling thread while the command runs (its
     threads would compete with the program's own), and has its threads again

@@ -190,6 +190,36 @@ class _LogFile(logging.FileHandler):
         pass
 
 
+def stdout_to_devnull():
+    """The reader of stdout has gone (``| head``): what is still to be printed
+    goes to /dev/null, so that neither the log's console handler nor the
+    interpreter's last flush prints a BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _quiet_when_stdout_closes(logger):
+    """The console handlers of ``logger``'s run stop showing messages, without a
+    traceback, once stdout is a closed pipe; the run goes on and its log file
+    keeps every line. The native backend's (DIALS') handlers included."""
+    for handler in _handlers(logger):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            _quiet_on_broken_pipe(handler)
+
+
+def _quiet_on_broken_pipe(handler):
+    report = handler.handleError
+
+    def handle_error(record):
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            stdout_to_devnull()
+        else:
+            report(record)
+
+    handler.handleError = handle_error
+
+
 def setup_logging(logger, log_path, arguments=None):
     """Messages to stdout and, when a path is given, to the log file; with the
     native backend through DIALS' own logging configuration."""
@@ -198,12 +228,15 @@ def setup_logging(logger, log_path, arguments=None):
         from dials_qconsistency.io import native
 
         native.setup_logging(logger, log_path, arguments.verbosity)
+        _quiet_when_stdout_closes(logger)
+        native.show_banner()
         return
     logger.setLevel(logging.INFO)
     logger.propagate = False
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
+    _quiet_when_stdout_closes(logger)
     if log_path:
         try:
             to_file = _LogFile(log_path, mode="w", encoding="utf-8")
@@ -366,6 +399,9 @@ def run_program(name, run, argv):
     except GateFailed as failure:
         print(f"{name}: fail_if: {failure}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # printing -c or -h into a pipe that closed
+        stdout_to_devnull()
+        return 0
     except KeyboardInterrupt:
         print(f"{name}: interrupted (outputs are all written or none)", file=sys.stderr)
         return 130
@@ -402,4 +438,8 @@ def end_process(status: int):
     last garbage collection does not visit them all (0.3 s once DIALS'
     modules are imported). ``atexit`` handlers (logging's flush) still run."""
     gc.freeze()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_to_devnull()
     sys.exit(status)

@@ -380,15 +380,33 @@ DIALS_LOGGERS = ("dials", "dxtbx", "xfel", "py.warnings")
 
 def setup_logging(logger, log_path, verbosity=0):
     """DIALS' logging (dials.util.log.config with the log file); the handlers it
-    adds are kept in ``logger.native_handlers`` for close_logging."""
+    adds are kept in ``logger.native_handlers`` for close_logging. DIALS'
+    banner is held back for :func:`show_banner`, once the caller has set the
+    handlers up."""
     import dials.util.log
 
     owners = [logging.getLogger(name) for name in DIALS_LOGGERS]
     before = {id(handler) for owner in owners for handler in owner.handlers}
-    dials.util.log.config(verbosity=verbosity, logfile=log_path)
+    chosen = os.environ.get("DIALS_NOBANNER")
+    os.environ["DIALS_NOBANNER"] = "1"
+    try:
+        dials.util.log.config(verbosity=verbosity, logfile=log_path)
+    finally:
+        if chosen is None:
+            del os.environ["DIALS_NOBANNER"]
+        else:
+            os.environ["DIALS_NOBANNER"] = chosen
     logger.native_handlers = [(o, h) for o in owners for h in o.handlers if id(h) not in before]
     logger.propagate = True
     logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
+
+
+def show_banner():
+    """DIALS' citation banner, logged as dials.util.log.config logs it (once a
+    process, not with DIALS_NOBANNER set)."""
+    import dials.util.log
+
+    dials.util.log.print_banner(use_logging=True)
 
 
 def version_line() -> str:
