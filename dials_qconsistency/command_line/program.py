@@ -273,8 +273,11 @@ def log_header(logger, program, version, arguments):
 
 def log_to_file_only(logger, message):
     """Write ``message`` to the log file alone (not the console), e.g. the error
-    that ends a run, which stderr shows; DIALS' log file handler included."""
-    record = logging.makeLogRecord({"msg": message, "levelno": logging.ERROR})
+    that ends a run, which stderr shows; DIALS' log file handler included. It is
+    a plain line (INFO) in both backends' logs: DIALS' formatter would put a
+    line of its own, "WARN: ", before a message at a higher level that starts
+    with a new line."""
+    record = logging.makeLogRecord({"msg": message, "levelno": logging.INFO, "levelname": "INFO"})
     for handler in _handlers(logger):
         if isinstance(handler, logging.FileHandler):
             handler.emit(record)
