@@ -27,6 +27,7 @@ from dials_qconsistency.core import geometry
 from dials_qconsistency.core.blocks import for_each_block
 from dials_qconsistency.core.row_statistics import row_distances, sample_rows
 from dials_qconsistency.core.decomposition import onto_sphere
+from dials_qconsistency.core.panels import panel_lab_points
 from dials_qconsistency.core.findings import (
     MIN_ANGLE_DEG,
     MIN_SCALE,
@@ -36,6 +37,7 @@ from dials_qconsistency.core.findings import (
     Finding,
     MIN_FLIGHT_PATH_MM,
     name_detector,
+    name_shift,
     name_time_of_flight,
     name_rotation,
     name_scale,
@@ -63,7 +65,8 @@ EXPLAINED_RATIO = 0.5
 #: for a rotation, a scale or a panel's tilt, and 10M rows stay within memory.
 MAX_REFLECTIONS = 250_000
 #: Simplest first: which explanation is named when several fit equally well.
-PREFERENCE = ("scale", "rotation_lab", "mirror_lab", "rotation_scan_undone", "mirror_scan_undone", "detector")
+PREFERENCE = ("scale", "rotation_lab", "mirror_lab", "rotation_scan_undone", "mirror_scan_undone", "detector_shift",
+              "detector")
 
 
 @dataclass
@@ -84,6 +87,11 @@ class Diagnosis:
 # --- the candidates -----------------------------------------------------------------
 
 
+#: Free parameters of a panel's plane fit (D up to scale), of a shift of the
+#: whole detector and of a map.
+PANEL_PARAMETERS, SHIFT_PARAMETERS, ROTATION_PARAMETERS, SCALE_PARAMETERS = 8, 3, 3, 1
+
+
 def _rotation_candidates(q_bragg, q_pixel, frame, spot_error, spot_residuals):
     """Proper and improper best maps in a frame: Kabsch, then refined on the spots."""
     out = {}
@@ -94,6 +102,7 @@ def _rotation_candidates(q_bragg, q_pixel, frame, spot_error, spot_residuals):
             "matrix": m.tolist(),
             "rms_delta_q_after": vector_rms(q_bragg @ m.T - q_pixel),
             "rms_after": spot_error(m, frame),
+            "parameters": ROTATION_PARAMETERS,
         }
         axis, angle = axis_angle(m if proper else -m)
         entry.update({"axis": axis.tolist(), "angle_deg": angle})
@@ -101,11 +110,41 @@ def _rotation_candidates(q_bragg, q_pixel, frame, spot_error, spot_residuals):
     return out
 
 
+def _shift_candidate(lab, rays, q_spot, q_pixel, s0, q_bragg):
+    """One translation t of the whole detector (every panel alike): the one
+    that puts each spot's lab point x (model panels, mm) on its model ray r,
+    least squares in angle: t = -(Σ P/|x|²)⁻¹ Σ P·x/|x|², P = I - r̂r̂ᵀ, exact
+    when the spots fit a shifted detector. Needs no spots per panel, so it
+    tells a distance or beam-centre error on many panels of few spots each."""
+    rows = geometry.finite_rows(rays) & geometry.finite_rows(lab)
+    if rows.sum() < MIN_PANEL_ROWS:
+        return None
+    x, r = lab[rows], geometry.unit(rays[rows])
+    weight = 1.0 / geometry.rowdot(x, x)
+    projector = np.eye(3) - r[:, :, None] * r[:, None, :]  # (n, 3, 3)
+    normal = np.einsum("n,nij->ij", weight, projector)
+    if np.linalg.cond(normal) > 1e12:
+        return None
+    shift = -np.linalg.solve(normal, np.einsum("n,nij,nj->i", weight, projector, x))
+    q_after = geometry.q_from_lab_position(x + shift, s0[rows])
+    return {
+        "origin_offset_mm": (-shift).tolist(),  # model - data, lab, as a panel's origin_offset_mm
+        "fitted_rows": int(rows.sum()),
+        "rms_before": vector_rms(q_spot[rows] - q_pixel[rows]),
+        "rms_after": vector_rms(q_spot[rows] - q_after),
+        "rms_delta_q_after": vector_rms(q_bragg[rows] - q_after),
+        "parameters": SHIFT_PARAMETERS,
+    }
+
+
 def _detector_candidate(detector, xy, panel, rays, q_spot, q_pixel, s0, q_bragg):
-    """Per-panel plane fits; RMS of the in-plane q residual (q_spot - q_pixel) before and after."""
-    q_after = np.full(q_spot.shape, np.nan)
-    panels = {}
+    """Per-panel plane fits; RMS of the in-plane q residual (q_spot - q_pixel)
+    before and after, over every row with a position: a panel with too few
+    spots to fit keeps its model (its rows their residual), so that a fit of a
+    few panels is judged on the whole scope, as the other candidates are."""
     finite = geometry.finite_rows(rays) & geometry.finite_rows(xy)
+    q_after = np.where(finite[:, None], q_pixel, np.nan)
+    panels = {}
     for index in np.unique(panel[finite]):
         mine = (panel == index) & finite
         d = fit_panel(xy[mine], rays[mine])
@@ -128,15 +167,16 @@ def _detector_candidate(detector, xy, panel, rays, q_spot, q_pixel, s0, q_bragg)
             "distance_mm": float(offset @ normal_model),
             "in_plane_mm": [float(offset @ model.fast), float(offset @ model.slow)],
         }
-    fitted = geometry.finite_rows(q_after)
-    if not fitted.any():
+    if not panels:
         return None
+    rows = geometry.finite_rows(q_after)
     return {
         "panels": panels,
-        "fitted_rows": int(fitted.sum()),
-        "rms_before": vector_rms(q_spot[fitted] - q_pixel[fitted]),
-        "rms_after": vector_rms(q_spot[fitted] - q_after[fitted]),
-        "rms_delta_q_after": vector_rms(q_bragg[fitted] - q_after[fitted]),
+        "fitted_rows": sum(p["n"] for p in panels.values()),
+        "rms_before": vector_rms(q_spot[rows] - q_pixel[rows]),
+        "rms_after": vector_rms(q_spot[rows] - q_after[rows]),
+        "rms_delta_q_after": vector_rms(q_bragg[rows] - q_after[rows]),
+        "parameters": PANEL_PARAMETERS * len(panels),
     }
 
 
@@ -153,6 +193,8 @@ def _significant(key, fit) -> bool:
         return True
     if key == "scale":
         return abs(fit["scale"] - 1) > MIN_SCALE
+    if key == "detector_shift":
+        return np.linalg.norm(fit["origin_offset_mm"]) > MIN_SHIFT_MM
     if key == "detector":
         return any(
             p["tilt_deg"] > MIN_TILT_DEG or np.linalg.norm(p["origin_offset_mm"]) > MIN_SHIFT_MM for p in fit["panels"].values()
@@ -286,19 +328,30 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     if experiment is not None and experiment.is_rotation:
         fits.update(_rotation_candidates(undone("q_bragg"), undone("q_pixel"), "scan_undone", spot_error, spot_residuals))
     scale = scale_fit(q_bragg, q_pixel)
-    fits["scale"] = {"scale": scale, "rms_delta_q_after": vector_rms(scale * q_bragg - q_pixel), "rms_after": spot_error(scale * np.eye(3))}
+    fits["scale"] = {"scale": scale, "rms_delta_q_after": vector_rms(scale * q_bragg - q_pixel), "rms_after": spot_error(scale * np.eye(3)),
+                     "parameters": SCALE_PARAMETERS}
     for fit in fits.values():
         fit["rms_before"] = before
     detector = experiment.detector if experiment is not None else same_detector
     if detector is not None and parts is not None:
         spot = onto_sphere(q_bragg, s0, axis, laue)[1]  # the model's spot on the sphere, as the decomposition has it
-        fit = _detector_candidate(detector, result.position_mm[rows], result.panel[rows], s0 + spot, spot, q_pixel, s0, q_bragg)
-        if fit is not None and fit["rms_before"] > ROUNDING:
-            fits["detector"] = fit
+        xy, panel = result.position_mm[rows], result.panel[rows]
+        lab = panel_lab_points(detector, panel, xy)
+        for key, fit in (("detector_shift", _shift_candidate(lab, s0 + spot, spot, q_pixel, s0, q_bragg)),
+                         ("detector", _detector_candidate(detector, xy, panel, s0 + spot, spot, q_pixel, s0, q_bragg))):
+            if fit is not None and fit["rms_before"] > ROUNDING:
+                fits[key] = fit
     diagnosis.fits = fits
 
     def ratio(fit):
-        return fit["rms_after"] / fit["rms_before"] if fit["rms_before"] > 0 else 1.0
+        """What a fit leaves of the residual, its RMS per degree of freedom left
+        (two in-plane coordinates a spot): a fit of p parameters to m numbers
+        leaves (m - p)/m of pure noise, so p/m is not credited to it (a panel's
+        plane fitted to 8 spots halves their noise)."""
+        equations = 2 * rows.size
+        if fit["rms_before"] <= 0 or fit["parameters"] >= equations:
+            return 1.0
+        return fit["rms_after"] / fit["rms_before"] * math.sqrt(equations / (equations - fit["parameters"]))
 
     limit = EXPLAINED_RATIO
     ranked = sorted((ratio(fit), PREFERENCE.index(key), key) for key, fit in fits.items() if _significant(key, fit))
@@ -320,6 +373,8 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
         findings = [name_scale(fit, experiment, laue is not None and bool(laue.all()))]
     elif key == "detector":
         findings = name_detector(fit, detector, s0.mean(axis=0))
+    elif key == "detector_shift":
+        findings = name_shift(np.asarray(fit["origin_offset_mm"]), detector, 0, s0.mean(axis=0))
     else:
         findings = [name_rotation(key, fit, experiment)]
     for finding in findings:

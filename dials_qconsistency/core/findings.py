@@ -173,7 +173,10 @@ def name_detector(fit, detector, beam_s0) -> list[Finding]:
             )
     if tilted and not flat and len(panels) > 1:
         tilts = [p["tilt_deg"] for p in tilted.values()]
-        findings.append(Finding("detector_tilt", f"every panel is tilted by {np.mean(tilts):.3f}°", {"tilt_deg": float(np.mean(tilts))}))
+        every = "every panel" if len(panels) == len(detector.panels) else (
+            f"every panel with spots enough to fit ({len(panels)} of {len(detector.panels)})")
+        findings.append(Finding("detector_tilt", f"{every} is tilted by {np.mean(tilts):.3f}°",
+                                {"tilt_deg": float(np.mean(tilts)), "panels": len(panels)}))
     if not flat:
         return findings
     offsets = np.array([p["origin_offset_mm"] for p in flat.values()])
@@ -184,20 +187,27 @@ def name_detector(fit, detector, beam_s0) -> list[Finding]:
             if np.linalg.norm(p["origin_offset_mm"]) > MIN_SHIFT_MM:
                 findings.append(Finding("panel_shift", f"panel {i} ({p['name']}) is displaced by {_vec(p['origin_offset_mm'])} mm (model - data, lab)", {"panel": i, "offset_mm": p["origin_offset_mm"]}))
         return findings
-    # one translation t of the whole detector: along the beam it is a distance error, across it a beam-centre shift
+    return findings + name_shift(mean_offset, detector, next(iter(flat)), beam_s0)
+
+
+def name_shift(offset, detector, index, beam_s0) -> list[Finding]:
+    """One translation of the whole detector (``offset``: model - data, lab mm):
+    along the beam a distance error, across it a beam-centre shift, given along
+    panel ``index``'s fast and slow axes."""
+    findings = []
     along_beam = geometry.unit(beam_s0)
-    distance = float(mean_offset @ along_beam)
-    across = mean_offset - distance * along_beam
+    distance = float(offset @ along_beam)
+    across = offset - distance * along_beam
     if abs(distance) > MIN_SHIFT_MM:
         findings.append(Finding("detector_distance", f"the detector distance is off by {distance:+.3f} mm (model - data)", {"distance_mm": distance}))
     if np.linalg.norm(across) > MIN_SHIFT_MM:
-        first = detector.panels[next(iter(flat))]
-        beam_centre = [-float(across @ first.fast), -float(across @ first.slow)]
+        panel = detector.panels[index]
+        beam_centre = [-float(across @ panel.fast), -float(across @ panel.slow)]
         findings.append(
             Finding(
                 "beam_centre_shift",
                 f"the detector is shifted across the beam by {_vec(across)} mm (lab, model - data): the beam centre "
-                f"is off by ({beam_centre[0]:+.3f}, {beam_centre[1]:+.3f}) mm along panel {next(iter(flat))}'s (fast, slow)",
+                f"is off by ({beam_centre[0]:+.3f}, {beam_centre[1]:+.3f}) mm along panel {index}'s (fast, slow)",
                 {"offset_lab_mm": across.tolist(), "beam_centre_mm": beam_centre},
             )
         )

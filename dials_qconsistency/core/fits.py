@@ -118,25 +118,39 @@ def fit_panel(xy_mm, rays) -> np.ndarray | None:
     return d
 
 
+#: Relative singular value below which a turn does not move the spots (see refine_map).
+SPOT_BLIND = 1e-6
+
+
 def refine_map(matrix, spot_residuals, iterations=8):
     """Gauss-Newton on a small rotation ω: M = M0·R(ω) minimising |spot_residuals(M)|².
 
     Kabsch fits lattice points; spots constrain a rotation differently (a turn
     in the scattering plane moves Δψ, not the spot), so the map is refined on
     the spots themselves.
+
+    A turn the spots cannot see (about the rotation axis, where Δφ takes it up)
+    is left as Kabsch has it: such directions of the Jacobian (singular values
+    below ``SPOT_BLIND`` of the largest) take no step. A step is kept only
+    if it lowers the residual, so the map ends no worse than it starts.
     """
     m = np.asarray(matrix, dtype=float)
     step = 1e-7
+    f0 = spot_residuals(m)
+    cost = float(f0 @ f0)
     for _ in range(iterations):
-        f0 = spot_residuals(m)
         jacobian = np.column_stack(
             [(spot_residuals(m @ geometry.rotation_matrix(axis, step)) - f0) / step for axis in np.eye(3)]
         )
-        omega = np.linalg.lstsq(jacobian, -f0, rcond=None)[0]
+        omega = np.linalg.lstsq(jacobian, -f0, rcond=SPOT_BLIND)[0]
         angle = float(np.linalg.norm(omega))
         if angle < 1e-13:
             break
-        m = m @ geometry.rotation_matrix(omega / angle, angle)
+        trial = m @ geometry.rotation_matrix(omega / angle, angle)
+        f1 = spot_residuals(trial)
+        if not float(f1 @ f1) < cost:
+            break
+        m, f0, cost = trial, f1, float(f1 @ f1)
     return m
 
 

@@ -65,6 +65,14 @@ def per_row_components(table, index) -> tuple:
     return tuple(np.take(table[:, k], index) for k in range(table.shape[1]))
 
 
+def panel_lab_points(detector, panel_rows, xy_mm) -> np.ndarray:
+    """Lab positions (N, 3) mm of panel positions (mm) on each row's panel."""
+    xy_mm = np.asarray(xy_mm, dtype=float)
+    vectors = per_row_components(detector.panel_vectors, panel_rows)
+    lab = geometry.panel_points_to_lab(vectors[0:3], vectors[3:6], vectors[6:9], xy_mm[:, 0], xy_mm[:, 1])
+    return np.stack(np.broadcast_arrays(*lab), axis=-1)
+
+
 def panel_q(detector, panel_rows, xy_mm, s0, out=None):
     """q (N, 3) Å⁻¹ at panel positions (mm) on each row's panel, the same
     function dials.q_map evaluates at every pixel; written into ``out`` when given.
