@@ -121,6 +121,29 @@ def test_a_real_mistake_makes_the_model_inconsistent_and_is_named(shared, tmp_pa
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_table_of_another_detector_leads_the_verdict_on_both_backends(shared, tmp_path, monkeypatch, backend):
+    """The 64-panel CSPAD's models with the PILATUS sweep's table (one panel
+    of 424 x 435 mm; the CSPAD's panels are 21 x 19 mm): the positions lie off
+    their panels, which the verdict says first, not a detector fitted 205 mm off.
+    A table of the same detector (the sweep before and after dials.refine) has
+    none off its panels."""
+    status, verdict, _ = run_verdict(
+        tmp_path, monkeypatch, shared("dials_current", "cspad_stills_refined.expt"),
+        shared("centroid_test_data", "integrated.refl"), backend=backend,
+    )
+    headline = re.match(r"INCONSISTENT: the table's positions of (\d+) rows lie off their panels \(by more than 1 mm\) "
+                        r"in experiment\(s\) 0: the table was made with another detector", verdict["headline"])
+    assert status == 0 and headline, verdict["headline"]
+    used = json.load(open(tmp_path / "qc.json"))["overall"]["delta_q"]["n"]
+    assert 0.9 * used < int(headline.group(1)) <= used, (headline.group(1), used)
+    status, verdict, _ = run_verdict(
+        tmp_path, monkeypatch, shared("centroid_test_data", "indexed.expt"),
+        shared("dials_current", "centroid_refined.refl"), backend=backend,
+    )
+    assert "off their panels" not in " ".join(verdict["reasons"]) and verdict["reasons"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_table_of_other_models_is_inconsistent_on_both_backends(shared, tmp_path, monkeypatch, capsys, backend):
     """The centroid sweep's table after dials.refine paired with the models from
     before it (dials.index): the table's s1 and positions are not theirs."""

@@ -64,6 +64,22 @@ class S1Test:
     max_pixel_observed_vs_pred: float | None
     max_bragg_vs_pred: float | None  # rotation and Laue data only (q_pred is the model's own q_bragg)
     outside_scan: int  # rows whose model state was clamped to the scan
+    off_panel: int = 0  # where s1 matches neither position: rows whose position lies off its panel
+
+
+#: How far (mm) a row's position may lie beyond its panel's edges (parallax,
+#: a centroid at the edge) before the table is said to have another detector.
+OFF_PANEL_MM = 1.0
+
+
+def rows_off_their_panels(result: QResult, detector, rows) -> int:
+    """How many of ``rows`` have a position (the q_pixel one, panel mm) more
+    than OFF_PANEL_MM beyond their panel's edges: a table made with another
+    detector, or paired with the wrong models."""
+    extent = np.array([np.asarray(p.image_size) * np.asarray(p.pixel_size) for p in detector.panels], dtype=float)
+    xy, size = result.position_mm[rows], extent[result.panel[rows]]
+    off = (xy < -OFF_PANEL_MM) | (xy > size + OFF_PANEL_MM)
+    return int(np.count_nonzero(off.any(axis=1)))
 
 
 @dataclass
@@ -76,6 +92,7 @@ class ExperimentSummary:
     max_pixel_observed_vs_pred: float | None
     max_bragg_vs_pred: float | None
     outside_scan: int
+    off_panel: int = 0
     residuals: dict = field(default_factory=dict)
 
 
@@ -156,7 +173,8 @@ def s1_self_tests(result: QResult, experiments) -> list[S1Test | None]:
         predicted_from_q = experiment.is_rotation or experiment.is_laue  # q_pred is the model's own q_bragg
         tests.append(S1Test(s1_kind, cal, obs,
                             largest_distance(result.q_bragg, result.q_pred, rows) if predicted_from_q else None,
-                            int(np.count_nonzero(result.outside_scan[rows]))))
+                            int(np.count_nonzero(result.outside_scan[rows])),
+                            rows_off_their_panels(result, experiment.detector, rows) if s1_kind == S1_NEITHER else 0))
     return tests
 
 
@@ -215,6 +233,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
                 max_pixel_observed_vs_pred=test.max_pixel_observed_vs_pred,
                 max_bragg_vs_pred=test.max_bragg_vs_pred,
                 outside_scan=test.outside_scan,
+                off_panel=test.off_panel,
                 residuals=dict(mine) if parts is not None else {},
             )
         )

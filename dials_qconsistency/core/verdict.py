@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dials_qconsistency.core import geometry
-from dials_qconsistency.core.statistics import S1_NEITHER
+from dials_qconsistency.core.statistics import OFF_PANEL_MM, S1_NEITHER
 from dials_qconsistency.core.row_statistics import sample_rows, take_rows
 from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import spot_lab_positions
@@ -130,6 +130,13 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
     if sigma_t is not None:
         checks["centroid_sigma_t_us"] = sigma_t
     others = [e.index for e in summary.experiments if e.s1_kind == S1_NEITHER]
+    off_panel = [e for e in summary.experiments if e.off_panel]
+    if off_panel:  # first: no fitted mistake explains a table of another detector
+        reasons.insert(0,
+            f"the table's positions of {sum(e.off_panel for e in off_panel)} rows lie off their panels (by more "
+            f"than {OFF_PANEL_MM:g} mm) in experiment(s) {_list([e.index for e in off_panel])}: the table was "
+            "made with another detector than these models' (are these files a pair?)"
+        )
     if others:
         reasons.append(
             f"the table's s1 matches neither spot position in experiment(s) {_list(others)}: the table was made "
