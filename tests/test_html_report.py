@@ -161,6 +161,9 @@ def test_the_report_of_a_run_over_many_files(shared, browser, tmp_path, monkeypa
         "return Object.fromEntries([...document.querySelectorAll('.chart')].map(c => [c.id.slice(6), c._fullData.length]))")
     assert drawn == {"histogram": 1, "per_file": 1}
     report = json.load(open("qc.json"))
+    images = len(report["images"])  # fewer than the 200 the table shows at most: its title says how many, no "at most"
+    assert 10 < images < 200 and f"Images (stills: experiments), the largest mean |Δq| first ({images})" in (
+        tmp_path / "dials.q_consistency.html").read_text()
     headline = report["verdict"]["headline"]
     assert browser.find_element("id", "verdict").text == headline.replace("  ", " ")
     assert f"Verdict: {headline}\n" in (tmp_path / "dials.q_consistency.log").read_text()

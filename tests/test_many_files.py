@@ -292,5 +292,5 @@ def test_each_file_is_about_the_rows_its_refinement_used(shared, tmp_path, monke
         predicted = np.any(table.get("xyzcal.mm")[:, :2] != 0, axis=1)
         expected = int(np.count_nonzero(flagged & (table.get("id") >= 0) & predicted))
         assert record["delta_q"]["n"] == expected
-        assert record["counts"]["indexed, not used in refinement (outlier)"] > 0
+        assert record["counts"]["indexed, not used in refinement"] > 0
     assert [r["delta_q"]["n"] for r in report["files"]] == [298, 408]

@@ -41,7 +41,7 @@ REASONS = (
     "not predicted (xyzcal.mm x = y = 0, as DIALS marks it)",
     "not observed (xyzobs x = y = 0)",
     "no Miller index (the table is not indexed)",
-    "indexed, not used in refinement (outlier)",
+    "indexed, not used in refinement",
 )
 USED, NOT_INDEXED, ZERO_HKL, NOT_PREDICTED, NOT_OBSERVED, NO_INDEXING, NOT_REFINED = range(len(REASONS))
 #: DIALS' reflection flag used_in_refinement (flex.reflection_table.flags).

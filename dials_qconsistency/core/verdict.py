@@ -164,7 +164,7 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
                 reasons.append(
                     f"for {label} data q_bragg differs from the table's prediction by {worst:.3g} 1/Angstrom (RMS), "
                     f"beyond numerical precision ({PRECISION_Q:g})"
-                    + (": check scan_varying.model_state (integrate for an integrated table)"
+                    + (f": check scan_varying.model_state ({_other_model_state(options.model_state)})"
                        if scan_varying and label == "rotation" else "")
                 )
         wavelength = summary.residuals.get("rms_wavelength_rel")
@@ -184,6 +184,13 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
            else "within what the centroids can resolve")
     return Verdict(True, f"CONSISTENT {how}: no mistake in frame, scale or detector is large against the "
                          "centroids' uncertainty", [], checks)
+
+
+def _other_model_state(state) -> str:
+    """The scan-varying model state to try instead of ``state``, and for which table."""
+    if state == "integrate":
+        return "refinement for a table of dials.refine"
+    return "integrate for a table of dials.integrate"
 
 
 def _named_mistakes(diagnoses, sigma_q, sigma_t=None) -> list[tuple[dict, str | None]]:

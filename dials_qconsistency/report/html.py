@@ -152,7 +152,8 @@ def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines, extr
         out = summary.outliers
         lines.insert(0, f"Statistics, verdict, diagnosis and charts are about the {summary.delta_q['n']} rows used in "
                         f"refinement (DIALS' flag used_in_refinement), as dials.refine's RMSDs are; the other "
-                        f"{out['n']} indexed rows (outliers) have mean |Δq| {number(out.get('mean'), '.3g')} Å⁻¹, "
+                        f"{out['n']} indexed rows (refinement's outliers or, in an integrated table, predictions it never "
+                        f"saw) have mean |Δq| {number(out.get('mean'), '.3g')} Å⁻¹, "
                         f"max {number(out.get('max'), '.3g')} Å⁻¹ (rows=indexed: every indexed row).")
     rotation = any(e.kind == "rotation" for e in summary.experiments)
     choices = computation_choices(options, rotation)
@@ -186,8 +187,8 @@ def campaign_page(merged, outcomes, verdict, options, dependencies="embed") -> b
              "rows": [[o.index, o.reflections, o.n_rows, o.delta_q.get("n", 0)]
                       + [number(o.delta_q.get(k)) for k in STATISTICS[1:]] + [o.verdict] for o in ranked]}
     images = sorted(((o.index, image) for o in outcomes for image in o.images), key=lambda item: -(item[1].get("mean") or 0.0))
-    image_table = {"title": f"Images (stills: experiments), the largest mean |Δq| first (at most {MAX_IMAGE_ROWS} "
-                            f"of {len(images)})",
+    shown = (f"the first {MAX_IMAGE_ROWS} of {len(images)}" if len(images) > MAX_IMAGE_ROWS else str(len(images)))
+    image_table = {"title": f"Images (stills: experiments), the largest mean |Δq| first ({shown})",
                    "header": ["file", "experiment", "image", "n", "mean |Δq|", "median", "RMS", "95th pct", "max"],
                    "rows": [[index, image.get("experiment"), "–" if image.get("image") is None else image["image"],
                              image.get("n")] + [number(image.get(k)) for k in STATISTICS[1:]]

@@ -57,9 +57,10 @@ def verdict_numbers(checks) -> list[str]:
 def _counts_and_choices(first_line, counts, options, rotation=True) -> list[str]:
     """The row counts by reason (used always shown) and the computation choices."""
     lines = [first_line]
-    for reason, count in counts.items():
-        if count or reason == "used":
-            lines.append(f"  {reason:<48} {count:>10}")
+    shown = {reason: count for reason, count in counts.items() if count or reason == "used"}
+    width = max(map(len, shown), default=0)
+    for reason, count in shown.items():
+        lines.append(f"  {reason:<{width}} {count:>10}")
     lines.append(computation_choices(options, rotation))
     return lines
 
@@ -108,7 +109,8 @@ def summary_text(summary: Summary, options) -> str:
     if summary.outliers is not None:
         lines.append(_stats_row("outliers", summary.outliers))
         lines.append("  (all: the rows used in refinement, flag used_in_refinement, as dials.refine's RMSDs; "
-                     "outliers: the other indexed rows; rows=indexed puts every indexed row in the statistics)")
+                     "outliers: the other indexed rows, refinement's outliers and, in an integrated table, the predictions "
+                     "it never saw; rows=indexed puts every indexed row in the statistics)")
     shown, note = listed(summary.experiments)
     for e in shown:
         lines.append(_stats_row(f"expt {e.index} ({e.kind[:3]})", e.delta_q))
