@@ -368,7 +368,6 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
         return diagnosis
     best_ratio, _, key = ranked[0]
     fit = fits[key]
-    diagnosis.consistent = False
     if key == "scale":
         findings = [name_scale(fit, experiment, laue is not None and bool(laue.all()))]
     elif key == "detector":
@@ -380,6 +379,8 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     for finding in findings:
         finding.size["explained"] = 1.0 - best_ratio**2
         finding.size["rms_after_fit"] = fit["rms_after"]
+    # a shift whose parts along and across the beam are each below what is named names nothing
+    diagnosis.consistent = not findings
     diagnosis.findings = findings
     return diagnosis
 
