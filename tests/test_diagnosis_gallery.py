@@ -159,3 +159,15 @@ def test_real_refined_models_name_no_mistake_from_their_own_centroids(shared, fo
     # (with observed phi a turn about the axis, which the spots cannot see, once ran off to 84 deg)
     rotations = [(d.scope, key, fit) for d in diagnoses for key, fit in d.fits.items() if key.startswith("rotation")]
     assert rotations and all(fit["rms_after"] <= fit["rms_before"] * (1 + 1e-9) for _, _, fit in rotations), rotations
+
+
+def test_fits_tie_with_the_best_only_when_they_leave_as_much():
+    """Exact fits (calculated positions) tie up to ten times the best's rounding;
+    noisy ones within 5%: on the CSPAD stills moved 1 mm along the beam, with
+    observed centroids, the shift leaves 0.380 of one still's residual and a
+    scale 0.430, which must not tie (the scale, simpler, would be named)."""
+    from dials_qconsistency.core.diagnosis import _tie_limit
+
+    assert 0.380 * 1.05 < _tie_limit(0.380) < 0.380 * 1.05 + 2e-6 and _tie_limit(0.380) < 0.430
+    assert _tie_limit(1e-9) == pytest.approx(1e-8 + 1e-6) and _tie_limit(0.0) == pytest.approx(1e-6)
+    assert _tie_limit(5e-4) == pytest.approx(1.5e-3 + 1e-6)  # within the exact range: best + 1e-3

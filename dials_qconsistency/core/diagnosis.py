@@ -202,6 +202,17 @@ def _significant(key, fit) -> bool:
     return False
 
 
+#: Fits "as good as the best": those that leave of the residual within 5% of
+#: what the best leaves, or, where the best explains all but rounding (a ratio
+#: under 1e-3: calculated positions), anything up to 10 times that.
+TIE_RELATIVE, TIE_EXACT = 0.05, 1e-3
+
+
+def _tie_limit(best: float) -> float:
+    """The largest ratio that ties with the best one (see TIE_RELATIVE)."""
+    return max((1 + TIE_RELATIVE) * best, min(10 * best, best + TIE_EXACT)) + 1e-6
+
+
 def diagnose_rows(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None,
                   source_mm=None, laue_rows=None, threads: int = 1) -> Diagnosis:
     """:func:`_diagnose_spots`, then, where the spots name nothing, what
@@ -360,7 +371,7 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
         # closest in q itself wins (stills' spots cannot tell q_z from -q_z), then
         # the simplest (a mirrored crystal also fits as flipped panels).
         best = ranked[0][0]
-        ties = [(r, order, key) for r, order, key in ranked if r <= 10 * best + 1e-6]
+        ties = [(r, order, key) for r, order, key in ranked if r <= _tie_limit(best)]
         closest = min(fits[key]["rms_delta_q_after"] for _, _, key in ties)
         ties = [t for t in ties if fits[t[2]]["rms_delta_q_after"] <= 1.5 * closest + ROUNDING]
         ranked = sorted(ties, key=lambda t: t[1])

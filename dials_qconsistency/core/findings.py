@@ -18,19 +18,22 @@ from dials_qconsistency.core.fits import LAB_AXES, axis_angle, hkl_expression, l
 #: Below this RMS |Δq| (Å⁻¹) the model is consistent to rounding.
 ROUNDING = 1e-9
 
-
+#: The smallest fitted rotation (degrees) named as a mistake.
 MIN_ANGLE_DEG = 0.005
 
-
+#: The smallest |scale - 1| named as a mistake.
 MIN_SCALE = 1e-5
 
-
+#: The smallest detector or panel shift (mm) named as a mistake.
 MIN_SHIFT_MM = 0.002
+#: A part of a detector shift (along or across the beam) under this fraction
+#: of the other part is not named on its own.
+SHIFT_PART_RATIO = 0.1
 
-
+#: The smallest panel tilt (degrees) named as a mistake.
 MIN_TILT_DEG = 0.01
 
-
+#: A tilt must move the panel's edge by this fraction of its origin's offset (see tilt_matters).
 TILT_OFFSET_RATIO = 0.25
 
 
@@ -193,14 +196,17 @@ def name_detector(fit, detector, beam_s0) -> list[Finding]:
 def name_shift(offset, detector, index, beam_s0) -> list[Finding]:
     """One translation of the whole detector (``offset``: model - data, lab mm):
     along the beam a distance error, across it a beam-centre shift, given along
-    panel ``index``'s fast and slow axes."""
+    panel ``index``'s fast and slow axes. The larger part comes first; a part
+    under MIN_SHIFT_MM, or under SHIFT_PART_RATIO of the other, is not named
+    (a shift across a beam 0.003 off the z axis has a 0.003 mm part along it)."""
     findings = []
     along_beam = geometry.unit(beam_s0)
     distance = float(offset @ along_beam)
     across = offset - distance * along_beam
-    if abs(distance) > MIN_SHIFT_MM:
+    across_mm = float(np.linalg.norm(across))
+    if abs(distance) > max(MIN_SHIFT_MM, SHIFT_PART_RATIO * across_mm):
         findings.append(Finding("detector_distance", f"the detector distance is off by {distance:+.3f} mm (model - data)", {"distance_mm": distance}))
-    if np.linalg.norm(across) > MIN_SHIFT_MM:
+    if across_mm > max(MIN_SHIFT_MM, SHIFT_PART_RATIO * abs(distance)):
         panel = detector.panels[index]
         beam_centre = [-float(across @ panel.fast), -float(across @ panel.slow)]
         findings.append(
@@ -211,7 +217,7 @@ def name_shift(offset, detector, index, beam_s0) -> list[Finding]:
                 {"offset_lab_mm": across.tolist(), "beam_centre_mm": beam_centre},
             )
         )
-    return findings
+    return sorted(findings, key=lambda f: -abs(f.size.get("distance_mm", across_mm)))
 
 
 def _vec(v, spec=".3f") -> str:

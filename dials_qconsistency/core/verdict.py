@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dials_qconsistency.core import geometry
-from dials_qconsistency.core.statistics import OFF_PANEL_MM, S1_NEITHER
+from dials_qconsistency.core.statistics import OFF_PANEL_PIXELS, S1_NEITHER
 from dials_qconsistency.core.row_statistics import sample_rows, take_rows
 from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import spot_lab_positions
@@ -130,11 +130,11 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
     if sigma_t is not None:
         checks["centroid_sigma_t_us"] = sigma_t
     others = [e.index for e in summary.experiments if e.s1_kind == S1_NEITHER]
-    off_panel = [e for e in summary.experiments if e.off_panel]
+    off_panel = [e for e in summary.experiments if e.off_panel > OFF_PANEL_SHARE * (e.delta_q["n"] or 0)]
     if off_panel:  # first: no fitted mistake explains a table of another detector
         reasons.insert(0,
             f"the table's positions of {sum(e.off_panel for e in off_panel)} rows lie off their panels (by more "
-            f"than {OFF_PANEL_MM:g} mm) in experiment(s) {_list([e.index for e in off_panel])}: the table was "
+            f"than {OFF_PANEL_PIXELS} pixels) in experiment(s) {_list([e.index for e in off_panel])}: the table was "
             "made with another detector than these models' (are these files a pair?)"
         )
     if others:
@@ -164,7 +164,8 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
                 reasons.append(
                     f"for {label} data q_bragg differs from the table's prediction by {worst:.3g} 1/Angstrom (RMS), "
                     f"beyond numerical precision ({PRECISION_Q:g})"
-                    + (f": check scan_varying.model_state ({_other_model_state(options.model_state)})"
+                    + (f": if these are the models the table was made with, check scan_varying.model_state "
+                       f"({_other_model_state(options.model_state)})"
                        if scan_varying and label == "rotation" else "")
                 )
         wavelength = summary.residuals.get("rms_wavelength_rel")
@@ -184,6 +185,11 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
            else "within what the centroids can resolve")
     return Verdict(True, f"CONSISTENT {how}: no mistake in frame, scale or detector is large against the "
                          "centroids' uncertainty", [], checks)
+
+
+#: A table is said to be of another detector when more than this share of an
+#: experiment's rows lie off their panels.
+OFF_PANEL_SHARE = 0.25
 
 
 def _other_model_state(state) -> str:
