@@ -64,7 +64,7 @@ def test_show_config_and_help(tmp_path):
 
 @pytest.mark.parametrize("words, levels", [
     (["-a", "2"], (2, 0)), (["-a2"], (2, 0)), (["-e1"], (0, 1)), (["-e", "1", "-a1"], (1, 1)),
-    (["--attributes-level=3"], (3, 0)), (["--expert-level", "2"], (0, 2)),
+    (["--attributes-level=3"], (3, 0)), (["--expert-level", "2"], (0, 2)), (["-a=2", "-e=1"], (2, 1)),
 ])
 def test_level_options_as_dials_parser_takes_them(words, levels):
     """-a/-e take their number joined or apart, as argparse does in DIALS."""

@@ -52,11 +52,11 @@ DIALS_OPTIONS_WITH_NUMBERS = {"-a": "attributes_level", "--attributes-level": "a
 
 
 def _numbered_option(arg):
-    """(option, value or None) for -a N, -a2, --attributes-level=2 and the
-    expert level alike, as argparse (DIALS' parser) takes them; None else."""
+    """(option, value or None) for -a N, -a2, -a=2, --attributes-level=2 and
+    the expert level alike, as argparse (DIALS' parser) takes them; None else."""
     if arg in DIALS_OPTIONS_WITH_NUMBERS:
         return arg, None
-    if arg.startswith("--") and "=" in arg:
+    if "=" in arg:
         option, value = arg.split("=", 1)
         return (option, value) if option in DIALS_OPTIONS_WITH_NUMBERS else None
     if arg[:2] in ("-a", "-e") and len(arg) > 2:

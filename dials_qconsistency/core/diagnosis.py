@@ -130,6 +130,7 @@ def _shift_candidate(lab, rays, q_spot, q_pixel, s0, q_bragg):
     return {
         "origin_offset_mm": (-shift).tolist(),  # model - data, lab, as a panel's origin_offset_mm
         "fitted_rows": int(rows.sum()),
+        "rows": int(rows.sum()),  # the rows its RMS is over
         "rms_before": vector_rms(q_spot[rows] - q_pixel[rows]),
         "rms_after": vector_rms(q_spot[rows] - q_after),
         "rms_delta_q_after": vector_rms(q_bragg[rows] - q_after),
@@ -173,6 +174,7 @@ def _detector_candidate(detector, xy, panel, rays, q_spot, q_pixel, s0, q_bragg)
     return {
         "panels": panels,
         "fitted_rows": sum(p["n"] for p in panels.values()),
+        "rows": int(rows.sum()),  # the rows its RMS is over: every row with a position
         "rms_before": vector_rms(q_spot[rows] - q_pixel[rows]),
         "rms_after": vector_rms(q_spot[rows] - q_after[rows]),
         "rms_delta_q_after": vector_rms(q_bragg[rows] - q_after[rows]),
@@ -359,7 +361,7 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
         (two in-plane coordinates a spot): a fit of p parameters to m numbers
         leaves (m - p)/m of pure noise, so p/m is not credited to it (a panel's
         plane fitted to 8 spots halves their noise)."""
-        equations = 2 * rows.size
+        equations = 2 * fit.get("rows", rows.size)
         if fit["rms_before"] <= 0 or fit["parameters"] >= equations:
             return 1.0
         return fit["rms_after"] / fit["rms_before"] * math.sqrt(equations / (equations - fit["parameters"]))
