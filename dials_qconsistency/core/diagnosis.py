@@ -121,11 +121,11 @@ def _shift_candidate(lab, rays, q_spot, q_pixel, s0, q_bragg):
         return None
     x, r = lab[rows], geometry.unit(rays[rows])
     weight = 1.0 / geometry.rowdot(x, x)
-    projector = np.eye(3) - r[:, :, None] * r[:, None, :]  # (n, 3, 3)
-    normal = np.einsum("n,nij->ij", weight, projector)
+    weighted_r = r * weight[:, None]
+    normal = weight.sum() * np.eye(3) - weighted_r.T @ r  # Σ w·P, without the (n, 3, 3) P
     if np.linalg.cond(normal) > 1e12:
         return None
-    shift = -np.linalg.solve(normal, np.einsum("n,nij,nj->i", weight, projector, x))
+    shift = -np.linalg.solve(normal, weight @ x - geometry.rowdot(r, x) @ weighted_r)  # Σ w·P·x
     q_after = geometry.q_from_lab_position(x + shift, s0[rows])
     return {
         "origin_offset_mm": (-shift).tolist(),  # model - data, lab, as a panel's origin_offset_mm

@@ -130,11 +130,12 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
     if sigma_t is not None:
         checks["centroid_sigma_t_us"] = sigma_t
     others = [e.index for e in summary.experiments if e.s1_kind == S1_NEITHER]
-    off_panel = [e for e in summary.experiments if e.off_panel > OFF_PANEL_SHARE * (e.delta_q["n"] or 0)]
+    off_panel = [e for e in summary.experiments if e.off_panel > OFF_PANEL_SHARE]
     if off_panel:  # first: no fitted mistake explains a table of another detector
         reasons.insert(0,
-            f"the table's positions of {sum(e.off_panel for e in off_panel)} rows lie off their panels (by more "
-            f"than {OFF_PANEL_PIXELS} pixels) in experiment(s) {_list([e.index for e in off_panel])}: the table was "
+            f"{'' if len(off_panel) == 1 else 'at least '}{min(e.off_panel for e in off_panel):.0%} of the table's "
+            f"positions lie off their panels (by more than {OFF_PANEL_PIXELS} pixels) in experiment(s) "
+            f"{_list([e.index for e in off_panel])}: the table was "
             "made with another detector than these models' (are these files a pair?)"
         )
     if others:
