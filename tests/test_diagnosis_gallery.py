@@ -171,3 +171,22 @@ def test_fits_tie_with_the_best_only_when_they_leave_as_much():
     assert 0.380 * 1.05 < _tie_limit(0.380) < 0.380 * 1.05 + 2e-6 and _tie_limit(0.380) < 0.430
     assert _tie_limit(1e-9) == pytest.approx(1e-8 + 1e-6) and _tie_limit(0.0) == pytest.approx(1e-6)
     assert _tie_limit(5e-4) == pytest.approx(1.5e-3 + 1e-6)  # within the exact range: best + 1e-3
+
+
+def test_the_beam_centre_is_given_on_the_panel_the_beam_meets():
+    """Three 20 x 20 mm panels 100 mm down the beam (s0 along -z): the beam
+    meets the middle one; moved 25 mm aside it meets none, and the nearest
+    edge wins; a panel behind the sample is never chosen."""
+    from types import SimpleNamespace
+
+    from dials_qconsistency.core.findings import beam_panel
+    from dials_qconsistency.model.experiment import Panel
+
+    def panel(x0, z=-100.0):
+        return Panel(f"x{x0}", np.array([x0, -10.0, z]), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]),
+                     np.array([0.1, 0.1]), np.array([200, 200]))
+
+    s0 = np.array([0, 0, -1.0])
+    assert beam_panel(SimpleNamespace(panels=[panel(-40.0), panel(-10.0), panel(20.0)]), s0) == 1
+    assert beam_panel(SimpleNamespace(panels=[panel(-60.0), panel(-35.0), panel(3.0)]), s0) == 2  # 3 mm vs 15 mm off
+    assert beam_panel(SimpleNamespace(panels=[panel(-10.0, z=100.0), panel(5.0)]), s0) == 1

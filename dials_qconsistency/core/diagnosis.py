@@ -36,6 +36,7 @@ from dials_qconsistency.core.findings import (
     ROUNDING,
     Finding,
     MIN_FLIGHT_PATH_MM,
+    beam_panel,
     name_detector,
     name_shift,
     name_time_of_flight,
@@ -386,7 +387,8 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     elif key == "detector":
         findings = name_detector(fit, detector, s0.mean(axis=0))
     elif key == "detector_shift":
-        findings = name_shift(np.asarray(fit["origin_offset_mm"]), detector, 0, s0.mean(axis=0))
+        beam = s0.mean(axis=0)
+        findings = name_shift(np.asarray(fit["origin_offset_mm"]), detector, beam_panel(detector, beam), beam)
     else:
         findings = [name_rotation(key, fit, experiment)]
     for finding in findings:

@@ -193,6 +193,21 @@ def name_detector(fit, detector, beam_s0) -> list[Finding]:
     return findings + name_shift(mean_offset, detector, next(iter(flat)), beam_s0)
 
 
+def beam_panel(detector, beam_s0) -> int:
+    """The panel the direct beam meets (or, if none, the one it passes
+    nearest, in mm beyond its edge): the beam centre is given along its axes."""
+    def miss_mm(panel):
+        x, y, w = np.linalg.solve(panel.d_matrix, geometry.unit(beam_s0))
+        if w <= 0:  # the beam runs away from the panel's plane
+            return np.inf
+        extent = np.asarray(panel.image_size, dtype=float) * np.asarray(panel.pixel_size, dtype=float)
+        beyond = np.maximum(np.maximum(-np.array([x / w, y / w]), np.array([x / w, y / w]) - extent), 0.0)
+        return float(np.hypot(*beyond))
+
+    misses = [miss_mm(panel) for panel in detector.panels]
+    return int(np.argmin(misses)) if np.isfinite(min(misses)) else 0
+
+
 def name_shift(offset, detector, index, beam_s0) -> list[Finding]:
     """One translation of the whole detector (``offset``: model - data, lab mm):
     along the beam a distance error, across it a beam-centre shift, given along
