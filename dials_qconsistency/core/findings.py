@@ -156,7 +156,7 @@ def tilt_matters(p, panel) -> bool:
     more? (A small tilt fitted on a panel moved by millimetres is the fit's noise.)"""
     if p["tilt_deg"] <= MIN_TILT_DEG:
         return False
-    half_diagonal = 0.5 * float(np.linalg.norm(np.asarray(panel.image_size) * np.asarray(panel.pixel_size)))
+    half_diagonal = 0.5 * float(np.linalg.norm(panel.size_mm))
     return math.radians(p["tilt_deg"]) * half_diagonal >= TILT_OFFSET_RATIO * float(np.linalg.norm(p["origin_offset_mm"]))
 
 
@@ -200,8 +200,7 @@ def beam_panel(detector, beam_s0) -> int:
         x, y, w = np.linalg.solve(panel.d_matrix, geometry.unit(beam_s0))
         if w <= 0:  # the beam runs away from the panel's plane
             return np.inf
-        extent = np.asarray(panel.image_size, dtype=float) * np.asarray(panel.pixel_size, dtype=float)
-        beyond = np.maximum(np.maximum(-np.array([x / w, y / w]), np.array([x / w, y / w]) - extent), 0.0)
+        beyond = np.maximum(np.maximum(-np.array([x / w, y / w]), np.array([x / w, y / w]) - panel.size_mm), 0.0)
         return float(np.hypot(*beyond))
 
     misses = [miss_mm(panel) for panel in detector.panels]

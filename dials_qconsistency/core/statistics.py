@@ -87,7 +87,7 @@ def share_off_their_panels(result: QResult, detector, rows) -> float:
     if not rows.size:
         return 0.0
     pixel = np.array([np.asarray(p.pixel_size, dtype=float) for p in detector.panels])
-    extent = np.array([np.asarray(p.image_size, dtype=float) for p in detector.panels]) * pixel
+    extent = np.array([p.size_mm for p in detector.panels])
     panel, xy = result.panel[rows], result.position_mm[rows]
     off = (xy < -OFF_PANEL_PIXELS * pixel[panel]) | (xy > extent[panel] + OFF_PANEL_PIXELS * pixel[panel])
     return float(np.count_nonzero(off.any(axis=1))) / rows.size

@@ -79,6 +79,11 @@ class Panel:
     def normal(self) -> np.ndarray:
         return np.cross(self.fast, self.slow)
 
+    @property
+    def size_mm(self) -> np.ndarray:
+        """The panel's extent (fast, slow) in mm: image size times pixel size."""
+        return np.asarray(self.image_size, dtype=float) * np.asarray(self.pixel_size, dtype=float)
+
 
 @dataclass
 class PanelGroup:

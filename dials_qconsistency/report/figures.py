@@ -55,7 +55,7 @@ def project(lab, basis):
 
 
 def panel_outline(panel, basis):
-    size = panel.image_size * panel.pixel_size
+    size = panel.size_mm
     corners = np.array([[0, 0], [size[0], 0], [size[0], size[1]], [0, size[1]]], dtype=float)
     return project(geometry.lab_coordinates(panel.origin, panel.fast, panel.slow, corners), basis)
 
