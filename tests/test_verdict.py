@@ -179,6 +179,35 @@ def test_a_table_of_other_models_is_inconsistent_on_both_backends(shared, tmp_pa
     assert "fail_if: the verdict is inconsistent" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_wrong_pairing_leads_with_other_models_not_with_a_poor_fit(shared, tmp_path, monkeypatch, backend):
+    """The SSX stills' models with the PILATUS sweep's table: its positions stay
+    on the (large) panel, so nothing lies off it, and the best fit (panel 0
+    tilted 66.7°) still leaves 0.06 1/Angstrom RMS, some 300 x σ_q: the headline
+    says the table was made with other models and the fit follows, marked as
+    leaving that much unexplained. A deliberate 1 mm shift in the refined sweep's
+    model is explained to the centroid noise (observed positions): it leads."""
+    status, verdict, _ = run_verdict(
+        tmp_path, monkeypatch, shared("ssx_CuNiR_test_data", "integrated.expt"),
+        shared("centroid_test_data", "integrated.refl"), backend=backend,
+    )
+    assert verdict["headline"].startswith("INCONSISTENT: the table's s1 matches neither spot position in experiment(s) 0"), verdict
+    fitted = [r for r in verdict["reasons"] if r.startswith("pooled: ")]
+    left = re.search(r"and leaves ([0-9.e-]+) 1/Angstrom RMS, (\d+) x, unexplained\)$", fitted[0])
+    assert left and float(left.group(1)) > 0.01 and int(left.group(2)) > 100, fitted
+    assert [entry["unexplained"] for entry in verdict["checks"]["named"] if entry["large"]][:1] == [True]
+
+    document = json.load(open(shared("dials_current", "centroid_refined.expt")))
+    document["detector"][0]["hierarchy"]["origin"][0] += 1.0
+    (tmp_path / "moved.expt").write_text(json.dumps(document))
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, str(tmp_path / "moved.expt"),
+                                     shared("dials_current", "centroid_refined.refl"), "q_pixel.source=observed",
+                                     backend=backend)
+    assert verdict["headline"].startswith("INCONSISTENT: pooled: the detector is shifted across the beam"), verdict
+    assert "unexplained" not in " ".join(verdict["reasons"])
+    assert verdict["reasons"][-1].startswith("the table's s1 matches neither spot position")
+
+
 def test_mean_gates_stay_beside_the_verdict(shared, tmp_path, monkeypatch):
     """A consistent model can still fail a mean |delta_q| bound the user sets."""
     status, verdict, _ = run_verdict(tmp_path, monkeypatch, shared("dials_current", "cspad_stills_refined.expt"),

@@ -21,6 +21,11 @@ own √((px² + py²)/12) where the table has no variances) turned into Å⁻¹ 
 spot's distance |L| from the sample. With observed positions the normalised
 residuals (in-plane residual over σ along each panel axis, as refinement
 weights them) are reported too.
+
+The headline is the first reason: positions off their panels (a table of
+another detector), then a named mistake, then the failed checks. A named
+mistake that leaves more than ``UNEXPLAINED`` σ_q (RMS) of a table whose s1
+matches neither position does not explain it: "made with other models" leads.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ PRECISION_WAVELENGTH = 1e-7
 LARGE = 0.25
 #: σ_q is the median over at most this many used rows (an even sample).
 SAMPLE = 100_000
+#: A fitted mistake that leaves more than this many σ_q (RMS) unexplained does
+#: not account for a table whose s1 matches neither position: that table was
+#: made with other models, and the verdict says so first.
+UNEXPLAINED = 10
 
 
 @dataclass
@@ -139,10 +148,12 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
             "made with another detector than these models' (are these files a pair?)"
         )
     if others:
-        reasons.append(
-            f"the table's s1 matches neither spot position in experiment(s) {_list(others)}: the table was made "
-            "with other models than these"
-        )
+        other_models = (f"the table's s1 matches neither spot position in experiment(s) {_list(others)}: the table "
+                        "was made with other models than these")
+        # A fit that leaves most of a wrong pairing unexplained does not lead.
+        leading = next((entry for entry in named if entry["large"]), None)
+        poor_fit = leading is not None and leading["unexplained"]
+        reasons.insert((1 if off_panel else 0) if poor_fit else len(reasons), other_models)
     if options.q_pixel_source == "calculated":
         in_plane = summary.residuals.get("rms_in_plane_mm")
         checks["rms_in_plane_mm"] = in_plane
@@ -216,16 +227,23 @@ def _named_mistakes(diagnoses, sigma_q, sigma_t=None) -> list[tuple[dict, str | 
             effect = _effect(diagnosis, finding)
             sigma, what, unit = (sigma_t, "times of flight", "us") if timing else (sigma_q, "spots", "1/Angstrom")
             large = effect is None or sigma is None or effect >= LARGE * sigma
+            left = None if timing else finding.size.get("rms_after_fit")
+            unexplained = bool(left is not None and sigma and left > UNEXPLAINED * sigma)
             reason = None
             if large:
                 reason = f"{diagnosis.scope}: {finding.message}"
                 if effect is not None and sigma:
-                    ratio = effect / sigma
-                    times = f"{ratio:.1f}" if ratio < 100 else f"{ratio:.0f}"
-                    reason += f" (it moves the {what} by {effect:.3g} {unit} RMS, {times} x the centroids' uncertainty)"
+                    reason += f" (it moves the {what} by {effect:.3g} {unit} RMS, {_times(effect / sigma)} x the centroids' uncertainty"
+                    if unexplained:
+                        reason += f", and leaves {left:.3g} {unit} RMS, {_times(left / sigma)} x, unexplained"
+                    reason += ")"
             out.append(({"scope": diagnosis.scope, "mistake": finding.mistake, "message": finding.message,
-                         "moves_spots_by": effect, "large": bool(large)}, reason))
+                         "moves_spots_by": effect, "large": bool(large), "unexplained": unexplained}, reason))
     return out
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.1f}" if ratio < 100 else f"{ratio:.0f}"
 
 
 def _effect(diagnosis, finding) -> float | None:
