@@ -261,3 +261,32 @@ def test_copies_of_one_mistake_in_every_still_are_named_once_for_all(shared, tmp
         distance = [f for f in scope["findings"] if f["mistake"] == "detector_distance"]
         tolerance = 0.1 if scope["scope"] == "pooled" else 0.25
         assert distance and abs(distance[0]["size"]["distance_mm"] - 2.0) < tolerance, scope["scope"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rotation_table_taken_as_stills_is_noted(shared, tmp_path, monkeypatch, backend):
+    """The refined sweep's models without goniometer and scan are stills, with
+    q_bragg = A.h: the note says that the table's calculated rotation angles
+    vary, over the sweep's predictions (-7.28 to 4.89 deg, read from the table
+    here). Real stills (angles all 0) have no such note."""
+    monkeypatch.chdir(tmp_path)
+    document = json.load(open(shared("dials_current", "centroid_refined.expt")))
+    for experiment in document["experiment"]:
+        del experiment["goniometer"], experiment["scan"]
+    document["goniometer"], document["scan"] = [], []
+    (tmp_path / "still.expt").write_text(json.dumps(document))
+    refl = shared("dials_current", "centroid_refined.refl")
+    main([str(tmp_path / "still.expt"), refl, "output.reflections=None", "output.plots=None",
+          f"output.json={tmp_path / 'qc.json'}", f"backend={backend}"])
+    from dials_qconsistency.io.refl import ReflectionTable
+
+    table = ReflectionTable.from_file(refl)
+    indexed = (table.get("id") >= 0) & np.any(table.get("xyzcal.mm")[:, :2] != 0, axis=1)
+    angles = np.degrees(table.get("xyzcal.mm")[indexed, 2])
+    notes = [note for note in json.load(open(tmp_path / "qc.json"))["notes"] if "rotation angles" in note]
+    assert notes == [f"experiment 0 is a still (no goniometer and rotation scan), so q_bragg = A.h, yet its rows' "
+                     f"rotation angles (xyzcal.mm z) run from {angles.min():.3g} to {angles.max():.3g} deg: a rotation "
+                     "table whose models lost their goniometer and scan?"]
+    main([shared("ssx_CuNiR_test_data", "indexed.expt"), shared("ssx_CuNiR_test_data", "indexed.refl"),
+          "output.reflections=None", "output.plots=None", f"output.json={tmp_path / 'qc.json'}", f"backend={backend}"])
+    assert not [note for note in json.load(open(tmp_path / "qc.json"))["notes"] if "rotation angles" in note]

@@ -242,6 +242,10 @@ def compute_q(
         check_experiment(experiment, index, panel, table.phi, rows, path, experiments_path or path)
         if experiment.is_laue:
             check_wavelengths(experiment, index, table.wavelength[rows], rows, path)
+        if experiment.kind == "still":
+            note = _rotation_angles_note(table.phi[rows], index, phi_column)
+            if note:
+                result.notes.append(note)
         _compute_experiment(experiment, rows, table, options, result)
         if experiment.kind == "tof" and experiment.beam.sample_to_source_distance > 0:
             if result.tof is None:
@@ -255,6 +259,17 @@ def compute_q(
         result.notes.append(_s0_cal_note(np.asarray(columns["s0_cal"], dtype=float), result,
                                          polychromatic_rows(experiments, result.experiment)))
     return result
+
+
+def _rotation_angles_note(phi, index, column) -> str | None:
+    """A note when the rows of a still (no goniometer or scan) have rotation
+    angles (``phi``, radians) that vary: a rotation table taken as stills."""
+    low, high = (float(np.degrees(v)) for v in (phi.min(), phi.max()))
+    if low == high:
+        return None
+    return (f"experiment {index} is a still (no goniometer and rotation scan), so q_bragg = A.h, yet its rows' "
+            f"rotation angles ({column} z) run from {low:.3g} to {high:.3g} deg: a rotation table whose models lost "
+            "their goniometer and scan?")
 
 
 def _s0_cal_note(s0_cal, result, laue) -> str:
