@@ -99,6 +99,8 @@ def parse_arguments(args, phil, accept_reflections=True):
             try:
                 sources.append(interpreter.process(arg=arg))
             except Exception as error:
+                if str(error).startswith("Unknown command line parameter definition"):  # libtbx names the last part only
+                    error = f"there is no parameter {arg.split('=', 1)[0].strip()!r} (-c -a2 lists them)"
                 raise QConsistencyError(f"bad parameter {arg!r}: {error}") from None
         elif arg.endswith(REFLECTION_EXTENSIONS) and accept_reflections:
             reflections.append(arg)
