@@ -66,7 +66,10 @@ def test_backend_choice_is_read_from_words_and_phil_files(tmp_path):
     assert choice(["nproc=0"])[1].startswith("bad parameter")
     # libtbx says "Unknown command line parameter definition: param = 3", the last part of the name only
     assert choice(["nosuch.param=3"])[1] == ("bad parameter 'nosuch.param=3': there is no parameter 'nosuch.param' "
-                                             "(-c -a2 lists them)")
+                                             "(-c -e1 lists them all)")
+    assert choice(["nosuch.param = 3"])[1].endswith("there is no parameter 'nosuch.param' (-c -e1 lists them all)")
+    assert choice(["output { nosuch=3 }"])[1] == ("bad parameter 'output { nosuch=3 }': Unknown command line "
+                                                  "parameter definition: nosuch = 3")  # libtbx's own words
     assert choice(["-e", "x"]) == ("auto", "option -e needs a whole number")
     assert choice([]) == ("auto", None)  # libtbx.phil's Auto
     _, arguments, _ = peek_backend(["a.expt", "b.refl", "-a", "2", "-vv"], phil_scope)

@@ -184,6 +184,14 @@ def _(folder):
     return args, path, "no dials::af::reflection_table header"
 
 
+@case("an unknown parameter in a PHIL file")
+def _(folder):
+    path = os.path.join(folder, "bad.phil")
+    open(path, "w").write("output.json = qc.json\nnosuch.param = 3\n")
+    return [shared_path(QUARTZ, ".expt"), shared_path(QUARTZ, ".refl"), path], path, (
+        "line 2: there is no parameter 'nosuch.param' (-c -e1 lists them all)")
+
+
 #: Cases that change one node of the decoded quartz table: (name, path to the node,
 #: new value or a function of the old one, message fragment or a function of the
 #: unchanged table giving it).

@@ -13,6 +13,7 @@ import functools
 import gc
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -64,6 +65,10 @@ def _numbered_option(arg):
     return None
 
 
+#: Where an unknown parameter's error sends the user.
+LISTED = "-c -e1 lists them all"
+
+
 def parse_arguments(args, phil, accept_reflections=True):
     """Files by type, PHIL files and key=value words; the options DIALS
     programs take (-c, -h, -a N, -e N, -v)."""
@@ -99,8 +104,9 @@ def parse_arguments(args, phil, accept_reflections=True):
             try:
                 sources.append(interpreter.process(arg=arg))
             except Exception as error:
-                if str(error).startswith("Unknown command line parameter definition"):  # libtbx names the last part only
-                    error = f"there is no parameter {arg.split('=', 1)[0].strip()!r} (-c -a2 lists them)"
+                name = re.match(r"\s*([\w.]+)\s*=", arg)
+                if name and str(error).startswith("Unknown command line parameter definition"):
+                    error = f"there is no parameter {name.group(1)!r} ({LISTED})"  # libtbx names its last part only
                 raise QConsistencyError(f"bad parameter {arg!r}: {error}") from None
         elif arg.endswith(REFLECTION_EXTENSIONS) and accept_reflections:
             reflections.append(arg)
@@ -113,10 +119,15 @@ def parse_arguments(args, phil, accept_reflections=True):
         else:
             raise QConsistencyError("is not an experiment list (.expt)", arg)
     try:
-        working = phil.fetch(sources=sources)
+        working, unused = phil.fetch(sources=sources, track_unused_definitions=True)
         params = working.extract()
     except Exception as error:
         raise QConsistencyError(f"bad parameter: {error}") from None
+    if unused:  # in a PHIL file (the command line's are refused above), as DIALS' parser refuses them
+        word = unused[0].object.words[0] if unused[0].object.words else None
+        where = f"line {word.line_number}: " if word is not None else ""
+        raise QConsistencyError(f"{where}there is no parameter {unused[0].path!r} ({LISTED})",
+                                word.source_info if word is not None else None)
     diff = phil.fetch_diff(source=working).as_str()
     arguments = Arguments(params, experiments, reflections, show_config, show_help, diff)
     arguments.levels, arguments.verbosity = levels, verbosity
