@@ -284,9 +284,74 @@ def test_a_rotation_table_taken_as_stills_is_noted(shared, tmp_path, monkeypatch
     indexed = (table.get("id") >= 0) & np.any(table.get("xyzcal.mm")[:, :2] != 0, axis=1)
     angles = np.degrees(table.get("xyzcal.mm")[indexed, 2])
     notes = [note for note in json.load(open(tmp_path / "qc.json"))["notes"] if "rotation angles" in note]
-    assert notes == [f"experiment 0 is a still (no goniometer and rotation scan), so q_bragg = A.h, yet its rows' "
+    assert notes == [f"experiment 0 is a still (no goniometer and no scan), so q_bragg = A.h, yet its rows' "
                      f"rotation angles (xyzcal.mm z) run from {angles.min():.3g} to {angles.max():.3g} deg: a rotation "
-                     "table whose models lost their goniometer and scan?"]
+                     "table whose models lost their rotation?"]
     main([shared("ssx_CuNiR_test_data", "indexed.expt"), shared("ssx_CuNiR_test_data", "indexed.refl"),
           "output.reflections=None", "output.plots=None", f"output.json={tmp_path / 'qc.json'}", f"backend={backend}"])
     assert not [note for note in json.load(open(tmp_path / "qc.json"))["notes"] if "rotation angles" in note]
+
+
+def _judged(kinds, findings, sigma_q=1e-4, before=1e-2):
+    """judge() on a made-up summary: an experiment per s1 kind in ``kinds``
+    (True: s1 matches neither position), stills with calculated positions; the
+    diagnoses (scope, mistake, RMS left after its fit in Å⁻¹, or a
+    time-of-flight finding when that is None), each fitted from ``before``."""
+    from types import SimpleNamespace
+
+    from dials_qconsistency.core.diagnosis import Diagnosis
+    from dials_qconsistency.core.findings import Finding
+    from dials_qconsistency.core.statistics import S1_NEITHER, S1_PREDICTED, ExperimentSummary, Summary
+    from dials_qconsistency.core.verdict import judge
+
+    stats = {"n": 10, "rms": 1e-3}
+    experiments = [ExperimentSummary(i, "still", stats, S1_NEITHER if neither else S1_PREDICTED, 0.0, None, None, 0)
+                   for i, neither in enumerate(kinds)]
+    summary = Summary(10, {}, stats, "", experiments, residuals={"rms_in_plane_mm": 0.0})
+    diagnoses = []
+    for scope, mistake, left in findings:
+        size = ({"rms_after_fit": left} if left is not None
+                else {"rms_time_before_us": 50.0, "rms_time_after_us": 1.0})
+        diagnoses.append(Diagnosis(scope, 10, 1e-3, False, 10, before, findings=[Finding(mistake, mistake, size)]))
+    options = SimpleNamespace(q_pixel_source="calculated", phi="calculated", model_state="refinement")
+    return judge(summary, options, diagnoses, sigma_q=sigma_q, sigma_t=2.0)
+
+
+OTHER_MODELS = "the table's s1 matches neither spot position"
+
+
+@pytest.mark.parametrize("left, leads", [(9e-4, "pooled: "), (11e-4, OTHER_MODELS)])
+def test_other_models_lead_only_beyond_ten_sigma_left_by_the_fit(left, leads):
+    """σ_q = 1e-4: a fit leaving 9 σ_q still leads, one leaving 11 σ_q follows
+    "made with other models", and says what it leaves."""
+    verdict = _judged([True], [("pooled", "detector_distance", left)])
+    assert verdict.reasons[0].startswith(leads), verdict.reasons
+    fitted = next(r for r in verdict.reasons if r.startswith("pooled: "))
+    assert ("and leaves 0.0011 1/Angstrom RMS, 11.0 x, unexplained" in fitted) == (left > 1e-3), fitted
+    (entry,) = verdict.checks["named"]
+    assert entry["left_after_fit"] == left and entry["unexplained"] == (left > 1e-3)
+
+
+@pytest.mark.parametrize("sigma_q", [None, 0.0])
+def test_without_a_centroid_uncertainty_a_fit_keeps_the_lead(sigma_q):
+    verdict = _judged([True], [("pooled", "detector_distance", 5e-3)], sigma_q=sigma_q)
+    assert verdict.reasons[0].startswith("pooled: ") and verdict.reasons[1].startswith(OTHER_MODELS)
+    assert verdict.checks["named"][0]["unexplained"] is False
+
+
+def test_a_time_of_flight_finding_is_not_judged_by_what_its_spots_leave():
+    verdict = _judged([True], [("pooled", "flight_path", None)])
+    assert verdict.reasons[0].startswith("pooled: ") and verdict.checks["named"][0]["left_after_fit"] is None
+
+
+def test_only_a_poor_fit_of_an_experiment_whose_s1_matches_neither_gives_up_the_lead():
+    """Experiment 0's s1 is its own, experiment 1's matches neither: a poor fit
+    in experiment 0 keeps the lead (its s1 does not say "other models"); a poor
+    fit in experiment 1 gives it up; a good fit in experiment 1 keeps it."""
+    poor_0 = _judged([False, True], [("experiment 0", "crystal_orientation", 5e-3),
+                                     ("experiment 1", "detector_distance", 1e-5)])
+    assert poor_0.reasons[0].startswith("experiment 0: ") and poor_0.reasons[-1].startswith(OTHER_MODELS)
+    poor_1 = _judged([False, True], [("experiment 1", "detector_distance", 5e-3)])
+    assert poor_1.reasons[0].startswith(OTHER_MODELS + " in experiment(s) 1:")
+    good_1 = _judged([False, True], [("experiment 1", "detector_distance", 1e-5)])
+    assert good_1.reasons[0].startswith("experiment 1: ")

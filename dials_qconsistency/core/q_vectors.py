@@ -243,7 +243,7 @@ def compute_q(
         if experiment.is_laue:
             check_wavelengths(experiment, index, table.wavelength[rows], rows, path)
         if experiment.kind == "still":
-            note = _rotation_angles_note(table.phi[rows], index, phi_column)
+            note = _rotation_angles_note(table.phi[rows], index, experiment, phi_column)
             if note:
                 result.notes.append(note)
         _compute_experiment(experiment, rows, table, options, result)
@@ -261,15 +261,17 @@ def compute_q(
     return result
 
 
-def _rotation_angles_note(phi, index, column) -> str | None:
-    """A note when the rows of a still (no goniometer or scan) have rotation
-    angles (``phi``, radians) that vary: a rotation table taken as stills."""
+def _rotation_angles_note(phi, index, experiment, column) -> str | None:
+    """A note when the rows of a still (``experiment`` without a goniometer, a
+    scan, or a scan that turns) have rotation angles (``phi``, radians) that
+    vary: a rotation table taken as stills."""
     low, high = (float(np.degrees(v)) for v in (phi.min(), phi.max()))
     if low == high:
         return None
-    return (f"experiment {index} is a still (no goniometer and rotation scan), so q_bragg = A.h, yet its rows' "
-            f"rotation angles ({column} z) run from {low:.3g} to {high:.3g} deg: a rotation table whose models lost "
-            "their goniometer and scan?")
+    lacks = [name for name, model in (("goniometer", experiment.goniometer), ("scan", experiment.scan)) if model is None]
+    why = f"no {' and no '.join(lacks)}" if lacks else "its scan does not turn"
+    return (f"experiment {index} is a still ({why}), so q_bragg = A.h, yet its rows' rotation angles ({column} z) "
+            f"run from {low:.3g} to {high:.3g} deg: a rotation table whose models lost their rotation?")
 
 
 def _s0_cal_note(s0_cal, result, laue) -> str:

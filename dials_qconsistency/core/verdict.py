@@ -23,9 +23,10 @@ residuals (in-plane residual over σ along each panel axis, as refinement
 weights them) are reported too.
 
 The headline is the first reason: positions off their panels (a table of
-another detector), then a named mistake, then the failed checks. A named
-mistake that leaves more than ``UNEXPLAINED`` σ_q (RMS) of a table whose s1
-matches neither position does not explain it: "made with other models" leads.
+another detector), then a named mistake, then the failed checks. When the
+leading named mistake (pooled, or of an experiment whose s1 matches neither
+position) still leaves more than ``UNEXPLAINED`` σ_q (RMS) after its fit, it
+does not explain the table: "made with other models" leads instead.
 """
 
 from __future__ import annotations
@@ -150,9 +151,11 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
     if others:
         other_models = (f"the table's s1 matches neither spot position in experiment(s) {_list(others)}: the table "
                         "was made with other models than these")
-        # A fit that leaves most of a wrong pairing unexplained does not lead.
+        # A leading fit, pooled or of such an experiment, that leaves more than
+        # UNEXPLAINED σ_q does not explain the table: "other models" leads.
+        scopes = {"pooled"} | {f"experiment {index}" for index in others}
         leading = next((entry for entry in named if entry["large"]), None)
-        poor_fit = leading is not None and leading["unexplained"]
+        poor_fit = leading is not None and leading["unexplained"] and leading["scope"] in scopes
         reasons.insert((1 if off_panel else 0) if poor_fit else len(reasons), other_models)
     if options.q_pixel_source == "calculated":
         in_plane = summary.residuals.get("rms_in_plane_mm")
@@ -213,7 +216,9 @@ def _other_model_state(state) -> str:
 
 def _named_mistakes(diagnoses, sigma_q, sigma_t=None) -> list[tuple[dict, str | None]]:
     """(what the diagnosis named, the reason it gives or None when the mistake is
-    small against σ_q); the pooled finding speaks for every experiment."""
+    small against σ_q); the pooled finding speaks for every experiment. Each
+    entry says whether the fit leaves more than ``UNEXPLAINED`` σ_q RMS
+    (``unexplained``) and how much (``left_after_fit``, Å⁻¹; spot fits only)."""
     diagnoses = diagnoses or []
     pooled_found = any(d.scope == "pooled" and f.mistake != "no_common_cause" for d in diagnoses for f in d.findings)
     out = []
@@ -238,7 +243,8 @@ def _named_mistakes(diagnoses, sigma_q, sigma_t=None) -> list[tuple[dict, str | 
                         reason += f", and leaves {left:.3g} {unit} RMS, {_times(left / sigma)} x, unexplained"
                     reason += ")"
             out.append(({"scope": diagnosis.scope, "mistake": finding.mistake, "message": finding.message,
-                         "moves_spots_by": effect, "large": bool(large), "unexplained": unexplained}, reason))
+                         "moves_spots_by": effect, "left_after_fit": left, "large": bool(large),
+                         "unexplained": unexplained}, reason))
     return out
 
 
