@@ -183,15 +183,17 @@ def test_a_table_of_other_models_is_inconsistent_on_both_backends(shared, tmp_pa
 def test_a_wrong_pairing_leads_with_other_models_not_with_a_poor_fit(shared, tmp_path, monkeypatch, backend):
     """The SSX stills' models with the PILATUS sweep's table: its positions stay
     on the (large) panel, so nothing lies off it, and the best fit (panel 0
-    tilted 66.7°) still leaves 0.06 1/Angstrom RMS, some 300 x σ_q: the headline
-    says the table was made with other models and the fit follows, marked as
-    leaving that much unexplained. A deliberate 1 mm shift in the refined sweep's
-    model is explained to the centroid noise (observed positions): it leads."""
+    tilted 66.7°) still leaves 0.06 1/Angstrom RMS, some 300 x σ_q: after the
+    rotation angles of a table of stills, the verdict says the table was made
+    with other models, and the fit follows, marked as leaving that much
+    unexplained. A deliberate 1 mm shift in the refined sweep's model is
+    explained to the centroid noise (observed positions): it leads."""
     status, verdict, _ = run_verdict(
         tmp_path, monkeypatch, shared("ssx_CuNiR_test_data", "integrated.expt"),
         shared("centroid_test_data", "integrated.refl"), backend=backend,
     )
-    assert verdict["headline"].startswith("INCONSISTENT: the table's s1 matches neither spot position in experiment(s) 0"), verdict
+    assert verdict["reasons"][0].startswith("experiment(s) 0 are stills (no goniometer and no scan"), verdict
+    assert verdict["reasons"][1].startswith("the table's s1 matches neither spot position in experiment(s) 0"), verdict
     fitted = [r for r in verdict["reasons"] if r.startswith("pooled: ")]
     left = re.search(r"and leaves ([0-9.e-]+) 1/Angstrom RMS, (\d+) x, unexplained\)$", fitted[0])
     assert left and float(left.group(1)) > 0.01 and int(left.group(2)) > 100, fitted
@@ -263,33 +265,44 @@ def test_copies_of_one_mistake_in_every_still_are_named_once_for_all(shared, tmp
         assert distance and abs(distance[0]["size"]["distance_mm"] - 2.0) < tolerance, scope["scope"]
 
 
+#: Rotation pairs whose models lose their goniometer (and scan) in the test below.
+TURNING = [("dials_current", "centroid_refined", ("goniometer", "scan")),
+           ("quartz_processed", "refined", ("goniometer",))]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_rotation_table_taken_as_stills_is_noted(shared, tmp_path, monkeypatch, backend):
-    """The refined sweep's models without goniometer and scan are stills, with
-    q_bragg = A.h: the note says that the table's calculated rotation angles
-    vary, over the sweep's predictions (-7.28 to 4.89 deg, read from the table
-    here). Real stills (angles all 0) have no such note."""
-    monkeypatch.chdir(tmp_path)
-    document = json.load(open(shared("dials_current", "centroid_refined.expt")))
+@pytest.mark.parametrize("folder, name, dropped", TURNING, ids=[f"{f}-{'+'.join(d)}" for f, _, d in TURNING])
+def test_a_rotation_table_taken_as_stills_leads_the_verdict(shared, tmp_path, monkeypatch, backend, folder, name,
+                                                            dropped):
+    """A refined sweep's models without their goniometer (and scan) are stills,
+    q_bragg = A.h. The quartz sweep's 100 deg then fit into the stills' Ewald
+    offsets as Δψ, and it was judged CONSISTENT: the verdict now leads with
+    the rows' rotation angles (their range read from the table here). Real
+    stills (angles all 0) have no such reason."""
+    document = json.load(open(shared(folder, name + ".expt")))
     for experiment in document["experiment"]:
-        del experiment["goniometer"], experiment["scan"]
-    document["goniometer"], document["scan"] = [], []
+        for model in dropped:
+            del experiment[model]
+    for model in dropped:
+        document[model] = []
     (tmp_path / "still.expt").write_text(json.dumps(document))
-    refl = shared("dials_current", "centroid_refined.refl")
-    main([str(tmp_path / "still.expt"), refl, "output.reflections=None", "output.plots=None",
-          f"output.json={tmp_path / 'qc.json'}", f"backend={backend}"])
+    refl = shared(folder, name + ".refl")
+    status, verdict, log = run_verdict(tmp_path, monkeypatch, str(tmp_path / "still.expt"), refl,
+                                       "fail_if.inconsistent=True", backend=backend)
     from dials_qconsistency.io.refl import ReflectionTable
 
-    table = ReflectionTable.from_file(refl)
-    indexed = (table.get("id") >= 0) & np.any(table.get("xyzcal.mm")[:, :2] != 0, axis=1)
-    angles = np.degrees(table.get("xyzcal.mm")[indexed, 2])
-    notes = [note for note in json.load(open(tmp_path / "qc.json"))["notes"] if "rotation angles" in note]
-    assert notes == [f"experiment 0 is a still (no goniometer and no scan), so q_bragg = A.h, yet its rows' "
-                     f"rotation angles (xyzcal.mm z) run from {angles.min():.3g} to {angles.max():.3g} deg: a rotation "
-                     "table whose models lost their rotation?"]
-    main([shared("ssx_CuNiR_test_data", "indexed.expt"), shared("ssx_CuNiR_test_data", "indexed.refl"),
-          "output.reflections=None", "output.plots=None", f"output.json={tmp_path / 'qc.json'}", f"backend={backend}"])
-    assert not [note for note in json.load(open(tmp_path / "qc.json"))["notes"] if "rotation angles" in note]
+    table = ReflectionTable.from_file(refl)  # every indexed, predicted row
+    computed = (table.get("id") >= 0) & np.any(table.get("xyzcal.mm")[:, :2] != 0, axis=1)
+    angles = np.degrees(table.get("xyzcal.mm")[computed, 2])
+    lacks = "no goniometer and no scan" if "scan" in dropped else "no goniometer"
+    assert status == 2 and verdict["headline"] == (
+        f"INCONSISTENT: experiment(s) 0 are stills ({lacks}: q_bragg = A.h), yet their rows' rotation angles run "
+        f"from {angles.min():.3g} to {angles.max():.3g} deg: a rotation table (is the goniometer or the scan missing "
+        "from the .expt, or are these files not a pair?)" + (f" (and {len(verdict['reasons']) - 1} more)"
+                                                             if len(verdict["reasons"]) > 1 else ""))
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, shared("ssx_CuNiR_test_data", "indexed.expt"),
+                                     shared("ssx_CuNiR_test_data", "indexed.refl"), backend=backend)
+    assert verdict["consistent"] is True and "turning_stills" not in verdict["checks"]
 
 
 def _judged(kinds, findings, sigma_q=1e-4, before=1e-2):

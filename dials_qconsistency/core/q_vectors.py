@@ -114,6 +114,9 @@ class QResult:
     #: The same as a direction, row_statistics.direction_distance_rows, for
     #: polychromatic rows (|s1| is a wavelength); None without any or without xyzobs.mm.value.
     observed_direction_to_pred: np.ndarray | None = None
+    #: Still experiments whose rows' rotation angles vary: index -> (what the
+    #: models lack, lowest and highest angle in degrees): rotation tables.
+    turning_stills: dict = field(default_factory=dict)
 
     @classmethod
     def blank(cls, reason, experiment, panel, notes, observed=False, laue=False) -> "QResult":
@@ -243,9 +246,9 @@ def compute_q(
         if experiment.is_laue:
             check_wavelengths(experiment, index, table.wavelength[rows], rows, path)
         if experiment.kind == "still":
-            note = _rotation_angles_note(table.phi[rows], index, experiment, phi_column)
-            if note:
-                result.notes.append(note)
+            turning = _rotation_angles(table.phi[rows], experiment)
+            if turning:
+                result.turning_stills[index] = turning
         _compute_experiment(experiment, rows, table, options, result)
         if experiment.kind == "tof" and experiment.beam.sample_to_source_distance > 0:
             if result.tof is None:
@@ -261,17 +264,16 @@ def compute_q(
     return result
 
 
-def _rotation_angles_note(phi, index, experiment, column) -> str | None:
-    """A note when the rows of a still (``experiment`` without a goniometer, a
-    scan, or a scan that turns) have rotation angles (``phi``, radians) that
-    vary: a rotation table taken as stills."""
+def _rotation_angles(phi, experiment) -> tuple[str, float, float] | None:
+    """(what the models lack, lowest and highest angle in degrees) when the
+    rows of a still ``experiment`` (no goniometer, no scan, or a scan that
+    does not turn) have rotation angles (``phi``, radians) that vary: a
+    rotation table; else None."""
     low, high = (float(np.degrees(v)) for v in (phi.min(), phi.max()))
     if low == high:
         return None
     lacks = [name for name, model in (("goniometer", experiment.goniometer), ("scan", experiment.scan)) if model is None]
-    why = f"no {' and no '.join(lacks)}" if lacks else "its scan does not turn"
-    return (f"experiment {index} is a still ({why}), so q_bragg = A.h, yet its rows' rotation angles ({column} z) "
-            f"run from {low:.3g} to {high:.3g} deg: a rotation table whose models lost their rotation?")
+    return (f"no {' and no '.join(lacks)}" if lacks else "a scan that does not turn"), low, high
 
 
 def _s0_cal_note(s0_cal, result, laue) -> str:

@@ -105,6 +105,9 @@ class ExperimentSummary:
     outside_scan: int
     off_panel: float = 0.0
     residuals: dict = field(default_factory=dict)
+    #: A still whose rows' rotation angles vary: (what its models lack, lowest
+    #: and highest angle, degrees); None otherwise.
+    turning: tuple | None = None
 
 
 @dataclass
@@ -246,6 +249,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
                 outside_scan=test.outside_scan,
                 off_panel=test.off_panel,
                 residuals=dict(mine) if parts is not None else {},
+                turning=result.turning_stills.get(index),
             )
         )
     if parts is None or not used.any():

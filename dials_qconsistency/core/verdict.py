@@ -5,6 +5,10 @@ A model is called **consistent** when
 * the table's s1 belongs to these models: it ends at the calculated or the
   observed spot position (an s1 that matches neither means that the table was
   made with other models);
+* no still (models without a goniometer or a turning scan) has rows whose
+  rotation angles vary: that is a rotation table, whose models lost their
+  rotation (a 100° sweep fits into stills' Ewald offsets as Δψ, so nothing
+  else would show it);
 * with calculated positions, the model reproduces its own predictions to
   numerical precision: the model's spot lies on xyzcal.mm (in-plane RMS at most
   ``PRECISION_MM``) and, for rotation data at the calculated φ, q_bragg equals
@@ -141,12 +145,23 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
         checks["centroid_sigma_t_us"] = sigma_t
     others = [e.index for e in summary.experiments if e.s1_kind == S1_NEITHER]
     off_panel = [e for e in summary.experiments if e.off_panel > OFF_PANEL_SHARE]
+    turning = [e for e in summary.experiments if e.turning]
     if off_panel:  # first: no fitted mistake explains a table of another detector
         reasons.insert(0,
             f"{'' if len(off_panel) == 1 else 'at least '}{min(e.off_panel for e in off_panel):.0%} of the table's "
             f"positions lie off their panels (by more than {OFF_PANEL_PIXELS} pixels) in experiment(s) "
             f"{_list([e.index for e in off_panel])}: the table was "
             "made with another detector than these models' (are these files a pair?)"
+        )
+    if turning:  # then: a rotation table taken as stills, whatever its residuals
+        lacks = turning[0].turning[0]
+        low, high = min(e.turning[1] for e in turning), max(e.turning[2] for e in turning)
+        checks["turning_stills"] = [{"experiment": e.index, "lacks": e.turning[0], "phi_deg": list(e.turning[1:])}
+                                    for e in turning]
+        reasons.insert(bool(off_panel),
+            f"experiment(s) {_list([e.index for e in turning])} are stills ({lacks}: q_bragg = A.h), yet their rows' "
+            f"rotation angles run from {low:.3g} to {high:.3g} deg: a rotation table (is the goniometer or the scan "
+            "missing from the .expt, or are these files not a pair?)"
         )
     if others:
         other_models = (f"the table's s1 matches neither spot position in experiment(s) {_list(others)}: the table "
@@ -156,7 +171,7 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
         scopes = {"pooled"} | {f"experiment {index}" for index in others}
         leading = next((entry for entry in named if entry["large"]), None)
         poor_fit = leading is not None and leading["unexplained"] and leading["scope"] in scopes
-        reasons.insert((1 if off_panel else 0) if poor_fit else len(reasons), other_models)
+        reasons.insert(bool(off_panel) + bool(turning) if poor_fit else len(reasons), other_models)
     if options.q_pixel_source == "calculated":
         in_plane = summary.residuals.get("rms_in_plane_mm")
         checks["rms_in_plane_mm"] = in_plane
