@@ -192,6 +192,13 @@ def _(folder):
         "line 2: there is no parameter 'nosuch.param' (-c -e1 lists them all)")
 
 
+@case("a zero block width")
+def _(folder):
+    """0 divided the scan into blocks (ZeroDivisionError); 1e-9 asked for 745 GiB."""
+    return [shared_path(QUARTZ, ".expt"), shared_path(QUARTZ, ".refl"), "scan_varying.block_width=0"], None, (
+        "scan_varying.block_width element is less than the minimum allowed value: 0 < 0.001")
+
+
 #: Cases that change one node of the decoded quartz table: (name, path to the node,
 #: new value or a function of the old one, message fragment or a function of the
 #: unchanged table giving it).

@@ -119,9 +119,9 @@ scan_varying {
             "integrate for a table with rows DIALS flagged integrated_sum or"
             "integrated_prf (dials.integrate's output), else refinement."
   block_width = 1.0
-    .type = float(value_min=0, allow_none=False)
+    .type = float(value_min=0.001, allow_none=False)
     .help = "Block width in degrees, as dials.refine's"
-            "refinement.parameterisation.block_width."
+            "refinement.parameterisation.block_width (at least 0.001)."
 }
 output {
   reflections = q_consistency.refl
