@@ -87,6 +87,32 @@ def test_level_options_refused(words, message):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_help_twice_shows_the_configuration_as_dials_does(tmp_path, backend):
+    """-hh: the help, then the configuration (expert level 1, as DIALS' parser
+    shows it for -hh); was refused as an unknown option."""
+    done = run_command("-hh", cwd=tmp_path, backend=backend)
+    assert done.returncode == 0, done.stderr
+    assert "q_bragg = S . R(axis, phi) . F . A . h" in done.stdout
+    assert "Showing configuration parameters with:\n  attributes_level = 0\n  expert_level = 1\n" in done.stdout
+    assert "model_state = *auto refinement integrate" in done.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_phil_file_given_with_the_phil_option(tmp_path, backend):
+    """DIALS' --phil FILE (and --phil=FILE) reads a PHIL file as a bare one is;
+    was refused as an unknown option. A missing one is named."""
+    (tmp_path / "choices.txt").write_text("output.json = from_phil.json\nq_pixel.source = observed\n")
+    pair = os.path.join(EXAMPLES, "stills.expt"), os.path.join(EXAMPLES, "stills.refl")
+    for words in (["--phil", "choices.txt"], ["--phil=choices.txt"]):
+        done = run_command(*pair, *words, "output.reflections=None", cwd=tmp_path, backend=backend)
+        assert done.returncode == 0, done.stderr
+        assert "q_pixel from observed positions" in done.stdout and (tmp_path / "from_phil.json").exists()
+        (tmp_path / "from_phil.json").unlink()
+    done = run_command(*pair, "--phil", "missing.phil", cwd=tmp_path, backend=backend)
+    assert done.returncode == 1 and done.stderr == "dials.q_consistency: error: missing.phil: file not found\n"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_parameters_from_command_line(tmp_path, backend):
     out = tmp_path / "custom.refl"
     done = run_command(

@@ -69,11 +69,26 @@ def _numbered_option(arg):
 LISTED = "-c -e1 lists them all"
 
 
+def _phil_file(path: str):
+    """A PHIL file's parameters ('-': standard input's), or a one-line error naming it."""
+    if not path:
+        raise QConsistencyError("option --phil needs a file")
+    try:
+        if path == "-":
+            return libtbx.phil.parse(sys.stdin.read(), source_info="standard input")
+        with open(path) as handle:
+            return libtbx.phil.parse(handle.read(), source_info=path)
+    except FileNotFoundError:
+        raise QConsistencyError("file not found", path) from None
+    except Exception as error:  # libtbx raises several kinds
+        raise QConsistencyError(f"is not a valid PHIL file ({error})", path) from None
+
+
 def parse_arguments(args, phil, accept_reflections=True):
     """Files by type, PHIL files and key=value words; the options DIALS
     programs take (-c, -h, -a N, -e N, -v)."""
     sources, experiments, reflections = [], [], []
-    show_config = show_help = False
+    show_config, show_help = False, 0
     levels = {"attributes_level": 0, "expert_level": 0}
     verbosity = 0
     interpreter = phil.command_line_argument_interpreter(home_scope="")
@@ -81,8 +96,10 @@ def parse_arguments(args, phil, accept_reflections=True):
     for arg in words:
         if arg in ("-c", "--show-config"):
             show_config = True
-        elif arg in ("-h", "--help"):
-            show_help = True
+        elif arg == "--help" or (arg.startswith("-h") and set(arg[1:]) == {"h"}):
+            show_help += 1 if arg == "--help" else len(arg) - 1  # -hh: the help, then the configuration (as DIALS)
+        elif arg == "--phil" or arg.startswith("--phil="):  # DIALS' --phil FILE ('-': standard input)
+            sources.append(_phil_file(arg[len("--phil="):] if "=" in arg else next(words, "")))
         elif _numbered_option(arg):
             option, value = _numbered_option(arg)
             if value is None:
@@ -95,11 +112,7 @@ def parse_arguments(args, phil, accept_reflections=True):
         elif arg.startswith("-") and not os.path.exists(arg):
             raise QConsistencyError(f"unknown option {arg!r} (try -h)")
         elif os.path.isfile(arg) and arg.endswith((".phil", ".params", ".eff")):
-            try:
-                with open(arg) as handle:
-                    sources.append(libtbx.phil.parse(handle.read(), source_info=arg))
-            except Exception as error:  # libtbx raises several kinds
-                raise QConsistencyError(f"is not a valid PHIL file ({error})", arg) from None
+            sources.append(_phil_file(arg))
         elif "=" in arg and not os.path.exists(arg):
             try:
                 sources.append(interpreter.process(arg=arg))
@@ -150,6 +163,8 @@ def parse_or_show(args, phil, usage, help_message, accept_reflections=True):
     arguments = parse_arguments(args, phil, accept_reflections)
     if arguments.show_help or not args:
         print(f"Usage: {usage}\n{help_message}")
+        if arguments.show_help > 1:  # as DIALS: -hh shows the configuration, -hhh its expert level 1 too
+            show_config(phil, attributes_level=arguments.verbosity, expert_level=arguments.show_help - 1)
         return None
     if arguments.show_config:
         show_config(phil, **arguments.levels)
