@@ -164,7 +164,19 @@ def test_old_format_and_unindexed_tables_say_what_they_could_not_compute(shared,
     done = run_command(shared("ssx_CuNiR_test_data", "imported_with_ref_5.expt"), shared("ssx_CuNiR_test_data", "strong_5.refl"),
                        cwd=tmp_path, backend=backend)
     assert done.returncode == 0
-    assert "no Miller index (the table is not indexed)" in done.stdout and "Nothing to compare" in done.stdout
+    assert "no Miller index (the table is not indexed)" in done.stdout and done.stdout.count("Nothing to compare") == 1
+    assert "Diagnosis" not in done.stdout and "rotation angle" not in done.stdout  # 5 stills, nothing diagnosed
+    assert "Saved 759 rows with the q columns, NaN in every row (nothing to compare) to q_consistency.refl" in done.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_model_state_is_said_only_where_a_model_varies_along_its_scan(shared, tmp_path, backend):
+    static = run_command(shared("dials_current", "centroid_refined.expt"), shared("dials_current", "centroid_refined.refl"),
+                         "output.reflections=None", "output.html=None", cwd=tmp_path, backend=backend)
+    assert "q_pixel from calculated positions; q_bragg at the calculated rotation angle\n" in static.stdout
+    varying = run_command(shared("quartz_processed", "refined.expt"), shared("quartz_processed", "refined.refl"),
+                          "output.reflections=None", "output.html=None", cwd=tmp_path, backend=backend)
+    assert "q_bragg at the calculated rotation angle; scan-varying model state: refinement" in varying.stdout
 
 
 def test_centroid_indexed_is_not_a_false_failure(shared, tmp_path):

@@ -78,6 +78,11 @@ def test_merged_statistics_are_those_of_every_file_concatenated(real_inputs, tmp
                         "output.plots=None", "backend=standalone",  # run_core reads as the standalone backend
                         "rows=indexed"]) == 0  # every indexed row, as run_core gives them
     report = json.load(open("all.json"))
+    log = open("dials.q_consistency.log").read()
+    assert "largest mean |delta_q| (every file: the log, the HTML report, the JSON, the CSV):" in log
+    assert main(args + ["output.plots=None", "output.html=None", "output.log=bare.log", "output.reflections=None",
+                        "backend=standalone"]) == 0  # no CSV asked for: none named (it said "the log and the CSV")
+    assert "largest mean |delta_q| (every file: the log):" in open("bare.log").read()
     norms, counts = [], dict.fromkeys(REASONS, 0)
     expected_images = []
     for k, (expt, refl) in enumerate(real_inputs):

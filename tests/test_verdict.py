@@ -239,7 +239,7 @@ def test_statistics_are_about_the_rows_refinement_used_and_outliers_are_beside(s
     assert report["overall"]["delta_q"]["n"] == int(np.count_nonzero(flags & 8)) == 408
     assert report["overall"]["outliers"]["n"] == 568 - 408
     assert report["rows"]["indexed, not used in refinement"] == 160
-    assert "outliers           160" in log and "flag used_in_refinement" in log
+    assert "not used           160" in log and "flag used_in_refinement" in log
     run_verdict(tmp_path, monkeypatch, expt, refl, "rows=indexed")
     report = json.load(open(tmp_path / "qc.json"))
     assert report["overall"]["delta_q"]["n"] == 568 and report["overall"]["outliers"] is None

@@ -156,7 +156,10 @@ def _process_and_write(params, jobs, comm, options, logger) -> int:
         merged = merge(outcomes)
         verdict = campaign_verdict(merged)
         logger.info(verdict_text(verdict) + "\n")
-        logger.info(campaign_text(merged, outcomes, options))
+        every_file = ", ".join(["the log"] + [name for name, path in (("the HTML report", params.output.html),
+                                                                          ("the JSON", params.output.json),
+                                                                          ("the CSV", params.output.per_file_csv)) if path])
+        logger.info(campaign_text(merged, outcomes, options, every_file=every_file))
         logger.info("\nFigures, the residual analysis and the diagnosis are made for one pair at a time.")
         if params.output.json:
             report = {

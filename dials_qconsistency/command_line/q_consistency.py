@@ -288,14 +288,15 @@ def run(args=None, phil=phil_scope):
             logger.info(f"Read {len(pair.experiments)} experiment(s) from {expt_path}, {pair.table.nrows} rows from {refl_path}")
             checked = check_pair(pair, outputs, params.output.reflections, settings)
             logger.info(verdict_text(checked.verdict) + "\n")
-            logger.info(summary_text(checked.summary, pair.options))
-            logger.info(residuals_text(checked.summary))
-            logger.info(diagnosis_text(checked.diagnoses))
+            for text in (summary_text(checked.summary, pair.options), residuals_text(checked.summary),
+                         diagnosis_text(checked.diagnoses)):
+                if text:
+                    logger.info(text)
             if checked.replaced:
                 logger.info(existing_columns_note(checked.replaced, checked.parts.wavelength_rel is not None))
             figures = stage_reports(params, checked, outputs)
             outputs.commit()
-            log_saved(params, figures, pair.table.nrows)
+            log_saved(params, figures, pair.table.nrows, checked.summary.delta_q["n"])
             gate = gate_failure(checked.summary.delta_q, params.fail_if, checked.verdict)
             if gate:
                 logger.info(f"\nfail_if: {gate}")
@@ -346,7 +347,8 @@ def stage_reports(params, checked, outputs) -> list:
     return list(rendered)
 
 
-def log_saved(params, figures, nrows) -> None:
+def log_saved(params, figures, nrows, compared) -> None:
+    """What was saved where (``compared``: the rows with |Δq|; none: the q columns are NaN)."""
     if params.output.html:
         logger.info(f"\nSaved the HTML report to {params.output.html}")
     if params.output.json:
@@ -357,7 +359,9 @@ def log_saved(params, figures, nrows) -> None:
     if figures:
         logger.info(f"Saved {len(figures)} figures: {', '.join(figures)}")
     if params.output.reflections:
-        logger.info(f"\nSaved {nrows} rows with q_bragg, q_pixel, q_pred, delta_q and its parts to {params.output.reflections}")
+        what = ("with q_bragg, q_pixel, q_pred, delta_q and its parts" if compared else
+                "with the q columns, NaN in every row (nothing to compare)")
+        logger.info(f"\nSaved {nrows} rows {what} to {params.output.reflections}")
 
 
 def main(args=None):

@@ -125,6 +125,8 @@ class Summary:
     per_wavelength_band: list[dict] = field(default_factory=list)  # polychromatic rows only
     #: |Δq| statistics of the indexed rows refinement did not use (None: every indexed row is used)
     outliers: dict | None = None
+    rotation: bool = False  # some experiment is rotation data
+    scan_varying: bool = False  # some model of the experiments varies along its scan
 
 
 def resolution_shells(q_bragg, rows, n_shells: int):
@@ -230,7 +232,9 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
 
     (everything,) = stats["all"]
     overall = _delta_q_part(everything) if everything else norm_statistics(np.zeros(0))
-    summary = Summary(len(result.reason), counts, overall, "", notes=list(result.notes))
+    summary = Summary(len(result.reason), counts, overall, "", notes=list(result.notes),
+                      rotation=any(e.is_rotation for e in experiments),
+                      scan_varying=any(e.is_scan_varying for e in experiments))
     if s1_tests is None:
         s1_tests = s1_self_tests(result, experiments)
     for index, (experiment, test) in enumerate(zip(experiments, s1_tests)):

@@ -25,7 +25,7 @@ import threading
 import numpy as np
 
 from dials_qconsistency.report.charts import chart_layout, typed
-from dials_qconsistency.report.text import computation_choices, verdict_numbers
+from dials_qconsistency.report.text import bragg_self_test, computation_choices, self_test_remarks, verdict_numbers
 
 DEPENDENCIES = ("remote", "local", "embed")
 
@@ -131,8 +131,9 @@ def _statistics_table(title, label, entries, names):
 def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines, extra_tables=()) -> dict:
     """The text parts of the page, from what the log and the JSON say."""
     tests = [[e.index, e.kind, e.s1_kind, number(e.max_pixel_calculated_vs_pred), number(e.max_pixel_observed_vs_pred),
-              number(e.max_bragg_vs_pred)] for e in summary.experiments]
-    lines = [line[0].upper() + line[1:] + "." for line in verdict_numbers(verdict.checks)]
+              number(bragg_self_test(e))] for e in summary.experiments]
+    remarks = [f"Experiment {e.index}: {remark}" for e in summary.experiments for remark in self_test_remarks(e)]
+    lines = [line[0].upper() + line[1:] + "." for line in verdict_numbers(verdict.checks)] + remarks
     tables = [
         _statistics_table("Per experiment", "experiment", [{**e.delta_q, **e.residuals} for e in summary.experiments],
                           [f"{e.index} ({e.kind})" for e in summary.experiments]),
@@ -148,15 +149,14 @@ def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines, extr
                                  number(b.get("rms_wavelength_rel"), ".2e"), number(b.get("rms_tof_us"), ".3g")]
                                 for b in summary.per_wavelength_band]})
     mean = summary.delta_q.get("mean")
-    if summary.outliers is not None:
+    if summary.outliers is not None and summary.outliers["n"]:
         out = summary.outliers
         lines.insert(0, f"Statistics, verdict, diagnosis and charts are about the {summary.delta_q['n']} rows used in "
                         f"refinement (DIALS' flag used_in_refinement), as dials.refine's RMSDs are; the other "
                         f"{out['n']} indexed rows (refinement's outliers or, in an integrated table, predictions it never "
                         f"saw) have mean |Δq| {number(out.get('mean'), '.3g')} Å⁻¹, "
                         f"max {number(out.get('max'), '.3g')} Å⁻¹ (rows=indexed: every indexed row).")
-    rotation = any(e.kind == "rotation" for e in summary.experiments)
-    choices = computation_choices(options, rotation)
+    choices = computation_choices(options, summary.rotation, summary.scan_varying)
     return {
         "inputs": f"{inputs[0]} and {inputs[1]}",
         "verdict_class": {True: "consistent", False: "inconsistent", None: "nothing"}[verdict.consistent],
@@ -164,6 +164,7 @@ def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines, extr
                       " (lab frame, no 2π).") if mean is not None else "",
         "counts": [(reason, count) for reason, count in summary.counts.items() if count or reason == "used"],
         "choices": choices + ".",
+        "notes": [note[0].upper() + note[1:] for note in summary.notes],
         "self_tests": tests,
         "checks": lines,
         "diagnosis": diagnosis_lines,
@@ -215,7 +216,7 @@ def campaign_page(merged, outcomes, verdict, options, dependencies="embed") -> b
                      "(exact, lab frame, no 2π)." if mean is not None else "",
         "counts": [(reason, count) for reason, count in merged.counts.items() if count or reason == "used"],
         "choices": f"q_pixel from {options.q_pixel_source} positions.",
-        "self_tests": [], "checks": [],
+        "self_tests": [], "checks": [], "notes": [],
         "diagnosis": ["The diagnosis is made for one pair at a time: run dials.q_consistency on the pair of a file "
                       "marked inconsistent."],
         "next_step": next_step(verdict),

@@ -54,21 +54,24 @@ def verdict_numbers(checks) -> list[str]:
     return [text.format(checks[key]) for key, text in VERDICT_NUMBERS if checks.get(key) is not None]
 
 
-def _counts_and_choices(first_line, counts, options, rotation=True) -> list[str]:
+def _counts_and_choices(first_line, counts, options, rotation=True, scan_varying=True) -> list[str]:
     """The row counts by reason (used always shown) and the computation choices."""
     lines = [first_line]
     shown = {reason: count for reason, count in counts.items() if count or reason == "used"}
     width = max(map(len, shown), default=0)
     for reason, count in shown.items():
         lines.append(f"  {reason:<{width}} {count:>10}")
-    lines.append(computation_choices(options, rotation))
+    lines.append(computation_choices(options, rotation, scan_varying))
     return lines
 
 
-def computation_choices(options, rotation=True) -> str:
-    """The positions, rotation angle and scan-varying model state used, in words."""
+def computation_choices(options, rotation=True, scan_varying=True) -> str:
+    """The positions, rotation angle and scan-varying model state used, in words
+    (the angle for rotation data, the state where a model varies along its scan)."""
     choices = f"q_pixel from {options.q_pixel_source} positions"
     if rotation:  # neither applies to stills
+        choices += f"; q_bragg at the {options.phi} rotation angle"
+    if rotation and scan_varying:
         state = options.model_state
         if state == "refinement":
             state += f" (block width {options.block_width:g} deg"
@@ -77,7 +80,7 @@ def computation_choices(options, rotation=True) -> str:
             state += " (chosen: rows of the table are flagged integrated)"
         elif state == "auto":  # a run over many files: chosen for each table
             state += " (for each table: integrate where rows are flagged integrated, else refinement)"
-        choices += f"; q_bragg at the {options.phi} rotation angle; scan-varying model state: {state}"
+        choices += f"; scan-varying model state: {state}"
     return choices
 
 
@@ -97,20 +100,19 @@ def listed(experiments) -> tuple[list, str]:
 
 
 def summary_text(summary: Summary, options) -> str:
-    rotation = any(e.kind == "rotation" for e in summary.experiments) or not summary.experiments
-    lines = _counts_and_choices(f"Rows in the table: {summary.n_rows}", summary.counts, options, rotation)
+    lines = _counts_and_choices(f"Rows in the table: {summary.n_rows}", summary.counts, options, summary.rotation,
+                                summary.scan_varying)
     for note in summary.notes:
         lines.append(f"Note: {note}")
-    if not summary.delta_q["n"]:
-        lines.append("Nothing to compare: no row has an indexed reflection with a position and s1.")
+    if not summary.delta_q["n"]:  # the verdict has said so
         return "\n".join(lines)
 
     lines += _statistics_lines("|delta_q| = |q_bragg - q_pixel| (1/Angstrom, no 2pi):", "all", summary.delta_q)
-    if summary.outliers is not None:
-        lines.append(_stats_row("outliers", summary.outliers))
+    if summary.outliers is not None and summary.outliers["n"]:
+        lines.append(_stats_row("not used", summary.outliers))
         lines.append("  (all: the rows used in refinement, flag used_in_refinement, as dials.refine's RMSDs; "
-                     "outliers: the other indexed rows, refinement's outliers and, in an integrated table, the predictions "
-                     "it never saw; rows=indexed puts every indexed row in the statistics)")
+                     "not used: the other indexed rows, refinement's outliers and, in an integrated table, the "
+                     "predictions it never saw; rows=indexed puts every indexed row in the statistics)")
     shown, note = listed(summary.experiments)
     for e in shown:
         lines.append(_stats_row(f"expt {e.index} ({e.kind[:3]})", e.delta_q))
@@ -131,28 +133,40 @@ def summary_text(summary: Summary, options) -> str:
         parts = [f"|q_pixel(xyzcal) - q_pred| {_fmt(e.max_pixel_calculated_vs_pred)}"]
         if e.max_pixel_observed_vs_pred is not None:
             parts.append(f"|q_pixel(xyzobs) - q_pred| {_fmt(e.max_pixel_observed_vs_pred)}")
-        if e.max_bragg_vs_pred is not None and e.s1_kind == S1_PREDICTED:
-            parts.append(f"|q_bragg - q_pred| {_fmt(e.max_bragg_vs_pred)}")
+        if bragg_self_test(e) is not None:
+            parts.append(f"|q_bragg - q_pred| {_fmt(bragg_self_test(e))}")
         lines.append(f"  expt {e.index}: " + "; ".join(parts))
         lines.append(f"    s1: {e.s1_kind}")
-        if e.s1_kind == S1_OBSERVED:
-            lines.append("    (not a failure: q_pred follows the observations, so it is no self-test of the model)")
-        if e.s1_kind == S1_NEITHER:
-            lines.append(
-                "    The table's s1 agrees with neither spot position under these models: the experiments "
-                "are probably not the ones the table was made with. delta_q is computed from the models given."
-            )
-        if e.outside_scan:
-            lines.append(
-                f"    {e.outside_scan} row(s) lie outside the scan: their model state is that of the "
-                "nearest scan end, as DIALS uses"
-            )
+        lines += [f"    {remark}" for remark in self_test_remarks(e)]
     return "\n".join(lines)
+
+
+def bragg_self_test(e) -> float | None:
+    """max |q_bragg − q_pred| of an experiment, where it is a self-test of the
+    model: rotation or Laue data whose s1 is the prediction (after dials.index
+    q_pred follows the observations)."""
+    return e.max_bragg_vs_pred if e.s1_kind == S1_PREDICTED else None
+
+
+def self_test_remarks(e) -> list[str]:
+    """What the log and the HTML report say under an experiment's self-tests."""
+    remarks = []
+    if e.s1_kind == S1_OBSERVED:
+        remarks.append("not a failure: q_pred follows the observations, so it is no self-test of the model")
+    if e.s1_kind == S1_NEITHER:
+        remarks.append("The table's s1 agrees with neither spot position under these models: the experiments are "
+                       "probably not the ones the table was made with. delta_q is computed from the models given.")
+    if e.outside_scan:
+        remarks.append(f"{e.outside_scan} row(s) lie outside the scan: their model state is that of the nearest scan "
+                       "end, as DIALS uses")
+    return remarks
 
 
 def diagnosis_text(diagnoses) -> str:
     """One block per scope: consistent, or each named mistake with its size
     (with many experiments: the pooled scope, and the few that name a mistake)."""
+    if not diagnoses:
+        return ""
     lines = ["", "Diagnosis (best rotation, mirror, scale and detector fits; see the JSON for all of them):"]
     each = [d for d in diagnoses if d.scope != "pooled"]
     if len(each) > MAX_LISTED:
@@ -261,8 +275,9 @@ def json_report(summary, diagnoses, options, files) -> dict:
 STATISTIC_NAMES = ("n", "mean", "median", "rms", "p95", "max")
 
 
-def campaign_text(merged, outcomes, options, worst: int = 10) -> str:
-    """The merged summary of a run over many files, and its worst files."""
+def campaign_text(merged, outcomes, options, worst: int = 10, every_file: str = "the log") -> str:
+    """The merged summary of a run over many files, and its worst files
+    (``every_file``: where each file's line is, for the user)."""
     lines = _counts_and_choices(f"Files: {merged.n_files}; rows in the tables: {merged.n_rows}", merged.counts, options)
     if not merged.delta_q["n"]:
         lines.append("Nothing to compare: no file has an indexed reflection with a position and s1.")
@@ -273,7 +288,7 @@ def campaign_text(merged, outcomes, options, worst: int = 10) -> str:
     ranked = sorted((o for o in outcomes if o.delta_q.get("n")), key=lambda o: -o.delta_q["mean"])[:worst]
     if ranked:
         lines.append("")
-        lines.append(f"The {len(ranked)} files with the largest mean |delta_q| (every file: the log and the CSV):")
+        lines.append(f"The {len(ranked)} files with the largest mean |delta_q| (every file: {every_file}):")
         for o in ranked:
             lines.append(f"  {o.delta_q['mean']:.3e}  n={o.delta_q['n']:<8} {o.reflections}")
     return "\n".join(lines)
