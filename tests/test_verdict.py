@@ -368,3 +368,27 @@ def test_only_a_poor_fit_of_an_experiment_whose_s1_matches_neither_gives_up_the_
     assert poor_1.reasons[0].startswith(OTHER_MODELS + " in experiment(s) 1:")
     good_1 = _judged([False, True], [("experiment 1", "detector_distance", 1e-5)])
     assert good_1.reasons[0].startswith("experiment 1: ")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_small_mistake_that_explains_the_failed_checks_is_named(shared, tmp_path, monkeypatch, backend):
+    """SXD's detector moved 0.3 mm along the beam: 0.2 x σ_q of its 3 mm
+    pixels, too small to count, but with calculated positions its fit leaves
+    nothing of the model's spots being off the table's: named, with its size,
+    before the checks it explains (it was left out of the verdict)."""
+    document = json.load(open(shared("tof_sxd_nacl", "sxd_refined.expt")))
+    document["detector"][0]["hierarchy"]["origin"][2] -= 0.3
+    (tmp_path / "moved.expt").write_text(json.dumps(document))
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, str(tmp_path / "moved.expt"),
+                                     shared("tof_sxd_nacl", "sxd_refined.refl"), backend=backend)
+    assert verdict["reasons"][0].startswith("the table's s1 matches neither spot position")
+    named = re.match(r"pooled: the detector distance is off by -0\.300 mm \(model - data\) \(it moves the spots by "
+                     r"[0-9.e-]+ 1/Angstrom RMS, (0\.\d) x the centroids' uncertainty: below what the centroids "
+                     r"resolve, but all that separates these models from the table's predictions\)$",
+                     verdict["reasons"][1])
+    assert named and float(named.group(1)) < 0.25, verdict["reasons"]
+    assert verdict["reasons"][2].startswith("the model's spots are 0.257 mm (RMS) from the calculated positions")
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, str(tmp_path / "moved.expt"),
+                                     shared("tof_sxd_nacl", "sxd_refined.refl"), "q_pixel.source=observed",
+                                     backend=backend)
+    assert not any("below what the centroids resolve" in reason for reason in verdict["reasons"])
