@@ -392,3 +392,32 @@ def test_a_small_mistake_that_explains_the_failed_checks_is_named(shared, tmp_pa
                                      shared("tof_sxd_nacl", "sxd_refined.refl"), "q_pixel.source=observed",
                                      backend=backend)
     assert not any("below what the centroids resolve" in reason for reason in verdict["reasons"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stills_crystals_of_another_step_are_told_by_their_ewald_offsets(shared, tmp_path, monkeypatch, backend):
+    """The CuNiR stills' table after dials.index with the crystals after
+    integration (same beam and detector; U 0.009-0.039 deg and the cell moved):
+    every calculated position is still the model's spot, so only the Ewald
+    offsets show it: the model's Δψ against the table's delpsical.rad (RMS
+    recomputed here from the output table's delta_q.delpsi.rad) leads the
+    verdict, not the panel tilt the fits made of it. The table's own crystals
+    give Δψ = delpsical.rad to 1e-15."""
+    refl = shared("ssx_CuNiR_test_data", "indexed.refl")
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, shared("ssx_CuNiR_test_data", "integrated.expt"), refl,
+                                     "output.reflections=out.refl", backend=backend)
+    from dials_qconsistency.io.refl import ReflectionTable
+
+    out = ReflectionTable.from_file(str(tmp_path / "out.refl"))
+    difference = (out.get("delta_q.delpsi.rad") - out.get("delpsical.rad"))[np.isfinite(out.get("delta_q.delpsi.rad"))]
+    per_still = [np.sqrt(np.mean(difference[out.get("id")[np.isfinite(out.get("delta_q.delpsi.rad"))] == i] ** 2))
+                 for i in range(5)]
+    assert verdict["checks"]["rms_delta_psi_vs_table_rad"] == pytest.approx(max(per_still), rel=1e-9)
+    assert 1e-4 < max(per_still) < 1e-3
+    assert verdict["headline"].startswith(
+        f"INCONSISTENT: for stills the model's Ewald offsets differ from the table's delpsical.rad by "
+        f"{max(per_still):.3g} rad (RMS), beyond numerical precision (1e-09): the crystals (or beams) are not the ones "
+        "the table was predicted with"), verdict["headline"]
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, shared("ssx_CuNiR_test_data", "indexed.expt"), refl,
+                                     backend=backend)
+    assert verdict["consistent"] is True and verdict["checks"]["rms_delta_psi_vs_table_rad"] < 1e-15

@@ -44,6 +44,9 @@ class Finding:
     size: dict
 
 
+#: The mistakes of the detector model (its position, tilt, panels).
+DETECTOR_MISTAKES = {"detector_distance", "beam_centre_shift", "tilted_panel", "detector_tilt", "panel_shift"}
+
 #: A flight-path error smaller than this (mm) is not named.
 MIN_FLIGHT_PATH_MM = 0.05
 

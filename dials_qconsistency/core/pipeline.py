@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from dials_qconsistency.core.decomposition import decompose, laue_rows
 from dials_qconsistency.core.diagnosis import MAX_REFLECTIONS, diagnose
 from dials_qconsistency.core.q_vectors import Options, compute_q, rows_used_in_refinement, with_model_state
-from dials_qconsistency.core.statistics import s1_self_tests, summarise
+from dials_qconsistency.core.statistics import s1_self_tests, stills_psi_tests, summarise
 from dials_qconsistency.core.row_statistics import norm_statistics, row_distances
 from dials_qconsistency.core.verdict import centroid_sigma_q, judge, normalised_residual, time_sigma_us
 from dials_qconsistency.io import backends
@@ -139,7 +139,8 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
         writer.close()  # the rest is written and synced while the statistics and reports are made
         staged.finish_later(writer)
     summary = summarise(about, experiments, parts, settings.resolution_shells, settings.panel_group_depth,
-                        options.threads, s1_tests)
+                        options.threads, s1_tests,
+                        stills_psi_tests(about, experiments, parts, pair.columns.get("delpsical.rad")))
     if pair.outliers is not None:
         summary.outliers = norm_statistics(row_distances(result.q_bragg, result.q_pixel, pair.outliers), overwrite=True)
     diagnoses, normalised = [], None

@@ -108,6 +108,9 @@ class ExperimentSummary:
     #: A still whose rows' rotation angles vary: (what its models lack, lowest
     #: and highest angle, degrees); None otherwise.
     turning: tuple | None = None
+    #: Stills: RMS |Δψ − delpsical.rad| (rad), the model's Ewald offsets against
+    #: those DIALS' stills predictor wrote; None without the column.
+    rms_psi_vs_table: float | None = None
 
 
 @dataclass
@@ -194,11 +197,30 @@ def s1_self_tests(result: QResult, experiments) -> list[S1Test | None]:
     return tests
 
 
+def stills_psi_tests(result: QResult, experiments, parts, delpsical) -> list[float | None]:
+    """Per experiment, RMS |Δψ − delpsical.rad| (rad) over the used rows of a
+    still, where the table has DIALS' ``delpsical.rad``: a crystal (or beam)
+    other than the one the stills predictor used changes the Ewald offsets,
+    which moves no calculated position. None: not a still, no column or no
+    decomposition."""
+    if delpsical is None or parts is None:
+        return [None] * len(experiments)
+    tests = []
+    for experiment, rows in zip(experiments, result.used_rows_by_experiment(len(experiments))):
+        if experiment.kind != "still" or not rows.size:
+            tests.append(None)
+            continue
+        difference = parts.angle[rows] - np.asarray(delpsical)[rows]
+        tests.append(float(np.sqrt(np.mean(difference * difference))))
+    return tests
+
+
 def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hierarchy_level: int = 1,
-              threads: int = 1, s1_tests=None) -> Summary:
+              threads: int = 1, s1_tests=None, psi_tests=None) -> Summary:
     """The statistics of the used rows (``threads``: how many may compute at
     once); ``s1_tests``: :func:`s1_self_tests` of ``result``, if made already
-    (they must be once the result's q_pred has been let go)."""
+    (they must be once the result's q_pred has been let go); ``psi_tests``:
+    :func:`stills_psi_tests`."""
     used = result.used
     counts = {REASONS[code]: int(np.count_nonzero(result.reason == code)) for code in range(len(REASONS))}
     table = UsedRows(result, parts, used)
@@ -254,6 +276,7 @@ def summarise(result: QResult, experiments, parts=None, n_shells: int = 10, hier
                 off_panel=test.off_panel,
                 residuals=dict(mine) if parts is not None else {},
                 turning=result.turning_stills.get(index),
+                rms_psi_vs_table=psi_tests[index] if psi_tests else None,
             )
         )
     if parts is None or not used.any():

@@ -14,6 +14,9 @@ A model is called **consistent** when
   ``PRECISION_MM``) and, for rotation data at the calculated φ, q_bragg equals
   the table's prediction (RMS |Δq| at most ``PRECISION_Q``); for stills |Δq| is
   then exactly the Ewald offset 2|q|·|sin(Δψ/2)|;
+* for stills whose table has DIALS' ``delpsical.rad``, whatever the positions,
+  the model's Δψ equals it (RMS at most ``PRECISION_PSI``): a crystal other
+  than the predictor's moves no calculated position, only the offsets;
 * no mistake named by the diagnosis is large against the centroids' own
   uncertainty: the RMS distance by which the fitted change moves the spots
   (√(before² − after²), Å⁻¹) stays below ``LARGE`` times the median
@@ -47,11 +50,14 @@ from dials_qconsistency.core.statistics import OFF_PANEL_PIXELS, S1_NEITHER
 from dials_qconsistency.core.row_statistics import sample_rows, take_rows
 from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import spot_lab_positions
+from dials_qconsistency.core.findings import DETECTOR_MISTAKES
 
 #: The model's spot on xyzcal.mm to this RMS (mm): rounding, not geometry.
 PRECISION_MM = 1e-6
 #: q_bragg = q_pred to this RMS (Å⁻¹) for rotation data at the calculated φ.
 PRECISION_Q = 1e-9
+#: Stills: the model's Δψ = the table's delpsical.rad to this RMS (rad).
+PRECISION_PSI = 1e-9
 #: The model's wavelengths on the table's calculated times of flight to this
 #: RMS relative error (CODATA revisions of m_n differ by 1.5e-9).
 PRECISION_WAVELENGTH = 1e-7
@@ -181,6 +187,21 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
         poor_fit = leading is not None and leading["unexplained"] and leading["scope"] in scopes
         reasons.insert(bool(off_panel) + bool(turning) if poor_fit else len(reasons), other_models)
     explained_at = len(reasons)  # a small mistake that explains the checks below comes before them
+    psi = max((e.rms_psi_vs_table for e in summary.experiments if e.rms_psi_vs_table is not None), default=None)
+    if psi is not None:  # stills: whatever the positions, Δψ depends on the crystal and beam alone
+        checks["rms_delta_psi_vs_table_rad"] = psi
+        if psi > PRECISION_PSI:
+            # The model's spots on the table's calculated ones to rounding: a
+            # fitted detector change does not explain what only Δψ shows.
+            in_plane = summary.residuals.get("rms_in_plane_mm")
+            spots_exact = options.q_pixel_source == "calculated" and in_plane is not None and in_plane <= PRECISION_MM
+            leading = next((entry for entry in named if entry["large"]), None)
+            first = spots_exact and (leading is None or leading["mistake"] in DETECTOR_MISTAKES)
+            reasons.insert(bool(off_panel) + bool(turning) if first else len(reasons),
+                f"for stills the model's Ewald offsets differ from the table's delpsical.rad by {psi:.3g} rad (RMS), "
+                f"beyond numerical precision ({PRECISION_PSI:g}): the crystals (or beams) are not the ones the "
+                "table was predicted with"
+            )
     if options.q_pixel_source == "calculated":
         in_plane = summary.residuals.get("rms_in_plane_mm")
         checks["rms_in_plane_mm"] = in_plane

@@ -39,7 +39,7 @@ from dials_qconsistency.io.refl_writer import column_values
 
 #: The columns the numpy core reads (table_checks.COLUMN_SHAPES), taken from the flex table.
 CORE_COLUMNS = ("id", "panel", "miller_index", "s1", "xyzcal.mm", "xyzobs.mm.value", "xyzobs.px.value",
-                "xyzobs.mm.variance", "xyzobs.px.variance", "flags", "wavelength_cal", "s0_cal")
+                "xyzobs.mm.variance", "xyzobs.px.variance", "flags", "wavelength_cal", "s0_cal", "delpsical.rad")
 
 
 def _vector(values, n=3) -> np.ndarray:

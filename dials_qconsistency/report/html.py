@@ -24,6 +24,7 @@ import threading
 
 import numpy as np
 
+from dials_qconsistency.core.findings import DETECTOR_MISTAKES
 from dials_qconsistency.report.charts import chart_layout, typed
 from dials_qconsistency.report.text import bragg_self_test, computation_choices, self_test_remarks, verdict_numbers
 
@@ -92,7 +93,6 @@ NEXT_STEPS = {
     "crystal_orientation": "Refine the crystal orientation: dials.refine with phil/refine_2_all_free.phil.",
     "reindexing": "Reindex the table to the crystal's setting: dials.reindex with the operator named above.",
 }
-DETECTOR_MISTAKES = {"detector_distance", "beam_centre_shift", "tilted_panel", "detector_tilt", "panel_shift"}
 
 
 def next_step(verdict) -> str:

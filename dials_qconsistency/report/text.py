@@ -43,6 +43,7 @@ VERDICT_NUMBERS = (
     ("rms_in_plane_mm", "model spot to xyzcal.mm RMS {:.3g} mm"),
     ("rms_delta_q_rotation", "rotation data |q_bragg - q_pred| RMS {:.3g} 1/Angstrom"),
     ("rms_delta_q_laue", "Laue data |q_bragg - q_pred| RMS {:.3g} 1/Angstrom"),
+    ("rms_delta_psi_vs_table_rad", "stills |dpsi - delpsical.rad| RMS {:.3g} rad"),
     ("rms_wavelength_rel", "time of flight: wavelength error RMS {:.3g} (relative)"),
     ("centroid_sigma_q", "centroid uncertainty {:.3g} 1/Angstrom (median)"),
     ("centroid_sigma_t_us", "centroid time-of-flight uncertainty {:.3g} us (median)"),
@@ -135,6 +136,8 @@ def summary_text(summary: Summary, options) -> str:
             parts.append(f"|q_pixel(xyzobs) - q_pred| {_fmt(e.max_pixel_observed_vs_pred)}")
         if bragg_self_test(e) is not None:
             parts.append(f"|q_bragg - q_pred| {_fmt(bragg_self_test(e))}")
+        if e.rms_psi_vs_table is not None:
+            parts.append(f"|dpsi - delpsical.rad| RMS {_fmt(e.rms_psi_vs_table)} rad")
         lines.append(f"  expt {e.index}: " + "; ".join(parts))
         lines.append(f"    s1: {e.s1_kind}")
         lines += [f"    {remark}" for remark in self_test_remarks(e)]
@@ -243,6 +246,7 @@ def json_report(summary, diagnoses, options, files) -> dict:
                 "max_q_pixel_calculated_vs_q_pred": e.max_pixel_calculated_vs_pred,
                 "max_q_pixel_observed_vs_q_pred": e.max_pixel_observed_vs_pred,
                 "max_q_bragg_vs_q_pred": e.max_bragg_vs_pred,
+                "rms_delta_psi_vs_delpsical_rad": e.rms_psi_vs_table,
                 "rows_outside_scan": e.outside_scan,
             }
         )
