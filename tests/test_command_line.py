@@ -110,6 +110,9 @@ def test_a_phil_file_given_with_the_phil_option(tmp_path, backend):
         (tmp_path / "from_phil.json").unlink()
     done = run_command(*pair, "--phil", "missing.phil", cwd=tmp_path, backend=backend)
     assert done.returncode == 1 and done.stderr == "dials.q_consistency: error: missing.phil: file not found\n"
+    done = run_command(*pair, "--phil", "-", cwd=tmp_path, backend=backend)  # was read once, then found empty
+    assert done.returncode == 1 and done.stderr == ("dials.q_consistency: error: option --phil: standard input is "
+                                                    "not read; give a PHIL file\n")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -296,9 +296,9 @@ def test_a_rotation_table_taken_as_stills_leads_the_verdict(shared, tmp_path, mo
     angles = np.degrees(table.get("xyzcal.mm")[computed, 2])
     lacks = "no goniometer and no scan" if "scan" in dropped else "no goniometer"
     assert status == 2 and verdict["headline"] == (
-        f"INCONSISTENT: experiment(s) 0 are stills ({lacks}: q_bragg = A.h), yet their rows' rotation angles run "
-        f"from {angles.min():.3g} to {angles.max():.3g} deg: a rotation table (is the goniometer or the scan missing "
-        "from the .expt, or are these files not a pair?)" + (f" (and {len(verdict['reasons']) - 1} more)"
+        f"INCONSISTENT: experiment(s) 0 are stills ({lacks}: q_bragg = A.h), yet the rotation angles of their "
+        f"indexed rows run from {angles.min():.3g} to {angles.max():.3g} deg: a rotation table (is the goniometer or "
+        "the scan missing from the .expt, or are these files not a pair?)" + (f" (and {len(verdict['reasons']) - 1} more)"
                                                              if len(verdict["reasons"]) > 1 else ""))
     status, verdict, _ = run_verdict(tmp_path, monkeypatch, shared("ssx_CuNiR_test_data", "indexed.expt"),
                                      shared("ssx_CuNiR_test_data", "indexed.refl"), backend=backend)
@@ -307,7 +307,7 @@ def test_a_rotation_table_taken_as_stills_leads_the_verdict(shared, tmp_path, mo
 
 def _judged(kinds, findings, sigma_q=1e-4, before=1e-2):
     """judge() on a made-up summary: an experiment per s1 kind in ``kinds``
-    (True: s1 matches neither position), stills with calculated positions; the
+    (True: s1 matches neither position), stills with observed positions; the
     diagnoses (scope, mistake, RMS left after its fit in Å⁻¹, or a
     time-of-flight finding when that is None), each fitted from ``before``."""
     from types import SimpleNamespace
@@ -326,7 +326,7 @@ def _judged(kinds, findings, sigma_q=1e-4, before=1e-2):
         size = ({"rms_after_fit": left} if left is not None
                 else {"rms_time_before_us": 50.0, "rms_time_after_us": 1.0})
         diagnoses.append(Diagnosis(scope, 10, 1e-3, False, 10, before, findings=[Finding(mistake, mistake, size)]))
-    options = SimpleNamespace(q_pixel_source="calculated", phi="calculated", model_state="refinement")
+    options = SimpleNamespace(q_pixel_source="observed", phi="observed", model_state="refinement")
     return judge(summary, options, diagnoses, sigma_q=sigma_q, sigma_t=2.0)
 
 
@@ -374,18 +374,19 @@ def test_only_a_poor_fit_of_an_experiment_whose_s1_matches_neither_gives_up_the_
 def test_a_small_mistake_that_explains_the_failed_checks_is_named(shared, tmp_path, monkeypatch, backend):
     """SXD's detector moved 0.3 mm along the beam: 0.2 x σ_q of its 3 mm
     pixels, too small to count, but with calculated positions its fit leaves
-    nothing of the model's spots being off the table's: named, with its size,
-    before the checks it explains (it was left out of the verdict)."""
+    nothing of the model's spots being off the table's: named first, with its
+    size, before "other models" and the checks it explains (it was left out
+    of the verdict)."""
     document = json.load(open(shared("tof_sxd_nacl", "sxd_refined.expt")))
     document["detector"][0]["hierarchy"]["origin"][2] -= 0.3
     (tmp_path / "moved.expt").write_text(json.dumps(document))
     status, verdict, _ = run_verdict(tmp_path, monkeypatch, str(tmp_path / "moved.expt"),
                                      shared("tof_sxd_nacl", "sxd_refined.refl"), backend=backend)
-    assert verdict["reasons"][0].startswith("the table's s1 matches neither spot position")
+    assert verdict["reasons"][1].startswith("the table's s1 matches neither spot position")
     named = re.match(r"pooled: the detector distance is off by -0\.300 mm \(model - data\) \(it moves the spots by "
                      r"[0-9.e-]+ 1/Angstrom RMS, (0\.\d) x the centroids' uncertainty: below what the centroids "
                      r"resolve, but all that separates these models from the table's predictions\)$",
-                     verdict["reasons"][1])
+                     verdict["reasons"][0])
     assert named and float(named.group(1)) < 0.25, verdict["reasons"]
     assert verdict["reasons"][2].startswith("the model's spots are 0.257 mm (RMS) from the calculated positions")
     status, verdict, _ = run_verdict(tmp_path, monkeypatch, str(tmp_path / "moved.expt"),
@@ -418,6 +419,24 @@ def test_stills_crystals_of_another_step_are_told_by_their_ewald_offsets(shared,
         f"INCONSISTENT: for stills the model's Ewald offsets differ from the table's delpsical.rad by "
         f"{max(per_still):.3g} rad (RMS), beyond numerical precision (1e-09): the crystals (or beams) are not the ones "
         "the table was predicted with"), verdict["headline"]
+    assert not any("detector" in reason for reason in verdict["reasons"]), verdict["reasons"]  # spots exact
     status, verdict, _ = run_verdict(tmp_path, monkeypatch, shared("ssx_CuNiR_test_data", "indexed.expt"), refl,
                                      backend=backend)
     assert verdict["consistent"] is True and verdict["checks"]["rms_delta_psi_vs_table_rad"] < 1e-15
+
+
+def test_the_ewald_offset_test_takes_the_finite_rows_and_ignores_a_column_of_zeros():
+    """One NaN in delpsical.rad made the RMS NaN, which no comparison fails:
+    the check was off for every experiment. A column of zeros is not the
+    predictor's. Two stills and a rotation experiment, rows by hand."""
+    from types import SimpleNamespace
+
+    from dials_qconsistency.core.statistics import stills_psi_tests
+
+    experiments = [SimpleNamespace(kind="still"), SimpleNamespace(kind="still"), SimpleNamespace(kind="rotation")]
+    rows = [np.array([0, 1, 2]), np.array([3, 4]), np.array([5])]
+    result = SimpleNamespace(used_rows_by_experiment=lambda count: rows)
+    parts = SimpleNamespace(angle=np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
+    delpsical = np.array([0.1, np.nan, 0.0, 0.0, 0.0, 0.6])
+    assert stills_psi_tests(result, experiments, parts, delpsical) == [pytest.approx(np.sqrt(0.3 ** 2 / 2)), None, None]
+    assert stills_psi_tests(result, experiments, parts, None) == [None] * 3

@@ -70,12 +70,14 @@ LISTED = "-c -e1 lists them all"
 
 
 def _phil_file(path: str):
-    """A PHIL file's parameters ('-': standard input's), or a one-line error naming it."""
+    """A PHIL file's parameters, or a one-line error naming it. Not standard
+    input (DIALS' '--phil -'): the command line is parsed twice, once to
+    choose the backend, and a second read would find it empty."""
     if not path:
         raise QConsistencyError("option --phil needs a file")
+    if path == "-":
+        raise QConsistencyError("option --phil: standard input is not read; give a PHIL file")
     try:
-        if path == "-":
-            return libtbx.phil.parse(sys.stdin.read(), source_info="standard input")
         with open(path) as handle:
             return libtbx.phil.parse(handle.read(), source_info=path)
     except FileNotFoundError:
@@ -98,7 +100,7 @@ def parse_arguments(args, phil, accept_reflections=True):
             show_config = True
         elif arg == "--help" or (arg.startswith("-h") and set(arg[1:]) == {"h"}):
             show_help += 1 if arg == "--help" else len(arg) - 1  # -hh: the help, then the configuration (as DIALS)
-        elif arg == "--phil" or arg.startswith("--phil="):  # DIALS' --phil FILE ('-': standard input)
+        elif arg == "--phil" or arg.startswith("--phil="):  # DIALS' --phil FILE
             sources.append(_phil_file(arg[len("--phil="):] if "=" in arg else next(words, "")))
         elif _numbered_option(arg):
             option, value = _numbered_option(arg)

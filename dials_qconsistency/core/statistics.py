@@ -199,18 +199,20 @@ def s1_self_tests(result: QResult, experiments) -> list[S1Test | None]:
 
 def stills_psi_tests(result: QResult, experiments, parts, delpsical) -> list[float | None]:
     """Per experiment, RMS |Δψ − delpsical.rad| (rad) over the used rows of a
-    still, where the table has DIALS' ``delpsical.rad``: a crystal (or beam)
-    other than the one the stills predictor used changes the Ewald offsets,
-    which moves no calculated position. None: not a still, no column or no
-    decomposition."""
+    still whose ``delpsical.rad`` (DIALS' stills predictor's) is finite: a
+    crystal (or beam) other than the one the predictor used changes the Ewald
+    offsets, which moves no calculated position. None: not a still, no
+    decomposition, no column, or no finite nonzero value in it (a column of
+    zeros was not written by the predictor)."""
     if delpsical is None or parts is None:
         return [None] * len(experiments)
     tests = []
     for experiment, rows in zip(experiments, result.used_rows_by_experiment(len(experiments))):
-        if experiment.kind != "still" or not rows.size:
+        table = np.asarray(delpsical)[rows] if experiment.kind == "still" else np.zeros(0)
+        difference = (parts.angle[rows] - table)[np.isfinite(table)] if table.size else table
+        if not np.any(table[np.isfinite(table)]):
             tests.append(None)
             continue
-        difference = parts.angle[rows] - np.asarray(delpsical)[rows]
         tests.append(float(np.sqrt(np.mean(difference * difference))))
     return tests
 

@@ -152,8 +152,15 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
     centroids' time-of-flight uncertainty, µs, for time-of-flight data)."""
     if not summary.delta_q["n"]:
         return Verdict(None, "Nothing to compare: no row has an indexed reflection with a position and s1.")
+    # The model's spots on the table's calculated ones to rounding: no detector
+    # change separates these models from the table's (a fit that names one
+    # has taken up something else, the Ewald offsets of stills).
+    in_plane = summary.residuals.get("rms_in_plane_mm")
+    spots_exact = options.q_pixel_source == "calculated" and in_plane is not None and in_plane <= PRECISION_MM
     reasons = _named_mistakes(diagnoses, sigma_q, sigma_t)  # the mistake first, then the checks it breaks
-    named, reasons = [entry for entry, _ in reasons], [reason for _, reason in reasons if reason]
+    named = [entry for entry, _ in reasons]
+    reasons = [reason for entry, reason in reasons
+               if reason and not (spots_exact and entry["mistake"] in DETECTOR_MISTAKES)]
     checks = {"q_pixel_source": options.q_pixel_source, "centroid_sigma_q": sigma_q, "normalised_residual": normalised}
     if sigma_t is not None:
         checks["centroid_sigma_t_us"] = sigma_t
@@ -173,10 +180,11 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
         checks["turning_stills"] = [{"experiment": e.index, "lacks": e.turning[0], "phi_deg": list(e.turning[1:])}
                                     for e in turning]
         reasons.insert(bool(off_panel),
-            f"experiment(s) {_list([e.index for e in turning])} are stills ({lacks}: q_bragg = A.h), yet their rows' "
-            f"rotation angles run from {low:.3g} to {high:.3g} deg: a rotation table (is the goniometer or the scan "
-            "missing from the .expt, or are these files not a pair?)"
+            f"experiment(s) {_list([e.index for e in turning])} are stills ({lacks}: q_bragg = A.h), yet the rotation "
+            f"angles of their indexed rows run from {low:.3g} to {high:.3g} deg: a rotation table (is the goniometer or "
+            "the scan missing from the .expt, or are these files not a pair?)"
         )
+    explained_at = len(reasons)  # a small mistake that explains the checks comes before them
     if others:
         other_models = (f"the table's s1 matches neither spot position in experiment(s) {_list(others)}: the table "
                         "was made with other models than these")
@@ -186,24 +194,20 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
         leading = next((entry for entry in named if entry["large"]), None)
         poor_fit = leading is not None and leading["unexplained"] and leading["scope"] in scopes
         reasons.insert(bool(off_panel) + bool(turning) if poor_fit else len(reasons), other_models)
-    explained_at = len(reasons)  # a small mistake that explains the checks below comes before them
+        explained_at += poor_fit  # "other models" went before it
     psi = max((e.rms_psi_vs_table for e in summary.experiments if e.rms_psi_vs_table is not None), default=None)
     if psi is not None:  # stills: whatever the positions, Δψ depends on the crystal and beam alone
         checks["rms_delta_psi_vs_table_rad"] = psi
         if psi > PRECISION_PSI:
-            # The model's spots on the table's calculated ones to rounding: a
-            # fitted detector change does not explain what only Δψ shows.
-            in_plane = summary.residuals.get("rms_in_plane_mm")
-            spots_exact = options.q_pixel_source == "calculated" and in_plane is not None and in_plane <= PRECISION_MM
             leading = next((entry for entry in named if entry["large"]), None)
             first = spots_exact and (leading is None or leading["mistake"] in DETECTOR_MISTAKES)
+            explained_at += first
             reasons.insert(bool(off_panel) + bool(turning) if first else len(reasons),
                 f"for stills the model's Ewald offsets differ from the table's delpsical.rad by {psi:.3g} rad (RMS), "
                 f"beyond numerical precision ({PRECISION_PSI:g}): the crystals (or beams) are not the ones the "
                 "table was predicted with"
             )
     if options.q_pixel_source == "calculated":
-        in_plane = summary.residuals.get("rms_in_plane_mm")
         checks["rms_in_plane_mm"] = in_plane
         if in_plane is not None and in_plane > PRECISION_MM:
             reasons.append(
@@ -239,11 +243,17 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
                 )
     if reasons and options.q_pixel_source == "calculated":
         # Small against the centroids, yet all that separates these models from
-        # the table's own predictions: said before the checks it explains.
-        reasons[explained_at:explained_at] = [
-            _exact_reason(entry, sigma_q) for entry in named if not entry["large"]
-            and entry["left_after_fit"] is not None and entry["moves_spots_by"]
-            and entry["left_after_fit"] <= EXACT_LEFT * entry["moves_spots_by"]]
+        # the table's own predictions: said before the checks it explains, the
+        # best of each scope; no detector change where the spots are exact.
+        exact, scopes = [], set()
+        for entry in named:
+            if (entry["large"] or entry["scope"] in scopes or entry["left_after_fit"] is None
+                    or not entry["moves_spots_by"] or entry["left_after_fit"] > EXACT_LEFT * entry["moves_spots_by"]
+                    or (spots_exact and entry["mistake"] in DETECTOR_MISTAKES)):
+                continue
+            scopes.add(entry["scope"])
+            exact.append(_exact_reason(entry, sigma_q))
+        reasons[explained_at:explained_at] = exact
     checks["named"] = named
     if reasons:
         return Verdict(False, "INCONSISTENT: " + reasons[0] + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""),
