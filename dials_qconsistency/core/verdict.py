@@ -30,7 +30,10 @@ residuals (in-plane residual over σ along each panel axis, as refinement
 weights them) are reported too.
 
 The headline is the first reason: positions off their panels (a table of
-another detector), then a named mistake, then the failed checks. When the
+another detector), a rotation table taken as stills, then a named mistake
+(the stills' Ewald offsets instead where the model's spots are exactly the
+table's and only a detector change was fitted: no detector change can
+separate them), then the failed checks. When the
 leading named mistake (pooled, or of an experiment whose s1 matches neither
 position) still leaves more than ``UNEXPLAINED`` σ_q (RMS) after its fit, it
 does not explain the table: "made with other models" leads instead. With
