@@ -440,3 +440,24 @@ def test_the_ewald_offset_test_takes_the_finite_rows_and_ignores_a_column_of_zer
     delpsical = np.array([0.1, np.nan, 0.0, 0.0, 0.0, 0.6])
     assert stills_psi_tests(result, experiments, parts, delpsical) == [pytest.approx(np.sqrt(0.3 ** 2 / 2)), None, None]
     assert stills_psi_tests(result, experiments, parts, None) == [None] * 3
+
+
+def test_the_next_step_follows_the_headline(shared, tmp_path, monkeypatch):
+    """The report's next step was the first large fit's, whatever led: a
+    detector refinement for crystals of another step (the fits' panel tilt)
+    or for a wrong pairing (the 66.7 deg tilt). It follows the headline now."""
+    from dials_qconsistency.core.verdict import Verdict
+    from dials_qconsistency.report.html import NEXT_STEPS, next_step
+
+    apart = "The table and the models do not belong together: give the .expt and .refl written by the same step."
+    document = json.load(open(shared("dials_current", "centroid_refined.expt")))
+    document["detector"][0]["hierarchy"]["origin"][0] += 1.0
+    (tmp_path / "moved.expt").write_text(json.dumps(document))
+    for expt, refl, step in [
+        (str(tmp_path / "moved.expt"), shared("dials_current", "centroid_refined.refl"), NEXT_STEPS["detector"]),
+        (shared("ssx_CuNiR_test_data", "integrated.expt"), shared("ssx_CuNiR_test_data", "indexed.refl"), apart),
+        (shared("ssx_CuNiR_test_data", "integrated.expt"), shared("centroid_test_data", "integrated.refl"), apart),
+    ]:
+        _, verdict, _ = run_verdict(tmp_path, monkeypatch, expt, refl)
+        assert any(entry["large"] for entry in verdict["checks"]["named"]), verdict  # a fit was named each time
+        assert next_step(Verdict(**verdict)) == step, verdict["headline"]

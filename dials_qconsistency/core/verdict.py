@@ -162,8 +162,9 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
     spots_exact = options.q_pixel_source == "calculated" and in_plane is not None and in_plane <= PRECISION_MM
     reasons = _named_mistakes(diagnoses, sigma_q, sigma_t)  # the mistake first, then the checks it breaks
     named = [entry for entry, _ in reasons]
-    reasons = [reason for entry, reason in reasons
-               if reason and not (spots_exact and entry["mistake"] in DETECTOR_MISTAKES)]
+    mistake_of = {reason: entry["mistake"] for entry, reason in reasons
+                  if reason and not (spots_exact and entry["mistake"] in DETECTOR_MISTAKES)}
+    reasons = list(mistake_of)
     checks = {"q_pixel_source": options.q_pixel_source, "centroid_sigma_q": sigma_q, "normalised_residual": normalised}
     if sigma_t is not None:
         checks["centroid_sigma_t_us"] = sigma_t
@@ -258,6 +259,8 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
             exact.append(_exact_reason(entry, sigma_q))
         reasons[explained_at:explained_at] = exact
     checks["named"] = named
+    # The named mistake the headline gives (None: a pairing problem or a failed check leads).
+    checks["leading_mistake"] = mistake_of.get(reasons[0]) if reasons else None
     if reasons:
         return Verdict(False, "INCONSISTENT: " + reasons[0] + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""),
                        reasons, checks)

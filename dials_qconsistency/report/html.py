@@ -96,14 +96,14 @@ NEXT_STEPS = {
 
 
 def next_step(verdict) -> str:
-    named = [entry["mistake"] for entry in verdict.checks.get("named", []) if entry["large"]]
+    """What to do, for the mistake the headline names (none: the files do not belong together)."""
+    mistake = verdict.checks.get("leading_mistake")
     if verdict.consistent:
         return "Nothing to fix: the model is consistent."
-    if not named:
+    if mistake is None:
         if verdict.consistent is None:
             return "Nothing to compare: index the reflections first."
         return "The table and the models do not belong together: give the .expt and .refl written by the same step."
-    mistake = named[0]
     key = ("detector" if mistake in DETECTOR_MISTAKES else mistake if mistake in NEXT_STEPS else
            "frame" if mistake in ("lab_axis_rotation", "sign_flip", "mirror") or "rotation" in mistake else mistake)
     return NEXT_STEPS.get(key, "See the diagnosis above.")
