@@ -209,10 +209,11 @@ def stills_psi_tests(result: QResult, experiments, parts, delpsical) -> list[flo
     tests = []
     for experiment, rows in zip(experiments, result.used_rows_by_experiment(len(experiments))):
         table = np.asarray(delpsical)[rows] if experiment.kind == "still" else np.zeros(0)
-        difference = (parts.angle[rows] - table)[np.isfinite(table)] if table.size else table
-        if not np.any(table[np.isfinite(table)]):
+        finite = np.isfinite(table)
+        if not np.any(table[finite]):  # not a still, no row, or nothing the predictor wrote
             tests.append(None)
             continue
+        difference = parts.angle[rows][finite] - table[finite]
         tests.append(float(np.sqrt(np.mean(difference * difference))))
     return tests
 

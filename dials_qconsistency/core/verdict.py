@@ -201,7 +201,7 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
         explained_at += poor_fit  # "other models" went before it
     psi = max((e.rms_psi_vs_table for e in summary.experiments if e.rms_psi_vs_table is not None), default=None)
     if psi is not None:  # stills: whatever the positions, Δψ depends on the crystal and beam alone
-        checks["rms_delta_psi_vs_table_rad"] = psi
+        checks["rms_delta_psi_vs_delpsical_rad"] = psi
         if psi > PRECISION_PSI:
             leading = next((entry for entry in named if entry["large"]), None)
             first = spots_exact and (leading is None or leading["mistake"] in DETECTOR_MISTAKES)

@@ -43,7 +43,7 @@ VERDICT_NUMBERS = (
     ("rms_in_plane_mm", "model spot to xyzcal.mm RMS {:.3g} mm"),
     ("rms_delta_q_rotation", "rotation data |q_bragg - q_pred| RMS {:.3g} 1/Angstrom"),
     ("rms_delta_q_laue", "Laue data |q_bragg - q_pred| RMS {:.3g} 1/Angstrom"),
-    ("rms_delta_psi_vs_table_rad", "stills |dpsi - delpsical.rad| RMS {:.3g} rad"),
+    ("rms_delta_psi_vs_delpsical_rad", "stills |dpsi - delpsical.rad| RMS {:.3g} rad"),
     ("rms_wavelength_rel", "time of flight: wavelength error RMS {:.3g} (relative)"),
     ("centroid_sigma_q", "centroid uncertainty {:.3g} 1/Angstrom (median)"),
     ("centroid_sigma_t_us", "centroid time-of-flight uncertainty {:.3g} us (median)"),
