@@ -291,6 +291,22 @@ def _(folder):
     return args, path, "identifier '00000000-not-this-experiment' of id 0 is not in the experiment list"
 
 
+@case("one identifier for several experiments")
+def _(folder):
+    """The CuNiR stills' experiments 1-4 and their ids all given the identifier
+    '': their rows went to experiment 4, whose crystal was then blamed."""
+    document = json.load(open(shared_path(SSX, ".expt")))
+    for experiment in document["experiment"][1:]:
+        experiment["identifier"] = ""
+    expt = os.path.join(folder, "shared_identifier.expt")
+    open(expt, "w").write(json.dumps(document))
+    obj = msgpack.unpackb(open(shared_path(SSX, ".refl"), "rb").read(), strict_map_key=False, raw=False)
+    obj[2]["identifiers"] = {k: (v if k == 0 else "") for k, v in obj[2]["identifiers"].items()}
+    args, path = refl_object(folder, obj, pair=SSX)
+    return [expt, path], path, ("identifier '' of id 1 belongs to 4 experiments of the list: experiments and "
+                                "reflections cannot be matched")
+
+
 @case("panel beyond the detector")
 def _(folder):
     args, path, _ = one_value_changed(folder, "panel", 3)

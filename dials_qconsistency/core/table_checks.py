@@ -6,6 +6,8 @@ is a one-line :class:`QConsistencyError` naming the file.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from dials_qconsistency.core import geometry
@@ -65,7 +67,14 @@ def experiment_index(ids: np.ndarray, identifiers: dict, experiments, path: str 
             )
         result[indexed] = ids[indexed]
         return result
-    position = {identifier: i for i, identifier in enumerate(experiments.identifiers())}
+    names = list(experiments.identifiers())
+    listed = Counter(names)
+    position = {identifier: i for i, identifier in enumerate(names)}
+    for table_id, identifier in sorted(identifiers.items()):
+        if listed[identifier] > 1:  # the rows of all of them would go to the last
+            raise QConsistencyError(
+                f"identifier {identifier!r} of id {table_id} belongs to {listed[identifier]} experiments of the list: "
+                "experiments and reflections cannot be matched", path)
     lookup = {table_id: position[identifier] for table_id, identifier in identifiers.items() if identifier in position}
     known = np.array(sorted(lookup), dtype=np.int64)  # table ids with an experiment, ascending
     positions = np.array([lookup[i] for i in known.tolist()], dtype=np.int64)
