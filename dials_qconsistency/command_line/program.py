@@ -165,7 +165,7 @@ def parse_or_show(args, phil, usage, help_message, accept_reflections=True):
     arguments = parse_arguments(args, phil, accept_reflections)
     if arguments.show_help or not args:
         print(f"Usage: {usage}\n{help_message}")
-        if arguments.show_help > 1:  # as DIALS: -hh shows the configuration, -hhh its expert level 1 too
+        if arguments.show_help > 1:  # as DIALS: -hh the configuration at expert level 1, -hhh at 2
             show_config(phil, attributes_level=arguments.verbosity, expert_level=arguments.show_help - 1)
         return None
     if arguments.show_config:

@@ -189,13 +189,13 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
             "the scan missing from the .expt, or are these files not a pair?)"
         )
     explained_at = len(reasons)  # a small mistake that explains the checks comes before them
+    leading = next((entry for entry in named if entry["large"]), None)  # the first large named mistake
     if others:
         other_models = (f"the table's s1 matches neither spot position in experiment(s) {_list(others)}: the table "
                         "was made with other models than these")
         # A leading fit, pooled or of such an experiment, that leaves more than
         # UNEXPLAINED σ_q does not explain the table: "other models" leads.
         scopes = {"pooled"} | {f"experiment {index}" for index in others}
-        leading = next((entry for entry in named if entry["large"]), None)
         poor_fit = leading is not None and leading["unexplained"] and leading["scope"] in scopes
         reasons.insert(bool(off_panel) + bool(turning) if poor_fit else len(reasons), other_models)
         explained_at += poor_fit  # "other models" went before it
@@ -203,7 +203,6 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
     if psi is not None:  # stills: whatever the positions, Δψ depends on the crystal and beam alone
         checks["rms_delta_psi_vs_delpsical_rad"] = psi
         if psi > PRECISION_PSI:
-            leading = next((entry for entry in named if entry["large"]), None)
             first = spots_exact and (leading is None or leading["mistake"] in DETECTOR_MISTAKES)
             explained_at += first
             reasons.insert(bool(off_panel) + bool(turning) if first else len(reasons),
@@ -306,7 +305,7 @@ def _named_mistakes(diagnoses, sigma_q, sigma_t=None) -> list[tuple[dict, str | 
             if large:
                 reason = f"{diagnosis.scope}: {finding.message}"
                 if effect is not None and sigma:
-                    reason += f" (it moves the {what} by {effect:.3g} {unit} RMS, {_times(effect / sigma)} x the centroids' uncertainty"
+                    reason += f" ({_moves(effect, sigma, what, unit)}"
                     if unexplained:
                         reason += f", and leaves {left:.3g} {unit} RMS, {_times(left / sigma)} x, unexplained"
                     reason += ")"
@@ -319,10 +318,14 @@ def _named_mistakes(diagnoses, sigma_q, sigma_t=None) -> list[tuple[dict, str | 
 def _exact_reason(entry, sigma_q) -> str:
     """The reason of a named mistake too small to count against σ_q that
     accounts for the model's spots being off the table's calculated ones."""
-    size = f", {_times(entry['moves_spots_by'] / sigma_q)} x the centroids' uncertainty" if sigma_q else ""
-    return (f"{entry['scope']}: {entry['message']} (it moves the spots by {entry['moves_spots_by']:.3g} 1/Angstrom "
-            f"RMS{size}: below what the centroids resolve, but all that separates these models from the table's "
-            "predictions)")
+    return (f"{entry['scope']}: {entry['message']} ({_moves(entry['moves_spots_by'], sigma_q)}: below what the "
+            "centroids resolve, but all that separates these models from the table's predictions)")
+
+
+def _moves(effect: float, sigma: float | None, what: str = "spots", unit: str = "1/Angstrom") -> str:
+    """How far a named mistake moves the spots (or times), against the centroids' uncertainty ``sigma``."""
+    against = f", {_times(effect / sigma)} x the centroids' uncertainty" if sigma else ""
+    return f"it moves the {what} by {effect:.3g} {unit} RMS{against}"
 
 
 def _times(ratio: float) -> str:
