@@ -305,11 +305,12 @@ def test_a_rotation_table_taken_as_stills_leads_the_verdict(shared, tmp_path, mo
     assert verdict["consistent"] is True and "turning_stills" not in verdict["checks"]
 
 
-def _judged(kinds, findings, sigma_q=1e-4, before=1e-2):
+def _judged(kinds, findings, sigma_q=1e-4, before=1e-2, source="observed", in_plane=0.0):
     """judge() on a made-up summary: an experiment per s1 kind in ``kinds``
-    (True: s1 matches neither position), stills with observed positions; the
-    diagnoses (scope, mistake, RMS left after its fit in Å⁻¹, or a
-    time-of-flight finding when that is None), each fitted from ``before``."""
+    (True: s1 matches neither position), stills with ``source`` positions whose
+    model spots are ``in_plane`` mm (RMS) from the table's; the diagnoses
+    (scope, mistake, RMS left after its fit in Å⁻¹, or a time-of-flight finding
+    when that is None; optionally the RMS it was fitted from, else ``before``)."""
     from types import SimpleNamespace
 
     from dials_qconsistency.core.diagnosis import Diagnosis
@@ -320,13 +321,14 @@ def _judged(kinds, findings, sigma_q=1e-4, before=1e-2):
     stats = {"n": 10, "rms": 1e-3}
     experiments = [ExperimentSummary(i, "still", stats, S1_NEITHER if neither else S1_PREDICTED, 0.0, None, None, 0)
                    for i, neither in enumerate(kinds)]
-    summary = Summary(10, {}, stats, "", experiments, residuals={"rms_in_plane_mm": 0.0})
+    summary = Summary(10, {}, stats, "", experiments, residuals={"rms_in_plane_mm": in_plane})
     diagnoses = []
-    for scope, mistake, left in findings:
+    for scope, mistake, left, *fitted_from in findings:
         size = ({"rms_after_fit": left} if left is not None
                 else {"rms_time_before_us": 50.0, "rms_time_after_us": 1.0})
-        diagnoses.append(Diagnosis(scope, 10, 1e-3, False, 10, before, findings=[Finding(mistake, mistake, size)]))
-    options = SimpleNamespace(q_pixel_source="observed", phi="observed", model_state="refinement")
+        diagnoses.append(Diagnosis(scope, 10, 1e-3, False, 10, (fitted_from or [before])[0],
+                                   findings=[Finding(mistake, mistake, size)]))
+    options = SimpleNamespace(q_pixel_source=source, phi="observed", model_state="refinement")
     return judge(summary, options, diagnoses, sigma_q=sigma_q, sigma_t=2.0)
 
 
@@ -368,6 +370,22 @@ def test_only_a_poor_fit_of_an_experiment_whose_s1_matches_neither_gives_up_the_
     assert poor_1.reasons[0].startswith(OTHER_MODELS + " in experiment(s) 1:")
     good_1 = _judged([False, True], [("experiment 1", "detector_distance", 1e-5)])
     assert good_1.reasons[0].startswith("experiment 1: ")
+
+
+def test_a_small_exact_mistake_follows_a_poor_fit_that_gave_up_the_lead():
+    """Calculated positions, spots 0.01 mm off the table's: experiment 1's s1
+    matches neither and its fit leaves 50 σ_q ("other models" leads, the fit
+    second); experiment 0's distance, 0.2 σ_q and explained to 5 %, comes after
+    that fit and before the failed check it explains."""
+    verdict = _judged([False, True], [("experiment 0", "detector_distance", 1e-6, 2e-5),
+                                      ("experiment 1", "crystal_orientation", 5e-3)],
+                      source="calculated", in_plane=0.01)
+    starts = [reason.split(":")[0] for reason in verdict.reasons]
+    assert starts == [OTHER_MODELS + " in experiment(s) 1", "experiment 1", "experiment 0",
+                      "the model's spots are 0.01 mm (RMS) from the calculated positions in the table, not at them (numerical "
+                      "precision"], verdict.reasons
+    assert "below what the centroids resolve" in verdict.reasons[2] and "0.2 x" in verdict.reasons[2]
+    assert verdict.checks["leading_mistake"] is None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
