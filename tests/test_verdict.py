@@ -265,6 +265,36 @@ def test_copies_of_one_mistake_in_every_still_are_named_once_for_all(shared, tmp
         assert distance and abs(distance[0]["size"]["distance_mm"] - 2.0) < tolerance, scope["scope"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_mistake_of_some_crystals_is_named_for_those_alone(shared, tmp_path, monkeypatch, backend):
+    """The crystals of CSPAD stills 1-9 turned 0.5 deg about lab x, still 0's
+    left as refined: the headline names the turn for "experiments 1-9, not 0"
+    at its true size. A pooled fit over all ten took in still 0 and gave 0.457
+    deg."""
+    document = json.load(open(shared("dials_current", "cspad_stills_refined.expt")))
+    turn = np.radians(0.5)
+    about_x = np.array([[1, 0, 0], [0, np.cos(turn), -np.sin(turn)], [0, np.sin(turn), np.cos(turn)]])
+    for experiment in document["experiment"][1:]:
+        crystal = document["crystal"][experiment["crystal"]]
+        for key in ("real_space_a", "real_space_b", "real_space_c"):
+            crystal[key] = list(about_x @ np.array(crystal[key]))
+    turned = tmp_path / "turned.expt"
+    turned.write_text(json.dumps(document))
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, str(turned),
+                                     shared("dials_current", "cspad_stills_refined.refl"), backend=backend)
+    found = re.search(r"^INCONSISTENT: pooled: experiments 1-9, not 0: the crystal orientation is off by ([0-9.]+)",
+                      verdict["headline"])
+    assert found and abs(float(found.group(1)) - 0.5) <= 0.0005, verdict["headline"]
+    pooled = json.load(open(tmp_path / "qc.json"))["diagnosis"][0]
+    assert pooled["scope"] == "pooled" and pooled["findings"][0]["size"]["experiments"] == 9
+
+
+def test_experiment_runs_are_written_as_ranges():
+    from dials_qconsistency.core.diagnosis import _ranges
+
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8" and _ranges([3]) == "3"
+
+
 #: Rotation pairs whose models lose their goniometer (and scan) in the test below.
 TURNING = [("dials_current", "centroid_refined", ("goniometer", "scan")),
            ("quartz_processed", "refined", ("goniometer",))]

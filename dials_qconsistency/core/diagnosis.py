@@ -437,13 +437,15 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS, thread
                            source_mm=shared_source.pop() if len(shared_source) == 1 else None, laue_rows=laue_rows,
                            threads=threads)
     named = {f.mistake for d in each for f in d.findings}
-    if named and {f.mistake for f in pooled.findings} != named:
+    shared = bool(pooled.findings) and all(f.mistake in SHARED_MISTAKES for f in pooled.findings)
+    quiet = any(not d.findings for d in each)
+    if named and ({f.mistake for f in pooled.findings} != named or (quiet and not shared)):
         # a pooled fit of what the experiments share (the detector, the wavelength) is
         # better determined by all their spots than by the few of one still, where a
         # distance error and a scale look alike; a mistake every experiment names alike
-        # (copies of one mistaken model) speaks for all when it explains more
+        # (copies of one mistaken model) speaks for all when it explains more. A pooled
+        # fit of the crystals' own mistakes does not speak for experiments that name none.
         common = _common_finding(each)
-        shared = bool(pooled.findings) and all(f.mistake in SHARED_MISTAKES for f in pooled.findings)
         pooled_explained = max((f.size.get("explained", 0.0) for f in pooled.findings), default=0.0)
         if common is not None and (not shared or common.size["explained"] > pooled_explained):
             pooled.consistent, pooled.findings = False, [common]
@@ -466,12 +468,15 @@ SAME_SIZE = 0.01
 
 
 def _common_finding(each) -> Finding | None:
-    """The finding every experiment names alike (one mistake, sizes within 1%), as
-    a pooled one: what copies of one mistaken model in every experiment give."""
-    if not all(len(d.findings) == 1 for d in each):
+    """The finding every experiment that names one names alike (one mistake,
+    sizes within 1%; at least two experiments, the others naming nothing), as a
+    pooled one: what copies of one mistaken model in every experiment give, or
+    in some of them (the stills beside a sweep: "experiments 1-10, not 0")."""
+    naming = [d for d in each if d.findings]
+    if len(naming) < 2 or not all(len(d.findings) == 1 for d in naming):
         return None
-    first = each[0].findings[0]
-    for diagnosis in each[1:]:
+    first = naming[0].findings[0]
+    for diagnosis in naming[1:]:
         other = diagnosis.findings[0]
         if other.mistake != first.mistake:
             return None
@@ -480,6 +485,20 @@ def _common_finding(each) -> Finding | None:
                 continue
             if abs(other.size.get(key, np.inf) - value) > SAME_SIZE * max(abs(value), 1e-3):
                 return None
-    explained = min(d.findings[0].size["explained"] for d in each)
-    size = {**first.size, "explained": explained, "experiments": len(each)}
-    return Finding(first.mistake, f"every experiment: {first.message}", size)
+    explained = min(d.findings[0].size["explained"] for d in naming)
+    size = {**first.size, "explained": explained, "experiments": len(naming)}
+    if len(naming) == len(each):
+        return Finding(first.mistake, f"every experiment: {first.message}", size)
+    which, others = ([int(d.scope.split()[-1]) for d in group] for group in (naming, [d for d in each if not d.findings]))
+    return Finding(first.mistake, f"experiments {_ranges(which)}, not {_ranges(others)}: {first.message}", size)
+
+
+def _ranges(indices) -> str:
+    """Sorted experiment indices as runs: [1, 2, 3, 7] -> "1-3, 7"."""
+    runs = []
+    for index in indices:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
