@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.command_line.q_consistency import main
-from conftest import BACKENDS
+from dials_qconsistency.io.refl import ReflectionTable
+from conftest import BACKENDS, SHARED_DATA
 
 #: Refined real pairs (folder, name, options): rotation (static, scan-varying), stills (1 and 64 panels).
 REFINED = [
@@ -265,28 +266,99 @@ def test_copies_of_one_mistake_in_every_still_are_named_once_for_all(shared, tmp
         assert distance and abs(distance[0]["size"]["distance_mm"] - 2.0) < tolerance, scope["scope"]
 
 
+def _cspad_changed(tmp_path, changes):
+    """The CSPAD stills' .expt with its crystals changed: ``changes`` maps an
+    experiment to ("turn", lab axis, degrees) or ("scale", factor of the cell)."""
+    document = json.load(open(SHARED_DATA + "/dials_current/cspad_stills_refined.expt"))
+    for index, (kind, *how) in changes.items():
+        crystal = document["crystal"][document["experiment"][index]["crystal"]]
+        axes = np.array([crystal[key] for key in ("real_space_a", "real_space_b", "real_space_c")])
+        if kind == "turn":
+            axis, angle = np.array(how[0], dtype=float), np.radians(how[1])
+            cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+            axes = axes @ (np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross).T
+        else:
+            axes = axes * how[0]
+        for key, axis in zip(("real_space_a", "real_space_b", "real_space_c"), axes):
+            crystal[key] = list(axis)
+    changed = tmp_path / "changed.expt"
+    changed.write_text(json.dumps(document))
+    return str(changed)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_mistake_of_some_crystals_is_named_for_those_alone(shared, tmp_path, monkeypatch, backend):
     """The crystals of CSPAD stills 1-9 turned 0.5 deg about lab x, still 0's
-    left as refined: the headline names the turn for "experiments 1-9, not 0"
-    at its true size. A pooled fit over all ten took in still 0 and gave 0.457
-    deg."""
-    document = json.load(open(shared("dials_current", "cspad_stills_refined.expt")))
-    turn = np.radians(0.5)
-    about_x = np.array([[1, 0, 0], [0, np.cos(turn), -np.sin(turn)], [0, np.sin(turn), np.cos(turn)]])
-    for experiment in document["experiment"][1:]:
-        crystal = document["crystal"][experiment["crystal"]]
-        for key in ("real_space_a", "real_space_b", "real_space_c"):
-            crystal[key] = list(about_x @ np.array(crystal[key]))
-    turned = tmp_path / "turned.expt"
-    turned.write_text(json.dumps(document))
-    status, verdict, _ = run_verdict(tmp_path, monkeypatch, str(turned),
-                                     shared("dials_current", "cspad_stills_refined.refl"), backend=backend)
-    found = re.search(r"^INCONSISTENT: pooled: experiments 1-9, not 0: the crystal orientation is off by ([0-9.]+)",
-                      verdict["headline"])
+    left as refined: the headline names the turn for "experiments 1-9 (none
+    found in 0)" at its true size. A pooled fit over all ten took in still 0 and
+    gave 0.457 deg."""
+    turned = _cspad_changed(tmp_path, {i: ("turn", (1, 0, 0), 0.5) for i in range(1, 10)})
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, turned, shared("dials_current", "cspad_stills_refined.refl"),
+                                     backend=backend)
+    found = re.search(r"^INCONSISTENT: pooled: experiments 1-9 \(none found in 0\): the crystal orientation is off by "
+                      r"([0-9.]+)", verdict["headline"])
     assert found and abs(float(found.group(1)) - 0.5) <= 0.0005, verdict["headline"]
     pooled = json.load(open(tmp_path / "qc.json"))["diagnosis"][0]
     assert pooled["scope"] == "pooled" and pooled["findings"][0]["size"]["experiments"] == 9
+
+
+#: Changes of the CSPAD crystals that must not be named as one: turns the other
+#: way or about another axis, and cell scales on both sides of 1.
+UNALIKE = {"opposite turns": {**{i: ("turn", (1, 0, 0), 0.5) for i in range(1, 5)},
+                              **{i: ("turn", (1, 0, 0), -0.5) for i in range(5, 10)}},
+           "turns about x and y": {**{i: ("turn", (1, 0, 0), 0.5) for i in range(1, 5)},
+                                   **{i: ("turn", (0, 1, 0), 0.5) for i in range(5, 10)}},
+           "cells 1.001 and 0.995": {**{i: ("scale", 1.001) for i in range(1, 5)},
+                                     **{i: ("scale", 0.995) for i in range(5, 10)}}}
+
+
+@pytest.mark.parametrize("changes", UNALIKE.values(), ids=UNALIKE.keys())
+def test_unalike_mistakes_of_some_crystals_are_named_each_for_its_own(shared, tmp_path, monkeypatch, changes):
+    """Each still names its own change at its size; the pooled scope says they
+    differ (it used to give the first still's axis or scale for all)."""
+    changed = _cspad_changed(tmp_path, changes)
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, changed, shared("dials_current", "cspad_stills_refined.refl"))
+    diagnosis = json.load(open(tmp_path / "qc.json"))["diagnosis"]
+    assert diagnosis[0]["findings"][0]["mistake"] == "no_common_cause", diagnosis[0]["findings"]
+    for index, (kind, *how) in changes.items():
+        (finding,) = diagnosis[index + 1]["findings"]
+        if kind == "turn":  # model - data: the fitted axis is minus the turn's
+            signed = finding["size"]["angle_deg"] * np.array(finding["size"]["axis"])
+            assert np.abs(signed + how[1] * np.array(how[0])).max() < 0.002, (index, finding["message"])
+        else:
+            assert abs(finding["size"]["scale"] - how[0]) < 3e-5, (index, finding["message"])
+    assert not verdict["headline"].startswith("INCONSISTENT: pooled"), verdict["headline"]
+
+
+def test_a_cell_scale_of_some_crystals_is_not_spread_over_all(shared, tmp_path, monkeypatch):
+    """Cells 1-9 scaled by 1.001: named for those (1.00098 to 1.00100), not as
+    a pooled scale over all ten stills (1.00092), though the beam is shared."""
+    scaled = _cspad_changed(tmp_path, {i: ("scale", 1.001) for i in range(1, 10)})
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, scaled, shared("dials_current", "cspad_stills_refined.refl"))
+    found = re.search(r"^INCONSISTENT: pooled: experiments 1-9 \(none found in 0\): an isotropic scale q_pixel = "
+                      r"([0-9.]+)", verdict["headline"])
+    assert found and abs(float(found.group(1)) - 1.001) < 3e-5, verdict["headline"]
+
+
+def test_a_mistake_of_two_stills_weighs_as_much_as_of_one(shared, tmp_path, monkeypatch):
+    """Without delpsical.rad, still 3 turned 0.15 deg about y moves its spots
+    by 0.4 sigma_q: INCONSISTENT. Stills 3 and 6 turned alike must be too: the
+    common finding's size is over their rows, not diluted by the eight others
+    (it was 0.2 sigma_q, and the verdict CONSISTENT)."""
+    table = ReflectionTable.from_file(shared("dials_current", "cspad_stills_refined.refl"))
+    table.remove_column("delpsical.rad")
+    refl = str(tmp_path / "no_delpsical.refl")
+    table.write(refl)
+    moved = {}
+    for stills in ((3,), (3, 6)):
+        folder = tmp_path / "-".join(map(str, stills))
+        folder.mkdir()
+        turned = _cspad_changed(folder, {i: ("turn", (0, 1, 0), 0.15) for i in stills})
+        status, verdict, _ = run_verdict(folder, monkeypatch, turned, refl)
+        assert verdict["consistent"] is False, verdict["headline"]
+        (entry,) = verdict["checks"]["named"]
+        moved[stills] = entry["moves_spots_by"] / verdict["checks"]["centroid_sigma_q"]
+    assert 0.3 < moved[(3,)] < 0.5 and abs(moved[(3, 6)] / moved[(3,)] - 1) < 0.25, moved
 
 
 def test_experiment_runs_are_written_as_ranges():

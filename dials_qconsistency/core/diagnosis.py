@@ -439,18 +439,19 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS, thread
     named = {f.mistake for d in each for f in d.findings}
     shared = bool(pooled.findings) and all(f.mistake in SHARED_MISTAKES for f in pooled.findings)
     quiet = any(not d.findings for d in each)
-    if named and ({f.mistake for f in pooled.findings} != named or (quiet and not shared)):
-        # a pooled fit of what the experiments share (the detector, the wavelength) is
+    if named and ({f.mistake for f in pooled.findings} != named or quiet or not shared):
+        # A pooled fit of what the experiments share (the detector, the wavelength) is
         # better determined by all their spots than by the few of one still, where a
-        # distance error and a scale look alike; a mistake every experiment names alike
-        # (copies of one mistaken model) speaks for all when it explains more. A pooled
-        # fit of the crystals' own mistakes does not speak for experiments that name none.
+        # distance error and a scale look alike: it stays unless one mistake named
+        # alike by the experiments (copies of one mistaken model, in all of them or in
+        # those that name one) explains more. A pooled fit of anything else (the
+        # crystals') speaks only as that common finding: it would mix different causes,
+        # or sizes, or take in the experiments that name nothing.
         common = _common_finding(each)
         pooled_explained = max((f.size.get("explained", 0.0) for f in pooled.findings), default=0.0)
         if common is not None and (not shared or common.size["explained"] > pooled_explained):
             pooled.consistent, pooled.findings = False, [common]
         elif not shared:
-            # a pooled fit may mix different per-crystal causes into one map: trust the experiments
             pooled.consistent = False
             pooled.findings = [
                 Finding("no_common_cause", "the experiments are diagnosed differently: see each experiment",
@@ -466,31 +467,63 @@ SHARED_MISTAKES = {"detector_distance", "beam_centre_shift", "tilted_panel", "de
 #: Sizes that must agree (relative, or absolute near zero) for one finding to speak for all experiments.
 SAME_SIZE = 0.01
 
+#: Sizes of a finding left out of the comparison (how well it fits, or what follows from the scale).
+_NOT_COMPARED = {"explained", "rms_after_fit", "rms_before_fit", "rms_time_before_us", "rms_time_after_us",
+                 "wavelength_fit", "wavelength_model"}
+
+#: ... and of one mistake: a reindexing is one operator on hkl, whose lab axis
+#: turns with each crystal.
+_NOT_COMPARED_OF = {"reindexing": {"axis"}}
+
+#: Sizes that are factors, compared by how far they are from 1, within this share
+#: of it: fits of one cell scale 1.001 on stills give 1.00098 to 1.00100.
+_FACTORS, SAME_FACTOR = {"scale", "wavelength_scale"}, 0.05
+
+
+def _same_size(key, a, b) -> bool:
+    """Do two values of one size key of a finding agree? Words must be equal,
+    numbers and vectors (axes, offsets) within SAME_SIZE, factors alike in their
+    departure from 1 (SAME_FACTOR)."""
+    if isinstance(a, str) or isinstance(b, str) or a is None or b is None:
+        return a == b
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        return False
+    if key in _FACTORS:
+        return float(np.max(np.abs(a - b))) <= SAME_FACTOR * max(float(np.max(np.abs(a - 1.0))), 1e-6)
+    return float(np.linalg.norm(a - b)) <= SAME_SIZE * max(float(np.linalg.norm(a)), 1e-3)
+
 
 def _common_finding(each) -> Finding | None:
     """The finding every experiment that names one names alike (one mistake,
-    sizes within 1%; at least two experiments, the others naming nothing), as a
-    pooled one: what copies of one mistaken model in every experiment give, or
-    in some of them (the stills beside a sweep: "experiments 1-10, not 0")."""
+    the same sizes, axes and words: SAME_SIZE; at least two experiments, the
+    others naming nothing), as a pooled one: what copies of one mistaken model
+    in every experiment give, or in some of them ("experiments 1-9 (none found
+    in 0)"). Its RMS before and after the fit are over those experiments'
+    fitted rows."""
     naming = [d for d in each if d.findings]
     if len(naming) < 2 or not all(len(d.findings) == 1 for d in naming):
         return None
     first = naming[0].findings[0]
+    ignored = _NOT_COMPARED | _NOT_COMPARED_OF.get(first.mistake, set())
+    keys = set(first.size) - ignored
     for diagnosis in naming[1:]:
         other = diagnosis.findings[0]
-        if other.mistake != first.mistake:
+        if other.mistake != first.mistake or set(other.size) - ignored != keys:
             return None
-        for key, value in first.size.items():
-            if key in ("explained", "rms_after_fit") or not isinstance(value, (int, float)):
-                continue
-            if abs(other.size.get(key, np.inf) - value) > SAME_SIZE * max(abs(value), 1e-3):
-                return None
-    explained = min(d.findings[0].size["explained"] for d in naming)
-    size = {**first.size, "explained": explained, "experiments": len(naming)}
+        if not all(_same_size(key, first.size[key], other.size[key]) for key in keys):
+            return None
+    weights = np.array([d.fitted for d in naming], dtype=float)
+    size = {**first.size, "explained": min(d.findings[0].size["explained"] for d in naming), "experiments": len(naming)}
+    for key, values in (("rms_before_fit", [d.rms_in_plane_before for d in naming]),
+                        ("rms_after_fit", [d.findings[0].size.get("rms_after_fit") for d in naming])):
+        if all(v is not None for v in values) and weights.sum() > 0:
+            size[key] = float(np.sqrt(np.average(np.square(values), weights=weights)))
     if len(naming) == len(each):
         return Finding(first.mistake, f"every experiment: {first.message}", size)
     which, others = ([int(d.scope.split()[-1]) for d in group] for group in (naming, [d for d in each if not d.findings]))
-    return Finding(first.mistake, f"experiments {_ranges(which)}, not {_ranges(others)}: {first.message}", size)
+    return Finding(first.mistake, f"experiments {_ranges(which)} (none found in {_ranges(others)}): {first.message}",
+                   size)
 
 
 def _ranges(indices) -> str:

@@ -336,7 +336,9 @@ def _effect(diagnosis, finding) -> float | None:
     if "rms_time_before_us" in finding.size:
         before, after = finding.size["rms_time_before_us"], finding.size["rms_time_after_us"]
         return float(np.sqrt(max(before**2 - after**2, 0.0)))
-    before, after = diagnosis.rms_in_plane_before, finding.size.get("rms_after_fit")
+    # a finding common to some experiments carries its own RMS over their rows
+    before = finding.size.get("rms_before_fit", diagnosis.rms_in_plane_before)
+    after = finding.size.get("rms_after_fit")
     if before is None or after is None:
         return None
     return float(np.sqrt(max(before**2 - after**2, 0.0)))
