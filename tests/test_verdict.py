@@ -361,6 +361,68 @@ def test_a_mistake_of_two_stills_weighs_as_much_as_of_one(shared, tmp_path, monk
     assert 0.3 < moved[(3,)] < 0.5 and abs(moved[(3, 6)] / moved[(3,)] - 1) < 0.25, moved
 
 
+MODEL_LISTS = ("beam", "detector", "goniometer", "scan", "crystal", "imageset", "profile", "scaling_model")
+
+
+def _joined(tmp_path, pairs, change=None):
+    """One .expt and .refl of several pairs' experiments, in order (the models'
+    lists and the table's ids offset, the columns every table has, identifiers
+    kept); ``change(document, offsets)`` edits the joined document."""
+    joined = {"__id__": "ExperimentList", "experiment": [], **{key: [] for key in MODEL_LISTS}}
+    tables, offsets = [], []
+    for expt, refl in pairs:
+        document = json.load(open(expt))
+        offsets.append(len(joined["experiment"]))
+        starts = {key: len(joined[key]) for key in MODEL_LISTS}
+        for key in MODEL_LISTS:
+            joined[key] += document.get(key, [])
+        for experiment in document["experiment"]:
+            joined["experiment"].append({k: v + starts[k] if k in starts and isinstance(v, int) else v
+                                         for k, v in experiment.items()})
+        tables.append(ReflectionTable.from_file(refl))
+    if change:
+        change(joined, offsets)
+    names = [n for n in tables[0].keys() if all(n in t for t in tables[1:]) and n != "id"]
+    table = ReflectionTable(sum(t.nrows for t in tables),
+                            {i + offset: name for t, offset in zip(tables, offsets) for i, name in t.identifiers.items()})
+    ids = [np.where(t.get("id") >= 0, t.get("id") + offset, t.get("id")) for t, offset in zip(tables, offsets)]
+    table.set_column("id", "int", np.concatenate(ids))
+    for name in names:
+        try:
+            values = [t.get(name) for t in tables]
+        except TypeError:  # shoeboxes: not needed here
+            continue
+        table.set_column(name, tables[0].column_type(name), np.concatenate(values))
+    (tmp_path / "joined.expt").write_text(json.dumps(joined))
+    table.write(str(tmp_path / "joined.refl"))
+    return str(tmp_path / "joined.expt"), str(tmp_path / "joined.refl")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stills_beside_a_sweep_are_weighed_against_their_own_centroids(shared, tmp_path, monkeypatch, backend):
+    """The quartz sweep (median sigma_q 1.5e-3 1/Angstrom) with the 5 CuNiR
+    stills (2.0e-4) in one list, the crystal of CuNiR still 1 (experiment 2 of
+    the list) turned 0.7 deg: against all rows' sigma_q the turn was small and
+    the verdict CONSISTENT; against that still's own it is 1.9 x, and named."""
+    def turn(document, offsets):
+        crystal = document["crystal"][document["experiment"][offsets[1] + 1]["crystal"]]
+        t = np.radians(0.7)
+        about_x = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+        for key in ("real_space_a", "real_space_b", "real_space_c"):
+            crystal[key] = list(about_x @ np.array(crystal[key]))
+
+    expt, refl = _joined(tmp_path, [(shared("quartz_processed", "refined.expt"), shared("quartz_processed", "refined.refl")),
+                                    (shared("ssx_CuNiR_test_data", "indexed.expt"),
+                                     shared("ssx_CuNiR_test_data", "indexed.refl"))], turn)
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, expt, refl, backend=backend)
+    found = re.search(r"^INCONSISTENT: experiment 2: the crystal orientation is off by ([0-9.]+)° .* ([0-9.]+) x their "
+                      r"centroids' uncertainty \(([0-9.e-]+) 1/Angstrom\)", verdict["headline"])
+    assert found and abs(float(found.group(1)) - 0.7) < 0.001, verdict["headline"]
+    (entry,) = verdict["checks"]["named"]
+    assert verdict["checks"]["centroid_sigma_q"] > 5 * entry["centroid_sigma_q"]  # the sweep's rows dominate the median
+    assert 1.5 < entry["moves_spots_by"] / entry["centroid_sigma_q"] < 2.5
+
+
 def test_experiment_runs_are_written_as_ranges():
     from dials_qconsistency.core.diagnosis import _ranges
 

@@ -469,7 +469,7 @@ SAME_SIZE = 0.01
 
 #: Sizes of a finding left out of the comparison (how well it fits, or what follows from the scale).
 _NOT_COMPARED = {"explained", "rms_after_fit", "rms_before_fit", "rms_time_before_us", "rms_time_after_us",
-                 "wavelength_fit", "wavelength_model"}
+                 "wavelength_fit", "wavelength_model", "experiments", "experiment_indices"}
 
 #: ... and of one mistake: a reindexing is one operator on hkl, whose lab axis
 #: turns with each crystal.
@@ -514,14 +514,15 @@ def _common_finding(each) -> Finding | None:
         if not all(_same_size(key, first.size[key], other.size[key]) for key in keys):
             return None
     weights = np.array([d.fitted for d in naming], dtype=float)
-    size = {**first.size, "explained": min(d.findings[0].size["explained"] for d in naming), "experiments": len(naming)}
+    which, others = ([int(d.scope.split()[-1]) for d in group] for group in (naming, [d for d in each if not d.findings]))
+    size = {**first.size, "explained": min(d.findings[0].size["explained"] for d in naming), "experiments": len(naming),
+            "experiment_indices": which}
     for key, values in (("rms_before_fit", [d.rms_in_plane_before for d in naming]),
                         ("rms_after_fit", [d.findings[0].size.get("rms_after_fit") for d in naming])):
         if all(v is not None for v in values) and weights.sum() > 0:
             size[key] = float(np.sqrt(np.average(np.square(values), weights=weights)))
     if len(naming) == len(each):
         return Finding(first.mistake, f"every experiment: {first.message}", size)
-    which, others = ([int(d.scope.split()[-1]) for d in group] for group in (naming, [d for d in each if not d.findings]))
     return Finding(first.mistake, f"experiments {_ranges(which)} (none found in {_ranges(others)}): {first.message}",
                    size)
 

@@ -24,7 +24,7 @@ from dials_qconsistency.core.diagnosis import MAX_REFLECTIONS, diagnose
 from dials_qconsistency.core.q_vectors import Options, compute_q, rows_used_in_refinement, with_model_state
 from dials_qconsistency.core.statistics import s1_self_tests, stills_psi_tests, summarise
 from dials_qconsistency.core.row_statistics import norm_statistics, row_distances
-from dials_qconsistency.core.verdict import centroid_sigma_q, judge, normalised_residual, time_sigma_us
+from dials_qconsistency.core.verdict import centroid_sigmas, judge, normalised_residual, time_sigma_us
 from dials_qconsistency.io import backends
 from dials_qconsistency.report.columns import (
     output_types,
@@ -124,9 +124,9 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
         # and the q vectors while Δq is decomposed, then its parts.
         put_columns(writer, q_columns(result))
     variance = pair.columns.get("xyzobs.mm.variance")
-    sigma_q = None
+    sigmas = None
     if settings.diagnose:  # on a sample of the variances, before the decomposition's parts take memory
-        sigma_q = centroid_sigma_q(experiments, about, variance)
+        sigmas = centroid_sigmas(experiments, about, variance)
         pair.table.release_memory()  # the sample's positions, panels and variances
     parts = decompose(experiments, result, options.threads, pair.table.release_rows)
     pair.table.release_memory()  # the positions read again by the decomposition
@@ -149,9 +149,9 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
         if options.q_pixel_source != "calculated":
             normalised = normalised_residual(parts, about, variance)
             pair.table.release_memory()  # the variances read again
-    verdict = judge(summary, options, diagnoses if settings.diagnose else None, sigma_q, normalised,
-                    scan_varying=any(e.is_scan_varying for e in experiments),
-                    sigma_t=time_sigma_us(experiments, about, pair.columns))
+    verdict = judge(summary, options, diagnoses if settings.diagnose else None, sigmas.median() if sigmas else None,
+                    normalised, scan_varying=any(e.is_scan_varying for e in experiments),
+                    sigma_t=time_sigma_us(experiments, about, pair.columns), sigma_q_of=sigmas.median if sigmas else None)
     summary.verdict = verdict.short
     return CheckedPair(pair, parts, summary, diagnoses, verdict, replaced)
 

@@ -95,11 +95,25 @@ class Verdict:
         return {True: "consistent", False: "inconsistent", None: "nothing to compare"}[self.consistent]
 
 
-def centroid_sigma_q(experiments, result, variance=None, max_rows=SAMPLE) -> float | None:
-    """Median σ_q (Å⁻¹) of an observed centroid over an even sample of used rows."""
+@dataclass
+class CentroidSigma:
+    """σ_q (Å⁻¹) of an observed centroid on an even sample of used rows (finite,
+    > 0), and each sampled row's experiment."""
+    sigma: np.ndarray
+    experiment: np.ndarray
+
+    def median(self, experiments=None) -> float | None:
+        """The median over the rows of ``experiments`` (None: all); None without rows."""
+        sigma = self.sigma if experiments is None else self.sigma[np.isin(self.experiment, list(experiments))]
+        return float(np.median(sigma)) if sigma.size else None
+
+
+def centroid_sigmas(experiments, result, variance=None, max_rows=SAMPLE) -> CentroidSigma:
+    """σ_q of the observed centroids of an even sample of used rows: their
+    variance (else a pixel's own spread) turned into Å⁻¹ at each spot."""
     rows = sample_rows(result.used, max_rows)
     if rows.size == 0:
-        return None
+        return CentroidSigma(np.zeros(0), np.zeros(0, dtype=np.int64))
     points = take_rows(result, rows, len(result.reason), ("reason", "experiment", "panel", "position_mm", "s0"))
     distance = np.linalg.norm(spot_lab_positions(experiments, points), axis=1)  # sample to spot, mm
     if variance is not None:
@@ -111,8 +125,13 @@ def centroid_sigma_q(experiments, result, variance=None, max_rows=SAMPLE) -> flo
                 pixel = np.array([p.pixel_size for p in experiments[index].detector.panels])[points.panel[mine]]
                 sigma_mm[mine] = np.sqrt(np.sum(pixel**2, axis=1) / 12.0)
     sigma = sigma_mm * np.linalg.norm(points.s0, axis=1) / distance
-    sigma = sigma[np.isfinite(sigma) & (sigma > 0)]
-    return float(np.median(sigma)) if sigma.size else None
+    kept = np.isfinite(sigma) & (sigma > 0)
+    return CentroidSigma(sigma[kept], np.asarray(points.experiment)[kept])
+
+
+def centroid_sigma_q(experiments, result, variance=None, max_rows=SAMPLE) -> float | None:
+    """Median σ_q (Å⁻¹) of an observed centroid over an even sample of used rows."""
+    return centroid_sigmas(experiments, result, variance, max_rows).median()
 
 
 def normalised_residual(parts, result, variance, max_rows=SAMPLE) -> float | None:
@@ -149,10 +168,12 @@ def time_sigma_us(experiments, result, columns) -> float | None:
 
 
 def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_varying=False,
-          sigma_t=None) -> Verdict:
+          sigma_t=None, sigma_q_of=None) -> Verdict:
     """The verdict of one table (``diagnoses`` None: without the diagnosis;
     ``scan_varying``: some model varies along its scan; ``sigma_t``: the
-    centroids' time-of-flight uncertainty, µs, for time-of-flight data)."""
+    centroids' time-of-flight uncertainty, µs, for time-of-flight data;
+    ``sigma_q_of(experiments)``: σ_q over those experiments' rows, against
+    which a mistake named for them is weighed; else ``sigma_q`` for all)."""
     if not summary.delta_q["n"]:
         return Verdict(None, "Nothing to compare: no row has an indexed reflection with a position and s1.")
     # The model's spots on the table's calculated ones to rounding: no detector
@@ -160,7 +181,7 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
     # has taken up something else, the Ewald offsets of stills).
     in_plane = summary.residuals.get("rms_in_plane_mm")
     spots_exact = options.q_pixel_source == "calculated" and in_plane is not None and in_plane <= PRECISION_MM
-    reasons = _named_mistakes(diagnoses, sigma_q, sigma_t)  # the mistake first, then the checks it breaks
+    reasons = _named_mistakes(diagnoses, sigma_q, sigma_t, sigma_q_of)  # the mistake first, then the checks it breaks
     named = [entry for entry, _ in reasons]
     mistake_of = {reason: entry["mistake"] for entry, reason in reasons
                   if reason and not (spots_exact and entry["mistake"] in DETECTOR_MISTAKES)}
@@ -281,11 +302,13 @@ def _other_model_state(state) -> str:
     return "integrate for a table of dials.integrate"
 
 
-def _named_mistakes(diagnoses, sigma_q, sigma_t=None) -> list[tuple[dict, str | None]]:
+def _named_mistakes(diagnoses, sigma_q, sigma_t=None, sigma_q_of=None) -> list[tuple[dict, str | None]]:
     """(what the diagnosis named, the reason it gives or None when the mistake is
     small against σ_q); the pooled finding speaks for every experiment. Each
     entry says whether the fit leaves more than ``UNEXPLAINED`` σ_q RMS
-    (``unexplained``) and how much (``left_after_fit``, Å⁻¹; spot fits only)."""
+    (``unexplained``) and how much (``left_after_fit``, Å⁻¹; spot fits only),
+    and the σ_q it is weighed against (``centroid_sigma_q``: of the rows of the
+    experiments it is named for, where ``sigma_q_of`` tells it)."""
     diagnoses = diagnoses or []
     pooled_found = any(d.scope == "pooled" and f.mistake != "no_common_cause" for d in diagnoses for f in d.findings)
     out = []
@@ -297,7 +320,8 @@ def _named_mistakes(diagnoses, sigma_q, sigma_t=None) -> list[tuple[dict, str | 
                 continue  # each experiment's finding is judged on its own
             timing = "rms_time_before_us" in finding.size  # a time-of-flight mistake moves the times, not the spots
             effect = _effect(diagnosis, finding)
-            sigma, what, unit = (sigma_t, "times of flight", "us") if timing else (sigma_q, "spots", "1/Angstrom")
+            sigma, what, unit = (sigma_t, "times of flight", "us") if timing else (
+                _sigma_of_scope(diagnosis.scope, finding, sigma_q, sigma_q_of), "spots", "1/Angstrom")
             large = effect is None or sigma is None or effect >= LARGE * sigma
             left = None if timing else finding.size.get("rms_after_fit")
             unexplained = bool(left is not None and sigma and left > UNEXPLAINED * sigma)
@@ -305,26 +329,48 @@ def _named_mistakes(diagnoses, sigma_q, sigma_t=None) -> list[tuple[dict, str | 
             if large:
                 reason = f"{diagnosis.scope}: {finding.message}"
                 if effect is not None and sigma:
-                    reason += f" ({_moves(effect, sigma, what, unit)}"
+                    reason += f" ({_moves(effect, sigma, what, unit, own=not timing and sigma != sigma_q)}"
                     if unexplained:
                         reason += f", and leaves {left:.3g} {unit} RMS, {_times(left / sigma)} x, unexplained"
                     reason += ")"
             out.append(({"scope": diagnosis.scope, "mistake": finding.mistake, "message": finding.message,
                          "moves_spots_by": effect, "left_after_fit": left, "large": bool(large),
-                         "unexplained": unexplained}, reason))
+                         "unexplained": unexplained, "centroid_sigma_q": None if timing else sigma}, reason))
     return out
+
+
+#: The σ_q of a finding's own experiments replaces that of all rows when they
+#: differ by more than this factor (a list of stills beside a sweep, detectors
+#: at other distances).
+OWN_SIGMA = 1.25
+
+
+def _sigma_of_scope(scope, finding, sigma_q, sigma_q_of) -> float | None:
+    """σ_q of the experiments a finding is named for (one experiment's scope, or
+    those a pooled finding stands for) where it differs from all rows' by more
+    than OWN_SIGMA, else of all rows."""
+    experiments = [int(scope.split()[-1])] if scope.startswith("experiment ") else finding.size.get("experiment_indices")
+    if sigma_q_of is None or experiments is None or not sigma_q:
+        return sigma_q
+    own = sigma_q_of(experiments)
+    return own if own and not 1 / OWN_SIGMA <= own / sigma_q <= OWN_SIGMA else sigma_q
 
 
 def _exact_reason(entry, sigma_q) -> str:
     """The reason of a named mistake too small to count against σ_q that
     accounts for the model's spots being off the table's calculated ones."""
-    return (f"{entry['scope']}: {entry['message']} ({_moves(entry['moves_spots_by'], sigma_q)}: below what the "
-            "centroids resolve, but all that separates these models from the table's predictions)")
+    return (f"{entry['scope']}: {entry['message']} "
+            f"({_moves(entry['moves_spots_by'], entry['centroid_sigma_q'], own=entry['centroid_sigma_q'] != sigma_q)}: "
+            "below what the centroids resolve, but all that separates these models from the table's predictions)")
 
 
-def _moves(effect: float, sigma: float | None, what: str = "spots", unit: str = "1/Angstrom") -> str:
-    """How far a named mistake moves the spots (or times), against the centroids' uncertainty ``sigma``."""
-    against = f", {_times(effect / sigma)} x the centroids' uncertainty" if sigma else ""
+def _moves(effect: float, sigma: float | None, what: str = "spots", unit: str = "1/Angstrom", own=False) -> str:
+    """How far a named mistake moves the spots (or times), against the centroids'
+    uncertainty ``sigma`` (``own``: that of its experiments' rows, not of all)."""
+    against = ""
+    if sigma:
+        against = (f", {_times(effect / sigma)} x their centroids' uncertainty ({sigma:.3g} {unit})" if own
+                   else f", {_times(effect / sigma)} x the centroids' uncertainty")
     return f"it moves the {what} by {effect:.3g} {unit} RMS{against}"
 
 
