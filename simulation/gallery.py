@@ -137,6 +137,12 @@ def rotation_cases() -> list[Case]:
         with_angles(ANGLES, (0.0, 0.0, -25.0), "missing_fixed_rotation", "missing_fixed_rotation", 10.0),
         with_angles((0.0, 0.0, -25.0), ANGLES, "extra_fixed_rotation", "extra_fixed_rotation", 10.0),
     ]
+    # the scan axis (OMEGA, at 0°: its turn changes neither F nor S) tilted, or reversed
+    for name, axis, angle in (("axis_tilted_0.5deg", _rot([1.0, 0, 0], 0.5) @ [0, 1.0, 0], 0.5),
+                              ("axis_reversed", [0, -1.0, 0], 180.0)):
+        broken = copy.deepcopy(truth)
+        broken["goniometer"][0]["axes"][1] = list(map(float, axis))
+        cases.append(Case(name, "rotation", "rotation_axis", {"angle_deg": angle}, broken, table))
     # P 2 2 2: h_table = (-h, -k, l), so the table must be reindexed with -h,-k,l
     cases.append(
         Case("reindexed_2fold", "rotation", "reindexing", {"operator": "-h,-k,l", "angle_deg": 180.0}, truth, _reindexed(table, np.diag([-1, -1, 1])))

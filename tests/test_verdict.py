@@ -429,6 +429,45 @@ def test_experiment_runs_are_written_as_ranges():
     assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8" and _ranges([3]) == "3"
 
 
+#: Goniometer axes gone wrong: (pair, the datum axis made of the refined one e,
+#: the angle the verdict must give). About -e the lattice points trace the same
+#: circles: the static centroid sweep's spots stay put, only the angles change.
+WRONG_AXES = [(("quartz_processed", "refined"), lambda e: _turn((0, 0, 1), 1.0) @ e, 1.0),
+              (("quartz_processed", "refined"), lambda e: _turn((0, 1, 0), 1.0) @ e, 1.0),
+              (("dials_current", "centroid_refined"), lambda e: -e, 180.0)]
+
+
+def _turn(axis, degrees):
+    axis, t = np.asarray(axis, dtype=float), math.radians(degrees)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(t) * cross + (1 - math.cos(t)) * cross @ cross
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pair, wrong, angle", WRONG_AXES, ids=["quartz-z1", "quartz-y1", "centroid-reversed"])
+def test_a_wrong_rotation_axis_is_named_with_its_angle(shared, tmp_path, monkeypatch, backend, pair, wrong, angle):
+    """The refined goniometer's rotation axis turned 1 deg (about lab z, then
+    y) or reversed: the verdict names the rotation axis, the angle, and the
+    refined axis as the one the reflections turn about. Before, the z turn
+    and the reversal named nothing (and hinted at the other scan-varying model
+    state, which auto had ruled out), the y turn named the crystal (0.994 deg)."""
+    folder, name = pair
+    document = json.load(open(shared(folder, name + ".expt")))
+    refined = np.array(document["goniometer"][0]["rotation_axis"], dtype=float)
+    document["goniometer"][0]["rotation_axis"] = list(wrong(refined))
+    broken = tmp_path / "axis.expt"
+    broken.write_text(json.dumps(document))
+    status, verdict, log = run_verdict(tmp_path, monkeypatch, str(broken), shared(folder, name + ".refl"),
+                                       backend=backend)
+    found = re.search(r"^INCONSISTENT: pooled: the rotation axis (?:is off by ([0-9.]+)°|has the wrong sign): the "
+                      r"reflections turn about \(([-0-9., ]+)\)", verdict["headline"])
+    assert found, verdict["headline"]
+    assert (float(found.group(1)) if found.group(1) else 180.0) == pytest.approx(angle, abs=0.002)
+    assert np.abs(np.array([float(v) for v in found.group(2).split(",")]) - refined).max() < 0.001
+    assert verdict["checks"]["leading_mistake"] == "rotation_axis"
+    assert not any("check scan_varying.model_state" in reason for reason in verdict["reasons"])
+
+
 #: Rotation pairs whose models lose their goniometer (and scan) in the test below.
 TURNING = [("dials_current", "centroid_refined", ("goniometer", "scan")),
            ("quartz_processed", "refined", ("goniometer",))]

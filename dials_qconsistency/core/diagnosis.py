@@ -41,6 +41,7 @@ from dials_qconsistency.core.findings import (
     name_shift,
     name_time_of_flight,
     name_rotation,
+    name_rotation_axis,
     name_scale,
 )
 from dials_qconsistency.core.time_of_flight import (
@@ -51,6 +52,7 @@ from dials_qconsistency.core.time_of_flight import (
 )
 from dials_qconsistency.core.fits import (
     MIN_PANEL_ROWS,
+    fit_rotation_axis,
     time_of_flight_fit,
     axis_angle,
     fit_panel,
@@ -66,8 +68,8 @@ EXPLAINED_RATIO = 0.5
 #: for a rotation, a scale or a panel's tilt, and 10M rows stay within memory.
 MAX_REFLECTIONS = 250_000
 #: Simplest first: which explanation is named when several fit equally well.
-PREFERENCE = ("scale", "rotation_lab", "mirror_lab", "rotation_scan_undone", "mirror_scan_undone", "detector_shift",
-              "detector")
+PREFERENCE = ("scale", "rotation_lab", "mirror_lab", "rotation_scan_undone", "mirror_scan_undone", "rotation_axis",
+              "detector_shift", "detector")
 
 
 @dataclass
@@ -90,7 +92,7 @@ class Diagnosis:
 
 #: Free parameters of a panel's plane fit (D up to scale), of a shift of the
 #: whole detector and of a map.
-PANEL_PARAMETERS, SHIFT_PARAMETERS, ROTATION_PARAMETERS, SCALE_PARAMETERS = 8, 3, 3, 1
+PANEL_PARAMETERS, SHIFT_PARAMETERS, ROTATION_PARAMETERS, SCALE_PARAMETERS, AXIS_PARAMETERS = 8, 3, 3, 1, 2
 
 
 def _rotation_candidates(q_bragg, q_pixel, frame, spot_error, spot_residuals):
@@ -337,10 +339,13 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     before = spot_error(np.eye(3))
     diagnosis.rms_in_plane_before = before
     if before < ROUNDING:
+        if experiment is not None and experiment.is_rotation:
+            _angles_only(diagnosis, undone("q_bragg"), q_pixel, axis, phi, s0, laue, threads, experiment)
         return diagnosis
     fits = _rotation_candidates(q_bragg, q_pixel, "lab", spot_error, spot_residuals)
     if experiment is not None and experiment.is_rotation:
         fits.update(_rotation_candidates(undone("q_bragg"), undone("q_pixel"), "scan_undone", spot_error, spot_residuals))
+        fits["rotation_axis"] = _axis_candidate(undone("q_bragg"), q_pixel, axis, phi, s0, laue, threads, before)
     scale = scale_fit(q_bragg, q_pixel)
     fits["scale"] = {"scale": scale, "rms_delta_q_after": vector_rms(scale * q_bragg - q_pixel), "rms_after": spot_error(scale * np.eye(3)),
                      "parameters": SCALE_PARAMETERS}
@@ -384,6 +389,8 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     fit = fits[key]
     if key == "scale":
         findings = [name_scale(fit, experiment, laue is not None and bool(laue.all()))]
+    elif key == "rotation_axis":
+        findings = [name_rotation_axis(fit, experiment)]
     elif key == "detector":
         findings = name_detector(fit, detector, s0.mean(axis=0))
     elif key == "detector_shift":
@@ -398,6 +405,56 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     diagnosis.consistent = not findings
     diagnosis.findings = findings
     return diagnosis
+
+
+def _axis_candidate(q_start, q_pixel, axis, phi, s0, laue, threads, before=None) -> dict:
+    """The rotation axis that carries the lattice points at φ = 0 onto
+    q_pixel (:func:`fit_rotation_axis`), judged on the spots as every candidate:
+    each point turned about the fitted axis, then onto the Ewald sphere about it.
+    Fitted in q, it can take up the rotation angles' own noise (observed φ):
+    one that moves the spots further than ``before`` (their RMS residual) is
+    left as the model has it."""
+    fit = fit_rotation_axis(q_start, q_pixel, axis, phi)
+    candidate = _axis_spots(fit, q_start, q_pixel, axis, phi, s0, laue, threads)
+    if before is not None and not candidate["rms_after"] <= before:
+        model = fit["model_axis"]
+        candidate = {**candidate, "turn": np.eye(3).tolist(), "fitted_axis": model, "angle_deg": 0.0, "rms_after": before,
+                     "rms_delta_q_after": vector_rms(geometry.AxisRotations.of(axis, phi).apply(q_start) - q_pixel)}
+    return candidate
+
+
+def _axis_spots(fit, q_start, q_pixel, axis, phi, s0, laue, threads) -> dict:
+    """An axis fit with the RMS distance of its spots from q_pixel (``rms_after``)."""
+    fitted = np.asarray(axis, dtype=float) @ np.array(fit["turn"]).T
+    rotations = geometry.AxisRotations.of(fitted, phi)
+    out = np.empty(q_pixel.shape)
+
+    def work(block):
+        spot = rotations.rows(block).apply(q_start[block])
+        on_sphere = onto_sphere(spot, s0[block], fitted[block], None if laue is None else laue[block])[1]
+        out[block] = np.where(np.isfinite(on_sphere), on_sphere, spot) - q_pixel[block]
+
+    for_each_block(len(q_pixel), work, threads)
+    return {**fit, "rms_after": float(np.sqrt(np.mean(out**2) * 3)), "parameters": AXIS_PARAMETERS}
+
+
+def _angles_only(diagnosis, q_start, q_pixel, axis, phi, s0, laue, threads, experiment) -> None:
+    """The model's spots are q_pixel's, yet q_bragg is not (rotation data):
+    only the rotation angles differ, as when the axis is reversed (about -e the
+    lattice points trace the same circles, and meet the sphere at the same
+    spots, at -φ). Named when the axis fitted in q explains |Δq|; its sizes are
+    in q (``measure``), where the spots show nothing."""
+    rms_q = vector_rms(geometry.AxisRotations.of(axis, phi).apply(q_start) - q_pixel)
+    if not rms_q > ROUNDING:
+        return
+    fit = _axis_candidate(q_start, q_pixel, axis, phi, s0, laue, threads)
+    diagnosis.fits["rotation_axis"] = {**fit, "rms_before": diagnosis.rms_in_plane_before, "rms_delta_q_before": rms_q}
+    if fit["angle_deg"] <= MIN_ANGLE_DEG or fit["rms_delta_q_after"] > EXPLAINED_RATIO * rms_q:
+        return
+    finding = name_rotation_axis(fit, experiment)
+    finding.size.update(explained=1.0 - (fit["rms_delta_q_after"] / rms_q) ** 2, rms_before_fit=rms_q,
+                        rms_after_fit=fit["rms_delta_q_after"], measure="q_bragg at the table's rotation angles (the spots not at all)")
+    diagnosis.consistent, diagnosis.findings = False, [finding]
 
 
 def _shared_detector(experiments, indices):

@@ -145,6 +145,21 @@ def name_rotation(key, fit, experiment):
     return Finding("crystal_orientation", f"the crystal orientation (U) is off by {angle:.3f}° about {_vec(datum_axis)} (goniometer datum frame), or F is wrong", size)
 
 
+def name_rotation_axis(fit, experiment) -> Finding:
+    """The fitted rotation axis, in the goniometer's datum frame (as the .expt
+    gives it: the lab axis is S·e)."""
+    setting = experiment.goniometer.setting_rotation
+    fitted, model = (geometry.unit(setting.T @ np.asarray(fit[k])) for k in ("fitted_axis", "model_axis"))
+    angle = fit["angle_deg"]
+    size = {"angle_deg": angle, "axis": fitted.tolist(), "model_axis": model.tolist(), "frame": "goniometer datum"}
+    if angle > 179.0:
+        return Finding("rotation_axis", f"the rotation axis has the wrong sign: the reflections turn about {_vec(fitted)}, the "
+                                        f"model's axis is {_vec(model)} (goniometer datum frame; dials.import "
+                                        "geometry.goniometer.invert_rotation_axis=True)", size)
+    return Finding("rotation_axis", f"the rotation axis is off by {angle:.3f}°: the reflections turn about {_vec(fitted)}, the "
+                                    f"model's axis is {_vec(model)} (goniometer datum frame, as in the .expt)", size)
+
+
 def _reindex_in_crystal_frame(m, experiment, frame):
     crystal = experiment.crystal
     if frame == "scan_undone":

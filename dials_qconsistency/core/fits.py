@@ -155,6 +155,70 @@ def refine_map(matrix, spot_residuals, iterations=8):
 
 
 
+def fit_rotation_axis(q_start, q_pixel, axes, phi, iterations=8, search_rows=20000) -> dict:
+    """The rotation axis about which the scan carries the lattice points at
+    φ = 0 (``q_start``, N×3, Å⁻¹, lab) by each row's ``phi`` (rad) onto
+    ``q_pixel``: a turn T of the model's lab axes (``axes``, N×3 or one vector
+    broadcast) fitted in q by Gauss-Newton on the two small turns
+    perpendicular to the axis (a turn about the axis itself changes nothing),
+    from the model's axis, its reverse and each lab axis ±X, ±Y, ±Z (the
+    mistakes a hand-made goniometer has), on an even sample of
+    ``search_rows``, then on every row. Returns the turn, the mean axis before
+    and after, the angle between them (degrees) and the RMS |Δq| left."""
+    q_start, q_pixel = np.asarray(q_start, dtype=float), np.asarray(q_pixel, dtype=float)
+    axes = np.broadcast_to(geometry.unit(np.asarray(axes, dtype=float)), q_start.shape)
+    cos, sin = np.cos(phi), np.sin(phi)
+
+    def solve(rows, turn, steps):
+        q0, qp, model = q_start[rows], q_pixel[rows], axes[rows]
+        c, s, v = cos[rows], sin[rows], 1.0 - cos[rows]
+
+        def residual(turn):
+            a = model @ turn.T
+            along = geometry.rowdot(a, q0)
+            return (q0 * c[:, None] + np.cross(a, q0) * s[:, None] + a * (along * v)[:, None] - qp), a, along
+
+        r, a, along = residual(turn)
+        cost = float(np.sum(r * r))
+        for _ in range(steps):
+            mean = geometry.unit(a.mean(axis=0))
+            u1 = geometry.unit(np.cross(mean, [1.0, 0, 0] if abs(mean[0]) < 0.9 else [0, 1.0, 0]))
+            basis = (u1, np.cross(mean, u1))
+            jacobian = []
+            for u in basis:
+                d = np.cross(u, a)  # how each axis moves for a small turn about u
+                jacobian.append(np.cross(d, q0) * s[:, None]
+                                + (d * along[:, None] + a * geometry.rowdot(d, q0)[:, None]) * v[:, None])
+            normal = np.array([[np.sum(j * k) for k in jacobian] for j in jacobian])
+            if not np.all(np.isfinite(normal)) or abs(np.linalg.det(normal)) < 1e-300:
+                break
+            omega = np.linalg.solve(normal, [-np.sum(j * r) for j in jacobian])
+            angle = float(np.hypot(*omega))
+            if angle < 1e-13:
+                break
+            trial = geometry.rotation_matrix((omega[0] * basis[0] + omega[1] * basis[1]) / angle, angle) @ turn
+            r1, a1, along1 = residual(trial)
+            if not float(np.sum(r1 * r1)) < cost:
+                break
+            turn, r, a, along, cost = trial, r1, a1, along1, float(np.sum(r1 * r1))
+        return turn, cost
+
+    mean = geometry.unit(axes.mean(axis=0))
+    starts = [np.eye(3), geometry.rotation_matrix(geometry.unit(np.cross(mean, [1.0, 0, 0] if abs(mean[0]) < 0.9
+                                                                            else [0, 1.0, 0])), math.pi)]
+    for lab in np.vstack([np.eye(3), -np.eye(3)]):
+        turn_axis = np.cross(mean, lab)
+        if np.linalg.norm(turn_axis) > math.sin(math.radians(1.0)):
+            starts.append(geometry.rotation_matrix(geometry.unit(turn_axis), math.acos(np.clip(mean @ lab, -1, 1))))
+    sample = np.unique(np.linspace(0, len(q_start) - 1, min(len(q_start), search_rows)).astype(np.int64))
+    best = min((solve(sample, start, 4) for start in starts), key=lambda found: found[1])[0]
+    turn, cost = solve(slice(None), best, iterations)
+    fitted = geometry.unit((axes @ turn.T).mean(axis=0))
+    return {"turn": turn.tolist(), "model_axis": mean.tolist(), "fitted_axis": fitted.tolist(),
+            "angle_deg": math.degrees(math.acos(float(np.clip(mean @ fitted, -1.0, 1.0)))),
+            "rms_delta_q_after": math.sqrt(cost / max(len(q_start), 1))}
+
+
 def time_of_flight_fit(wavelength, path_mm, delta_t) -> dict:
     """Two explanations of the time-of-flight residual Δt (µs) by least squares,
     each with a time offset: a flight-path error δ (every neutron flies δ more:

@@ -254,7 +254,9 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
                     f"beyond numerical precision ({PRECISION_Q:g})"
                     + (f": if these are the models the table was made with, check scan_varying.model_state "
                        f"({_other_model_state(options.model_state)})"
-                       if scan_varying and label == "rotation" else "")
+                       # auto takes the state from the table's flags: then the other is no remedy
+                       if scan_varying and label == "rotation" and not getattr(options, "model_state_auto", False)
+                       else "")
                 )
         wavelength = summary.residuals.get("rms_wavelength_rel")
         if wavelength is not None:  # time-of-flight data: the model's times on the table's calculated ones
@@ -320,8 +322,9 @@ def _named_mistakes(diagnoses, sigma_q, sigma_t=None, sigma_q_of=None) -> list[t
                 continue  # each experiment's finding is judged on its own
             timing = "rms_time_before_us" in finding.size  # a time-of-flight mistake moves the times, not the spots
             effect = _effect(diagnosis, finding)
-            sigma, what, unit = (sigma_t, "times of flight", "us") if timing else (
-                _sigma_of_scope(diagnosis.scope, finding, sigma_q, sigma_q_of), "spots", "1/Angstrom")
+            sigma, what, unit = (sigma_t, "the times of flight", "us") if timing else (
+                _sigma_of_scope(diagnosis.scope, finding, sigma_q, sigma_q_of), finding.size.get("measure", "the spots"),
+                "1/Angstrom")
             large = effect is None or sigma is None or effect >= LARGE * sigma
             left = None if timing else finding.size.get("rms_after_fit")
             unexplained = bool(left is not None and sigma and left > UNEXPLAINED * sigma)
@@ -364,14 +367,14 @@ def _exact_reason(entry, sigma_q) -> str:
             "below what the centroids resolve, but all that separates these models from the table's predictions)")
 
 
-def _moves(effect: float, sigma: float | None, what: str = "spots", unit: str = "1/Angstrom", own=False) -> str:
+def _moves(effect: float, sigma: float | None, what: str = "the spots", unit: str = "1/Angstrom", own=False) -> str:
     """How far a named mistake moves the spots (or times), against the centroids'
     uncertainty ``sigma`` (``own``: that of its experiments' rows, not of all)."""
     against = ""
     if sigma:
         against = (f", {_times(effect / sigma)} x their centroids' uncertainty ({sigma:.3g} {unit})" if own
                    else f", {_times(effect / sigma)} x the centroids' uncertainty")
-    return f"it moves the {what} by {effect:.3g} {unit} RMS{against}"
+    return f"it moves {what} by {effect:.3g} {unit} RMS{against}"
 
 
 def _times(ratio: float) -> str:

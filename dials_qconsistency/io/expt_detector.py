@@ -48,6 +48,18 @@ def _compose(parent, local):
     return orientation @ fast, orientation @ slow, orientation @ origin + p_origin
 
 
+def _panel_size(index, p) -> tuple[np.ndarray, np.ndarray]:
+    """A panel's pixel size (mm, > 0) and image size (pixels, ≥ 1 each way):
+    pixels of no size would put every spot at the panel's origin."""
+    pixel_size = as_vector(p["pixel_size"], 2)
+    if not np.all(pixel_size > 0):
+        raise ModelProblem(f"panel {index} has a pixel size of {pixel_size.tolist()} mm (must be > 0)")
+    image_size = np.asarray(p["image_size"], dtype=float).reshape(-1)
+    if image_size.shape != (2,) or not np.all((image_size >= 1) & (image_size == np.round(image_size))):
+        raise ModelProblem(f"panel {index} has an image size of {p['image_size']!r:.40} pixels (two whole numbers ≥ 1)")
+    return pixel_size, image_size.astype(int)
+
+
 def read_detector(d, notes) -> Detector:
     panel_dicts = d["panels"]
     if not isinstance(panel_dicts, list) or not panel_dicts:
@@ -104,14 +116,15 @@ def read_detector(d, notes) -> Detector:
             )
         if note:
             notes.append(note)
+        pixel_size, image_size = _panel_size(index, p)
         panels.append(
             Panel(
                 name=str(p.get("name", "")),
                 origin=origin,
                 fast=fast,
                 slow=slow,
-                pixel_size=as_vector(p["pixel_size"], 2),
-                image_size=np.asarray(p["image_size"], dtype=int).reshape(2),
+                pixel_size=pixel_size,
+                image_size=image_size,
                 thickness=thickness,
                 mu=mu,
                 parallax=parallax,
