@@ -339,8 +339,9 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     before = spot_error(np.eye(3))
     diagnosis.rms_in_plane_before = before
     if before < ROUNDING:
-        if experiment is not None and experiment.is_rotation:
-            _angles_only(diagnosis, undone("q_bragg"), q_pixel, axis, phi, s0, laue, threads, experiment)
+        rms_q = vector_rms(q_bragg - q_pixel)
+        if experiment is not None and experiment.is_rotation and rms_q > ROUNDING:
+            _angles_only(diagnosis, rms_q, undone("q_bragg"), q_pixel, axis, phi, s0, laue, threads, experiment)
         return diagnosis
     fits = _rotation_candidates(q_bragg, q_pixel, "lab", spot_error, spot_residuals)
     if experiment is not None and experiment.is_rotation:
@@ -438,15 +439,12 @@ def _axis_spots(fit, q_start, q_pixel, axis, phi, s0, laue, threads) -> dict:
     return {**fit, "rms_after": float(np.sqrt(np.mean(out**2) * 3)), "parameters": AXIS_PARAMETERS}
 
 
-def _angles_only(diagnosis, q_start, q_pixel, axis, phi, s0, laue, threads, experiment) -> None:
+def _angles_only(diagnosis, rms_q, q_start, q_pixel, axis, phi, s0, laue, threads, experiment) -> None:
     """The model's spots are q_pixel's, yet q_bragg is not (rotation data):
     only the rotation angles differ, as when the axis is reversed (about -e the
     lattice points trace the same circles, and meet the sphere at the same
     spots, at -φ). Named when the axis fitted in q explains |Δq|; its sizes are
-    in q (``measure``), where the spots show nothing."""
-    rms_q = vector_rms(geometry.AxisRotations.of(axis, phi).apply(q_start) - q_pixel)
-    if not rms_q > ROUNDING:
-        return
+    in q (``measure``), where the spots show nothing; ``rms_q``: RMS |Δq|."""
     fit = _axis_candidate(q_start, q_pixel, axis, phi, s0, laue, threads)
     diagnosis.fits["rotation_axis"] = {**fit, "rms_before": diagnosis.rms_in_plane_before, "rms_delta_q_before": rms_q}
     if fit["angle_deg"] <= MIN_ANGLE_DEG or fit["rms_delta_q_after"] > EXPLAINED_RATIO * rms_q:

@@ -163,8 +163,9 @@ def fit_rotation_axis(q_start, q_pixel, axes, phi, iterations=8, search_rows=200
     perpendicular to the axis (a turn about the axis itself changes nothing),
     from the model's axis, its reverse and each lab axis ±X, ±Y, ±Z (the
     mistakes a hand-made goniometer has), on an even sample of
-    ``search_rows``, then on every row. Returns the turn, the mean axis before
-    and after, the angle between them (degrees) and the RMS |Δq| left."""
+    ``search_rows`` (two parameters: plenty). Returns the turn, the mean axis
+    before and after, the angle between them (degrees) and the RMS |Δq| it
+    leaves over every row."""
     q_start, q_pixel = np.asarray(q_start, dtype=float), np.asarray(q_pixel, dtype=float)
     axes = np.broadcast_to(geometry.unit(np.asarray(axes, dtype=float)), q_start.shape)
     cos, sin = np.cos(phi), np.sin(phi)
@@ -212,7 +213,8 @@ def fit_rotation_axis(q_start, q_pixel, axes, phi, iterations=8, search_rows=200
             starts.append(geometry.rotation_matrix(geometry.unit(turn_axis), math.acos(np.clip(mean @ lab, -1, 1))))
     sample = np.unique(np.linspace(0, len(q_start) - 1, min(len(q_start), search_rows)).astype(np.int64))
     best = min((solve(sample, start, 4) for start in starts), key=lambda found: found[1])[0]
-    turn, cost = solve(slice(None), best, iterations)
+    turn = solve(sample, best, iterations)[0]  # two parameters: the sample fixes them
+    cost = solve(slice(None), turn, 0)[1]
     fitted = geometry.unit((axes @ turn.T).mean(axis=0))
     return {"turn": turn.tolist(), "model_axis": mean.tolist(), "fitted_axis": fitted.tolist(),
             "angle_deg": math.degrees(math.acos(float(np.clip(mean @ fitted, -1.0, 1.0)))),
