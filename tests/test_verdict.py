@@ -468,6 +468,44 @@ def test_a_wrong_rotation_axis_is_named_with_its_angle(shared, tmp_path, monkeyp
     assert not any("check scan_varying.model_state" in reason for reason in verdict["reasons"])
 
 
+def _fast_reversed(document):
+    """The detector's fast axis reversed: on the hierarchy's root, else on every panel."""
+    detector = document["detector"][0]
+    for node in [detector["hierarchy"]] if detector.get("hierarchy") else detector["panels"]:
+        node["fast_axis"] = [-v for v in node["fast_axis"]]
+
+
+def _fast_slow_swapped(document):
+    for panel in document["detector"][0]["panels"]:
+        panel["fast_axis"], panel["slow_axis"] = panel["slow_axis"], panel["fast_axis"]
+
+
+#: Convention mistakes of the detector that the fits take as absurd sizes: the
+#: verdict must say what they are.
+REVERSED = [(("dials_current", "centroid_refined"), _fast_slow_swapped,
+             r"panel 0 \(Panel\) is tilted by 1[78]\d\.\d{3}° .*: the model's panel faces the other way \(is its fast or "
+             r"slow axis reversed, or are the two swapped\?\)"),
+            (("dials_current", "centroid_refined"), _fast_reversed, r"panel 0 \(Panel\) is tilted by 1[78]\d\.\d{3}° .*faces "
+             r"the other way"),
+            (("quartz_processed", "refined"), _fast_reversed,
+             r"the detector distance is off by -559\.9\d\d mm \(model - data\), more than the distance itself "
+             r"\(280\.0 mm\): is the beam direction, or a detector axis, reversed in the model\?")]
+
+
+@pytest.mark.parametrize("pair, reverse, named", REVERSED, ids=["centroid-swapped", "centroid-fast", "quartz-fast"])
+def test_a_reversed_detector_axis_is_said_to_be_one(shared, tmp_path, monkeypatch, pair, reverse, named):
+    """Swapped or reversed panel axes fit as a panel turned 179.9-180 deg, or (the
+    quartz root's origin is off the beam) as the detector 560 mm nearer: the
+    size is the fit's, the reason says which convention to check."""
+    folder, name = pair
+    document = json.load(open(shared(folder, name + ".expt")))
+    reverse(document)
+    broken = tmp_path / "reversed.expt"
+    broken.write_text(json.dumps(document))
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, str(broken), shared(folder, name + ".refl"))
+    assert re.search(r"^INCONSISTENT: pooled: " + named, verdict["headline"]), verdict["headline"]
+
+
 #: Rotation pairs whose models lose their goniometer (and scan) in the test below.
 TURNING = [("dials_current", "centroid_refined", ("goniometer", "scan")),
            ("quartz_processed", "refined", ("goniometer",))]

@@ -188,7 +188,8 @@ def name_detector(fit, detector, beam_s0) -> list[Finding]:
             findings.append(
                 Finding(
                     "tilted_panel",
-                    f"panel {i} ({p['name']}) is tilted by {p['tilt_deg']:.3f}° in the model relative to where its spots put it",
+                    f"panel {i} ({p['name']}) is tilted by {p['tilt_deg']:.3f}° in the model relative to where its "
+                    f"spots put it{_facing(p['tilt_deg'], 'its')}",
                     {"panel": i, "tilt_deg": p["tilt_deg"], "axis_fast_slow": p["tilt_axis_fast_slow"]},
                 )
             )
@@ -196,7 +197,8 @@ def name_detector(fit, detector, beam_s0) -> list[Finding]:
         tilts = [p["tilt_deg"] for p in tilted.values()]
         every = "every panel" if len(panels) == len(detector.panels) else (
             f"every panel with spots enough to fit ({len(panels)} of {len(detector.panels)})")
-        findings.append(Finding("detector_tilt", f"{every} is tilted by {np.mean(tilts):.3f}°",
+        findings.append(Finding("detector_tilt", f"{every} is tilted by {np.mean(tilts):.3f}°"
+                                                  f"{_facing(float(np.mean(tilts)), 'their')}",
                                 {"tilt_deg": float(np.mean(tilts)), "panels": len(panels)}))
     if not flat:
         return findings
@@ -209,6 +211,14 @@ def name_detector(fit, detector, beam_s0) -> list[Finding]:
                 findings.append(Finding("panel_shift", f"panel {i} ({p['name']}) is displaced by {_vec(p['origin_offset_mm'])} mm (model - data, lab)", {"panel": i, "offset_mm": p["origin_offset_mm"]}))
         return findings
     return findings + name_shift(mean_offset, detector, next(iter(flat)), beam_s0)
+
+
+def _facing(tilt_deg, whose) -> str:
+    """What a tilt of more than 90° is: the panel faces the other way."""
+    if tilt_deg <= 90.0:
+        return ""
+    return (f": the model's panel faces the other way (is {whose} fast or slow axis reversed, or are the two "
+            "swapped?)")
 
 
 def beam_panel(detector, beam_s0) -> int:
@@ -237,7 +247,13 @@ def name_shift(offset, detector, index, beam_s0) -> list[Finding]:
     across = offset - distance * along_beam
     across_mm = float(np.linalg.norm(across))
     if abs(distance) > max(MIN_SHIFT_MM, SHIFT_PART_RATIO * across_mm):
-        findings.append(Finding("detector_distance", f"the detector distance is off by {distance:+.3f} mm (model - data)", {"distance_mm": distance}))
+        message = f"the detector distance is off by {distance:+.3f} mm (model - data)"
+        panel = detector.panels[index]
+        reach = float(panel.origin @ panel.normal) / float(along_beam @ panel.normal)  # sample to the panel's plane
+        if np.isfinite(reach) and abs(distance) > abs(reach):
+            message += (f", more than the distance itself ({abs(reach):.1f} mm): is the beam direction, or a "
+                        "detector axis, reversed in the model?")
+        findings.append(Finding("detector_distance", message, {"distance_mm": distance}))
     if across_mm > max(MIN_SHIFT_MM, SHIFT_PART_RATIO * abs(distance)):
         panel = detector.panels[index]
         beam_centre = [-float(across @ panel.fast), -float(across @ panel.slow)]
