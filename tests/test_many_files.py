@@ -299,3 +299,35 @@ def test_each_file_is_about_the_rows_its_refinement_used(shared, tmp_path, monke
         assert record["delta_q"]["n"] == expected
         assert record["counts"]["indexed, not used in refinement"] > 0
     assert [r["delta_q"]["n"] for r in report["files"]] == [298, 408]
+
+
+def test_a_file_marked_inconsistent_is_said_with_its_reason(real_inputs, tmp_path, monkeypatch):
+    """One pair's detector moved 1 mm among the real pairs: the log's table of
+    files and the HTML mark it, the log lists it with its first reason, and so
+    do the CSV and the JSON (a column and a key); the CSV's not_used is the
+    log's "indexed, not used in refinement", other the rest of the rows."""
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    document = json.load(open(real_inputs[0][0]))
+    for detector in document["detector"]:
+        node = detector.get("hierarchy") or detector["panels"][0]
+        node["origin"][0] += 1.0
+    (moved / "pair_0.expt").write_text(json.dumps(document))
+    os.symlink(real_inputs[0][1], moved / "pair_0.refl")
+    monkeypatch.chdir(tmp_path)
+    status = main([str(moved / "pair_0.expt"), *[p[0] for p in real_inputs[1:]], str(moved / "pair_0.refl"),
+                   *[p[1] for p in real_inputs[1:]], "output.reflections=None", "output.per_file_csv=files.csv",
+                   "output.json=qc.json"])
+    assert status == 0
+    log = (tmp_path / "dials.q_consistency.log").read_text()
+    rows = list(csv.DictReader(open(tmp_path / "files.csv")))
+    files = json.load(open(tmp_path / "qc.json"))["files"]
+    bad = [row for row in rows if row["verdict"] == "inconsistent"]
+    assert [row["reflections"] for row in bad] == [str(moved / "pair_0.refl")]
+    assert bad[0]["reason"].startswith("the table's s1 matches neither spot position") and files[0]["reason"] == bad[0]["reason"]
+    assert f"  {moved / 'pair_0.refl'}: {bad[0]['reason']}" in log
+    assert all(row["reason"] == "" for row in rows if row["verdict"] == "consistent")
+    for row, record in zip(rows, files):
+        assert int(row["not_used"]) == record["counts"][REASONS[-1]]
+        assert int(row["used"]) + int(row["not_used"]) + int(row["other"]) == int(row["rows"])
+    assert "<td>inconsistent</td>" in (tmp_path / "dials.q_consistency.html").read_text()

@@ -49,6 +49,7 @@ class FileOutcome:
     counts: dict = field(default_factory=dict)
     delta_q: dict = field(default_factory=dict)
     verdict: str = ""
+    reason: str = ""  # why inconsistent: the file's first reason (its self-tests)
     s1: list = field(default_factory=list)
     norms: np.ndarray = field(default_factory=lambda: np.zeros(0))
     images: list = field(default_factory=list)
@@ -120,7 +121,7 @@ def process_file(job: FileJob) -> FileOutcome:
         pair = load_pair(job.backend, job.experiments, job.reflections, job.options, job.settings.rows, staged,
                          job.output)
         checked = check_pair(pair, staged, job.output, job.settings)  # the precision checks; no diagnosis per file
-        describe(outcome, pair.experiments, pair.table, pair.about, checked.summary)
+        describe(outcome, pair.experiments, pair.table, pair.about, checked.summary, checked.verdict)
         if job.output:
             ((outcome.staged, _),) = staged.detach()
     except QConsistencyError as error:
@@ -132,12 +133,13 @@ def process_file(job: FileJob) -> FileOutcome:
     return outcome
 
 
-def describe(outcome: FileOutcome, experiments, table, result, summary) -> None:
+def describe(outcome: FileOutcome, experiments, table, result, summary, verdict=None) -> None:
     """Fill in what the merge, the JSON and the CSV files need of one file."""
     outcome.n_rows = table.nrows
     outcome.counts = summary.counts
     outcome.delta_q = summary.delta_q
     outcome.verdict = summary.verdict
+    outcome.reason = verdict.reasons[0] if verdict is not None and verdict.reasons else ""
     outcome.s1 = sorted({e.s1_kind for e in summary.experiments})
     outcome.norms = row_distances(result.q_bragg, result.q_pixel, np.flatnonzero(result.used))  # a block at a time
     outcome.images = per_image_statistics(experiments, result, outcome.norms, table.release_memory)
@@ -177,6 +179,7 @@ def file_record(outcome: FileOutcome) -> dict:
         "counts": outcome.counts,
         "delta_q": outcome.delta_q,
         "verdict": outcome.verdict,
+        "reason": outcome.reason,
         "s1": outcome.s1,
     }
 

@@ -187,9 +187,10 @@ def campaign_page(merged, outcomes, verdict, options, dependencies="embed") -> b
     used reflection and the mean |Δq| of each file."""
     ranked = sorted(outcomes, key=lambda o: -(o.delta_q.get("mean") or 0.0))
     files = {"title": f"Files, the largest mean |Δq| first ({len(outcomes)})",
-             "header": ["file", "reflections", "rows", "n used", "mean |Δq|", "median", "RMS", "95th pct", "max", "verdict"],
+             "header": ["file", "reflections", "rows", "n used", "mean |Δq|", "median", "RMS", "95th pct", "max", "verdict",
+                        "why"],
              "rows": [[o.index, o.reflections, o.n_rows, o.delta_q.get("n", 0)]
-                      + [number(o.delta_q.get(k)) for k in STATISTICS[1:]] + [o.verdict] for o in ranked]}
+                      + [number(o.delta_q.get(k)) for k in STATISTICS[1:]] + [o.verdict, o.reason] for o in ranked]}
     images = sorted(((o.index, image) for o in outcomes for image in o.images), key=lambda item: -(item[1].get("mean") or 0.0))
     shown = (f"the first {MAX_IMAGE_ROWS} of {len(images)}" if len(images) > MAX_IMAGE_ROWS else str(len(images)))
     image_table = {"title": f"Images (stills: experiments), the largest mean |Δq| first ({shown})",
@@ -222,7 +223,8 @@ def campaign_page(merged, outcomes, verdict, options, dependencies="embed") -> b
         "self_tests": [], "checks": [], "notes": [],
         "diagnosis": ["The diagnosis is made for one pair at a time: run dials.q_consistency on the pair of a file "
                       "marked inconsistent."],
-        "next_step": next_step(verdict),
+        "next_step": ("Run dials.q_consistency on the pair of each file marked inconsistent (the table above, the "
+                      "log and the CSV say why) for its diagnosis." if verdict.consistent is False else next_step(verdict)),
         "tables": [files, image_table],
         "footer": "dials.q_consistency over many files: q = s1 − s0 in the DIALS laboratory frame, Å⁻¹ without 2π.",
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+from dials_qconsistency.core.q_vectors import NOT_REFINED, REASONS
 from dials_qconsistency.core.statistics import S1_NEITHER, S1_OBSERVED, S1_PREDICTED, Summary
 
 
@@ -294,14 +295,21 @@ def campaign_text(merged, outcomes, options, worst: int = 10, every_file: str = 
         lines.append("")
         lines.append(f"The {len(ranked)} files with the largest mean |delta_q| (every file: {every_file}):")
         for o in ranked:
-            lines.append(f"  {o.delta_q['mean']:.3e}  n={o.delta_q['n']:<8} {o.reflections}")
+            lines.append(f"  {o.delta_q['mean']:.3e}  n={o.delta_q['n']:<8} {o.verdict:<13} {o.reflections}")
+    failing = [o for o in sorted(outcomes, key=lambda o: o.index) if o.verdict == "inconsistent"]
+    if failing:
+        lines.append("")
+        lines.append(f"The files marked inconsistent ({len(failing)}{'' if len(failing) <= worst else f', the first {worst}'}; "
+                     "run dials.q_consistency on one pair for its diagnosis):")
+        lines += [f"  {o.reflections}: {o.reason}" for o in failing[:worst]]
     return "\n".join(lines)
 
 
 def file_line(outcome) -> str:
     stats = outcome.delta_q
     mean = _fmt(stats.get("mean"))
-    return f"file {outcome.index}: {outcome.reflections}: {stats.get('n', 0)} used, mean |delta_q| {mean}, {outcome.verdict}"
+    return (f"file {outcome.index}: {outcome.reflections}: {stats.get('n', 0)} used, mean |delta_q| {mean}, {outcome.verdict}"
+            + (f": {outcome.reason}" if outcome.reason else ""))
 
 
 def _csv(header, rows) -> bytes:
@@ -317,16 +325,18 @@ def _csv(header, rows) -> bytes:
 
 
 def per_file_csv(outcomes) -> bytes:
-    """One row per file: its paths, row counts, |Δq| statistics, verdict and s1 kind."""
-    header = ["file", "experiments", "reflections", "output", "rows", "used", "not_used"]
-    header += [f"delta_q_{name}" for name in STATISTIC_NAMES] + ["verdict", "s1"]
+    """One row per file: its paths, row counts (``not_used``: the indexed rows
+    refinement did not use, as the log's "not used"; ``other``: the rest, not
+    indexed or without a position), |Δq| statistics, verdict, why, and s1 kind."""
+    header = ["file", "experiments", "reflections", "output", "rows", "used", "not_used", "other"]
+    header += [f"delta_q_{name}" for name in STATISTIC_NAMES] + ["verdict", "reason", "s1"]
     rows = []
     for o in outcomes:
-        used = o.counts.get("used", 0)
+        used, not_used = o.counts.get("used", 0), o.counts.get(REASONS[NOT_REFINED], 0)
         rows.append(
-            [o.index, o.experiments, o.reflections, o.output or "", o.n_rows, used, o.n_rows - used]
+            [o.index, o.experiments, o.reflections, o.output or "", o.n_rows, used, not_used, o.n_rows - used - not_used]
             + [o.delta_q.get(name) for name in STATISTIC_NAMES]
-            + [o.verdict, "; ".join(o.s1)]
+            + [o.verdict, o.reason, "; ".join(o.s1)]
         )
     return _csv(header, rows)
 
