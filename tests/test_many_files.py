@@ -331,3 +331,17 @@ def test_a_file_marked_inconsistent_is_said_with_its_reason(real_inputs, tmp_pat
         assert int(row["not_used"]) == record["counts"][REASONS[-1]]
         assert int(row["used"]) + int(row["not_used"]) + int(row["other"]) == int(row["rows"])
     assert "<td>inconsistent</td>" in (tmp_path / "dials.q_consistency.html").read_text()
+
+
+def test_a_file_paired_by_order_names_its_partner_in_the_error(shared, tmp_path, capsys, monkeypatch):
+    """Names that do not pair are paired by the order given: a table read with
+    the wrong experiment list says which one, and how it was chosen."""
+    for name, target in (("a.expt", shared("ssx_CuNiR_test_data", "indexed.expt")),
+                         ("b.expt", shared("dials_current", "cspad_stills_refined.expt")),
+                         ("c.refl", shared("dials_current", "cspad_stills_refined.refl")),
+                         ("d.refl", shared("ssx_CuNiR_test_data", "indexed.refl"))):
+        os.symlink(target, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    assert main(["a.expt", "b.expt", "c.refl", "d.refl", "output.reflections=None"]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        "c.refl: id 9 is beyond the 5 experiment(s) in the experiment list (paired by the order given with a.expt)")

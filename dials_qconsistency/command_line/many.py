@@ -19,7 +19,7 @@ from dials_qconsistency.report import html as html_report
 from dials_qconsistency.core.verdict import campaign_verdict, gate_failure
 from dials_qconsistency.errors import GateFailed, QConsistencyError
 from dials_qconsistency.io.staged import StagedOutputs, remove_leftovers
-from dials_qconsistency.io.pairing import output_table_names
+from dials_qconsistency.io.pairing import output_table_names, partner_note
 from dials_qconsistency.batch.parallel import (
     SKIPPED,
     mpi_world,
@@ -152,7 +152,9 @@ def _process_and_write(params, jobs, comm, options, logger) -> int:
                 staged.adopt(outcome.staged, outcome.output)
         failed = [o for o in outcomes if o.error and o.error != SKIPPED]
         if failed:
-            raise QConsistencyError(failed[0].error)
+            first = failed[0]
+            raise QConsistencyError(first.error + ("" if first.error.startswith(first.experiments)
+                                                   else partner_note(first.experiments, first.reflections)))
         merged = merge(outcomes)
         verdict = campaign_verdict(merged)
         logger.info(verdict_text(verdict) + "\n")

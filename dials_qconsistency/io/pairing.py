@@ -33,6 +33,13 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.normpath(path))[0]
 
 
+def partner_note(experiments: str, reflections: str) -> str:
+    """What a file's error adds about its pair: the experiment list it was read
+    with, and whether by the order given (their names do not pair)."""
+    how = "" if _stem(experiments) == _stem(reflections) else " by the order given"
+    return f" (paired{how} with {experiments})"
+
+
 def pair_files(experiments: list[str], reflections: list[str], pairing: str = "auto") -> list[tuple[str, str]]:
     """[(expt, refl)]: by name (same path without extension), by order, or
     ``auto``: by name when every file has its partner, else by order when the
