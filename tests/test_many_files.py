@@ -345,3 +345,15 @@ def test_a_file_paired_by_order_names_its_partner_in_the_error(shared, tmp_path,
     assert main(["a.expt", "b.expt", "c.refl", "d.refl", "output.reflections=None"]) == 1
     assert capsys.readouterr().err.strip().endswith(
         "c.refl: id 9 is beyond the 5 experiment(s) in the experiment list (paired by the order given with a.expt)")
+
+
+def test_a_run_over_stills_names_no_rotation_angle(shared, tmp_path, monkeypatch):
+    """Stills only: the choices name the positions, not a rotation angle or a
+    scan-varying model state (which apply to rotation data)."""
+    for k in (1, 2):
+        for ext in (".expt", ".refl"):
+            os.symlink(shared("ssx_CuNiR_test_data", "indexed" + ext), tmp_path / f"p{k}{ext}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["p1.expt", "p2.expt", "p1.refl", "p2.refl", "output.reflections=None"]) == 0
+    log = (tmp_path / "dials.q_consistency.log").read_text()
+    assert "\nq_pixel from calculated positions\n" in log and "rotation angle" not in log

@@ -50,6 +50,8 @@ class FileOutcome:
     delta_q: dict = field(default_factory=dict)
     verdict: str = ""
     reason: str = ""  # why inconsistent: the file's first reason (its self-tests)
+    rotation: bool = False  # has rotation data (a rotation angle is used)
+    scan_varying: bool = False  # has a model varying along its scan
     s1: list = field(default_factory=list)
     norms: np.ndarray = field(default_factory=lambda: np.zeros(0))
     images: list = field(default_factory=list)
@@ -140,6 +142,8 @@ def describe(outcome: FileOutcome, experiments, table, result, summary, verdict=
     outcome.delta_q = summary.delta_q
     outcome.verdict = summary.verdict
     outcome.reason = verdict.reasons[0] if verdict is not None and verdict.reasons else ""
+    outcome.rotation = any(e.is_rotation for e in experiments)
+    outcome.scan_varying = any(e.is_rotation and e.is_scan_varying for e in experiments)
     outcome.s1 = sorted({e.s1_kind for e in summary.experiments})
     outcome.norms = row_distances(result.q_bragg, result.q_pixel, np.flatnonzero(result.used))  # a block at a time
     outcome.images = per_image_statistics(experiments, result, outcome.norms, table.release_memory)

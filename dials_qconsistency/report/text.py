@@ -283,7 +283,9 @@ STATISTIC_NAMES = ("n", "mean", "median", "rms", "p95", "max")
 def campaign_text(merged, outcomes, options, worst: int = 10, every_file: str = "the log") -> str:
     """The merged summary of a run over many files, and its worst files
     (``every_file``: where each file's line is, for the user)."""
-    lines = _counts_and_choices(f"Files: {merged.n_files}; rows in the tables: {merged.n_rows}", merged.counts, options)
+    lines = _counts_and_choices(f"Files: {merged.n_files}; rows in the tables: {merged.n_rows}", merged.counts, options,
+                                rotation=any(o.rotation for o in outcomes),
+                                scan_varying=any(o.scan_varying for o in outcomes))
     if not merged.delta_q["n"]:
         lines.append("Nothing to compare: no file has an indexed reflection with a position and s1.")
         return "\n".join(lines)
