@@ -321,6 +321,8 @@ def in_tmp(tmp_path, monkeypatch):
     (("quartz_processed/refined.expt", "experiments=2"), "experiments=2 does not exist (there are 1)"),
     (("ssx_CuNiR_test_data/imported_with_ref_5.expt", "miller_indices=True"),
      "experiment 0 has no crystal, so miller_indices=True cannot be met"),
+    (("ssx_CuNiR_test_data/indexed.expt", "image=3"),
+     "experiment 0: image= is for rotation and time-of-flight data; a still has one setting"),
     (("quartz_processed/refined.expt", "output.hdf5=None"), "nothing to write: set output.hdf5 or output.npz"),
     (("quartz_processed/refined.expt", "quartz_processed/refined.refl"), "is not an experiment list (.expt)"),
     (("quartz_processed/refined.expt", "output.npz=quartz_processed/refined.expt"),
@@ -334,7 +336,7 @@ def test_bad_choices_are_one_line_errors_and_write_nothing(shared, in_tmp, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("dials.q_map: error: ") and message in err, err
     if "=None" not in args[-1] and "nothing" not in message and "overwrite" not in message and ".refl" not in args[-1]:
-        assert "refined.expt" in err or "imported_with_ref_5.expt" in err
+        assert "refined.expt" in err or "imported_with_ref_5.expt" in err or "indexed.expt" in err
     assert os.listdir(in_tmp) == []
 
 

@@ -166,6 +166,9 @@ def map_plan(experiments, params, path):
         image = None
         if phi is not None:
             image = experiment.scan.image_range[0] if params.image is None else params.image
+        elif params.image is not None:
+            raise QConsistencyError(f"experiment {index}: image= is for rotation and time-of-flight data; a still "
+                                    "has one setting (give experiments= to choose a still)", path)
         plan.append((index, MapSetting(s0, M if params.miller_indices else None), image, phi, panels, every))
     return plan
 
