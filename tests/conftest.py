@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -99,3 +100,46 @@ def run_core(expt_path, refl_path, **options):
 
 def max_norm(a, b):
     return float(np.max(np.linalg.norm(np.asarray(a) - np.asarray(b), axis=1)))
+
+
+MODEL_LISTS = ("beam", "detector", "goniometer", "scan", "crystal", "imageset", "profile", "scaling_model")
+
+
+def joined_pairs(tmp_path, pairs, change=None, unique_identifiers=False):
+    """One .expt and .refl of several pairs' experiments, in order (the models'
+    lists and the table's ids offset, the columns every table has, identifiers
+    kept, or made unique: ``x0``, ``x1``, ... for a pair given twice);
+    ``change(document, offsets)`` edits the joined document."""
+    joined = {"__id__": "ExperimentList", "experiment": [], **{key: [] for key in MODEL_LISTS}}
+    tables, offsets = [], []
+    for expt, refl in pairs:
+        document = json.load(open(expt))
+        offsets.append(len(joined["experiment"]))
+        starts = {key: len(joined[key]) for key in MODEL_LISTS}
+        for key in MODEL_LISTS:
+            joined[key] += document.get(key, [])
+        for experiment in document["experiment"]:
+            joined["experiment"].append({k: v + starts[k] if k in starts and isinstance(v, int) else v
+                                         for k, v in experiment.items()})
+        tables.append(ReflectionTable.from_file(refl))
+    if change:
+        change(joined, offsets)
+    if unique_identifiers:
+        for index, experiment in enumerate(joined["experiment"]):
+            experiment["identifier"] = f"x{index}"
+    names = [n for n in tables[0].keys() if all(n in t for t in tables[1:]) and n != "id"]
+    identifiers = {i + offset: name for t, offset in zip(tables, offsets) for i, name in t.identifiers.items()}
+    if unique_identifiers:
+        identifiers = {i: f"x{i}" for i in identifiers}
+    table = ReflectionTable(sum(t.nrows for t in tables), identifiers)
+    ids = [np.where(t.get("id") >= 0, t.get("id") + offset, t.get("id")) for t, offset in zip(tables, offsets)]
+    table.set_column("id", "int", np.concatenate(ids))
+    for name in names:
+        try:
+            values = [t.get(name) for t in tables]
+        except TypeError:  # shoeboxes: not needed here
+            continue
+        table.set_column(name, tables[0].column_type(name), np.concatenate(values))
+    (tmp_path / "joined.expt").write_text(json.dumps(joined))
+    table.write(str(tmp_path / "joined.refl"))
+    return str(tmp_path / "joined.expt"), str(tmp_path / "joined.refl")

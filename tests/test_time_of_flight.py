@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.core.q_vectors import NOT_INDEXED, REASONS, USED, Options, compute_q
-from conftest import BACKENDS
+from conftest import BACKENDS, joined_pairs
 
 SXD = ("tof_sxd_nacl", "sxd_refined")
 
@@ -247,6 +247,37 @@ def test_a_real_mistake_in_the_time_of_flight_model_is_named_with_its_size(sxd, 
     if mistake == "flight_path":
         assert finding["size"][size_key] == pytest.approx(size, abs=0.01)
         assert report["verdict"]["checks"]["rms_wavelength_rel"] == pytest.approx(10.0 / 8550, rel=0.02)
+
+
+def test_one_cell_scale_in_two_experiments_is_named_once(sxd, tmp_path, monkeypatch):
+    """SXD twice in one list, both cells 1 % long, the second without the
+    indexed rows of panels 0-5: both name a cell scale 1.01000, with other
+    residuals; the pooled scope names it once for both (the residuals' sizes,
+    compared as the mistake's, made it "diagnosed differently")."""
+    from dials_qconsistency.command_line.q_consistency import main
+    from dials_qconsistency.io.refl import ReflectionTable
+
+    expt, refl = sxd
+    fewer = ReflectionTable.from_file(refl)
+    ids = fewer.get("id").copy()
+    ids[fewer.get("panel") <= 5] = -1
+    fewer.set_column("id", "int", ids)
+    fewer.write(str(tmp_path / "fewer.refl"))
+
+    def longer(document, offsets):
+        for crystal in document["crystal"]:
+            for axis in ("real_space_a", "real_space_b", "real_space_c"):
+                crystal[axis] = list(1.01 * np.array(crystal[axis]))
+
+    joined = joined_pairs(tmp_path, [(expt, refl), (expt, str(tmp_path / "fewer.refl"))], longer, unique_identifiers=True)
+    monkeypatch.chdir(tmp_path)
+    main([*joined, "output.json=qc.json", "output.reflections=None", "output.html=None", "backend=standalone"])
+    pooled, *each = json.load(open("qc.json"))["diagnosis"]
+    assert [f["mistake"] for d in each for f in d["findings"]] == ["cell_scale", "cell_scale"]
+    assert each[0]["findings"][0]["size"]["rms_delta_q_before"] != each[1]["findings"][0]["size"]["rms_delta_q_before"]
+    (finding,) = pooled["findings"]
+    assert finding["mistake"] == "cell_scale" and finding["message"].startswith("every experiment: ")
+    assert finding["size"]["scale"] == pytest.approx(1.01, abs=1e-4)
 
 
 def test_a_wavelength_scale_is_told_from_a_flight_path_error(sxd, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import pytest
 
 from dials_qconsistency.command_line.q_consistency import main
 from dials_qconsistency.io.refl import ReflectionTable
-from conftest import BACKENDS, SHARED_DATA
+from conftest import BACKENDS, SHARED_DATA, joined_pairs
 
 #: Refined real pairs (folder, name, options): rotation (static, scan-varying), stills (1 and 64 panels).
 REFINED = [
@@ -361,43 +361,6 @@ def test_a_mistake_of_two_stills_weighs_as_much_as_of_one(shared, tmp_path, monk
     assert 0.3 < moved[(3,)] < 0.5 and abs(moved[(3, 6)] / moved[(3,)] - 1) < 0.25, moved
 
 
-MODEL_LISTS = ("beam", "detector", "goniometer", "scan", "crystal", "imageset", "profile", "scaling_model")
-
-
-def _joined(tmp_path, pairs, change=None):
-    """One .expt and .refl of several pairs' experiments, in order (the models'
-    lists and the table's ids offset, the columns every table has, identifiers
-    kept); ``change(document, offsets)`` edits the joined document."""
-    joined = {"__id__": "ExperimentList", "experiment": [], **{key: [] for key in MODEL_LISTS}}
-    tables, offsets = [], []
-    for expt, refl in pairs:
-        document = json.load(open(expt))
-        offsets.append(len(joined["experiment"]))
-        starts = {key: len(joined[key]) for key in MODEL_LISTS}
-        for key in MODEL_LISTS:
-            joined[key] += document.get(key, [])
-        for experiment in document["experiment"]:
-            joined["experiment"].append({k: v + starts[k] if k in starts and isinstance(v, int) else v
-                                         for k, v in experiment.items()})
-        tables.append(ReflectionTable.from_file(refl))
-    if change:
-        change(joined, offsets)
-    names = [n for n in tables[0].keys() if all(n in t for t in tables[1:]) and n != "id"]
-    table = ReflectionTable(sum(t.nrows for t in tables),
-                            {i + offset: name for t, offset in zip(tables, offsets) for i, name in t.identifiers.items()})
-    ids = [np.where(t.get("id") >= 0, t.get("id") + offset, t.get("id")) for t, offset in zip(tables, offsets)]
-    table.set_column("id", "int", np.concatenate(ids))
-    for name in names:
-        try:
-            values = [t.get(name) for t in tables]
-        except TypeError:  # shoeboxes: not needed here
-            continue
-        table.set_column(name, tables[0].column_type(name), np.concatenate(values))
-    (tmp_path / "joined.expt").write_text(json.dumps(joined))
-    table.write(str(tmp_path / "joined.refl"))
-    return str(tmp_path / "joined.expt"), str(tmp_path / "joined.refl")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stills_beside_a_sweep_are_weighed_against_their_own_centroids(shared, tmp_path, monkeypatch, backend):
     """The quartz sweep (median sigma_q 1.5e-3 1/Angstrom) with the 5 CuNiR
@@ -411,9 +374,10 @@ def test_stills_beside_a_sweep_are_weighed_against_their_own_centroids(shared, t
         for key in ("real_space_a", "real_space_b", "real_space_c"):
             crystal[key] = list(about_x @ np.array(crystal[key]))
 
-    expt, refl = _joined(tmp_path, [(shared("quartz_processed", "refined.expt"), shared("quartz_processed", "refined.refl")),
-                                    (shared("ssx_CuNiR_test_data", "indexed.expt"),
-                                     shared("ssx_CuNiR_test_data", "indexed.refl"))], turn)
+    expt, refl = joined_pairs(tmp_path, [(shared("quartz_processed", "refined.expt"),
+                                          shared("quartz_processed", "refined.refl")),
+                                         (shared("ssx_CuNiR_test_data", "indexed.expt"),
+                                          shared("ssx_CuNiR_test_data", "indexed.refl"))], turn)
     status, verdict, _ = run_verdict(tmp_path, monkeypatch, expt, refl, backend=backend)
     found = re.search(r"^INCONSISTENT: experiment 2: the crystal orientation is off by ([0-9.]+)° .* ([0-9.]+) x their "
                       r"centroids' uncertainty \(([0-9.e-]+) 1/Angstrom\)", verdict["headline"])
@@ -504,6 +468,50 @@ def test_a_reversed_detector_axis_is_said_to_be_one(shared, tmp_path, monkeypatc
     broken.write_text(json.dumps(document))
     status, verdict, _ = run_verdict(tmp_path, monkeypatch, str(broken), shared(folder, name + ".refl"))
     assert re.search(r"^INCONSISTENT: pooled: " + named, verdict["headline"]), verdict["headline"]
+
+
+def test_a_reversed_axis_in_every_sweep_is_named_for_all(shared, tmp_path, monkeypatch):
+    """The centroid sweep twice in one list, both axes reversed: the spots do
+    not move, q at the table's angles does; the common finding's size is that
+    q (it was the spots' zero, and the verdict left the axis out)."""
+    def reverse(document, offsets):
+        for goniometer in document["goniometer"]:
+            goniometer["rotation_axis"] = [-v for v in goniometer["rotation_axis"]]
+
+    pair = (shared("dials_current", "centroid_refined.expt"), shared("dials_current", "centroid_refined.refl"))
+    expt, refl = joined_pairs(tmp_path, [pair, pair], reverse, unique_identifiers=True)
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, expt, refl)
+    assert verdict["headline"].startswith("INCONSISTENT: pooled: every experiment: the rotation axis has the wrong "
+                                          "sign"), verdict["headline"]
+
+
+def test_a_distance_far_off_on_the_same_side_is_no_reversed_axis(shared, tmp_path, monkeypatch):
+    """The quartz detector at 100 mm in the model, 280 mm in the data: a
+    distance 180 mm short, named as such, with no hint of a reversed axis."""
+    document = json.load(open(shared("quartz_processed", "refined.expt")))
+    document["detector"][0]["panels"][0]["origin"][2] = -100.0  # below a root at the origin: lab z
+    near = tmp_path / "near.expt"
+    near.write_text(json.dumps(document))
+    status, verdict, _ = run_verdict(tmp_path, monkeypatch, str(near), shared("quartz_processed", "refined.refl"))
+    assert re.search(r"the detector distance is off by -180\.0\d\d mm \(model - data\) \(", verdict["headline"]), \
+        verdict["headline"]
+
+
+def test_one_mistake_is_common_only_when_every_size_agrees():
+    """Findings alike in every compared size stand for all; an extra size, or
+    another whole number (panel 151 is not panel 150), does not."""
+    from dials_qconsistency.core.diagnosis import Diagnosis, _common_finding
+    from dials_qconsistency.core.findings import Finding
+
+    def scope(index, **size):
+        return Diagnosis(f"experiment {index}", 10, 1e-3, False, 10, 1e-3,
+                         findings=[Finding("tilted_panel", "panel tilted", {"explained": 0.99, "rms_after_fit": 1e-4,
+                                                                           **size})])
+
+    alike = _common_finding([scope(0, panel=150, tilt_deg=1.0), scope(1, panel=150, tilt_deg=1.005)])
+    assert alike is not None and alike.size["experiment_indices"] == [0, 1]
+    assert _common_finding([scope(0, panel=150, tilt_deg=1.0), scope(1, panel=151, tilt_deg=1.0)]) is None
+    assert _common_finding([scope(0, panel=150, tilt_deg=1.0), scope(1, panel=150, tilt_deg=1.0, extra=2.0)]) is None
 
 
 #: Rotation pairs whose models lose their goniometer (and scan) in the test below.

@@ -316,22 +316,28 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
             scan.update(redo=geometry.AxisRotations.of(axis, phi), q_bragg=undo.apply(q_bragg), q_pixel=undo.apply(q_pixel))
         return scan[name]
 
-    def spot_residuals(matrix, frame="lab"):
-        """The model's spot minus q_pixel, rows of (x, y, z) flattened, with q_bragg
-        mapped by ``matrix`` in ``frame``: a block of rows at a time on up to
+    def sphere_residuals(spot_of, about):
+        """The model's spot minus q_pixel, rows of (x, y, z) flattened: the
+        points ``spot_of(block)`` (Å⁻¹, lab) turned onto the Ewald sphere about
+        the axes ``about`` (N×3), a block of rows at a time on up to
         ``threads`` threads (the same bits whatever the count)."""
-        mapped = q_bragg @ matrix.T if frame == "lab" else undone("q_bragg") @ matrix.T
-        redo = None if frame == "lab" else undone("redo")
-        out = np.empty(mapped.shape)
+        out = np.empty(q_pixel.shape)
 
         def work(block):
-            spot = mapped[block] if redo is None else redo.rows(block).apply(mapped[block])
-            on_sphere = onto_sphere(spot, s0[block], axis[block], None if laue is None else laue[block])[1]
+            spot = spot_of(block)
+            on_sphere = onto_sphere(spot, s0[block], about[block], None if laue is None else laue[block])[1]
             # a point that never reaches the sphere keeps its whole distance
             out[block] = np.where(np.isfinite(on_sphere), on_sphere, spot) - q_pixel[block]
 
-        for_each_block(len(mapped), work, threads)
+        for_each_block(len(q_pixel), work, threads)
         return out.ravel()
+
+    def spot_residuals(matrix, frame="lab"):
+        """:func:`sphere_residuals` of q_bragg mapped by ``matrix`` in ``frame``."""
+        mapped = q_bragg @ matrix.T if frame == "lab" else undone("q_bragg") @ matrix.T
+        redo = None if frame == "lab" else undone("redo")
+        return sphere_residuals(lambda block: mapped[block] if redo is None else redo.rows(block).apply(mapped[block]),
+                                axis)
 
     def spot_error(matrix, frame="lab"):
         return float(np.sqrt(np.mean(spot_residuals(matrix, frame) ** 2) * 3))
@@ -341,12 +347,13 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     if before < ROUNDING:
         rms_q = vector_rms(q_bragg - q_pixel)
         if experiment is not None and experiment.is_rotation and rms_q > ROUNDING:
-            _angles_only(diagnosis, rms_q, undone("q_bragg"), q_pixel, axis, phi, s0, laue, threads, experiment)
+            _angles_only(diagnosis, rms_q, undone("q_bragg"), q_pixel, axis, phi, sphere_residuals, experiment)
         return diagnosis
     fits = _rotation_candidates(q_bragg, q_pixel, "lab", spot_error, spot_residuals)
     if experiment is not None and experiment.is_rotation:
         fits.update(_rotation_candidates(undone("q_bragg"), undone("q_pixel"), "scan_undone", spot_error, spot_residuals))
-        fits["rotation_axis"] = _axis_candidate(undone("q_bragg"), q_pixel, axis, phi, s0, laue, threads, before)
+        fits["rotation_axis"] = _axis_candidate(undone("q_bragg"), q_pixel, axis, phi, sphere_residuals,
+                                                vector_rms(q_bragg - q_pixel), before)
     scale = scale_fit(q_bragg, q_pixel)
     fits["scale"] = {"scale": scale, "rms_delta_q_after": vector_rms(scale * q_bragg - q_pixel), "rms_after": spot_error(scale * np.eye(3)),
                      "parameters": SCALE_PARAMETERS}
@@ -408,44 +415,32 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     return diagnosis
 
 
-def _axis_candidate(q_start, q_pixel, axis, phi, s0, laue, threads, before=None) -> dict:
-    """The rotation axis that carries the lattice points at φ = 0 onto
-    q_pixel (:func:`fit_rotation_axis`), judged on the spots as every candidate:
-    each point turned about the fitted axis, then onto the Ewald sphere about it.
-    Fitted in q, it can take up the rotation angles' own noise (observed φ):
-    one that moves the spots further than ``before`` (their RMS residual) is
-    left as the model has it."""
+def _axis_candidate(q_start, q_pixel, axis, phi, sphere_residuals, rms_q, before=None) -> dict:
+    """The rotation axis that carries the lattice points at φ = 0
+    (``q_start``, Å⁻¹, lab) onto q_pixel (:func:`fit_rotation_axis`), judged on
+    the spots as every candidate: each point turned about the fitted axis, then
+    onto the Ewald sphere about it (``sphere_residuals``). Fitted in q, it can
+    take up the rotation angles' own noise (observed φ): one that moves the
+    spots further than ``before`` (their RMS residual) is left as the model
+    has it, leaving ``rms_q`` (RMS |Δq|)."""
     fit = fit_rotation_axis(q_start, q_pixel, axis, phi)
-    candidate = _axis_spots(fit, q_start, q_pixel, axis, phi, s0, laue, threads)
+    fitted = np.asarray(axis, dtype=float) @ np.array(fit["turn"]).T
+    rotations = geometry.AxisRotations.of(fitted, phi)
+    residuals = sphere_residuals(lambda block: rotations.rows(block).apply(q_start[block]), fitted)
+    candidate = {**fit, "rms_after": float(np.sqrt(np.mean(residuals**2) * 3)), "parameters": AXIS_PARAMETERS}
     if before is not None and not candidate["rms_after"] <= before:
-        model = fit["model_axis"]
-        candidate = {**candidate, "turn": np.eye(3).tolist(), "fitted_axis": model, "angle_deg": 0.0, "rms_after": before,
-                     "rms_delta_q_after": vector_rms(geometry.AxisRotations.of(axis, phi).apply(q_start) - q_pixel)}
+        candidate.update(turn=np.eye(3).tolist(), fitted_axis=fit["model_axis"], angle_deg=0.0, rms_after=before,
+                         rms_delta_q_after=rms_q)
     return candidate
 
 
-def _axis_spots(fit, q_start, q_pixel, axis, phi, s0, laue, threads) -> dict:
-    """An axis fit with the RMS distance of its spots from q_pixel (``rms_after``)."""
-    fitted = np.asarray(axis, dtype=float) @ np.array(fit["turn"]).T
-    rotations = geometry.AxisRotations.of(fitted, phi)
-    out = np.empty(q_pixel.shape)
-
-    def work(block):
-        spot = rotations.rows(block).apply(q_start[block])
-        on_sphere = onto_sphere(spot, s0[block], fitted[block], None if laue is None else laue[block])[1]
-        out[block] = np.where(np.isfinite(on_sphere), on_sphere, spot) - q_pixel[block]
-
-    for_each_block(len(q_pixel), work, threads)
-    return {**fit, "rms_after": float(np.sqrt(np.mean(out**2) * 3)), "parameters": AXIS_PARAMETERS}
-
-
-def _angles_only(diagnosis, rms_q, q_start, q_pixel, axis, phi, s0, laue, threads, experiment) -> None:
+def _angles_only(diagnosis, rms_q, q_start, q_pixel, axis, phi, sphere_residuals, experiment) -> None:
     """The model's spots are q_pixel's, yet q_bragg is not (rotation data):
     only the rotation angles differ, as when the axis is reversed (about -e the
     lattice points trace the same circles, and meet the sphere at the same
     spots, at -φ). Named when the axis fitted in q explains |Δq|; its sizes are
     in q (``measure``), where the spots show nothing; ``rms_q``: RMS |Δq|."""
-    fit = _axis_candidate(q_start, q_pixel, axis, phi, s0, laue, threads)
+    fit = _axis_candidate(q_start, q_pixel, axis, phi, sphere_residuals, rms_q)
     diagnosis.fits["rotation_axis"] = {**fit, "rms_before": diagnosis.rms_in_plane_before, "rms_delta_q_before": rms_q}
     if fit["angle_deg"] <= MIN_ANGLE_DEG or fit["rms_delta_q_after"] > EXPLAINED_RATIO * rms_q:
         return
@@ -524,7 +519,8 @@ SAME_SIZE = 0.01
 
 #: Sizes of a finding left out of the comparison (how well it fits, or what follows from the scale).
 _NOT_COMPARED = {"explained", "rms_after_fit", "rms_before_fit", "rms_time_before_us", "rms_time_after_us",
-                 "wavelength_fit", "wavelength_model", "experiments", "experiment_indices"}
+                 "rms_delta_q_before", "rms_delta_q_after", "time_offset_us", "wavelength_fit", "wavelength_model",
+                 "experiments", "experiment_indices"}
 
 #: ... and of one mistake: a reindexing is one operator on hkl, whose lab axis
 #: turns with each crystal.
@@ -536,11 +532,11 @@ _FACTORS, SAME_FACTOR = {"scale", "wavelength_scale"}, 0.05
 
 
 def _same_size(key, a, b) -> bool:
-    """Do two values of one size key of a finding agree? Words must be equal,
-    numbers and vectors (axes, offsets) within SAME_SIZE, factors alike in their
-    departure from 1 (SAME_FACTOR)."""
-    if isinstance(a, str) or isinstance(b, str) or a is None or b is None:
-        return a == b
+    """Do two values of one size key of a finding agree? Words and whole numbers
+    must be equal, other numbers and vectors (axes, offsets) within SAME_SIZE,
+    factors alike in their departure from 1 (SAME_FACTOR)."""
+    if isinstance(a, (str, int)) or isinstance(b, (str, int)) or a is None or b is None:
+        return a == b  # words, and whole numbers (a panel) alike
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape:
         return False
@@ -572,7 +568,8 @@ def _common_finding(each) -> Finding | None:
     which, others = ([int(d.scope.split()[-1]) for d in group] for group in (naming, [d for d in each if not d.findings]))
     size = {**first.size, "explained": min(d.findings[0].size["explained"] for d in naming), "experiments": len(naming),
             "experiment_indices": which}
-    for key, values in (("rms_before_fit", [d.rms_in_plane_before for d in naming]),
+    for key, values in (("rms_before_fit", [d.findings[0].size.get("rms_before_fit", d.rms_in_plane_before)
+                                            for d in naming]),
                         ("rms_after_fit", [d.findings[0].size.get("rms_after_fit") for d in naming])):
         if all(v is not None for v in values) and weights.sum() > 0:
             size[key] = float(np.sqrt(np.average(np.square(values), weights=weights)))

@@ -249,10 +249,12 @@ def name_shift(offset, detector, index, beam_s0) -> list[Finding]:
     if abs(distance) > max(MIN_SHIFT_MM, SHIFT_PART_RATIO * across_mm):
         message = f"the detector distance is off by {distance:+.3f} mm (model - data)"
         panel = detector.panels[index]
-        reach = float(panel.origin @ panel.normal) / float(along_beam @ panel.normal)  # sample to the panel's plane
-        if np.isfinite(reach) and abs(distance) > abs(reach):
-            message += (f", more than the distance itself ({abs(reach):.1f} mm): is the beam direction, or a "
-                        "detector axis, reversed in the model?")
+        facing = float(along_beam @ panel.normal)
+        if abs(facing) > 1e-6:  # the beam meets the panel's plane
+            reach = float(panel.origin @ panel.normal) / facing  # sample to the plane along the beam, mm (model)
+            if reach * (reach - distance) <= 0:  # the data's plane on the other side of the sample
+                message += (f", more than the distance itself ({abs(reach):.1f} mm): is the beam direction, or a "
+                            "detector axis, reversed in the model?")
         findings.append(Finding("detector_distance", message, {"distance_mm": distance}))
     if across_mm > max(MIN_SHIFT_MM, SHIFT_PART_RATIO * abs(distance)):
         panel = detector.panels[index]

@@ -161,8 +161,8 @@ def fit_rotation_axis(q_start, q_pixel, axes, phi, iterations=8, search_rows=200
     ``q_pixel``: a turn T of the model's lab axes (``axes``, N×3 or one vector
     broadcast) fitted in q by Gauss-Newton on the two small turns
     perpendicular to the axis (a turn about the axis itself changes nothing),
-    from the model's axis, its reverse and each lab axis ±X, ±Y, ±Z (the
-    mistakes a hand-made goniometer has), on an even sample of
+    from the model's axis and its reverse (it reaches axes 90° away from
+    either), on an even sample of
     ``search_rows`` (two parameters: plenty). Returns the turn, the mean axis
     before and after, the angle between them (degrees) and the RMS |Δq| it
     leaves over every row."""
@@ -207,10 +207,6 @@ def fit_rotation_axis(q_start, q_pixel, axes, phi, iterations=8, search_rows=200
     mean = geometry.unit(axes.mean(axis=0))
     starts = [np.eye(3), geometry.rotation_matrix(geometry.unit(np.cross(mean, [1.0, 0, 0] if abs(mean[0]) < 0.9
                                                                             else [0, 1.0, 0])), math.pi)]
-    for lab in np.vstack([np.eye(3), -np.eye(3)]):
-        turn_axis = np.cross(mean, lab)
-        if np.linalg.norm(turn_axis) > math.sin(math.radians(1.0)):
-            starts.append(geometry.rotation_matrix(geometry.unit(turn_axis), math.acos(np.clip(mean @ lab, -1, 1))))
     sample = np.unique(np.linspace(0, len(q_start) - 1, min(len(q_start), search_rows)).astype(np.int64))
     best = min((solve(sample, start, 4) for start in starts), key=lambda found: found[1])[0]
     turn = solve(sample, best, iterations)[0]  # two parameters: the sample fixes them

@@ -149,9 +149,11 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
         if options.q_pixel_source != "calculated":
             normalised = normalised_residual(parts, about, variance)
             pair.table.release_memory()  # the variances read again
-    verdict = judge(summary, options, diagnoses if settings.diagnose else None, sigmas.median() if sigmas else None,
-                    normalised, scan_varying=any(e.is_scan_varying for e in experiments),
-                    sigma_t=time_sigma_us(experiments, about, pair.columns), sigma_q_of=sigmas.median if sigmas else None)
+    verdict = judge(summary, options, diagnoses if settings.diagnose else None,
+                    None if sigmas is None else sigmas.median(), normalised,
+                    scan_varying=any(e.is_scan_varying for e in experiments),
+                    sigma_t=time_sigma_us(experiments, about, pair.columns),
+                    sigma_q_of=None if sigmas is None else sigmas.median)
     summary.verdict = verdict.short
     return CheckedPair(pair, parts, summary, diagnoses, verdict, replaced)
 

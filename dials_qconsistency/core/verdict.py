@@ -332,7 +332,9 @@ def _named_mistakes(diagnoses, sigma_q, sigma_t=None, sigma_q_of=None) -> list[t
             if large:
                 reason = f"{diagnosis.scope}: {finding.message}"
                 if effect is not None and sigma:
-                    reason += f" ({_moves(effect, sigma, what, unit, own=not timing and sigma != sigma_q)}"
+                    # a size in q at the table's angles (``measure``) is no distance the centroids resolve
+                    shown = None if "measure" in finding.size else sigma
+                    reason += f" ({_moves(effect, shown, what, unit, own=not timing and sigma != sigma_q)}"
                     if unexplained:
                         reason += f", and leaves {left:.3g} {unit} RMS, {_times(left / sigma)} x, unexplained"
                     reason += ")"

@@ -93,8 +93,8 @@ NEXT_STEPS = {
     "crystal_orientation": "Refine the crystal orientation: dials.refine with phil/refine_2_all_free.phil.",
     "reindexing": "Reindex the table to the crystal's setting: dials.reindex with the operator named above.",
     "rotation_axis": "Fix the goniometer's rotation axis: import again with dials.import geometry.goniometer.axis=... "
-                     "(the axis named above; geometry.goniometer.invert_rotation_axis=True for a reversed one), then "
-                     "index and refine again.",
+                     "(the axis named above; geometry.goniometer.axes=... for a multi-axis goniometer, "
+                     "geometry.goniometer.invert_rotation_axis=True for a reversed one), then index and refine again.",
 }
 
 
