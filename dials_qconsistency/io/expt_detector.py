@@ -55,7 +55,8 @@ def _panel_size(index, p) -> tuple[np.ndarray, np.ndarray]:
     if not np.all(pixel_size > 0):
         raise ModelProblem(f"panel {index} has a pixel size of {pixel_size.tolist()} mm (must be > 0)")
     image_size = np.asarray(p["image_size"], dtype=float).reshape(-1)
-    if image_size.shape != (2,) or not np.all((image_size >= 1) & (image_size == np.round(image_size))):
+    whole = np.isfinite(image_size) & (image_size >= 1) & (image_size <= 1e9) & (image_size == np.round(image_size))
+    if image_size.shape != (2,) or not np.all(whole):
         raise ModelProblem(f"panel {index} has an image size of {p['image_size']!r:.40} pixels (two whole numbers ≥ 1)")
     return pixel_size, image_size.astype(int)
 
