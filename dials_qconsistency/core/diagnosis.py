@@ -446,7 +446,8 @@ def _angles_only(diagnosis, rms_q, q_start, q_pixel, axis, phi, sphere_residuals
         return
     finding = name_rotation_axis(fit, experiment)
     finding.size.update(explained=1.0 - (fit["rms_delta_q_after"] / rms_q) ** 2, rms_before_fit=rms_q,
-                        rms_after_fit=fit["rms_delta_q_after"], measure="q_bragg at the table's rotation angles (the spots not at all)")
+                        rms_after_fit=fit["rms_delta_q_after"],
+                        measure="q_bragg at the table's rotation angles (the spots not at all)")
     diagnosis.consistent, diagnosis.findings = False, [finding]
 
 
