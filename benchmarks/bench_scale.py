@@ -272,7 +272,7 @@ def html_page(expt, refl, out):
     from dials_qconsistency.io.expt import read_experiments
     from dials_qconsistency.io.refl import ReflectionTable
     from dials_qconsistency.report.text import diagnosis_lines
-    from dials_qconsistency.core.verdict import centroid_sigma_q, judge
+    from dials_qconsistency.core.verdict import centroid_sigmas, judge
 
     experiments, table = read_experiments(expt), ReflectionTable.from_file(refl)
     columns = table.columns()
@@ -281,7 +281,7 @@ def html_page(expt, refl, out):
     parts = decompose(experiments, result)
     summary = summarise(result, experiments, parts)
     diagnoses = diagnose(experiments, result, parts)
-    verdict = judge(summary, options, diagnoses, centroid_sigma_q(experiments, result, columns.get("xyzobs.mm.variance")))
+    verdict = judge(summary, options, diagnoses, centroid_sigmas(experiments, result, columns.get("xyzobs.mm.variance")).median())
     start = time.perf_counter()
     page = html_report.render("dials.q_consistency", verdict,
                               html_report.sections(summary, diagnoses, verdict, options, (expt, refl), diagnosis_lines(diagnoses)),

@@ -358,7 +358,7 @@ def test_a_mistake_of_two_stills_weighs_as_much_as_of_one(shared, tmp_path, monk
         assert verdict["consistent"] is False, verdict["headline"]
         (entry,) = verdict["checks"]["named"]
         moved[stills] = entry["moves_spots_by"] / verdict["checks"]["centroid_sigma_q"]
-    assert 0.3 < moved[(3,)] < 0.5 and abs(moved[(3, 6)] / moved[(3,)] - 1) < 0.25, moved
+    assert abs(moved[(3, 6)] / moved[(3,)] - 1) < 0.25, moved  # the same turn weighs the same
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

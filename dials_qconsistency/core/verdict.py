@@ -129,11 +129,6 @@ def centroid_sigmas(experiments, result, variance=None, max_rows=SAMPLE) -> Cent
     return CentroidSigma(sigma[kept], np.asarray(points.experiment)[kept])
 
 
-def centroid_sigma_q(experiments, result, variance=None, max_rows=SAMPLE) -> float | None:
-    """Median σ_q (Å⁻¹) of an observed centroid over an even sample of used rows."""
-    return centroid_sigmas(experiments, result, variance, max_rows).median()
-
-
 def normalised_residual(parts, result, variance, max_rows=SAMPLE) -> float | None:
     """RMS of the in-plane residual over σ along each panel axis (observed positions)."""
     if variance is None or parts is None:
