@@ -266,6 +266,54 @@ def test_copies_of_one_mistake_in_every_still_are_named_once_for_all(shared, tmp
         assert distance and abs(distance[0]["size"]["distance_mm"] - 2.0) < tolerance, scope["scope"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_still_whose_distance_and_scale_fit_alike_names_both(shared, tmp_path, monkeypatch, backend):
+    """CuNiR still 3 (34 spots used) with its own detector moved 1 mm away: on
+    a still's few spots near the beam a distance error moves them radially in
+    proportion to their radius, as a scale does, and both fit to the centroids'
+    noise. Still 3 used to read only "a wrong wavelength or cell"; it now names
+    the distance too, at its true size, and the untouched stills name nothing."""
+    document = json.load(open(shared("ssx_CuNiR_test_data", "integrated.expt")))
+    document["detector"][3]["hierarchy"]["origin"][2] -= 1.0  # the beam runs along +z: 1 mm further away
+    moved = tmp_path / "moved.expt"
+    moved.write_text(json.dumps(document))
+    run_verdict(tmp_path, monkeypatch, str(moved), shared("ssx_CuNiR_test_data", "integrated.refl"), backend=backend)
+    scopes = {d["scope"]: d for d in json.load(open(tmp_path / "qc.json"))["diagnosis"]}
+    assert all(scopes[f"experiment {i}"]["findings"] == [] for i in (0, 1, 2, 4))
+    (finding,) = scopes["experiment 3"]["findings"]
+    named = {finding["mistake"]: finding["size"], finding["size"]["equally_well"]["mistake"]: finding["size"]["equally_well"]}
+    assert set(named) == {"wavelength_or_cell_scale", "detector_distance"}, finding
+    assert abs(named["detector_distance"]["distance_mm"] - 1.0) < 0.05, finding
+    # 1 mm on the 248.6 mm distance scales tan(2θ) by 248.6/249.6: q (∝ sin θ) by
+    # 1 - 1/249.6 near the beam, by less further out
+    assert 0.8 < (1 - named["wavelength_or_cell_scale"]["scale"]) * 249.6 < 1.0, finding
+    assert "; or, as well (these spots do not tell the two apart), the detector distance is off by +0." in \
+        finding["message"] or "; or, as well (these spots do not tell the two apart), an isotropic scale" in \
+        finding["message"], finding
+
+
+def test_a_look_alike_is_common_only_where_every_experiment_names_it():
+    """Two stills name one scale; one of them also fits a distance as well: the
+    common finding names the scale alone. Both with the distance: both named."""
+    from dials_qconsistency.core.diagnosis import AS_WELL, Diagnosis, _common_finding
+    from dials_qconsistency.core.findings import Finding
+
+    def scope(index, also):
+        size = {"scale": 0.9965, "explained": 0.95, "rms_after_fit": 1e-4}
+        message = "an isotropic scale"
+        if also:
+            size["equally_well"] = {"mistake": "detector_distance", "message": "the distance", "distance_mm": 1.0}
+            message += AS_WELL + "the distance"
+        return Diagnosis(f"experiment {index}", 10, 1e-3, False, 10, 1e-3,
+                         findings=[Finding("wavelength_or_cell_scale", message, size)])
+
+    one = _common_finding([scope(0, True), scope(1, False)])
+    assert one.message == "every experiment: an isotropic scale" and "equally_well" not in one.size
+    both = _common_finding([scope(0, True), scope(1, True)])
+    assert both.message == f"every experiment: an isotropic scale{AS_WELL}the distance"
+    assert both.size["equally_well"]["distance_mm"] == 1.0
+
+
 def _cspad_changed(tmp_path, changes):
     """The CSPAD stills' .expt with its crystals changed: ``changes`` maps an
     experiment to ("turn", lab axis, degrees) or ("scale", factor of the cell)."""

@@ -395,17 +395,22 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
         return diagnosis
     best_ratio, _, key = ranked[0]
     fit = fits[key]
-    if key == "scale":
-        findings = [name_scale(fit, experiment, laue is not None and bool(laue.all()))]
-    elif key == "rotation_axis":
-        findings = [name_rotation_axis(fit, experiment)]
-    elif key == "detector":
-        findings = name_detector(fit, detector, s0.mean(axis=0))
-    elif key == "detector_shift":
-        beam = s0.mean(axis=0)
-        findings = name_shift(np.asarray(fit["origin_offset_mm"]), detector, beam_panel(detector, beam), beam)
-    else:
-        findings = [name_rotation(key, fit, experiment)]
+
+    def name(key):
+        fit = fits[key]
+        if key == "scale":
+            return [name_scale(fit, experiment, laue is not None and bool(laue.all()))]
+        if key == "rotation_axis":
+            return [name_rotation_axis(fit, experiment)]
+        if key == "detector":
+            return name_detector(fit, detector, s0.mean(axis=0))
+        if key == "detector_shift":
+            beam = s0.mean(axis=0)
+            return name_shift(np.asarray(fit["origin_offset_mm"]), detector, beam_panel(detector, beam), beam)
+        return [name_rotation(key, fit, experiment)]
+
+    findings = name(key)
+    _name_look_alike(findings, [name(rival) for _, _, rival in ranked[1:]])
     for finding in findings:
         finding.size["explained"] = 1.0 - best_ratio**2
         finding.size["rms_after_fit"] = fit["rms_after"]
@@ -413,6 +418,28 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     diagnosis.consistent = not findings
     diagnosis.findings = findings
     return diagnosis
+
+
+#: Mistakes that move the spots alike where the spots span little of the sphere
+#: (a still's): a distance error moves them radially in proportion to their
+#: radius, as a scale does; both are named when they fit equally well.
+LOOK_ALIKE = {"wavelength_or_cell_scale": "detector_distance", "detector_distance": "wavelength_or_cell_scale"}
+AS_WELL = "; or, as well (these spots do not tell the two apart), "
+
+
+def _name_look_alike(findings, rivals) -> None:
+    """Where the one finding named has a look-alike (LOOK_ALIKE) among the
+    findings of the fits that tie with it (``rivals``: a list of findings per
+    fit, best first), name that one too: in the message, and as
+    ``size["equally_well"]`` (its mistake, message and sizes)."""
+    if len(findings) != 1 or findings[0].mistake not in LOOK_ALIKE:
+        return
+    finding = findings[0]
+    for rival in rivals:
+        if len(rival) == 1 and rival[0].mistake == LOOK_ALIKE[finding.mistake]:
+            finding.size["equally_well"] = {"mistake": rival[0].mistake, "message": rival[0].message, **rival[0].size}
+            finding.message += f"{AS_WELL}{rival[0].message}"
+            return
 
 
 def _axis_candidate(q_start, q_pixel, axis, phi, sphere_residuals, rms_q, before=None) -> dict:
@@ -521,7 +548,7 @@ SAME_SIZE = 0.01
 #: Sizes of a finding left out of the comparison (how well it fits, or what follows from the scale).
 _NOT_COMPARED = {"explained", "rms_after_fit", "rms_before_fit", "rms_time_before_us", "rms_time_after_us",
                  "rms_delta_q_before", "rms_delta_q_after", "time_offset_us", "wavelength_fit", "wavelength_model",
-                 "experiments", "experiment_indices"}
+                 "experiments", "experiment_indices", "equally_well"}
 
 #: ... and of one mistake: a reindexing is one operator on hkl, whose lab axis
 #: turns with each crystal.
@@ -574,10 +601,14 @@ def _common_finding(each) -> Finding | None:
                         ("rms_after_fit", [d.findings[0].size.get("rms_after_fit") for d in naming])):
         if all(v is not None for v in values) and weights.sum() > 0:
             size[key] = float(np.sqrt(np.average(np.square(values), weights=weights)))
+    message = first.message
+    if len({(d.findings[0].size.get("equally_well") or {}).get("mistake") for d in naming}) > 1:
+        # the look-alike is named only where every experiment finds it
+        message = message.partition(AS_WELL)[0]
+        size.pop("equally_well", None)
     if len(naming) == len(each):
-        return Finding(first.mistake, f"every experiment: {first.message}", size)
-    return Finding(first.mistake, f"experiments {_ranges(which)} (none found in {_ranges(others)}): {first.message}",
-                   size)
+        return Finding(first.mistake, f"every experiment: {message}", size)
+    return Finding(first.mistake, f"experiments {_ranges(which)} (none found in {_ranges(others)}): {message}", size)
 
 
 def _ranges(indices) -> str:
