@@ -292,6 +292,30 @@ def test_a_still_whose_distance_and_scale_fit_alike_names_both(shared, tmp_path,
         finding["message"], finding
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pooled_scale_that_a_quiet_still_refutes_is_not_named(shared, tmp_path, monkeypatch, backend):
+    """CuNiR stills 1-4, each with its own detector moved 1 mm away, still 0
+    untouched: the pooled fit over all five gave "pooled: an isotropic scale
+    q_pixel = 0.99685 × q_bragg" and led the verdict, though still 0's own spots
+    fit a scale near 1. Now the pooled scope says the experiments differ, and
+    every moved still names its distance at 1 mm (as the finding, or as well)."""
+    document = json.load(open(shared("ssx_CuNiR_test_data", "integrated.expt")))
+    for index in (1, 2, 3, 4):
+        document["detector"][index]["hierarchy"]["origin"][2] -= 1.0
+    moved = tmp_path / "moved.expt"
+    moved.write_text(json.dumps(document))
+    _, verdict, _ = run_verdict(tmp_path, monkeypatch, str(moved), shared("ssx_CuNiR_test_data", "integrated.refl"),
+                                backend=backend)
+    scopes = {d["scope"]: d for d in json.load(open(tmp_path / "qc.json"))["diagnosis"]}
+    assert [f["mistake"] for f in scopes["pooled"]["findings"]] == ["no_common_cause"], scopes["pooled"]
+    assert abs(scopes["experiment 0"]["fits"]["scale"]["scale"] - 1) < 2e-4  # what refutes the pooled 0.99685
+    assert scopes["experiment 0"]["findings"] == [] and not verdict["headline"].startswith("INCONSISTENT: pooled")
+    for index in (1, 2, 3, 4):
+        (finding,) = scopes[f"experiment {index}"]["findings"]
+        distance = finding["size"] if finding["mistake"] == "detector_distance" else finding["size"]["equally_well"]
+        assert abs(distance["distance_mm"] - 1.0) < 0.1, (index, finding)
+
+
 def test_a_look_alike_is_common_only_where_every_experiment_names_it():
     """Two stills name one scale; one of them also fits a distance as well: the
     common finding names the scale alone. Both with the distance: both named."""

@@ -478,6 +478,20 @@ def _angles_only(diagnosis, rms_q, q_start, q_pixel, axis, phi, sphere_residuals
     diagnosis.consistent, diagnosis.findings = False, [finding]
 
 
+def _refutes(diagnosis, pooled) -> bool:
+    """Does an experiment that names nothing refute the pooled scale? Its own
+    spots fit a scale nearer 1 than half the pooled one's departure from 1:
+    the scale is not every experiment's (CuNiR stills 1-4 each with its own
+    detector moved 1 mm pooled as 0.99685 with still 0, whose own fit is
+    nearer 1)."""
+    own = diagnosis.fits.get("scale")
+    pooled_scale = next((f.size["scale"] for f in pooled.findings if f.mistake in ("wavelength_or_cell_scale", "two_pi")),
+                        None)
+    if own is None or pooled_scale is None:
+        return False
+    return abs(own["scale"] - 1.0) < 0.5 * abs(pooled_scale - 1.0)
+
+
 def _shared_detector(experiments, indices):
     detectors = [experiments[int(i)].detector for i in indices]
     first = detectors[0]
@@ -516,6 +530,7 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS, thread
                            threads=threads)
     named = {f.mistake for d in each for f in d.findings}
     shared = bool(pooled.findings) and all(f.mistake in SHARED_MISTAKES for f in pooled.findings)
+    shared = shared and not any(_refutes(d, pooled) for d in each if not d.findings)
     quiet = any(not d.findings for d in each)
     if named and ({f.mistake for f in pooled.findings} != named or quiet or not shared):
         # A pooled fit of what the experiments share (the detector, the wavelength) is
