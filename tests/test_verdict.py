@@ -316,6 +316,40 @@ def test_a_pooled_scale_that_a_quiet_still_refutes_is_not_named(shared, tmp_path
         assert abs(distance["distance_mm"] - 1.0) < 0.1, (index, finding)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_observed_positions_give_the_significant_partial_fit_of_other_models(shared, tmp_path, monkeypatch, backend):
+    """The quartz sweep's detector moved 1 mm along the beam, judged on the
+    observed centroids: their scatter (normalised RMS 3.8 for the refined model)
+    is most of the residual, so no fit explains half of it, and the verdict said
+    only "made with other models". The best fit all the same (F = 282 against
+    what it leaves; the refined models' best fits reach F = 3) now follows it,
+    with the move at its true size."""
+    document = json.load(open(shared("quartz_processed", "refined.expt")))
+    document["detector"][0]["hierarchy"]["origin"][2] += 1.0
+    moved = tmp_path / "moved.expt"
+    moved.write_text(json.dumps(document))
+    refl = shared("quartz_processed", "refined.refl")
+    _, verdict, log = run_verdict(tmp_path, monkeypatch, str(moved), refl, "q_pixel.source=observed", backend=backend)
+    assert verdict["reasons"][0].startswith("the table's s1 matches neither spot position in experiment(s) 0")
+    assert verdict["reasons"][1].startswith("pooled: the centroids' scatter is most of the residual; beyond it, the "
+                                            "one change that fits best: "), verdict["reasons"]
+    (partial,) = {d["scope"]: d for d in json.load(open(tmp_path / "qc.json"))["diagnosis"]}["pooled"]["partial"]
+    distance = partial["size"] if partial["mistake"] == "detector_distance" else partial["size"]["equally_well"]
+    assert abs(abs(distance["distance_mm"]) - 1.0) < 0.01 and partial["size"]["f"] > 100, partial
+    assert "(the best fit all the same, " in log
+    run_verdict(tmp_path, monkeypatch, shared("quartz_processed", "refined.expt"), refl, "q_pixel.source=observed",
+                backend=backend)
+    diagnosis = json.load(open(tmp_path / "qc.json"))["diagnosis"]
+    assert all(d["partial"] == [] and d["findings"] == [] for d in diagnosis)
+    pooled = diagnosis[0]
+
+    def f_statistic(fit):  # what the fit removes per parameter over what it leaves per degree of freedom
+        m, p = 2 * fit.get("rows", pooled["fitted"]), fit["parameters"]
+        return (fit["rms_before"] ** 2 - fit["rms_after"] ** 2) * (m - p) / (p * fit["rms_after"] ** 2)
+
+    assert 1 < max(f_statistic(fit) for fit in pooled["fits"].values()) < 5  # 3.0: far below F_PARTIAL
+
+
 def test_a_look_alike_is_common_only_where_every_experiment_names_it():
     """Two stills name one scale; one of them also fits a distance as well: the
     common finding names the scale alone. Both with the distance: both named."""

@@ -64,6 +64,10 @@ from dials_qconsistency.core.fits import (
 
 #: A fit must leave at most this fraction of the RMS residual to name a cause.
 EXPLAINED_RATIO = 0.5
+#: A fit that leaves more is kept as the scope's partial fit when its F statistic
+#: (what it removes per parameter over what it leaves per degree of freedom) is
+#: at least this: the refined real pairs' best fits, observed positions, reach 24.
+F_PARTIAL = 50.0
 #: The fits of one scope use at most this many rows (an even sample): plenty
 #: for a rotation, a scale or a panel's tilt, and 10M rows stay within memory.
 MAX_REFLECTIONS = 250_000
@@ -82,6 +86,9 @@ class Diagnosis:
     rms_in_plane_before: float | None = None  # RMS |spot(q_bragg) - q_pixel|, the measure fits are judged on
     fits: dict = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
+    # where nothing is named: the best fit all the same when it is significant
+    # against what it leaves (F_PARTIAL), its sizes with "explained" and "f"
+    partial: list[Finding] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -391,7 +398,7 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
         closest = min(fits[key]["rms_delta_q_after"] for _, _, key in ties)
         ties = [t for t in ties if fits[t[2]]["rms_delta_q_after"] <= 1.5 * closest + ROUNDING]
         ranked = sorted(ties, key=lambda t: t[1])
-    if not ranked or ranked[0][0] > limit:
+    if not ranked:
         return diagnosis
     best_ratio, _, key = ranked[0]
     fit = fits[key]
@@ -409,11 +416,22 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
             return name_shift(np.asarray(fit["origin_offset_mm"]), detector, beam_panel(detector, beam), beam)
         return [name_rotation(key, fit, experiment)]
 
+    equations = 2 * fit.get("rows", rows.size)
+    f_statistic = ((fit["rms_before"] ** 2 - fit["rms_after"] ** 2) / fit["parameters"]
+                   / max(fit["rms_after"] ** 2 / (equations - fit["parameters"]), 1e-300)
+                   if equations > fit["parameters"] else 0.0)
+    if best_ratio > limit and f_statistic < F_PARTIAL:
+        return diagnosis
     findings = name(key)
     _name_look_alike(findings, [name(rival) for _, _, rival in ranked[1:]])
     for finding in findings:
         finding.size["explained"] = 1.0 - best_ratio**2
         finding.size["rms_after_fit"] = fit["rms_after"]
+    if best_ratio > limit:  # significant, but not what the residual is
+        for finding in findings:
+            finding.size["f"] = f_statistic
+        diagnosis.partial = findings
+        return diagnosis
     # a shift whose parts along and across the beam are each below what is named names nothing
     diagnosis.consistent = not findings
     diagnosis.findings = findings
@@ -528,6 +546,8 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS, thread
     pooled = diagnose_rows("pooled", None, result, parts, used, _shared_detector(experiments, indices), max_reflections,
                            source_mm=shared_source.pop() if len(shared_source) == 1 else None, laue_rows=laue_rows,
                            threads=threads)
+    if not all(f.mistake in SHARED_MISTAKES for f in pooled.partial):
+        pooled.partial = []  # a partial fit of the crystals' mistakes pooled would mix them
     named = {f.mistake for d in each for f in d.findings}
     shared = bool(pooled.findings) and all(f.mistake in SHARED_MISTAKES for f in pooled.findings)
     shared = shared and not any(_refutes(d, pooled) for d in each if not d.findings)
