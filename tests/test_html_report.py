@@ -307,3 +307,31 @@ def test_the_report_imports_finish_before_the_interpreter_shuts_down(monkeypatch
     for thread in started:
         thread.join()
     assert [t.name for t in started] == ["report imports"] and not started[0].daemon
+
+
+@pytest.mark.parametrize("backend", ["standalone", pytest.param("native", marks=pytest.mark.dials)])
+def test_a_beam_change_alone_gives_its_report_and_figures(shared, tmp_path, monkeypatch, backend):
+    """The quartz sweep's beam tilted 0.2° about y: Δq = Δs0 in every row, so
+    |Δq| spans a few ulps, and the histogram stopped the default run with an
+    internal error before any output. Now the run writes everything, and the
+    histogram holds every used row in one bin of the width it was given."""
+    document = json.load(open(shared("quartz_processed", "refined.expt")))
+    beam = document["beam"][0]
+    angle = np.radians(0.2)
+    turn = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    beam["direction"] = (turn @ np.array(beam["direction"])).tolist()
+    tilted = tmp_path / "tilted.expt"
+    tilted.write_text(json.dumps(document))
+    monkeypatch.chdir(tmp_path)
+    status = main([str(tilted), shared("quartz_processed", "refined.refl"), "output.plots=figs/", "output.html=qc.html",
+                   "output.json=qc.json", f"backend={backend}"])
+    assert status == 0 and os.path.exists("qc.html") and os.path.exists("figs/histogram.png")
+    assert '"histogram"' in open("qc.html").read()
+    report = json.load(open("qc.json"))
+    assert report["overall"]["delta_q"]["n"] == 380
+    # every row's |Δq| is |Δs0| (the spots' s1 keep their directions and length)
+    direction = np.array(json.load(open(shared("quartz_processed", "refined.expt")))["beam"][0]["direction"])
+    direction /= np.linalg.norm(direction)
+    delta_s0 = np.linalg.norm(turn @ direction - direction) / document["beam"][0]["wavelength"]
+    assert report["overall"]["delta_q"]["max"] - report["overall"]["delta_q"]["median"] < 1e-12
+    assert report["overall"]["delta_q"]["median"] == pytest.approx(delta_s0, rel=1e-9)

@@ -299,3 +299,25 @@ def test_values_sorted_by_group_are_the_lexsorts_bit_for_bit(n_groups, low, monk
         assert stats["n"][i] == expected["n"] and stats["median"][i] == expected["median"]
         assert stats["p95"][i] == expected["p95"] and stats["max"][i] == expected["max"]
         assert abs(stats["mean"][i] - expected["mean"]) <= 1e-15 * abs(expected["mean"])
+
+
+def test_histogram_of_values_within_a_few_ulps_has_finite_bins():
+    """|Δq| = |Δs0| in every row (a beam tilted alone, the quartz sweep) spans
+    a few ulps: numpy cannot make 50 finite bins of that range and the report
+    stopped with an internal error. The bins are then a millionth of the value
+    wide about it; any other spread gets numpy's own bins."""
+    from dials_qconsistency.core.row_statistics import histogram
+
+    value = 0.13918089
+    values = value + np.spacing(value) * np.array([0, 1, 1, 2, 3, 3, 3, 5], dtype=float)
+    with pytest.raises(ValueError):
+        np.histogram(values, bins=50)
+    counts, edges = histogram(values)
+    assert counts.sum() == values.size and len(edges) == 51
+    assert edges[0] < values.min() and values.max() < edges[-1]
+    assert (edges[-1] - edges[0]) == pytest.approx(1e-6 * value + (values.max() - values.min()), rel=1e-6)
+    spread = np.linspace(1e-4, 3e-3, 97)
+    for mine, numpy_own in zip(histogram(spread), np.histogram(spread, bins=50)):
+        assert np.array_equal(mine, numpy_own)
+    counts, _ = histogram(np.array([np.nan, 0.0, 0.0]))
+    assert counts.sum() == 2

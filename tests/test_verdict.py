@@ -350,6 +350,38 @@ def test_observed_positions_give_the_significant_partial_fit_of_other_models(sha
     assert 1 < max(f_statistic(fit) for fit in pooled["fits"].values()) < 5  # 3.0: far below F_PARTIAL
 
 
+def _turn(axis, degrees):
+    """Rodrigues' rotation matrix (right-handed) about a unit lab axis."""
+    axis, angle = np.asarray(axis, dtype=float), np.radians(degrees)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotations_are_named_in_the_direction_they_have(shared, tmp_path, monkeypatch, backend):
+    """The centroid sweep's S set to +1° about +y: the message gave the model's
+    S as 1° about -y (the fitted turn from model to data, its inverse); it now
+    gives S itself. The crystal turned +0.2° about +y (U' = R·U, the model
+    ahead of the data) is said to be off by the turn that takes the model's to
+    the data's, about -y, and says so."""
+    document = json.load(open(shared("dials_current", "centroid_refined.expt")))
+    document["goniometer"][0]["setting_rotation"] = _turn((0, 1, 0), 1.0).ravel().tolist()
+    turned = tmp_path / "setting.expt"
+    turned.write_text(json.dumps(document))
+    refl = shared("dials_current", "centroid_refined.refl")
+    _, verdict, _ = run_verdict(tmp_path, monkeypatch, str(turned), refl, backend=backend)
+    assert ("an extra goniometer setting rotation: the model's S (1.000° about (0.000, 1.000, 0.000)) should be the "
+            "identity") in verdict["headline"], verdict["headline"]
+    document = json.load(open(shared("dials_current", "centroid_refined.expt")))
+    crystal = document["crystal"][0]
+    for key in ("real_space_a", "real_space_b", "real_space_c"):  # real-space axes turn with U
+        crystal[key] = (_turn((0, 1, 0), 0.2) @ np.array(crystal[key])).tolist()
+    turned.write_text(json.dumps(document))
+    _, verdict, _ = run_verdict(tmp_path, monkeypatch, str(turned), refl, backend=backend)
+    assert re.search(r"the crystal orientation \(U\) is off by 0\.200°: the data's is the model's turned about "
+                     r"\(-?0\.000, -1\.000, -?0\.000\) \(goniometer datum frame\)", verdict["headline"]), verdict["headline"]
+
+
 def test_a_look_alike_is_common_only_where_every_experiment_names_it():
     """Two stills name one scale; one of them also fits a distance as well: the
     common finding names the scale alone. Both with the distance: both named."""

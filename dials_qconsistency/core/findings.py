@@ -121,17 +121,21 @@ def name_rotation(key, fit, experiment):
     if lab_axis and frame == "lab" and min(abs(angle - a) for a in (90, 180)) < 0.5:
         return Finding(
             "lab_axis_rotation",
-            f"a constant {angle:.1f}° rotation about lab {lab_axis} (sign {'+' if axis @ LAB_AXES[lab_axis] > 0 else '-'}): "
+            f"a constant {angle:.1f}° rotation about lab {lab_axis} (the data's q is the model's turned by "
+            f"{angle * float(np.sign(axis @ LAB_AXES[lab_axis])):+.1f}° about lab {lab_axis}): "
             "a frame transform (such as goniometer to lab) applied where it should not be, or missing",
             {**size, "lab_axis": lab_axis, "signed_angle_deg": angle * float(np.sign(axis @ LAB_AXES[lab_axis]))},
         )
     if not rotation_data:
-        return Finding("crystal_orientation", f"the crystal orientation is off by {angle:.3f}° about lab {_vec(axis)}", size)
+        return Finding("crystal_orientation", f"the crystal orientation is off by {angle:.3f}°: the data's is the model's "
+                                              f"turned about lab {_vec(axis)}", size)
     gonio = experiment.goniometer
     S, F = gonio.setting_rotation, gonio.fixed_rotation
     if frame == "lab":
         if not np.allclose(S, np.eye(3)) and same_rotation(m @ S, np.eye(3), max(0.05, 0.01 * angle)):
-            return Finding("extra_setting_rotation", f"an extra goniometer setting rotation: the model's S ({angle:.3f}° about {_vec(axis)}) should be the identity", size)
+            own_axis, own_angle = axis_angle(S)  # the model's S itself: the inverse of the fitted turn
+            return Finding("extra_setting_rotation", f"an extra goniometer setting rotation: the model's S ({own_angle:.3f}° "
+                                                     f"about {_vec(own_axis)}) should be the identity", size)
         if np.allclose(S, np.eye(3)):
             return Finding("missing_setting_rotation", f"a missing goniometer setting rotation: the data fit S = {angle:.3f}° about {_vec(axis)}", size)
         return Finding("setting_rotation", f"a wrong goniometer setting rotation: the data fit S' = M·S, M = {angle:.3f}° about {_vec(axis)}", size)
@@ -139,10 +143,13 @@ def name_rotation(key, fit, experiment):
     datum_axis, _ = axis_angle(datum)
     size = {"angle_deg": angle, "axis": datum_axis.tolist(), "frame": "goniometer datum"}
     if not np.allclose(F, np.eye(3)) and same_rotation(datum @ F, np.eye(3), max(0.05, 0.01 * angle)):
-        return Finding("extra_fixed_rotation", f"an extra goniometer fixed rotation: the model's F ({angle:.3f}°) should be the identity", size)
+        own_axis, own_angle = axis_angle(F)
+        return Finding("extra_fixed_rotation", f"an extra goniometer fixed rotation: the model's F ({own_angle:.3f}° about "
+                                               f"{_vec(own_axis)}) should be the identity", size)
     if np.allclose(F, np.eye(3)) and gonio.kind == "multi-axis":
         return Finding("missing_fixed_rotation", f"a missing goniometer fixed rotation: the data fit F = {angle:.3f}° about {_vec(datum_axis)} (datum frame)", size)
-    return Finding("crystal_orientation", f"the crystal orientation (U) is off by {angle:.3f}° about {_vec(datum_axis)} (goniometer datum frame), or F is wrong", size)
+    return Finding("crystal_orientation", f"the crystal orientation (U) is off by {angle:.3f}°: the data's is the model's "
+                                          f"turned about {_vec(datum_axis)} (goniometer datum frame), or F is wrong", size)
 
 
 def name_rotation_axis(fit, experiment) -> Finding:

@@ -229,3 +229,19 @@ def direction_distance_rows(q_pixel, q_pred, s0) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         d = np.linalg.norm(geometry.unit(q_pixel + s0) - geometry.unit(q_pred + s0), axis=1)
         return d * np.linalg.norm(s0, axis=1)
+
+
+def histogram(values, bins: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, edges) of the finite ``values`` in ``bins`` equal bins. Values
+    that span less than a millionth of their size (|Δq| = |Δs0| in every row: a
+    beam change alone) get bins a millionth of it wide about them, where numpy
+    cannot make finite bins of their own range."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return np.zeros(bins, dtype=np.int64), np.linspace(0.0, 1.0, bins + 1)
+    low, high = float(values.min()), float(values.max())
+    if high - low > 1e-6 * max(abs(low), abs(high)):
+        return np.histogram(values, bins=bins)
+    half = 0.5e-6 * max(abs(low), abs(high)) or 0.5
+    return np.histogram(values, bins=bins, range=(low - half, high + half))

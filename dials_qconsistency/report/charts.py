@@ -16,7 +16,7 @@ import numpy as np
 from dials_qconsistency.core import geometry
 from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import panel_frames, spot_lab_positions
-from dials_qconsistency.core.row_statistics import row_distances, sample_rows
+from dials_qconsistency.core.row_statistics import histogram, row_distances, sample_rows
 from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
 from dials_qconsistency.report.figures import HEATMAPS, panel_outline, project, view_basis
 from dials_qconsistency.report.points import PointSample
@@ -151,11 +151,16 @@ def trend_charts(experiments, result, points, image, sample_note):
                                                "marker": {"size": 3}}],
                    "layout": chart_layout(f"|Δq| against {what} ({sample_note})", what, "|Δq| (Å⁻¹)")})
     every = row_distances(result.q_bragg, result.q_pixel, np.flatnonzero(result.used))  # every used row
-    counts, edges = np.histogram(every, bins=50)
-    charts.append({"id": "histogram", "data": [{"type": "bar", "x": typed((edges[:-1] + edges[1:]) / 2),
-                                                "y": typed(counts, "i4"), "width": float(edges[1] - edges[0])}],
-                   "layout": chart_layout(f"|Δq| of all {every.size} used reflections", "|Δq| (Å⁻¹)", "reflections")})
+    charts.append(histogram_chart(every, f"|Δq| of all {every.size} used reflections"))
     return charts
+
+
+def histogram_chart(values, title) -> dict:
+    """The chart of |Δq| ``values`` (Å⁻¹) in 50 bins (:func:`row_statistics.histogram`)."""
+    counts, edges = histogram(values)
+    return {"id": "histogram", "data": [{"type": "bar", "x": typed((edges[:-1] + edges[1:]) / 2),
+                                         "y": typed(counts, "i4"), "width": float(edges[1] - edges[0])}],
+            "layout": chart_layout(title, "|Δq| (Å⁻¹)", "reflections")}
 
 
 def two_theta(q, s0):

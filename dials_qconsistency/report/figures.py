@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from dials_qconsistency.core import geometry
+from dials_qconsistency.core import row_statistics
 from dials_qconsistency.core.row_statistics import row_distances
 from dials_qconsistency.core.decomposition import panel_frames, spot_lab_positions
 from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
@@ -138,7 +139,8 @@ def histogram(result):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     norms = row_distances(result.q_bragg, result.q_pixel, np.flatnonzero(result.used))  # every used row
-    ax.hist(norms, bins=50)
+    counts, edges = row_statistics.histogram(norms)
+    ax.stairs(counts, edges, fill=True)
     ax.set_xlabel("|Δq| (Å⁻¹)")
     ax.set_ylabel("reflections")
     return fig

@@ -25,7 +25,7 @@ import threading
 import numpy as np
 
 from dials_qconsistency.core.findings import DETECTOR_MISTAKES
-from dials_qconsistency.report.charts import chart_layout, typed
+from dials_qconsistency.report.charts import chart_layout, histogram_chart, typed
 from dials_qconsistency.report.text import bragg_self_test, computation_choices, self_test_remarks, verdict_numbers
 
 DEPENDENCIES = ("remote", "local", "embed")
@@ -201,11 +201,7 @@ def campaign_page(merged, outcomes, verdict, options, dependencies="embed") -> b
     every = np.concatenate([o.norms for o in outcomes]) if outcomes else np.zeros(0)
     chart_list = []
     if every.size:
-        counts, edges = np.histogram(every, bins=50)
-        chart_list.append({"id": "histogram", "data": [{"type": "bar", "x": typed((edges[:-1] + edges[1:]) / 2),
-                                                        "y": typed(counts, "i4"), "width": float(edges[1] - edges[0])}],
-                           "layout": chart_layout(f"|Δq| of all {every.size} used reflections of every file",
-                                             "|Δq| (Å⁻¹)", "reflections")})
+        chart_list.append(histogram_chart(every, f"|Δq| of all {every.size} used reflections of every file"))
         means = np.array([o.delta_q.get("mean") if o.delta_q.get("mean") is not None else np.nan for o in outcomes])
         chart_list.append({"id": "per_file", "data": [{"type": "scattergl", "mode": "markers",
                                                        "x": typed(np.array([o.index for o in outcomes]), "i4"),
