@@ -382,6 +382,28 @@ def test_rotations_are_named_in_the_direction_they_have(shared, tmp_path, monkey
                      r"\(-?0\.000, -1\.000, -?0\.000\) \(goniometer datum frame\)", verdict["headline"]), verdict["headline"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_still_in_2pi_units_is_named_for_itself(shared, tmp_path, monkeypatch, backend):
+    """CuNiR still 2's crystal with A in 2π units (real-space axes / 2π), the
+    four others as refined, their spots the table's to rounding: the pooled fit
+    over all five gave "pooled: an isotropic scale q_pixel = 0.17116 × q_bragg"
+    and led the verdict. The exact stills refute a pooled finding: still 2's
+    factor 2π leads."""
+    document = json.load(open(shared("ssx_CuNiR_test_data", "indexed.expt")))
+    crystal = document["crystal"][document["experiment"][2]["crystal"]]
+    for key in ("real_space_a", "real_space_b", "real_space_c"):
+        crystal[key] = [x / (2 * math.pi) for x in crystal[key]]
+    bad = tmp_path / "two_pi.expt"
+    bad.write_text(json.dumps(document))
+    _, verdict, _ = run_verdict(tmp_path, monkeypatch, str(bad), shared("ssx_CuNiR_test_data", "indexed.refl"),
+                                backend=backend)
+    assert verdict["headline"].startswith("INCONSISTENT: experiment 2: q_pixel = q_bragg / 6.2832: a factor 2π"), \
+        verdict["headline"]
+    scopes = {d["scope"]: d for d in json.load(open(tmp_path / "qc.json"))["diagnosis"]}
+    assert [f["mistake"] for f in scopes["pooled"]["findings"]] == ["no_common_cause"]
+    assert all(scopes[f"experiment {i}"]["rms_in_plane_before"] < 1e-12 for i in (0, 1, 3, 4))
+
+
 def test_a_look_alike_is_common_only_where_every_experiment_names_it():
     """Two stills name one scale; one of them also fits a distance as well: the
     common finding names the scale alone. Both with the distance: both named."""
@@ -517,7 +539,7 @@ def test_stills_beside_a_sweep_are_weighed_against_their_own_centroids(shared, t
                                          (shared("ssx_CuNiR_test_data", "indexed.expt"),
                                           shared("ssx_CuNiR_test_data", "indexed.refl"))], turn)
     status, verdict, _ = run_verdict(tmp_path, monkeypatch, expt, refl, backend=backend)
-    found = re.search(r"^INCONSISTENT: experiment 2: the crystal orientation is off by ([0-9.]+)° .* ([0-9.]+) x their "
+    found = re.search(r"^INCONSISTENT: experiment 2: the crystal orientation is off by ([0-9.]+)°: .* ([0-9.]+) x their "
                       r"centroids' uncertainty \(([0-9.e-]+) 1/Angstrom\)", verdict["headline"])
     assert found and abs(float(found.group(1)) - 0.7) < 0.001, verdict["headline"]
     (entry,) = verdict["checks"]["named"]
