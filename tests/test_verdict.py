@@ -404,6 +404,32 @@ def test_one_still_in_2pi_units_is_named_for_itself(shared, tmp_path, monkeypatc
     assert all(scopes[f"experiment {i}"]["rms_in_plane_before"] < 1e-12 for i in (0, 1, 3, 4))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("folder, name, index, scope", [
+    ("ssx_CuNiR_test_data", "integrated", 2, "experiment 2"),  # stills, each with its own beam
+    ("quartz_processed", "refined", 0, "pooled"),  # electrons: 0.2° is 0.14 1/Angstrom at the sample
+], ids=["CuNiR-still-2", "quartz"])
+def test_a_beam_turned_is_named_a_beam_direction(shared, tmp_path, monkeypatch, backend, folder, name, index, scope):
+    """A beam's direction turned 0.2° about lab y. It was named nowhere: the
+    CuNiR still (no delpsical.rad in integrated.refl) read CONSISTENT to
+    numerical precision, its spots being the table's, with a panel tilt fitted
+    and dropped; the quartz sweep led with the self-test. Now the beam leads,
+    at 0.200°, the fitted direction the one the table was made with."""
+    document = json.load(open(shared(folder, name + ".expt")))
+    beam = document["beam"][document["experiment"][index]["beam"]]
+    original = np.array(beam["direction"]) / np.linalg.norm(beam["direction"])
+    beam["direction"] = (_turn((0, 1, 0), 0.2) @ original).tolist()
+    tilted = tmp_path / "tilted.expt"
+    tilted.write_text(json.dumps(document))
+    _, verdict, _ = run_verdict(tmp_path, monkeypatch, str(tilted), shared(folder, name + ".refl"), backend=backend)
+    assert verdict["headline"].startswith(f"INCONSISTENT: {scope}: the beam direction is off by 0.200°"), \
+        verdict["headline"]
+    (finding,) = {d["scope"]: d for d in json.load(open(tmp_path / "qc.json"))["diagnosis"]}[scope]["findings"]
+    # a still's spots keep their Ewald offsets (2e-4 1/Angstrom RMS here), which the fit weighs too: 0.19986°
+    assert finding["mistake"] == "beam_direction" and abs(finding["size"]["angle_deg"] - 0.2) < 1e-3
+    assert np.linalg.norm(np.array(finding["size"]["direction"]) - original) < np.radians(1e-3), finding
+
+
 def test_a_look_alike_is_common_only_where_every_experiment_names_it():
     """Two stills name one scale; one of them also fits a distance as well: the
     common finding names the scale alone. Both with the distance: both named."""

@@ -37,6 +37,7 @@ from dials_qconsistency.core.findings import (
     Finding,
     MIN_FLIGHT_PATH_MM,
     beam_panel,
+    name_beam,
     name_detector,
     name_shift,
     name_time_of_flight,
@@ -73,7 +74,7 @@ F_PARTIAL = 50.0
 MAX_REFLECTIONS = 250_000
 #: Simplest first: which explanation is named when several fit equally well.
 PREFERENCE = ("scale", "rotation_lab", "mirror_lab", "rotation_scan_undone", "mirror_scan_undone", "rotation_axis",
-              "detector_shift", "detector")
+              "beam_direction", "detector_shift", "detector")
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Diagnosis:
 #: Free parameters of a panel's plane fit (D up to scale), of a shift of the
 #: whole detector and of a map.
 PANEL_PARAMETERS, SHIFT_PARAMETERS, ROTATION_PARAMETERS, SCALE_PARAMETERS, AXIS_PARAMETERS = 8, 3, 3, 1, 2
+BEAM_PARAMETERS = 2
 
 
 def _rotation_candidates(q_bragg, q_pixel, frame, spot_error, spot_residuals):
@@ -118,6 +120,56 @@ def _rotation_candidates(q_bragg, q_pixel, frame, spot_error, spot_residuals):
         entry.update({"axis": axis.tolist(), "angle_deg": angle})
         out[key] = entry
     return out
+
+
+def _beam_candidate(q_bragg, q_pixel, s0, axis, iterations=6, search_rows=20000) -> dict:
+    """The beam direction that puts the model's spots on the data's: s0 (Å⁻¹,
+    lab, one vector or one per row) turned by the two small angles
+    perpendicular to it, its length kept. Each spot's s1 (its pixel's
+    direction) stays, so q_pixel moves by s0 - s0', and the model's spot meets
+    the sphere of s0'. Gauss-Newton on an even sample of ``search_rows`` (two
+    parameters), then judged on every row as the other candidates are."""
+    s0 = np.broadcast_to(np.asarray(s0, dtype=float), q_bragg.shape)
+    beam = geometry.unit(s0.mean(axis=0))
+    u1 = geometry.unit(np.cross(beam, [1.0, 0, 0] if abs(beam[0]) < 0.9 else [0, 1.0, 0]))
+    basis = (u1, np.cross(beam, u1))
+
+    def residuals(turn, rows):
+        turned = geometry.apply_matrix(turn, s0[rows])
+        spot = onto_sphere(q_bragg[rows], turned, axis if axis.ndim == 1 else axis[rows])[1]
+        moved = q_pixel[rows] + s0[rows] - turned
+        return np.where(np.isfinite(spot), spot, q_bragg[rows]) - moved, moved
+
+    sample = np.unique(np.linspace(0, len(q_bragg) - 1, min(len(q_bragg), search_rows)).astype(np.int64))
+    turn = np.eye(3)
+    r = residuals(turn, sample)[0].ravel()
+    cost = float(r @ r)
+    step = 1e-7  # rad: a numerical derivative well above rounding, far below any tilt named
+    for _ in range(iterations):
+        jacobian = np.column_stack([(residuals(geometry.rotation_matrix(u, step) @ turn, sample)[0].ravel() - r) / step
+                                    for u in basis])
+        if not np.all(np.isfinite(jacobian)):
+            break
+        omega = np.linalg.lstsq(jacobian, -r, rcond=None)[0]
+        angle = float(np.hypot(*omega))
+        if angle < 1e-13:
+            break
+        trial = geometry.rotation_matrix((omega[0] * basis[0] + omega[1] * basis[1]) / angle, angle) @ turn
+        r1 = residuals(trial, sample)[0].ravel()
+        if not float(r1 @ r1) < cost:
+            break
+        turn, r, cost = trial, r1, float(r1 @ r1)
+    every = np.arange(len(q_bragg))
+    left, moved = residuals(turn, every)
+    fitted = geometry.unit(geometry.apply_matrix(turn, beam))
+    return {
+        # DIALS' beam direction: from the sample towards the source, -s0/|s0|
+        "model_direction": (-beam).tolist(), "fitted_direction": (-fitted).tolist(),
+        "angle_deg": math.degrees(math.acos(float(np.clip(beam @ fitted, -1.0, 1.0)))),
+        "rms_after": float(np.sqrt(np.mean(left**2) * 3)),
+        "rms_delta_q_after": vector_rms(q_bragg - moved),
+        "parameters": BEAM_PARAMETERS,
+    }
 
 
 def _shift_candidate(lab, rays, q_spot, q_pixel, s0, q_bragg):
@@ -203,6 +255,8 @@ def _significant(key, fit) -> bool:
         return fit["angle_deg"] > MIN_ANGLE_DEG
     if key.startswith("mirror"):
         return True
+    if key == "beam_direction":
+        return fit["angle_deg"] > MIN_ANGLE_DEG
     if key == "scale":
         return abs(fit["scale"] - 1) > MIN_SCALE
     if key == "detector_shift":
@@ -364,6 +418,8 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
     scale = scale_fit(q_bragg, q_pixel)
     fits["scale"] = {"scale": scale, "rms_delta_q_after": vector_rms(scale * q_bragg - q_pixel), "rms_after": spot_error(scale * np.eye(3)),
                      "parameters": SCALE_PARAMETERS}
+    if laue is None:  # a beam's direction: monochromatic rows (a polychromatic one meets each at its own λ)
+        fits["beam_direction"] = _beam_candidate(q_bragg, q_pixel, s0, axis)
     for fit in fits.values():
         fit["rms_before"] = before
     detector = experiment.detector if experiment is not None else same_detector
@@ -409,6 +465,8 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
             return [name_scale(fit, experiment, laue is not None and bool(laue.all()))]
         if key == "rotation_axis":
             return [name_rotation_axis(fit, experiment)]
+        if key == "beam_direction":
+            return [name_beam(fit)]
         if key == "detector":
             return name_detector(fit, detector, s0.mean(axis=0))
         if key == "detector_shift":
@@ -439,9 +497,12 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
 
 
 #: Mistakes that move the spots alike where the spots span little of the sphere
-#: (a still's): a distance error moves them radially in proportion to their
-#: radius, as a scale does; both are named when they fit equally well.
-LOOK_ALIKE = {"wavelength_or_cell_scale": "detector_distance", "detector_distance": "wavelength_or_cell_scale"}
+#: (a still's, or at an electron wavelength): a distance error moves them
+#: radially in proportion to their radius, as a scale does, and a shift across
+#: the beam moves them all alike, as a turn of the beam does; both are named
+#: when they fit equally well.
+LOOK_ALIKE = {"wavelength_or_cell_scale": "detector_distance", "detector_distance": "wavelength_or_cell_scale",
+              "beam_direction": "beam_centre_shift", "beam_centre_shift": "beam_direction"}
 AS_WELL = "; or, as well (these spots do not tell the two apart), "
 
 
@@ -577,7 +638,7 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS, thread
 
 
 #: Mistakes of models the experiments share: a pooled fit of these speaks for all.
-SHARED_MISTAKES = {"detector_distance", "beam_centre_shift", "tilted_panel", "detector_tilt", "panel_shift",
+SHARED_MISTAKES = {"beam_direction", "detector_distance", "beam_centre_shift", "tilted_panel", "detector_tilt", "panel_shift",
                    "wavelength_or_cell_scale", "two_pi"}
 
 #: Sizes that must agree (relative, or absolute near zero) for one finding to speak for all experiments.

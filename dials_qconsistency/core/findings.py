@@ -152,6 +152,14 @@ def name_rotation(key, fit, experiment):
                                           f"turned about {_vec(datum_axis)} (goniometer datum frame), or F is wrong", size)
 
 
+def name_beam(fit) -> Finding:
+    """The fitted beam direction (DIALS': from the sample towards the source, lab)."""
+    size = {"angle_deg": fit["angle_deg"], "direction": fit["fitted_direction"], "model_direction": fit["model_direction"]}
+    return Finding("beam_direction", f"the beam direction is off by {fit['angle_deg']:.3f}°: the spots fit a beam from "
+                                     f"{_vec(fit['fitted_direction'], '.5f')}, the model's is {_vec(fit['model_direction'], '.5f')} "
+                                     "(lab, sample to source)", size)
+
+
 def name_rotation_axis(fit, experiment) -> Finding:
     """The fitted rotation axis, in the goniometer's datum frame (as the .expt
     gives it: the lab axis is S·e)."""

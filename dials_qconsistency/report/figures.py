@@ -140,7 +140,7 @@ def histogram(result):
     fig, ax = plt.subplots(figsize=(6, 4))
     norms = row_distances(result.q_bragg, result.q_pixel, np.flatnonzero(result.used))  # every used row
     counts, edges = row_statistics.histogram(norms)
-    ax.stairs(counts, edges, fill=True)
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge")
     ax.set_xlabel("|Δq| (Å⁻¹)")
     ax.set_ylabel("reflections")
     return fig
