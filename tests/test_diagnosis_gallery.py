@@ -156,9 +156,12 @@ def test_real_refined_models_name_no_mistake_from_their_own_centroids(shared, fo
     named = {(d.scope, f.mistake) for d in diagnoses for f in d.findings}
     assert not named and all(d.consistent for d in diagnoses)
     # the identity is a rotation: a rotation fit leaves at most the residual before it
-    # (with observed phi a turn about the axis, which the spots cannot see, once ran off to 84 deg)
-    rotations = [(d.scope, key, fit) for d in diagnoses for key, fit in d.fits.items() if key.startswith("rotation")]
-    assert rotations and all(fit["rms_after"] <= fit["rms_before"] * (1 + 1e-9) for _, _, fit in rotations), rotations
+    # (with observed phi a turn about the axis, which the spots cannot see, once ran off to 84 deg);
+    # with observed phi the fits are judged in q too, where the angles' residual is: there, in one of the two
+    rotations = [(d, key, fit) for d in diagnoses for key, fit in d.fits.items() if key.startswith("rotation")]
+    assert rotations and all(fit["rms_after"] <= fit["rms_before"] * (1 + 1e-9) or (
+        options.get("phi") == "observed" and fit["rms_delta_q_after"] <= d.rms_delta_q * (1 + 1e-9))
+        for d, _, fit in rotations), [(d.scope, key, fit) for d, key, fit in rotations]
 
 
 def test_fits_tie_with_the_best_only_when_they_leave_as_much():

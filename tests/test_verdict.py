@@ -317,26 +317,26 @@ def test_a_pooled_scale_that_a_quiet_still_refutes_is_not_named(shared, tmp_path
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_observed_positions_give_the_significant_partial_fit_of_other_models(shared, tmp_path, monkeypatch, backend):
+def test_observed_positions_name_the_significant_fit_beyond_the_scatter(shared, tmp_path, monkeypatch, backend):
     """The quartz sweep's detector moved 1 mm along the beam, judged on the
     observed centroids: their scatter (normalised RMS 3.8 for the refined model)
     is most of the residual, so no fit explains half of it, and the verdict said
-    only "made with other models". The best fit all the same (F = 282 against
-    what it leaves; the refined models' best fits reach F = 3) now follows it,
-    with the move at its true size."""
+    only "made with other models". The most significant fit (F = 282 against
+    what it leaves; the refined models' best fits reach F = 3) is now named,
+    with the move at its true size, and leads."""
     document = json.load(open(shared("quartz_processed", "refined.expt")))
     document["detector"][0]["hierarchy"]["origin"][2] += 1.0
     moved = tmp_path / "moved.expt"
     moved.write_text(json.dumps(document))
     refl = shared("quartz_processed", "refined.refl")
     _, verdict, log = run_verdict(tmp_path, monkeypatch, str(moved), refl, "q_pixel.source=observed", backend=backend)
-    assert verdict["reasons"][0].startswith("the table's s1 matches neither spot position in experiment(s) 0")
-    assert verdict["reasons"][1].startswith("pooled: the centroids' scatter is most of the residual; beyond it, the "
-                                            "one change that fits best: "), verdict["reasons"]
-    (partial,) = {d["scope"]: d for d in json.load(open(tmp_path / "qc.json"))["diagnosis"]}["pooled"]["partial"]
-    distance = partial["size"] if partial["mistake"] == "detector_distance" else partial["size"]["equally_well"]
-    assert abs(abs(distance["distance_mm"]) - 1.0) < 0.01 and partial["size"]["f"] > 100, partial
-    assert "(the best fit all the same, " in log
+    assert verdict["headline"].startswith("INCONSISTENT: pooled: an isotropic scale q_pixel = 1.00358 × q_bragg"), \
+        verdict["headline"]
+    assert verdict["reasons"][1].startswith("the table's s1 matches neither spot position in experiment(s) 0")
+    (finding,) = {d["scope"]: d for d in json.load(open(tmp_path / "qc.json"))["diagnosis"]}["pooled"]["findings"]
+    distance = finding["size"]["equally_well"]
+    assert distance["mistake"] == "detector_distance" and abs(abs(distance["distance_mm"]) - 1.0) < 0.01
+    assert finding["size"]["f"] > 100 and 0.2 < finding["size"]["explained"] < 0.35, finding
     run_verdict(tmp_path, monkeypatch, shared("quartz_processed", "refined.expt"), refl, "q_pixel.source=observed",
                 backend=backend)
     diagnosis = json.load(open(tmp_path / "qc.json"))["diagnosis"]
@@ -428,6 +428,45 @@ def test_a_beam_turned_is_named_a_beam_direction(shared, tmp_path, monkeypatch, 
     # a still's spots keep their Ewald offsets (2e-4 1/Angstrom RMS here), which the fit weighs too: 0.19986°
     assert finding["mistake"] == "beam_direction" and abs(finding["size"]["angle_deg"] - 0.2) < 1e-3
     assert np.linalg.norm(np.array(finding["size"]["direction"]) - original) < np.radians(1e-3), finding
+
+
+def _centroid_changed(tmp_path, change):
+    """The refined centroid sweep's .expt with one goniometer or crystal mistake."""
+    document = json.load(open(SHARED_DATA + "/dials_current/centroid_refined.expt"))
+    goniometer, crystal = document["goniometer"][0], document["crystal"][0]
+    if change == "S +1° about +y":
+        goniometer["setting_rotation"] = _turn((0, 1, 0), 1.0).ravel().tolist()
+    elif change == "U +0.2° about +y":
+        for key in ("real_space_a", "real_space_b", "real_space_c"):
+            crystal[key] = (_turn((0, 1, 0), 0.2) @ np.array(crystal[key])).tolist()
+    else:  # the axis reversed
+        goniometer["rotation_axis"] = [-x for x in goniometer["rotation_axis"]]
+    changed = tmp_path / "changed.expt"
+    changed.write_text(json.dumps(document))
+    return str(changed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change, named", [
+    ("S +1° about +y", r"an extra goniometer setting rotation: the model's S \(1\.000° about \(0\.000, 1\.000, "
+                       r"0\.000\)\) should be the identity"),
+    ("U +0.2° about +y", r"the crystal orientation \(U\) is off by 0\.1[89]\d°: the data's is the model's turned about "
+                         r"\(0\.0\d\d, -1\.000, "),
+    ("axis reversed", r"the rotation axis has the wrong sign"),
+])
+def test_observed_angles_name_the_goniometer_and_crystal_mistakes(shared, tmp_path, monkeypatch, backend, change,
+                                                                   named):
+    """With the observed centroids and rotation angles (q_pixel.source=observed
+    phi=observed), the mode for the whole residual, these mistakes read
+    CONSISTENT: they move the angles (Δφ RMS 0.30° for the turned crystal,
+    against 0.12°), which the fits on the spots alone do not see, and the
+    angles' scatter was taken as what the models cannot remove. The fits are
+    now judged in q too, and the most significant named; the refined model
+    stays consistent (every real pair: test_diagnosis_gallery)."""
+    _, verdict, _ = run_verdict(tmp_path, monkeypatch, _centroid_changed(tmp_path, change),
+                                shared("dials_current", "centroid_refined.refl"), "q_pixel.source=observed",
+                                "phi=observed", backend=backend)
+    assert verdict["consistent"] is False and re.search(named, verdict["headline"]), verdict["headline"]
 
 
 def test_a_look_alike_is_common_only_where_every_experiment_names_it():

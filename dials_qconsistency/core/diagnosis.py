@@ -270,7 +270,9 @@ def _significant(key, fit) -> bool:
 
 #: Fits "as good as the best": those that leave of the residual within 5% of
 #: what the best leaves, or, where the best explains all but rounding (a ratio
-#: under 1e-3: calculated positions), anything up to 10 times that.
+#: under 1e-3: calculated positions), anything up to 10 times that. Where no fit
+#: explains half (the centroids' scatter): those that explain at least 95% of
+#: what the most significant one explains.
 TIE_RELATIVE, TIE_EXACT = 0.05, 1e-3
 
 
@@ -280,12 +282,12 @@ def _tie_limit(best: float) -> float:
 
 
 def diagnose_rows(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None,
-                  source_mm=None, laue_rows=None, threads: int = 1) -> Diagnosis:
+                  source_mm=None, laue_rows=None, threads: int = 1, observed: Observed | None = None) -> Diagnosis:
     """:func:`_diagnose_spots`, then, where the spots name nothing, what
     polychromatic rows show otherwise: a scale of q (:func:`_laue_scale`) and
     the time-of-flight fit (``source_mm``: the scope's flight path L0, if known)."""
     diagnosis = _diagnose_spots(scope, experiment, result, parts, rows, same_detector, max_reflections, laue_rows,
-                                threads)
+                                threads, observed or Observed())
     # Only where the spots name nothing: a mistake that moves the spots moves their wavelengths too.
     if laue_rows is None or diagnosis.findings:
         return diagnosis
@@ -342,8 +344,23 @@ def _time_finding(diagnosis, result, parts, rows, source_mm) -> None:
     diagnosis.findings.append(finding)
 
 
+@dataclass(frozen=True)
+class Observed:
+    """What of the table is a measurement, not a prediction: the spot positions
+    (``q_pixel.source=observed``) and the rotation angles (``phi=observed``).
+    Their scatter is a floor no fit removes: there a fit is named when it is
+    significant (F_PARTIAL), and with observed angles the fits are judged in q,
+    which holds the angles' residual (Δφ), not on the spots alone."""
+    positions: bool = False
+    phi: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.positions or self.phi
+
+
 def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, max_reflections=None,
-                    laue_rows=None, threads: int = 1) -> Diagnosis:
+                    laue_rows=None, threads: int = 1, observed: Observed = Observed()) -> Diagnosis:
     """Fit every candidate over the selected rows (a boolean mask, or row
     numbers in ascending order) and name the best one.
 
@@ -410,11 +427,15 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
         if experiment is not None and experiment.is_rotation and rms_q > ROUNDING:
             _angles_only(diagnosis, rms_q, undone("q_bragg"), q_pixel, axis, phi, sphere_residuals, experiment)
         return diagnosis
+    # With observed rotation angles the residual in φ is data: the fits are
+    # judged in q (three numbers a row), which holds it, on rotation rows.
+    in_q = observed.phi and bool(np.isfinite(np.asarray(axis, dtype=float)).all())
+    before_q = vector_rms(q_bragg - q_pixel) if in_q else None
     fits = _rotation_candidates(q_bragg, q_pixel, "lab", spot_error, spot_residuals)
     if experiment is not None and experiment.is_rotation:
         fits.update(_rotation_candidates(undone("q_bragg"), undone("q_pixel"), "scan_undone", spot_error, spot_residuals))
         fits["rotation_axis"] = _axis_candidate(undone("q_bragg"), q_pixel, axis, phi, sphere_residuals,
-                                                vector_rms(q_bragg - q_pixel), before)
+                                                vector_rms(q_bragg - q_pixel), before, in_q)
     scale = scale_fit(q_bragg, q_pixel)
     fits["scale"] = {"scale": scale, "rms_delta_q_after": vector_rms(scale * q_bragg - q_pixel), "rms_after": spot_error(scale * np.eye(3)),
                      "parameters": SCALE_PARAMETERS}
@@ -433,18 +454,40 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
                 fits[key] = fit
     diagnosis.fits = fits
 
-    def ratio(fit):
+    def ratio_on(fit, after, before, per_row):
         """What a fit leaves of the residual, its RMS per degree of freedom left
-        (two in-plane coordinates a spot): a fit of p parameters to m numbers
-        leaves (m - p)/m of pure noise, so p/m is not credited to it (a panel's
-        plane fitted to 8 spots halves their noise)."""
-        equations = 2 * fit.get("rows", rows.size)
-        if fit["rms_before"] <= 0 or fit["parameters"] >= equations:
+        (``per_row`` numbers a row: two in-plane coordinates a spot, three in
+        q): a fit of p parameters to m numbers leaves (m - p)/m of pure noise,
+        so p/m is not credited to it (a panel's plane fitted to 8 spots halves
+        their noise)."""
+        equations = per_row * fit.get("rows", rows.size)
+        if before <= 0 or fit["parameters"] >= equations:
             return 1.0
-        return fit["rms_after"] / fit["rms_before"] * math.sqrt(equations / (equations - fit["parameters"]))
+        return after / before * math.sqrt(equations / (equations - fit["parameters"]))
+
+    def measure(fit):
+        """(RMS after, RMS before, numbers a row) of the measure a fit is judged
+        on: the spots; with observed angles, q instead where the fit explains
+        more of it (the angles' mistakes: a turn, the axis)."""
+        spots = (fit["rms_after"], fit["rms_before"], 2)
+        in_q_too = (fit["rms_delta_q_after"], before_q, 3)
+        return min((spots, in_q_too) if in_q else (spots,), key=lambda m: ratio_on(fit, *m))
+
+    def ratio(fit):
+        return ratio_on(fit, *measure(fit))
+
+    def f_statistic(fit):
+        """What a fit removes per parameter over what it leaves per degree of
+        freedom, on its measure: its significance against the scatter."""
+        after, before, per_row = measure(fit)
+        equations = per_row * fit.get("rows", rows.size)
+        if equations <= fit["parameters"]:
+            return 0.0
+        return (before**2 - after**2) / fit["parameters"] / max(after**2 / (equations - fit["parameters"]), 1e-300)
 
     limit = EXPLAINED_RATIO
-    ranked = sorted((ratio(fit), PREFERENCE.index(key), key) for key, fit in fits.items() if _significant(key, fit))
+    significant = [key for key, fit in fits.items() if _significant(key, fit)]
+    ranked = sorted((ratio(fits[key]), PREFERENCE.index(key), key) for key in significant)
     if ranked:
         # Among explanations that fit the spots as well as the best one, the one
         # closest in q itself wins (stills' spots cannot tell q_z from -q_z), then
@@ -454,6 +497,19 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
         closest = min(fits[key]["rms_delta_q_after"] for _, _, key in ties)
         ties = [t for t in ties if fits[t[2]]["rms_delta_q_after"] <= 1.5 * closest + ROUNDING]
         ranked = sorted(ties, key=lambda t: t[1])
+    if ranked and ranked[0][0] > limit:
+        # No fit explains half of it: the residual is mostly what no change of
+        # the models removes (the centroids' scatter, stills' Ewald offsets). The
+        # most significant fit then leads, with those that explain as much as it
+        # (TIE_RELATIVE), the simplest first; it must be significant (F_PARTIAL).
+        scores = {key: f_statistic(fits[key]) for key in significant}
+        leader = max(scores, key=scores.get)
+        if scores[leader] < F_PARTIAL:
+            return diagnosis
+        explained = {key: 1.0 - ratio(fits[key]) ** 2 for key in significant}
+        ranked = sorted((ratio(fits[key]), PREFERENCE.index(key), key) for key in significant
+                        if explained[key] >= (1 - TIE_RELATIVE) * explained[leader])
+        ranked.sort(key=lambda t: t[1])
     if not ranked:
         return diagnosis
     best_ratio, _, key = ranked[0]
@@ -474,22 +530,20 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
             return name_shift(np.asarray(fit["origin_offset_mm"]), detector, beam_panel(detector, beam), beam)
         return [name_rotation(key, fit, experiment)]
 
-    equations = 2 * fit.get("rows", rows.size)
-    f_statistic = ((fit["rms_before"] ** 2 - fit["rms_after"] ** 2) / fit["parameters"]
-                   / max(fit["rms_after"] ** 2 / (equations - fit["parameters"]), 1e-300)
-                   if equations > fit["parameters"] else 0.0)
-    if best_ratio > limit and f_statistic < F_PARTIAL:
-        return diagnosis
+    after, before, per_row = measure(fit)
     findings = name(key)
     _name_look_alike(findings, [name(rival) for _, _, rival in ranked[1:]])
     for finding in findings:
         finding.size["explained"] = 1.0 - best_ratio**2
-        finding.size["rms_after_fit"] = fit["rms_after"]
-    if best_ratio > limit:  # significant, but not what the residual is
+        finding.size["rms_after_fit"] = after
+        if per_row == 3:
+            finding.size.update(rms_before_fit=before, measure="q at the observed rotation angles")
+    if best_ratio > limit:
         for finding in findings:
-            finding.size["f"] = f_statistic
-        diagnosis.partial = findings
-        return diagnosis
+            finding.size["f"] = f_statistic(fit)
+        if not observed.any:  # significant, but not what the residual is: the table's predictions leave no scatter
+            diagnosis.partial = findings
+            return diagnosis
     # a shift whose parts along and across the beam are each below what is named names nothing
     diagnosis.consistent = not findings
     diagnosis.findings = findings
@@ -499,10 +553,13 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
 #: Mistakes that move the spots alike where the spots span little of the sphere
 #: (a still's, or at an electron wavelength): a distance error moves them
 #: radially in proportion to their radius, as a scale does, and a shift across
-#: the beam moves them all alike, as a turn of the beam does; both are named
+#: the beam moves them all alike, as a turn of the beam does; or where the scan
+#: turns little: a turn of the lab frame (S) and of the crystal. Both are named
 #: when they fit equally well.
-LOOK_ALIKE = {"wavelength_or_cell_scale": "detector_distance", "detector_distance": "wavelength_or_cell_scale",
-              "beam_direction": "beam_centre_shift", "beam_centre_shift": "beam_direction"}
+LOOK_ALIKE = {"wavelength_or_cell_scale": {"detector_distance"}, "detector_distance": {"wavelength_or_cell_scale"},
+              "beam_direction": {"beam_centre_shift"}, "beam_centre_shift": {"beam_direction"},
+              **{setting: {"crystal_orientation"} for setting in
+                 ("missing_setting_rotation", "extra_setting_rotation", "setting_rotation")}}
 AS_WELL = "; or, as well (these spots do not tell the two apart), "
 
 
@@ -515,26 +572,27 @@ def _name_look_alike(findings, rivals) -> None:
         return
     finding = findings[0]
     for rival in rivals:
-        if len(rival) == 1 and rival[0].mistake == LOOK_ALIKE[finding.mistake]:
+        if len(rival) == 1 and rival[0].mistake in LOOK_ALIKE[finding.mistake]:
             finding.size["equally_well"] = {"mistake": rival[0].mistake, "message": rival[0].message, **rival[0].size}
             finding.message += f"{AS_WELL}{rival[0].message}"
             return
 
 
-def _axis_candidate(q_start, q_pixel, axis, phi, sphere_residuals, rms_q, before=None) -> dict:
+def _axis_candidate(q_start, q_pixel, axis, phi, sphere_residuals, rms_q, before=None, in_q=False) -> dict:
     """The rotation axis that carries the lattice points at φ = 0
     (``q_start``, Å⁻¹, lab) onto q_pixel (:func:`fit_rotation_axis`), judged on
     the spots as every candidate: each point turned about the fitted axis, then
     onto the Ewald sphere about it (``sphere_residuals``). Fitted in q, it can
     take up the rotation angles' own noise (observed φ): one that moves the
     spots further than ``before`` (their RMS residual) is left as the model
-    has it, leaving ``rms_q`` (RMS |Δq|)."""
+    has it, leaving ``rms_q`` (RMS |Δq|); judged in q too (``in_q``), only one
+    that leaves more than ``rms_q`` as well."""
     fit = fit_rotation_axis(q_start, q_pixel, axis, phi)
     fitted = np.asarray(axis, dtype=float) @ np.array(fit["turn"]).T
     rotations = geometry.AxisRotations.of(fitted, phi)
     residuals = sphere_residuals(lambda block: rotations.rows(block).apply(q_start[block]), fitted)
     candidate = {**fit, "rms_after": float(np.sqrt(np.mean(residuals**2) * 3)), "parameters": AXIS_PARAMETERS}
-    if before is not None and not candidate["rms_after"] <= before:
+    if before is not None and not candidate["rms_after"] <= before and not (in_q and candidate["rms_delta_q_after"] <= rms_q):
         candidate.update(turn=np.eye(3).tolist(), fitted_axis=fit["model_axis"], angle_deg=0.0, rms_after=before,
                          rms_delta_q_after=rms_q)
     return candidate
@@ -587,10 +645,12 @@ def _shared_detector(experiments, indices):
     return first
 
 
-def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS, threads: int = 1) -> list[Diagnosis]:
+def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS, threads: int = 1,
+             observed: Observed | None = None) -> list[Diagnosis]:
     """Pooled diagnosis (lab-frame candidates) then one per experiment with used
     rows; each fitted on at most ``max_reflections`` rows, on up to ``threads``
-    threads (the results do not depend on it)."""
+    threads (the results do not depend on it); ``observed``: what of the table
+    is measured (:class:`Observed`)."""
     used = result.used
     groups = result.used_rows_by_experiment(len(experiments))
     indices = np.array([i for i, rows in enumerate(groups) if rows.size], dtype=np.int64)
@@ -599,7 +659,8 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS, thread
     laue_rows = laue_rows if laue_rows.any() else None
     each = [
         diagnose_rows(f"experiment {int(i)}", experiments[int(i)], result, parts, groups[i],
-                      max_reflections=max_reflections, source_mm=source[int(i)], laue_rows=laue_rows, threads=threads)
+                      max_reflections=max_reflections, source_mm=source[int(i)], laue_rows=laue_rows, threads=threads,
+                      observed=observed)
         for i in indices
     ]
     if indices.size == 0:
@@ -609,7 +670,7 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS, thread
     shared_source = {source[int(i)] for i in indices}
     pooled = diagnose_rows("pooled", None, result, parts, used, _shared_detector(experiments, indices), max_reflections,
                            source_mm=shared_source.pop() if len(shared_source) == 1 else None, laue_rows=laue_rows,
-                           threads=threads)
+                           threads=threads, observed=observed)
     if not all(f.mistake in SHARED_MISTAKES for f in pooled.partial):
         pooled.partial = []  # a partial fit of the crystals' mistakes pooled would mix them
     named = {f.mistake for d in each for f in d.findings}

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dials_qconsistency.core.decomposition import decompose, laue_rows
-from dials_qconsistency.core.diagnosis import MAX_REFLECTIONS, diagnose
+from dials_qconsistency.core.diagnosis import MAX_REFLECTIONS, Observed, diagnose
 from dials_qconsistency.core.q_vectors import Options, compute_q, rows_used_in_refinement, with_model_state
 from dials_qconsistency.core.statistics import s1_self_tests, stills_psi_tests, summarise
 from dials_qconsistency.core.row_statistics import norm_statistics, row_distances
@@ -145,7 +145,8 @@ def check_pair(pair: LoadedPair, staged, output_table: str | None, settings: Pai
         summary.outliers = norm_statistics(row_distances(result.q_bragg, result.q_pixel, pair.outliers), overwrite=True)
     diagnoses, normalised = [], None
     if settings.diagnose:
-        diagnoses = diagnose(experiments, about, parts, settings.max_reflections, options.threads)
+        diagnoses = diagnose(experiments, about, parts, settings.max_reflections, options.threads,
+                             Observed(positions=options.q_pixel_source == "observed", phi=options.phi == "observed"))
         if options.q_pixel_source != "calculated":
             normalised = normalised_residual(parts, about, variance)
             pair.table.release_memory()  # the variances read again

@@ -40,9 +40,6 @@ does not explain the table: "made with other models" leads instead. With
 calculated positions, once a check fails, a mistake too small to count against
 σ_q whose fit leaves at most ``EXACT_LEFT`` of what it moves is given too,
 before the checks it explains (a 0.3 mm distance on SXD's 3 mm pixels).
-With observed positions, where s1 matches neither position and nothing is
-named, the best significant fit all the same (``Diagnosis.partial``) follows
-"other models".
 """
 
 from __future__ import annotations
@@ -218,9 +215,6 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
         poor_fit = leading is not None and leading["unexplained"] and leading["scope"] in scopes
         reasons.insert(bool(off_panel) + bool(turning) if poor_fit else len(reasons), other_models)
         explained_at += poor_fit  # "other models" went before it
-        partial = _partial_reason(diagnoses, scopes, {entry["scope"] for entry in named})
-        if partial and options.q_pixel_source == "observed":
-            reasons.insert(reasons.index(other_models) + 1, partial)
     psi = max((e.rms_psi_vs_table for e in summary.experiments if e.rms_psi_vs_table is not None), default=None)
     if psi is not None:  # stills: whatever the positions, Δψ depends on the crystal and beam alone
         checks["rms_delta_psi_vs_delpsical_rad"] = psi
@@ -360,19 +354,6 @@ def _sigma_of_scope(scope, finding, sigma_q, sigma_q_of) -> float | None:
         return sigma_q
     own = sigma_q_of(experiments)
     return own if own and not 1 / OWN_SIGMA <= own / sigma_q <= OWN_SIGMA else sigma_q
-
-
-def _partial_reason(diagnoses, scopes, named_scopes) -> str | None:
-    """With observed positions, where models other than the table's leave a
-    residual mostly of centroid scatter: the first scope's (of ``scopes``,
-    none named) significant partial fit (``Diagnosis.partial``), what differs."""
-    for diagnosis in diagnoses or []:
-        if diagnosis.partial and diagnosis.scope in scopes and diagnosis.scope not in named_scopes:
-            size = diagnosis.partial[0].size
-            return (f"{diagnosis.scope}: the centroids' scatter is most of the residual; beyond it, the one change "
-                    f"that fits best: {'; '.join(f.message for f in diagnosis.partial)} (it explains "
-                    f"{size['explained']:.0%} of the squared residual, F = {size['f']:.0f})")
-    return None
 
 
 def _exact_reason(entry, sigma_q) -> str:
