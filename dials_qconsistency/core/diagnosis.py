@@ -69,6 +69,9 @@ EXPLAINED_RATIO = 0.5
 #: (what it removes per parameter over what it leaves per degree of freedom) is
 #: at least this: the refined real pairs' best fits, observed positions, reach 24.
 F_PARTIAL = 50.0
+#: ... and when it explains at least this share of the squared residual: on a
+#: large table a trifle is significant (F grows with the rows).
+MIN_EXPLAINED = 0.05
 #: The fits of one scope use at most this many rows (an even sample): plenty
 #: for a rotation, a scale or a panel's tilt, and 10M rows stay within memory.
 MAX_REFLECTIONS = 250_000
@@ -504,9 +507,9 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
         # (TIE_RELATIVE), the simplest first; it must be significant (F_PARTIAL).
         scores = {key: f_statistic(fits[key]) for key in significant}
         leader = max(scores, key=scores.get)
-        if scores[leader] < F_PARTIAL:
-            return diagnosis
         explained = {key: 1.0 - ratio(fits[key]) ** 2 for key in significant}
+        if scores[leader] < F_PARTIAL or explained[leader] < MIN_EXPLAINED:
+            return diagnosis
         ranked = sorted((ratio(fits[key]), PREFERENCE.index(key), key) for key in significant
                         if explained[key] >= (1 - TIE_RELATIVE) * explained[leader])
         ranked.sort(key=lambda t: t[1])
