@@ -14,14 +14,15 @@ from dials_qconsistency.io.refl import ReflectionTable
 from conftest import BACKENDS, EXAMPLES, REPO_ROOT
 
 
-def run_command(*args, cwd, backend="standalone"):
+def run_command(*args, cwd, backend="standalone", stdin=""):
     """The program in a fresh process, with ``backend=`` given explicitly
-    (None: the default, auto, which is native inside DIALS)."""
+    (None: the default, auto, which is native inside DIALS), ``stdin`` its
+    standard input."""
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     chosen = [] if backend is None else [f"backend={backend}"]
     return subprocess.run(
         [sys.executable, "-m", "dials_qconsistency.command_line.q_consistency", *map(str, args), *chosen],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300, input=stdin,
     )
 
 
@@ -110,9 +111,16 @@ def test_a_phil_file_given_with_the_phil_option(tmp_path, backend):
         (tmp_path / "from_phil.json").unlink()
     done = run_command(*pair, "--phil", "missing.phil", cwd=tmp_path, backend=backend)
     assert done.returncode == 1 and done.stderr == "dials.q_consistency: error: missing.phil: file not found\n"
-    done = run_command(*pair, "--phil", "-", cwd=tmp_path, backend=backend)  # was read once, then found empty
-    assert done.returncode == 1 and done.stderr == ("dials.q_consistency: error: option --phil: standard input is "
-                                                    "not read; give a PHIL file\n")
+    # standard input, as DIALS' -h says: read once (the command line is parsed twice), given to DIALS' parser too
+    for words in (["--phil", "-"], ["--phil=-"]):
+        done = run_command(*pair, *words, "output.reflections=None", cwd=tmp_path, backend=backend,
+                           stdin=open(tmp_path / "choices.txt").read())
+        assert done.returncode == 0, done.stderr
+        assert "q_pixel from observed positions" in done.stdout and (tmp_path / "from_phil.json").exists()
+        (tmp_path / "from_phil.json").unlink()
+    done = run_command(*pair, "--phil", "-", cwd=tmp_path, backend=backend, stdin="output { nosuch=1 }\n")
+    assert done.returncode == 1 and done.stderr == ("dials.q_consistency: error: standard input: line 1: there is no "
+                                                    "parameter 'output.nosuch' (-c -e1 lists them all)\n")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

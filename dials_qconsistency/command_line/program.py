@@ -70,14 +70,13 @@ LISTED = "-c -e1 lists them all"
 
 
 def _phil_file(path: str):
-    """A PHIL file's parameters, or a one-line error naming it. Not standard
-    input (DIALS' '--phil -'): the command line is parsed twice, once to
-    choose the backend, and a second read would find it empty."""
+    """A PHIL file's parameters ('-': standard input, as DIALS' --phil -), or
+    a one-line error naming it."""
     if not path:
         raise QConsistencyError("option --phil needs a file")
-    if path == "-":
-        raise QConsistencyError("option --phil: standard input is not read; give a PHIL file")
     try:
+        if path == "-":
+            return libtbx.phil.parse(backends.standard_input(), source_info="standard input")
         with open(path) as handle:
             return libtbx.phil.parse(handle.read(), source_info=path)
     except FileNotFoundError:

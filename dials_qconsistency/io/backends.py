@@ -20,7 +20,9 @@ checks that they do, in full).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import sys
 from typing import Protocol, runtime_checkable
 
 from dials_qconsistency.errors import QConsistencyError
@@ -149,3 +151,11 @@ def get(name: str) -> Backend:
 
         return native.Native
     return Standalone
+
+
+@functools.lru_cache(maxsize=1)
+def standard_input() -> str:
+    """Standard input, read once (``--phil -``): the command line is parsed
+    twice, once to choose the backend and once by it, and a second read would
+    find it empty."""
+    return sys.stdin.read()

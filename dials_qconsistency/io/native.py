@@ -25,13 +25,16 @@ Nothing here is imported unless the native backend is chosen.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import sys
 
 import numpy as np
 
 from dials_qconsistency.model import experiment as models
 from dials_qconsistency.errors import OtherTableFormat, QConsistencyError
+from dials_qconsistency.io import backends
 from dials_qconsistency.io.expt import read_experiments_and_document
 from dials_qconsistency.io.expt_detector import hierarchy_groups
 from dials_qconsistency.io.refl import ReflectionTable
@@ -365,10 +368,15 @@ def parse(args, files, phil, usage, epilog):
         return None
     files = set(files)
     words = [arg for arg in args if arg not in files]
+    stdin = sys.stdin
+    if "--phil=-" in words or any(a == "--phil" and b == "-" for a, b in zip(words, words[1:])):
+        sys.stdin = io.StringIO(backends.standard_input())  # read once, by the standalone parser first
     try:
         params, options, unhandled = parser.parse_args(args=words, show_diff_phil=False, return_unhandled=True)
     except Sorry as error:
         raise QConsistencyError(_one_line(error)) from None
+    finally:
+        sys.stdin = stdin
     if unhandled:  # the standalone parser has refused what DIALS' would not use
         raise QConsistencyError(f"bad parameter {unhandled[0]!r}")
     return params, options.verbose, parser.diff_phil.as_str()
