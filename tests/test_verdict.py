@@ -282,11 +282,12 @@ def test_a_still_whose_distance_and_scale_fit_alike_names_both(shared, tmp_path,
     assert all(scopes[f"experiment {i}"]["findings"] == [] for i in (0, 1, 2, 4))
     (finding,) = scopes["experiment 3"]["findings"]
     named = {finding["mistake"]: finding["size"], finding["size"]["equally_well"]["mistake"]: finding["size"]["equally_well"]}
-    assert set(named) == {"wavelength_or_cell_scale", "detector_distance"}, finding
+    # the four other stills' beams are the same, and fit: a scale is its cell, not the wavelength
+    assert set(named) == {"cell_scale", "detector_distance"}, finding
     assert abs(named["detector_distance"]["distance_mm"] - 1.0) < 0.05, finding
     # 1 mm on the 248.6 mm distance scales tan(2θ) by 248.6/249.6: q (∝ sin θ) by
     # 1 - 1/249.6 near the beam, by less further out
-    assert 0.8 < (1 - named["wavelength_or_cell_scale"]["scale"]) * 249.6 < 1.0, finding
+    assert 0.8 < (1 - named["cell_scale"]["scale"]) * 249.6 < 1.0, finding
     assert "; or, as well (these spots do not tell the two apart), the detector distance is off by +0." in \
         finding["message"] or "; or, as well (these spots do not tell the two apart), an isotropic scale" in \
         finding["message"], finding
@@ -467,6 +468,35 @@ def test_observed_angles_name_the_goniometer_and_crystal_mistakes(shared, tmp_pa
                                 shared("dials_current", "centroid_refined.refl"), "q_pixel.source=observed",
                                 "phi=observed", backend=backend)
     assert verdict["consistent"] is False and re.search(named, verdict["headline"]), verdict["headline"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_scale_of_one_still_on_a_shared_beam_is_its_cell(shared, tmp_path, monkeypatch, backend):
+    """The 5 CuNiR stills share one beam. Still 4's cell made 0.5 % longer read
+    "a wrong wavelength or cell (the spots fit λ = 1.38299 Å)": the four others
+    fit that beam's wavelength, so it is the cell. The beam's wavelength made
+    1 % longer instead is named pooled, now with the wavelength the spots fit
+    (the one the table was made with), as one experiment's scale gives it."""
+    source = json.load(open(shared("ssx_CuNiR_test_data", "indexed.expt")))
+    refl = shared("ssx_CuNiR_test_data", "indexed.refl")
+    document = json.loads(json.dumps(source))
+    crystal = document["crystal"][document["experiment"][4]["crystal"]]
+    for key in ("real_space_a", "real_space_b", "real_space_c"):
+        crystal[key] = [1.005 * x for x in crystal[key]]
+    changed = tmp_path / "changed.expt"
+    changed.write_text(json.dumps(document))
+    _, verdict, _ = run_verdict(tmp_path, monkeypatch, str(changed), refl, backend=backend)
+    assert verdict["headline"].startswith("INCONSISTENT: experiment 4: an isotropic scale q_pixel = 1.00500 × q_bragg: "
+                                          "a wrong cell (experiment(s) 0-3 share the beam, and their spots fit its "
+                                          "wavelength)"), verdict["headline"]
+    document = json.loads(json.dumps(source))
+    assert len(document["beam"]) == 1
+    document["beam"][0]["wavelength"] *= 1.01
+    changed.write_text(json.dumps(document))
+    _, verdict, _ = run_verdict(tmp_path, monkeypatch, str(changed), refl, backend=backend)
+    (finding,) = json.load(open(tmp_path / "qc.json"))["diagnosis"][0]["findings"]
+    assert finding["mistake"] == "wavelength_or_cell_scale" and verdict["headline"].startswith("INCONSISTENT: pooled: ")
+    assert finding["size"]["wavelength_fit"] == pytest.approx(source["beam"][0]["wavelength"], abs=2e-4), finding
 
 
 def test_a_look_alike_is_common_only_where_every_experiment_names_it():

@@ -44,6 +44,8 @@ from dials_qconsistency.core.findings import (
     name_rotation,
     name_rotation_axis,
     name_scale,
+    with_wavelength,
+    as_cell_scale,
 )
 from dials_qconsistency.core.time_of_flight import (
     US_PER_ANGSTROM_MM,
@@ -560,6 +562,7 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
 #: turns little: a turn of the lab frame (S) and of the crystal. Both are named
 #: when they fit equally well.
 LOOK_ALIKE = {"wavelength_or_cell_scale": {"detector_distance"}, "detector_distance": {"wavelength_or_cell_scale"},
+              "cell_scale": {"detector_distance"},
               "beam_direction": {"beam_centre_shift"}, "beam_centre_shift": {"beam_direction"},
               **{setting: {"crystal_orientation"} for setting in
                  ("missing_setting_rotation", "extra_setting_rotation", "setting_rotation")}}
@@ -635,6 +638,37 @@ def _refutes(diagnosis, pooled) -> bool:
     return abs(own["scale"] - 1.0) < 0.5 * abs(pooled_scale - 1.0)
 
 
+def _same_beam(a, b) -> bool:
+    """One monochromatic beam (the same bits: one beam of the .expt, or copies)."""
+    return a is b or (a is not None and b is not None and a.s0 is not None and b.s0 is not None
+                      and a.wavelength == b.wavelength and np.array_equal(a.s0, b.s0))
+
+
+def _scale_sources(experiments, indices, each, pooled) -> None:
+    """What a scale of q is where several experiments share a beam: one whose
+    beam others share, and fit as it is (:func:`_refutes`), has a wrong cell;
+    the pooled scale of experiments that all share one beam gives its
+    wavelength, as one experiment's does."""
+    by_index = dict(zip((int(i) for i in indices), each))
+    for index, diagnosis in by_index.items():
+        if len(diagnosis.findings) != 1 or diagnosis.findings[0].mistake != "wavelength_or_cell_scale":
+            continue
+        beam = experiments[index].beam
+        witnesses = [other for other, d in by_index.items() if other != index
+                     and _same_beam(experiments[other].beam, beam) and _refutes(d, diagnosis)]
+        if witnesses:
+            finding = diagnosis.findings[0]
+            cell = as_cell_scale(finding, _ranges(witnesses))
+            if AS_WELL in finding.message:  # its look-alike stays
+                cell.message += AS_WELL + finding.message.partition(AS_WELL)[2]
+            diagnosis.findings = [cell]
+    beams = [experiments[int(i)].beam for i in indices]
+    if beams[0] is not None and all(_same_beam(beam, beams[0]) for beam in beams[1:]):
+        for finding in pooled.findings:
+            if finding.mistake == "wavelength_or_cell_scale" and "wavelength_fit" not in finding.size:
+                with_wavelength(finding, beams[0].wavelength)
+
+
 def _shared_detector(experiments, indices):
     detectors = [experiments[int(i)].detector for i in indices]
     first = detectors[0]
@@ -674,6 +708,7 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS, thread
     pooled = diagnose_rows("pooled", None, result, parts, used, _shared_detector(experiments, indices), max_reflections,
                            source_mm=shared_source.pop() if len(shared_source) == 1 else None, laue_rows=laue_rows,
                            threads=threads, observed=observed)
+    _scale_sources(experiments, indices, each, pooled)
     if not all(f.mistake in SHARED_MISTAKES for f in pooled.partial):
         pooled.partial = []  # a partial fit of the crystals' mistakes pooled would mix them
     named = {f.mistake for d in each for f in d.findings}

@@ -83,12 +83,27 @@ def name_scale(fit, experiment, laue=False) -> Finding:
     if laue:  # a wavelength scale moves no q of Laue data
         return Finding("cell_scale", f"an isotropic scale q_pixel = {s:.5f} × q_bragg: a wrong cell (with a "
                        "polychromatic beam a wavelength scale moves no q; see the time-of-flight fit)", size)
-    text = f"an isotropic scale q_pixel = {s:.5f} × q_bragg: a wrong wavelength or cell"
+    finding = Finding("wavelength_or_cell_scale", f"an isotropic scale q_pixel = {s:.5f} × q_bragg: a wrong wavelength or cell",
+                      size)
     if experiment is not None and experiment.beam is not None:
-        size["wavelength_fit"] = s * experiment.beam.wavelength
-        size["wavelength_model"] = experiment.beam.wavelength
-        text += f" (the spots fit λ = {s * experiment.beam.wavelength:.5f} Å, the model has {experiment.beam.wavelength:.5f} Å)"
-    return Finding("wavelength_or_cell_scale", text, size)
+        with_wavelength(finding, experiment.beam.wavelength)
+    return finding
+
+
+def with_wavelength(finding, wavelength) -> None:
+    """A scale's finding gives the wavelength (Å) its spots fit beside the model's."""
+    s = finding.size["scale"]
+    finding.size.update(wavelength_fit=s * wavelength, wavelength_model=wavelength)
+    finding.message += f" (the spots fit λ = {s * wavelength:.5f} Å, the model has {wavelength:.5f} Å)"
+
+
+def as_cell_scale(finding, witnesses: str) -> Finding:
+    """A scale whose beam other experiments' spots fit as it is (``witnesses``,
+    their indices): the cell, not the wavelength."""
+    s = finding.size["scale"]
+    return Finding("cell_scale", f"an isotropic scale q_pixel = {s:.5f} × q_bragg: a wrong cell (experiment(s) "
+                                 f"{witnesses} share the beam, and their spots fit its wavelength)",
+                   {key: value for key, value in finding.size.items() if not key.startswith("wavelength_")})
 
 
 def name_rotation(key, fit, experiment):

@@ -95,6 +95,7 @@ NEXT_STEPS = {
     "rotation_axis": "Fix the goniometer's rotation axis: import again with dials.import geometry.goniometer.axis=... "
                      "(the axis named above; geometry.goniometer.axes=... for a multi-axis goniometer, "
                      "geometry.goniometer.invert_rotation_axis=True for a reversed one), then index and refine again.",
+    "cell_scale": "Refine the unit cell of the crystal named: dials.refine with phil/refine_2_all_free.phil.",
     "beam_direction": "Fix the beam direction: refine it (dials.refine with phil/refine_1_detector_beam.phil), or import "
                       "again with dials.import geometry.beam.direction=... (the direction named above).",
 }
