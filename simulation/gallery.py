@@ -111,6 +111,14 @@ def _detector_cases(kind, truth, table):
     return cases
 
 
+def _beam_case(kind, truth, table):
+    """The model's beam turned 0.3° about lab x (its wavelength kept)."""
+    broken = copy.deepcopy(truth)
+    beam = broken["beam"][0]
+    beam["direction"] = list(map(float, _rot([1.0, 0, 0], 0.3) @ np.asarray(beam["direction"], dtype=float)))
+    return Case("beam_tilted_0.3deg", kind, "beam_direction", {"angle_deg": 0.3}, broken, table)
+
+
 def _reindexed(table, operator):
     """The same table with Miller indices h_table = operator · h_true."""
     new = copy.deepcopy(table)
@@ -124,6 +132,7 @@ def rotation_cases() -> list[Case]:
     cases = [Case("correct", "rotation", "consistent", {}, truth, table)]
     cases += _frame_cases("rotation", truth, table)
     cases += _detector_cases("rotation", truth, table)
+    cases.append(_beam_case("rotation", truth, table))
 
     def with_angles(true_angles, model_angles, name, mistake, angle):
         true_doc, true_table = simulate_rotation(noise_mm=0.0, noise_phi=0.0, goniometer=multi_axis_goniometer_dict(true_angles))
@@ -155,6 +164,7 @@ def stills_cases() -> list[Case]:
     cases = [Case("correct", "stills", "consistent", {}, truth, table)]
     cases += _frame_cases("stills", truth, table)
     cases += _detector_cases("stills", truth, table)
+    cases.append(_beam_case("stills", truth, table))
     broken = copy.deepcopy(truth)
     rotation = _rot((0.3, -0.5, 0.8), 2.0)
     _map_crystals(broken, lambda v: rotation @ v)
