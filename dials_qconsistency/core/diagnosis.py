@@ -79,7 +79,7 @@ MIN_EXPLAINED = 0.05
 MAX_REFLECTIONS = 250_000
 #: Simplest first: which explanation is named when several fit equally well.
 PREFERENCE = ("scale", "rotation_lab", "mirror_lab", "rotation_scan_undone", "mirror_scan_undone", "rotation_axis",
-              "beam_direction", "detector_shift", "detector")
+              "detector_shift", "beam_direction", "detector")  # a beam-centre error is the likelier of its look-alikes
 
 
 @dataclass

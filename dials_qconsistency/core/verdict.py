@@ -40,6 +40,10 @@ does not explain the table: "made with other models" leads instead. With
 calculated positions, once a check fails, a mistake too small to count against
 σ_q whose fit leaves at most ``EXACT_LEFT`` of what it moves is given too,
 before the checks it explains (a 0.3 mm distance on SXD's 3 mm pixels).
+A mistake named for its significance alone (observed positions or angles,
+where no fit explains half the residual) is a suspect: given before the
+checks it explains when one fails; else the verdict is consistent and its
+headline names it.
 """
 
 from __future__ import annotations
@@ -275,6 +279,16 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
             scopes.add(entry["scope"])
             exact.append(_exact_reason(entry, sigma_q))
         reasons[explained_at:explained_at] = exact
+    # Named for its significance alone (observed positions or angles, where no fit
+    # explains half the residual): a suspect. It explains a failed check, and
+    # leads before it; where nothing fails, the model is consistent within what
+    # the centroids resolve (a part of a refined sweep has such fits), and the
+    # headline says what fits all the same.
+    suspects = [entry for entry in named if entry.get("significant") and entry["large"]]
+    suspect_of = {_suspect_reason(entry): entry["mistake"] for entry in suspects}
+    if reasons and suspect_of:
+        reasons[explained_at:explained_at] = list(suspect_of)
+        mistake_of.update(suspect_of)
     checks["named"] = named
     # The named mistake the headline gives (None: a pairing problem or a failed check leads).
     checks["leading_mistake"] = mistake_of.get(reasons[0]) if reasons else None
@@ -283,6 +297,9 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
                        reasons, checks)
     how = ("to numerical precision" if options.q_pixel_source == "calculated"
            else "within what the centroids can resolve")
+    if suspect_of:
+        return Verdict(True, f"CONSISTENT {how}, though one change fits beyond their scatter: {next(iter(suspect_of))}",
+                       [], checks)
     return Verdict(True, f"CONSISTENT {how}: no mistake in frame, scale or detector is large against the "
                          "centroids' uncertainty", [], checks)
 
@@ -321,10 +338,11 @@ def _named_mistakes(diagnoses, sigma_q, sigma_t=None, sigma_q_of=None) -> list[t
                 _sigma_of_scope(diagnosis.scope, finding, sigma_q, sigma_q_of), finding.size.get("measure", "the spots"),
                 "1/Angstrom")
             large = effect is None or sigma is None or effect >= LARGE * sigma
+            suspect = "f" in finding.size  # named for its significance against the scatter, not what the residual is
             left = None if timing else finding.size.get("rms_after_fit")
             unexplained = bool(left is not None and sigma and left > UNEXPLAINED * sigma)
             reason = None
-            if large:
+            if large and not suspect:
                 reason = f"{diagnosis.scope}: {finding.message}"
                 if effect is not None and sigma:
                     # a size in q at the table's angles (``measure``) is no distance the centroids resolve
@@ -333,9 +351,13 @@ def _named_mistakes(diagnoses, sigma_q, sigma_t=None, sigma_q_of=None) -> list[t
                     if unexplained:
                         reason += f", and leaves {left:.3g} {unit} RMS, {_times(left / sigma)} x, unexplained"
                     reason += ")"
-            out.append(({"scope": diagnosis.scope, "mistake": finding.mistake, "message": finding.message,
-                         "moves_spots_by": effect, "left_after_fit": left, "large": bool(large),
-                         "unexplained": unexplained, "centroid_sigma_q": None if timing else sigma}, reason))
+            entry = {"scope": diagnosis.scope, "mistake": finding.mistake, "message": finding.message,
+                     "moves_spots_by": effect, "left_after_fit": left, "large": bool(large),
+                     "unexplained": unexplained, "centroid_sigma_q": None if timing else sigma}
+            if suspect:
+                entry.update(significant=True, explained=finding.size.get("explained"), f=finding.size["f"],
+                             measure=finding.size.get("measure", "the spots"))
+            out.append((entry, reason))
     return out
 
 
@@ -354,6 +376,13 @@ def _sigma_of_scope(scope, finding, sigma_q, sigma_q_of) -> float | None:
         return sigma_q
     own = sigma_q_of(experiments)
     return own if own and not 1 / OWN_SIGMA <= own / sigma_q <= OWN_SIGMA else sigma_q
+
+
+def _suspect_reason(entry) -> str:
+    """The reason of a mistake named for its significance against the scatter."""
+    return (f"{entry['scope']}: {entry['message']} (it moves {entry['measure']} by "
+            f"{entry['moves_spots_by']:.3g} 1/Angstrom RMS, {100 * entry['explained']:.0f}% of the squared residual; "
+            f"F = {entry['f']:.0f} against the scatter it leaves)")
 
 
 def _exact_reason(entry, sigma_q) -> str:
