@@ -503,6 +503,11 @@ def test_a_part_of_a_refined_sweep_stays_consistent_on_its_centroids(shared, tmp
     (suspect,) = [entry for entry in verdict["checks"]["named"]
                   if entry.get("significant") and entry["scope"] == "pooled" and entry["mistake"] == "detector_distance"]
     assert suspect["f"] > 50 and 0.4 < suspect["explained"] < 0.5, suspect
+    assert verdict["checks"]["leading_mistake"] == "detector_distance"
+    from dials_qconsistency.core.verdict import Verdict
+    from dials_qconsistency.report.html import next_step
+
+    assert "q_pixel.source=calculated" in next_step(Verdict(True, verdict["headline"], [], verdict["checks"]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

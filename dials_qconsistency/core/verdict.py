@@ -298,8 +298,8 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
     how = ("to numerical precision" if options.q_pixel_source == "calculated"
            else "within what the centroids can resolve")
     if suspect_of:
-        return Verdict(True, f"CONSISTENT {how}, though one change fits beyond their scatter: {next(iter(suspect_of))}",
-                       [], checks)
+        headline, checks["leading_mistake"] = next(iter(suspect_of.items()))
+        return Verdict(True, f"CONSISTENT {how}, though one change fits beyond their scatter: {headline}", [], checks)
     return Verdict(True, f"CONSISTENT {how}: no mistake in frame, scale or detector is large against the "
                          "centroids' uncertainty", [], checks)
 

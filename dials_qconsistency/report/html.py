@@ -104,6 +104,9 @@ NEXT_STEPS = {
 def next_step(verdict) -> str:
     """What to do, for the mistake the headline names (none: the files do not belong together)."""
     mistake = verdict.checks.get("leading_mistake")
+    if verdict.consistent and mistake is not None:  # a suspect, named for its significance against the scatter
+        return ("Judge the change named above on the table's own predictions: run again with the default "
+                "q_pixel.source=calculated and phi=calculated, which tell a mistake from the centroids' scatter exactly.")
     if verdict.consistent:
         return "Nothing to fix: the model is consistent."
     if mistake is None:
