@@ -621,7 +621,7 @@ def _angles_only(diagnosis, rms_q, q_start, q_pixel, axis, phi, sphere_residuals
     diagnosis.consistent, diagnosis.findings = False, [finding]
 
 
-def _refutes(diagnosis, pooled) -> bool:
+def _refutes(diagnosis, findings) -> bool:
     """Does an experiment that names nothing refute the pooled finding? Its
     model's spots are the table's to rounding (CuNiR still 2 in 2π units pooled
     with the four others gave a scale of 0.17116), or its own spots fit a scale
@@ -631,8 +631,7 @@ def _refutes(diagnosis, pooled) -> bool:
     if diagnosis.rms_in_plane_before is not None and diagnosis.rms_in_plane_before < ROUNDING:
         return True
     own = diagnosis.fits.get("scale")
-    pooled_scale = next((f.size["scale"] for f in pooled.findings if f.mistake in ("wavelength_or_cell_scale", "two_pi")),
-                        None)
+    pooled_scale = next((f.size["scale"] for f in findings if f.mistake in ("wavelength_or_cell_scale", "two_pi")), None)
     if own is None or pooled_scale is None:
         return False
     return abs(own["scale"] - 1.0) < 0.5 * abs(pooled_scale - 1.0)
@@ -655,7 +654,7 @@ def _scale_sources(experiments, indices, each, pooled) -> None:
             continue
         beam = experiments[index].beam
         witnesses = [other for other, d in by_index.items() if other != index
-                     and _same_beam(experiments[other].beam, beam) and _refutes(d, diagnosis)]
+                     and _same_beam(experiments[other].beam, beam) and _refutes(d, diagnosis.findings)]
         if witnesses:
             finding = diagnosis.findings[0]
             cell = as_cell_scale(finding, _ranges(witnesses))
@@ -709,11 +708,12 @@ def diagnose(experiments, result, parts, max_reflections=MAX_REFLECTIONS, thread
                            source_mm=shared_source.pop() if len(shared_source) == 1 else None, laue_rows=laue_rows,
                            threads=threads, observed=observed)
     _scale_sources(experiments, indices, each, pooled)
-    if not all(f.mistake in SHARED_MISTAKES for f in pooled.partial):
-        pooled.partial = []  # a partial fit of the crystals' mistakes pooled would mix them
     named = {f.mistake for d in each for f in d.findings}
+    if (named or not all(f.mistake in SHARED_MISTAKES for f in pooled.partial)
+            or any(_refutes(d, pooled.partial) for d in each)):
+        pooled.partial = []  # it would mix the experiments' own mistakes, or the crystals'
     shared = bool(pooled.findings) and all(f.mistake in SHARED_MISTAKES for f in pooled.findings)
-    shared = shared and not any(_refutes(d, pooled) for d in each if not d.findings)
+    shared = shared and not any(_refutes(d, pooled.findings) for d in each if not d.findings)
     quiet = any(not d.findings for d in each)
     if named and ({f.mistake for f in pooled.findings} != named or quiet or not shared):
         # A pooled fit of what the experiments share (the detector, the wavelength) is

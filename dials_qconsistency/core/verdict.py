@@ -40,10 +40,10 @@ does not explain the table: "made with other models" leads instead. With
 calculated positions, once a check fails, a mistake too small to count against
 σ_q whose fit leaves at most ``EXACT_LEFT`` of what it moves is given too,
 before the checks it explains (a 0.3 mm distance on SXD's 3 mm pixels).
-A mistake named for its significance alone (observed positions or angles,
-where no fit explains half the residual) is a suspect: given before the
-checks it explains when one fails; else the verdict is consistent and its
-headline names it.
+A mistake named for its significance alone (where no fit explains half the
+residual; with calculated positions the diagnosis's partial fit) is a
+suspect: given before the checks it explains when one fails; else the
+verdict is consistent and its headline names it.
 """
 
 from __future__ import annotations
@@ -279,11 +279,11 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
             scopes.add(entry["scope"])
             exact.append(_exact_reason(entry, sigma_q))
         reasons[explained_at:explained_at] = exact
-    # Named for its significance alone (observed positions or angles, where no fit
-    # explains half the residual): a suspect. It explains a failed check, and
-    # leads before it; where nothing fails, the model is consistent within what
-    # the centroids resolve (a part of a refined sweep has such fits), and the
-    # headline says what fits all the same.
+    # Named for its significance alone (where no fit explains half the residual:
+    # the centroids' scatter, observed; the stills' Ewald offsets, calculated):
+    # a suspect. It explains a failed check, and leads before it; where nothing
+    # fails, the model is consistent (a part of a refined sweep has such fits on
+    # its centroids), and the headline says what fits all the same.
     suspects = [entry for entry in named if entry.get("significant") and entry["large"]]
     suspect_of = {_suspect_reason(entry): entry["mistake"] for entry in suspects}
     if reasons and suspect_of:
@@ -299,7 +299,7 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
            else "within what the centroids can resolve")
     if suspect_of:
         headline, checks["leading_mistake"] = next(iter(suspect_of.items()))
-        return Verdict(True, f"CONSISTENT {how}, though one change fits beyond their scatter: {headline}", [], checks)
+        return Verdict(True, f"CONSISTENT {how}, though one change fits significantly: {headline}", [], checks)
     return Verdict(True, f"CONSISTENT {how}: no mistake in frame, scale or detector is large against the "
                          "centroids' uncertainty", [], checks)
 
@@ -329,7 +329,7 @@ def _named_mistakes(diagnoses, sigma_q, sigma_t=None, sigma_q_of=None) -> list[t
     for diagnosis in diagnoses:
         if diagnosis.scope != "pooled" and pooled_found:
             continue
-        for finding in diagnosis.findings:
+        for finding in diagnosis.findings + diagnosis.partial:  # a partial fit (calculated positions) is a suspect too
             if finding.mistake == "no_common_cause":
                 continue  # each experiment's finding is judged on its own
             timing = "rms_time_before_us" in finding.size  # a time-of-flight mistake moves the times, not the spots
