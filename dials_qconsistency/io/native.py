@@ -140,8 +140,16 @@ def crystal_model(crystal) -> models.Crystal:
 def experiments_from_dxtbx(experiment_list) -> models.ExperimentList:
     """A dxtbx ExperimentList as the plain models the numpy core reads."""
     out = models.ExperimentList()
+    converted = {}  # one plain model per dxtbx model, shared as the experiments share it (as the .expt reader does)
+
+    def convert(model, function):
+        if model is None:
+            return None
+        if id(model) not in converted:  # the model held too, so that its id is not another's while we run
+            converted[id(model)] = (model, function(model))
+        return converted[id(model)][1]
+
     for experiment in experiment_list:
-        convert = lambda model, function: None if model is None else function(model)
         out.experiments.append(
             models.Experiment(
                 identifier=str(experiment.identifier),
