@@ -577,6 +577,11 @@ def test_stills_crystals_turned_without_delpsical_are_named_as_suspects(shared, 
                      r"crystal orientation is off by ([0-9.]+)°: the data's is the model's turned about lab \(-0\.99",
                      verdict["headline"])
     assert verdict["consistent"] is True and found and abs(float(found.group(1)) - 0.2) < 0.005, verdict["headline"]
+    from dials_qconsistency.core.verdict import Verdict
+    from dials_qconsistency.report.html import next_step
+
+    assert next_step(Verdict(True, verdict["headline"], [], verdict["checks"])).endswith(
+        "Refine the crystal orientation: dials.refine with phil/refine_2_all_free.phil.")
 
 
 def test_a_look_alike_is_common_only_where_every_experiment_names_it():

@@ -185,7 +185,8 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
     mistake_of = {reason: entry["mistake"] for entry, reason in reasons
                   if reason and not (spots_exact and entry["mistake"] in DETECTOR_MISTAKES)}
     reasons = list(mistake_of)
-    checks = {"q_pixel_source": options.q_pixel_source, "centroid_sigma_q": sigma_q, "normalised_residual": normalised}
+    checks = {"q_pixel_source": options.q_pixel_source, "phi": options.phi, "centroid_sigma_q": sigma_q,
+              "normalised_residual": normalised}
     if sigma_t is not None:
         checks["centroid_sigma_t_us"] = sigma_t
     others = [e.index for e in summary.experiments if e.s1_kind == S1_NEITHER]

@@ -104,7 +104,10 @@ NEXT_STEPS = {
 def next_step(verdict) -> str:
     """What to do, for the mistake the headline names (none: the files do not belong together)."""
     mistake = verdict.checks.get("leading_mistake")
-    if verdict.consistent and mistake is not None:  # a suspect, named for its significance against the scatter
+    if verdict.consistent and mistake is not None:  # a suspect, named for its significance alone
+        if verdict.checks.get("q_pixel_source") == "calculated" and verdict.checks.get("phi") == "calculated":
+            return ("If the change named above is a mistake (it fits what the table's predictions leave, the stills' "
+                    "Ewald offsets, significantly): " + _fix(mistake))
         return ("Judge the change named above on the table's own predictions: run again with the default "
                 "q_pixel.source=calculated and phi=calculated, which tell a mistake from the centroids' scatter exactly.")
     if verdict.consistent:
@@ -113,6 +116,11 @@ def next_step(verdict) -> str:
         if verdict.consistent is None:
             return "Nothing to compare: index the reflections first."
         return "The table and the models do not belong together: give the .expt and .refl written by the same step."
+    return _fix(mistake)
+
+
+def _fix(mistake) -> str:
+    """The next step for a named mistake."""
     key = ("detector" if mistake in DETECTOR_MISTAKES else mistake if mistake in NEXT_STEPS else
            "frame" if mistake in ("lab_axis_rotation", "sign_flip", "mirror") or "rotation" in mistake else mistake)
     return NEXT_STEPS.get(key, "See the diagnosis above.")
