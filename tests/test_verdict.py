@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from dials_qconsistency.command_line.q_consistency import main
+from dials_qconsistency.core.diagnosis import F_PARTIAL, MIN_EXPLAINED
 from dials_qconsistency.io.refl import ReflectionTable
 from conftest import BACKENDS, SHARED_DATA, joined_pairs
 
@@ -331,13 +332,16 @@ def test_observed_positions_name_the_significant_fit_beyond_the_scatter(shared, 
     moved.write_text(json.dumps(document))
     refl = shared("quartz_processed", "refined.refl")
     _, verdict, log = run_verdict(tmp_path, monkeypatch, str(moved), refl, "q_pixel.source=observed", backend=backend)
-    assert verdict["headline"].startswith("INCONSISTENT: pooled: an isotropic scale q_pixel = 1.00358 × q_bragg"), \
-        verdict["headline"]
+    scale = re.match(r"INCONSISTENT: pooled: an isotropic scale q_pixel = ([0-9.]+) × q_bragg", verdict["headline"])
+    # the model's detector 1 mm nearer than the data's 280 mm: at an electron wavelength's small angles every
+    # spot's angle, so q, is d/(d - 1) of the model's
+    assert scale and abs(float(scale.group(1)) - 280.0 / 279.0) < 2e-5, verdict["headline"]
     assert verdict["reasons"][1].startswith("the table's s1 matches neither spot position in experiment(s) 0")
     (finding,) = {d["scope"]: d for d in json.load(open(tmp_path / "qc.json"))["diagnosis"]}["pooled"]["findings"]
     distance = finding["size"]["equally_well"]
     assert distance["mistake"] == "detector_distance" and abs(abs(distance["distance_mm"]) - 1.0) < 0.01
-    assert finding["size"]["f"] > 100 and 0.2 < finding["size"]["explained"] < 0.35, finding
+    # named for its significance alone: F_PARTIAL and MIN_EXPLAINED met, less than the 75 % a named fit explains
+    assert finding["size"]["f"] >= F_PARTIAL and MIN_EXPLAINED <= finding["size"]["explained"] < 0.75, finding
     run_verdict(tmp_path, monkeypatch, shared("quartz_processed", "refined.expt"), refl, "q_pixel.source=observed",
                 backend=backend)
     diagnosis = json.load(open(tmp_path / "qc.json"))["diagnosis"]
@@ -348,7 +352,7 @@ def test_observed_positions_name_the_significant_fit_beyond_the_scatter(shared, 
         m, p = 2 * fit.get("rows", pooled["fitted"]), fit["parameters"]
         return (fit["rms_before"] ** 2 - fit["rms_after"] ** 2) * (m - p) / (p * fit["rms_after"] ** 2)
 
-    assert 1 < max(f_statistic(fit) for fit in pooled["fits"].values()) < 5  # 3.0: far below F_PARTIAL
+    assert max(f_statistic(fit) for fit in pooled["fits"].values()) < F_PARTIAL / 2  # (3.0)
 
 
 def _turn(axis, degrees):
@@ -451,7 +455,7 @@ def _centroid_changed(tmp_path, change):
 @pytest.mark.parametrize("change, consistent, named", [
     ("S +1° about +y", False, r"an extra goniometer setting rotation: the model's S \(1\.000° about \(0\.000, 1\.000, "
                               r"0\.000\)\) should be the identity"),
-    ("U +0.2° about +y", True, r"the crystal orientation \(U\) is off by 0\.1[89]\d°: the data's is the model's "
+    ("U +0.2° about +y", True, r"the crystal orientation \(U\) is off by (0\.\d+)°: the data's is the model's "
                                r"turned about \(0\.0\d\d, -1\.000, "),
     ("axis reversed", False, r"the rotation axis has the wrong sign"),
 ])
@@ -470,7 +474,10 @@ def test_observed_angles_name_the_goniometer_and_crystal_mistakes(shared, tmp_pa
     _, verdict, _ = run_verdict(tmp_path, monkeypatch, _centroid_changed(tmp_path, change),
                                 shared("dials_current", "centroid_refined.refl"), "q_pixel.source=observed",
                                 "phi=observed", backend=backend)
-    assert verdict["consistent"] is consistent and re.search(named, verdict["headline"]), verdict["headline"]
+    found = re.search(named, verdict["headline"])
+    assert verdict["consistent"] is consistent and found, verdict["headline"]
+    if found.groups():  # the turn, within a tenth: the fit takes up some of the angles' scatter on this 1.8° sweep
+        assert abs(float(found.group(1)) - 0.2) < 0.02, verdict["headline"]
     if consistent:
         assert verdict["headline"].startswith("CONSISTENT within what the centroids can resolve, though one change "
                                               "fits significantly: pooled: ")
@@ -502,7 +509,7 @@ def test_a_part_of_a_refined_sweep_stays_consistent_on_its_centroids(shared, tmp
                                           "significantly: pooled: the detector distance is off by -0.0")
     (suspect,) = [entry for entry in verdict["checks"]["named"]
                   if entry.get("significant") and entry["scope"] == "pooled" and entry["mistake"] == "detector_distance"]
-    assert suspect["f"] > 50 and 0.4 < suspect["explained"] < 0.5, suspect
+    assert suspect["f"] >= F_PARTIAL and MIN_EXPLAINED <= suspect["explained"] < 0.75, suspect
     assert verdict["checks"]["leading_mistake"] == "detector_distance"
     from dials_qconsistency.core.verdict import Verdict
     from dials_qconsistency.report.html import next_step

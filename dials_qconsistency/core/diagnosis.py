@@ -512,9 +512,8 @@ def _diagnose_spots(scope, experiment, result, parts, rows, same_detector=None, 
         explained = {key: 1.0 - ratio(fits[key]) ** 2 for key in significant}
         if scores[leader] < F_PARTIAL or explained[leader] < MIN_EXPLAINED:
             return diagnosis
-        ranked = sorted((ratio(fits[key]), PREFERENCE.index(key), key) for key in significant
-                        if explained[key] >= (1 - TIE_RELATIVE) * explained[leader])
-        ranked.sort(key=lambda t: t[1])
+        ranked = sorted(((ratio(fits[key]), PREFERENCE.index(key), key) for key in significant
+                         if explained[key] >= (1 - TIE_RELATIVE) * explained[leader]), key=lambda t: t[1])
     if not ranked:
         return diagnosis
     best_ratio, _, key = ranked[0]
