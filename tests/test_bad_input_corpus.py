@@ -746,6 +746,52 @@ def test_sigterm_while_writing_leaves_no_output(shared, tmp_path, monkeypatch, c
     assert staged == ["q_consistency.refl", "run1_detector_norm.png", "run1_detector_dqx.png"]
     assert sorted(os.listdir(tmp_path)) == ["dials.q_consistency.log"]  # no table, no new/ folder
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the handler back
+    log = (tmp_path / "dials.q_consistency.log").read_text()
+    assert "Verdict: CONSISTENT" in log  # the run had got that far: its log must not read as the report of a run
+    assert log.endswith("\nInterrupted by SIGTERM: none of the outputs was written (files of their names are an "
+                        "earlier run's, not this log's)\n")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failed_rename_keeps_the_earlier_runs_files(shared, tmp_path, monkeypatch, capsys, backend):
+    """The last output cannot be renamed into place (an immutable file, another
+    user's file in a sticky folder): the outputs renamed before it are taken
+    back and the earlier run's files they had replaced are put back."""
+    import errno
+
+    monkeypatch.chdir(tmp_path)
+    earlier = {"q_consistency.refl": b"an earlier run's table", "qc.json": b'{"earlier": true}'}
+    for name, data in earlier.items():
+        (tmp_path / name).write_bytes(data)
+    replace = os.replace
+
+    def refuse_the_report(source, target):
+        if os.path.basename(target) == "dials.q_consistency.html":
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), target)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", refuse_the_report)
+    status = main(_quartz_with("output.json=qc.json", "output.plots=None", f"backend={backend}"))
+    assert status == 1
+    assert capsys.readouterr().err == (
+        "dials.q_consistency: error: dials.q_consistency.html: cannot be written (Operation not permitted)\n")
+    assert {name: (tmp_path / name).read_bytes() for name in earlier} == earlier
+    assert sorted(os.listdir(tmp_path)) == sorted([*earlier, "dials.q_consistency.log"])  # no temporary, no kept copy
+    log = (tmp_path / "dials.q_consistency.log").read_text()
+    assert log.endswith("\nError: dials.q_consistency.html: cannot be written (Operation not permitted)\n")
+
+
+def test_a_successful_commit_replaces_the_earlier_files(tmp_path):
+    """The kept copies of the replaced files go once every rename is done."""
+    from dials_qconsistency.io.staged import StagedOutputs
+
+    (tmp_path / "a.json").write_text("old")
+    with StagedOutputs() as outputs:
+        outputs.add(str(tmp_path / "a.json"), b"new")
+        outputs.add(str(tmp_path / "b.json"), b"also new")
+        assert outputs.commit() == [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "b.json"]
+    assert (tmp_path / "a.json").read_text() == "new"
 
 
 def test_plots_go_into_a_new_folder(shared, tmp_path, monkeypatch, capsys):

@@ -207,6 +207,26 @@ def test_one_bad_file_fails_the_run_and_leaves_nothing(real_inputs, tmp_path, ex
     assert os.listdir(run) == ["dials.q_consistency.log"]  # no table, no summary, no temporary file
 
 
+def test_ctrl_c_before_the_merge_leaves_the_log_saying_so(real_inputs, tmp_path, monkeypatch, capsys):
+    """Interrupted after every file was computed: no table, no summary, and the
+    log's last line says none of the outputs was written."""
+    from dials_qconsistency.command_line import many
+
+    def interrupted(outcomes):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(many, "merge", interrupted)
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    assert main([p for pair in real_inputs for p in pair] + SUMMARY_ARGS) == 130
+    assert capsys.readouterr().err.endswith("dials.q_consistency: interrupted (outputs are all written or none)\n")
+    assert os.listdir(run) == ["dials.q_consistency.log"]  # no table, no summary, no temporary file
+    assert (run / "dials.q_consistency.log").read_text().endswith(
+        "\nInterrupted by Ctrl-C (SIGINT): none of the outputs was written (files of their names are an earlier "
+        "run's, not this log's)\n")
+
+
 def test_a_pattern_that_matches_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["nothing_*.expt", "nothing_*.refl", "backend=standalone"]) == 1

@@ -353,3 +353,19 @@ def test_a_failure_while_writing_leaves_nothing(shared, in_tmp, monkeypatch, cap
     assert "No space left on device" in err and "q_map.h5 and m.npz" in err
     assert os.listdir(in_tmp) == ["dials.q_map.log"]
     assert "Error:" in (in_tmp / "dials.q_map.log").read_text()
+
+
+def test_ctrl_c_while_writing_leaves_the_log_saying_so(shared, in_tmp, monkeypatch, capsys):
+    """An interrupted map leaves no map, and a log that says none was written."""
+    from dials_qconsistency.io.map_files import NpzMapWriter
+
+    def interrupted(self, start, stop, arrays):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(NpzMapWriter, "write_rows", interrupted)
+    assert q_map.main([shared("quartz_processed", "refined.expt"), "output.npz=m.npz", "backend=standalone"]) == 130
+    assert capsys.readouterr().err == "dials.q_map: interrupted (outputs are all written or none)\n"
+    assert os.listdir(in_tmp) == ["dials.q_map.log"]
+    assert (in_tmp / "dials.q_map.log").read_text().endswith(
+        "\nInterrupted by Ctrl-C (SIGINT): none of the outputs was written (files of their names are an earlier "
+        "run's, not this log's)\n")

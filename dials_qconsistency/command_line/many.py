@@ -40,8 +40,10 @@ from dials_qconsistency.report.text import (
 )
 
 from .program import (
+    Terminated,
     check_output_paths,
     close_logging,
+    interruption_line,
     log_header,
     log_to_file_only,
     setup_logging,
@@ -93,16 +95,21 @@ def run_many(params, arguments, pairs, options, logger) -> int:
     if root:
         setup_logging(logger, params.output.log, arguments)
     status = 0
+    staged = StagedOutputs()
     try:
         if root:
             log_header(logger, "dials.q_consistency", __version__, arguments)
             workers = f"{comm.Get_size()} MPI ranks" if comm else f"{params.nproc} process(es)"
             logger.info(f"{len(pairs)} pairs of files, {workers}")
-        status = _process_and_write(params, jobs, comm, options, logger)
+        status = _process_and_write(params, jobs, comm, options, logger, staged)
     except QConsistencyError as error:
         if root:
             log_to_file_only(logger, f"\nError: {error}")
         status = error
+    except (KeyboardInterrupt, Terminated) as interruption:
+        if root:
+            log_to_file_only(logger, interruption_line(interruption, staged))
+        raise
     except GateFailed as failure:
         status = failure
     finally:
@@ -124,7 +131,9 @@ def _code(status) -> int:
     return 1 if isinstance(status, BaseException) else int(status)
 
 
-def _process_and_write(params, jobs, comm, options, logger) -> int:
+def _process_and_write(params, jobs, comm, options, logger, staged) -> int:
+    """Run the jobs and, on the root, write the merged outputs into ``staged``
+    (a ``StagedOutputs``, committed here)."""
     root = comm is None or comm.Get_rank() == 0
     progress = Progress(len(jobs) if comm is None else len(jobs[comm.Get_rank()::comm.Get_size()])) if root else None
 
@@ -134,7 +143,7 @@ def _process_and_write(params, jobs, comm, options, logger) -> int:
                 log_to_file_only(logger, file_line(outcome))
             progress.update(1, outcome.n_rows)
 
-    with StagedOutputs() as staged:
+    with staged:
         try:
             if comm is not None:
                 outcomes = run_mpi(jobs, comm, done)

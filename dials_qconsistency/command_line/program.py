@@ -276,17 +276,33 @@ def setup_logging(logger, log_path, arguments=None):
 
 
 @contextlib.contextmanager
-def logged_run(logger, log_path, arguments=None):
+def logged_run(logger, log_path, arguments=None, outputs=None):
     """Log to stdout and the log file within the block; the error that ends it
-    goes to the log file too (stderr shows it), and the log is closed."""
+    goes to the log file too (stderr shows it), as does an interruption (with
+    whether ``outputs``, the run's ``StagedOutputs``, were written), and the
+    log is closed."""
     setup_logging(logger, log_path, arguments)
     try:
         yield
     except QConsistencyError as error:
         log_to_file_only(logger, f"\nError: {error}")
         raise
+    except (KeyboardInterrupt, Terminated) as interruption:
+        log_to_file_only(logger, interruption_line(interruption, outputs))
+        raise
     finally:
         close_logging(logger)
+
+
+def interruption_line(interruption, outputs=None) -> str:
+    """The log's last line when Ctrl-C or SIGTERM stops a run: were its outputs
+    (``outputs``, a ``StagedOutputs``) written? A log that ends with a verdict
+    must not be taken for the report of the files beside it."""
+    what = "SIGTERM" if isinstance(interruption, Terminated) else "Ctrl-C (SIGINT)"
+    if outputs is not None and outputs.committed:
+        return f"\nInterrupted by {what} after the outputs were written"
+    return (f"\nInterrupted by {what}: none of the outputs was written (files of their names are an earlier "
+            "run's, not this log's)")
 
 
 def log_header(logger, program, version, arguments):

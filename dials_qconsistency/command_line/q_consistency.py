@@ -283,7 +283,7 @@ def run(args=None, phil=phil_scope):
     with StagedOutputs() as outputs:  # a refused pair removes the table begun while its q vectors are computed
         pair = load_pair(arguments.backend, expt_path, refl_path, options, params.rows, outputs,
                          params.output.reflections)
-        with logged_run(logger, params.output.log, arguments):
+        with logged_run(logger, params.output.log, arguments, outputs):
             log_header(logger, "dials.q_consistency", __version__, arguments)
             logger.info(f"Read {len(pair.experiments)} experiment(s) from {expt_path}, {pair.table.nrows} rows from {refl_path}")
             checked = check_pair(pair, outputs, params.output.reflections, settings)

@@ -230,15 +230,17 @@ def run(args=None, phil=phil_scope):
     experiments = backends.get(arguments.backend).read_experiments(expt_path)
     plan = map_plan(experiments, params, expt_path)
 
-    with logged_run(logger, params.output.log, arguments):
+    staged = StagedOutputs()
+    with logged_run(logger, params.output.log, arguments, staged):
         log_header(logger, "dials.q_map", __version__, arguments)
         logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}")
-        write_maps(params, experiments, plan, expt_path)
+        write_maps(params, experiments, plan, expt_path, staged)
     return 0
 
 
-def write_maps(params, experiments, plan, expt_path):
-    """Compute every selected panel in row blocks and stream it to the writers."""
+def write_maps(params, experiments, plan, expt_path, staged):
+    """Compute every selected panel in row blocks and stream it to the writers,
+    into ``staged`` (a ``StagedOutputs``, committed here)."""
     dtype = np.dtype(params.precision)
     workers = params.mp.nthreads if isinstance(params.mp.nthreads, int) else available_cpus()
     attributes = {
@@ -250,7 +252,7 @@ def write_maps(params, experiments, plan, expt_path):
         "pixel_centres": "(i + 0.5) px along each panel axis, every subsample-th pixel",
     }
     targets = [getattr(params.output, kind) for kind in ("hdf5", "npz") if getattr(params.output, kind)]
-    with StagedOutputs() as staged:
+    with staged:
         writers = []
         try:
             for kind in ("hdf5", "npz"):

@@ -5,13 +5,15 @@ written in full (and fsync'ed) to a hidden temporary file beside its target;
 only when all of them have been written are they renamed into place. A failure
 at any point (unwritable folder, full disk, an error in the program) removes
 the temporary files, so a run leaves either all its outputs or none, and never
-a partial file. Inputs are only ever opened for reading.
+a partial file; files an earlier run left under the same names stay as they
+were unless all the new ones are in place. Inputs are only ever opened for reading.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 
 from dials_qconsistency.errors import QConsistencyError
 
@@ -125,10 +127,15 @@ class StagedOutputs:
         """Take over a file staged elsewhere: committed or removed with the rest."""
         self._staged.append((temporary, path))
 
+    @property
+    def committed(self) -> bool:
+        return self._committed
+
     def commit(self) -> list[str]:
-        """Rename every staged file into place; returns the target paths."""
+        """Rename every staged file into place; returns the target paths.
+        Should one rename fail, the files renamed before it are taken back
+        and the files they replaced (an earlier run's) put back."""
         self.wait_for_writers()
-        targets = []
         for temporary, path in self._staged:  # files written by others since they were reserved
             try:
                 descriptor = os.open(temporary, os.O_RDONLY)
@@ -138,19 +145,27 @@ class StagedOutputs:
                     os.close(descriptor)
             except OSError as error:
                 raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
+        replaced = []  # (target, the file it replaced kept aside, or None), in rename order
         try:
             while self._staged:
                 temporary, path = self._staged[0]
+                kept = _keep_aside(path, self._prefix)
                 try:
                     os.replace(temporary, path)
                 except OSError as error:
+                    if kept:
+                        _remove(kept)
                     raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
                 self._staged.pop(0)
-                targets.append(path)
+                replaced.append((path, kept))
         except BaseException:
-            for path in targets:  # all or nothing: take back what was renamed
-                _remove(path)
+            for path, kept in reversed(replaced):  # all or nothing: put back what was there
+                _put_back(path, kept)
             raise
+        for _, kept in replaced:
+            if kept:
+                _remove(kept)
+        targets = [path for path, _ in replaced]
         self._committed = True
         self._on_abort = []
         return targets
@@ -184,6 +199,32 @@ class StagedOutputs:
                 except OSError:
                     pass
             self._made_folders = []
+
+
+def _keep_aside(path: str, prefix: str) -> str | None:
+    """A second name (a hard link, beside it) for the file at ``path`` that a
+    rename is about to replace, so that it can be put back; None if there is
+    none or the file system cannot link (it is then lost should a later
+    rename of the same commit fail)."""
+    if not os.path.lexists(path):
+        return None
+    kept = os.path.join(os.path.dirname(os.path.abspath(path)), f"{prefix}kept-{uuid.uuid4().hex}")
+    try:
+        os.link(path, kept, follow_symlinks=False)
+    except OSError:
+        return None
+    return kept
+
+
+def _put_back(path: str, kept: str | None) -> None:
+    """Undo a rename onto ``path``: the file it replaced back (``kept``), or none."""
+    try:
+        if kept:
+            os.replace(kept, path)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _remove(path: str) -> None:
