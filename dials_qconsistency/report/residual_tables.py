@@ -13,6 +13,7 @@ import numpy as np
 
 from dials_qconsistency.core.blocks import map_blocks
 from dials_qconsistency.core.row_statistics import contiguous
+from dials_qconsistency.core.verdict import PRECISION_MM
 from dials_qconsistency.report.html import number
 
 
@@ -74,8 +75,10 @@ def _group_sums(result, parts, variance, used, label, groups: int, pool=None) ->
 
 
 def _correlation(n, sa, sb, saa, sbb, sab):
-    """Pearson's r from sums (None below 3 pairs or for a constant variable)."""
-    if n < 3:
+    """Pearson's r of a residual a (mm) with an angle b from sums (None below 3
+    pairs, for a constant variable, or for residuals within numerical
+    precision, RMS at most ``PRECISION_MM``: the correlation of rounding)."""
+    if n < 3 or saa <= n * PRECISION_MM ** 2:
         return None
     var_a, var_b = saa / n - (sa / n) ** 2, sbb / n - (sb / n) ** 2
     if var_a <= 1e-12 * saa / n or var_b <= 1e-12 * sbb / n:

@@ -161,8 +161,8 @@ def self_test_remarks(e) -> list[str]:
         remarks.append("The table's s1 agrees with neither spot position under these models: the experiments are "
                        "probably not the ones the table was made with. delta_q is computed from the models given.")
     if e.outside_scan:
-        remarks.append(f"{e.outside_scan} row(s) lie outside the scan: their model state is that of the nearest scan "
-                       "end, as DIALS uses")
+        remarks.append(f"{e.outside_scan} of the rows in the statistics lie(s) outside the scan: their model state is "
+                       "that of the nearest scan end, as DIALS uses")
     return remarks
 
 
