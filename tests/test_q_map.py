@@ -323,6 +323,8 @@ def in_tmp(tmp_path, monkeypatch):
      "experiment 0 has no crystal, so miller_indices=True cannot be met"),
     (("ssx_CuNiR_test_data/indexed.expt", "image=3"),
      "experiment 0: image= is for rotation and time-of-flight data; a still has one setting"),
+    (("quartz_processed/refined.expt", "panels=0,0"), "panels= names 0 twice (panels=0,0)"),
+    (("ssx_CuNiR_test_data/indexed.expt", "experiments=1,3,1"), "experiments= names 1 twice (experiments=1,3,1)"),
     (("quartz_processed/refined.expt", "output.hdf5=None"), "nothing to write: set output.hdf5 or output.npz"),
     (("quartz_processed/refined.expt", "quartz_processed/refined.refl"), "is not an experiment list (.expt)"),
     (("quartz_processed/refined.expt", "output.npz=quartz_processed/refined.expt"),
@@ -369,3 +371,70 @@ def test_ctrl_c_while_writing_leaves_the_log_saying_so(shared, in_tmp, monkeypat
     assert (in_tmp / "dials.q_map.log").read_text().endswith(
         "\nInterrupted by Ctrl-C (SIGINT): none of the outputs was written (files of their names are an earlier "
         "run's, not this log's)\n")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_experiment_list_is_an_error(shared, tmp_path_factory, in_tmp, capsys, backend):
+    empty = tmp_path_factory.mktemp("input") / "empty.expt"
+    document = json.load(open(shared("quartz_processed", "refined.expt")))
+    empty.write_text(json.dumps(dict(document, experiment=[])))
+    assert q_map.main([str(empty), f"backend={backend}"]) == 1
+    assert capsys.readouterr().err == (
+        f"dials.q_map: error: {empty}: the experiment list is empty: there is nothing to map\n")
+    assert os.listdir(in_tmp) == []
+
+
+def test_maps_larger_than_the_room_left_are_refused_before_any_file(shared, in_tmp, capsys, monkeypatch):
+    """The PILATUS 6M's five float32 maps (q is three) take 2463 x 2527 x 7 x 4
+    bytes; a file system with less free is told so before anything is written."""
+    size = 2463 * 2527 * 7 * 4
+    real = os.statvfs
+
+    def nearly_full(path):
+        status = real(path)
+        return os.statvfs_result((status.f_bsize, 4096, status.f_blocks, 1000, 1000) + tuple(status)[5:])
+
+    monkeypatch.setattr(os, "statvfs", nearly_full)
+    assert q_map.main([shared("dials_current", "centroid_refined.expt"), "backend=standalone"]) == 1
+    assert capsys.readouterr().err == (
+        f"dials.q_map: error: q_map.h5: cannot be written: the maps take about {size / 1e6:.1f} MB and {in_tmp} has "
+        "4.1 MB free; map less with experiments=, panels= or subsample=\n")
+    assert os.listdir(in_tmp) == []
+
+
+def _q_map_process(args, cwd, file_size_limit, check_room=True):
+    """dials.q_map as the installed command, with a file-size limit (ulimit -f);
+    ``check_room=False`` skips its check of the maps' size first."""
+    import resource
+
+    code = ("import sys\nfrom dials_qconsistency.command_line import q_map\n"
+            + ("" if check_room else "q_map.check_room = lambda params, size: None\n")
+            + f"sys.argv = ['dials.q_map'] + {list(args)!r}\nq_map.console()\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit,) * 2))
+
+
+def test_maps_beyond_the_file_size_limit_are_refused_before_any_file(shared, tmp_path):
+    done = _q_map_process([shared("dials_current", "centroid_refined.expt"), "backend=standalone"], tmp_path,
+                          20_000_000)
+    assert done.returncode == 1
+    assert done.stderr == ("dials.q_map: error: q_map.h5: cannot be written: the maps take about 174.3 MB, more "
+                           "than the file-size limit (ulimit -f) of 20.0 MB; map less with experiments=, panels= or "
+                           "subsample=\n")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_write_that_fails_half_way_ends_with_one_line(shared, tmp_path, backend):
+    """Past the check (a disk filled by another process meanwhile; here a
+    file-size limit the check is told to ignore) libhdf5 fails half-way. The
+    system's words, status 1, only the log; Debian's libhdf5 1.10 (inside
+    DIALS) crashed the process afterwards, freeing the abandoned file."""
+    done = _q_map_process([shared("dials_current", "centroid_refined.expt"), "output.npz=m.npz", f"backend={backend}"],
+                          tmp_path, 20_000_000, check_room=False)
+    assert done.returncode == 1, done.stderr[-500:]
+    assert done.stderr.endswith("dials.q_map: error: q_map.h5 and m.npz: cannot be written (File too large)\n")
+    assert os.listdir(tmp_path) == ["dials.q_map.log"]
+    assert (tmp_path / "dials.q_map.log").read_text().endswith(
+        "\nError: q_map.h5 and m.npz: cannot be written (File too large)\n")

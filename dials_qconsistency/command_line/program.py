@@ -484,10 +484,17 @@ def end_process(status: int):
     synced and closed by then, and the operating system frees the process's
     memory: the objects are frozen (``gc.freeze``) so that the interpreter's
     last garbage collection does not visit them all (0.3 s once DIALS'
-    modules are imported). ``atexit`` handlers (logging's flush) still run."""
+    modules are imported). ``atexit`` handlers (logging's flush) still run,
+    except after dials.q_map abandoned an HDF5 file (``map_files.libhdf5_unclean``):
+    the process then ends at once, its logs flushed."""
     gc.freeze()
     try:
         sys.stdout.flush()
     except BrokenPipeError:
         stdout_to_devnull()
+    map_files = sys.modules.get("dials_qconsistency.io.map_files")
+    if map_files is not None and map_files.libhdf5_unclean:  # its clean-up at exit could crash
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(status if isinstance(status, int) else 1)
     sys.exit(status)

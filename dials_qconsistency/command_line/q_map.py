@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import resource
 import sys
 
 import libtbx.phil
@@ -70,7 +72,8 @@ image = None
           "phi the Miller indices, and a scan-varying beam, are evaluated;"
           "default the first image of each scan. Time-of-flight data: the"
           "image (time-of-flight bin) whose time gives each pixel its"
-          "wavelength over its flight path. Stills ignore it."
+          "wavelength over its flight path. A still has one setting: image= with"
+          "stills in the list is an error (choose them with experiments=)."
 wavelength = None
   .type = float(value_min=0)
   .help = "Polychromatic (Laue, time-of-flight) beams: the wavelength (Angstrom)"
@@ -131,17 +134,21 @@ def output_paths(params) -> dict[str, str]:
 
 
 def selected(indices, count, what, path):
-    """The chosen indices (all by default), each checked against ``count``."""
+    """The chosen indices (all by default), each checked against ``count`` and named once."""
     if indices is None:
         return list(range(count))
     for index in indices:
         if index >= count:
             raise QConsistencyError(f"{what}={index} does not exist (there are {count})", path)
+        if indices.count(index) > 1:
+            raise QConsistencyError(f"{what}= names {index} twice ({what}={','.join(map(str, indices))})", path)
     return list(indices)
 
 
 def map_plan(experiments, params, path):
     """[(experiment index, MapSetting, image, φ, [panel indices])] after checking every choice."""
+    if not len(experiments):
+        raise QConsistencyError("the experiment list is empty: there is nothing to map", path)
     plan = []
     every = [n for n in QUANTITIES if n != "miller_index" or params.miller_indices]
     for index in selected(params.experiments, len(experiments), "experiments", path):
@@ -204,6 +211,64 @@ def polychromatic_map_setting(experiment, params, index, every, path):
     return MapSetting(beam.unit_s0, wavelength_known=False), None, ["two_theta", "azimuth"]
 
 
+def os_error_words(error: OSError) -> str:
+    """The system's words for a failed write: libhdf5 wraps them in a long
+    message naming its temporary file ("... error message = 'File too large' ...")."""
+    found = re.search(r"error message = '([^']*)'", str(error))
+    return found.group(1) if found else error.strerror or str(error)
+
+
+def map_bytes(experiments, plan, params) -> int:
+    """The bytes of the maps one output file holds (the arrays; its own
+    overhead is small beside them)."""
+    per_value = np.dtype(params.precision).itemsize
+    total = 0
+    for index, _, _, _, panels, names in plan:
+        for panel_index in panels:
+            nx, ny = experiments[index].detector.panels[panel_index].image_size
+            pixels = -(-int(nx) // params.subsample) * -(-int(ny) // params.subsample)
+            total += pixels * per_value * sum(QUANTITIES[name][1] for name in names)
+    return total
+
+
+def check_room(params, size: int) -> None:
+    """Refuse, before any file is made, maps larger than the file-size limit
+    (``ulimit -f``) or than the room left on the output's file system: a write
+    that fails half-way costs the time spent, and libhdf5 1.10 can crash
+    cleaning up after one."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    needed = {}  # file system -> (bytes, a folder on it)
+    for path in (params.output.hdf5, params.output.npz):
+        if not path:
+            continue
+        if soft != resource.RLIM_INFINITY and size > soft:
+            raise QConsistencyError(f"cannot be written: the maps take about {_bytes(size)}, more than the file-size "
+                                    f"limit (ulimit -f) of {_bytes(soft)}; map less with experiments=, panels= or "
+                                    "subsample=", path)
+        folder = os.path.dirname(os.path.abspath(path))
+        device = os.stat(folder).st_dev
+        needed[device] = (needed.get(device, (0, folder))[0] + size, folder)
+    for device, (bytes_, folder) in needed.items():
+        status = os.statvfs(folder)
+        free = status.f_bavail * status.f_frsize
+        if bytes_ > free:
+            paths = " and ".join(p for p in (params.output.hdf5, params.output.npz)
+                                 if p and os.stat(os.path.dirname(os.path.abspath(p))).st_dev == device)
+            raise QConsistencyError(f"cannot be written: the maps take about {_bytes(bytes_)} and {folder} has "
+                                    f"{_bytes(free)} free; map less with experiments=, panels= or subsample=", paths)
+
+
+def _bytes(count: int) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count / 1e3:.1f} kB"
+
+
+#: The hidden temporary files of dials.q_map's outputs (named in libhdf5's errors).
+TEMPORARY_PREFIX = ".tmp-q_map-"
+
+
 @blas_on_one_thread
 def run(args=None, phil=phil_scope):
     """Run the program; return 0 on success. Raises QConsistencyError on bad input.
@@ -229,8 +294,9 @@ def run(args=None, phil=phil_scope):
     check_output_paths(output_paths(params), [expt_path])
     experiments = backends.get(arguments.backend).read_experiments(expt_path)
     plan = map_plan(experiments, params, expt_path)
+    check_room(params, map_bytes(experiments, plan, params))
 
-    staged = StagedOutputs()
+    staged = StagedOutputs(prefix=TEMPORARY_PREFIX)
     with logged_run(logger, params.output.log, arguments, staged):
         log_header(logger, "dials.q_map", __version__, arguments)
         logger.info(f"Read {len(experiments)} experiment(s) from {expt_path}")
@@ -275,7 +341,7 @@ def write_maps(params, experiments, plan, expt_path, staged):
             for writer in writers:
                 writer.abort()
             if isinstance(error, OSError):  # h5py and zipfile report a full disk so
-                raise QConsistencyError(f"cannot be written ({error.strerror or error})", " and ".join(targets)) from None
+                raise QConsistencyError(f"cannot be written ({os_error_words(error)})", " and ".join(targets)) from None
             raise
         staged.commit()
     for kind in ("hdf5", "npz"):

@@ -28,6 +28,11 @@ def _plain(value):
     return value
 
 
+#: Set once an HDF5 map has been abandoned after a failure (see :meth:`Hdf5MapWriter.abort`).
+libhdf5_unclean = False
+_abandoned = []
+
+
 class Hdf5MapWriter:
     """Datasets created at full size per panel, filled a row block at a time."""
 
@@ -65,7 +70,14 @@ class Hdf5MapWriter:
         self._file.close()
 
     def abort(self) -> None:
-        """Close after a failure (the staged file is removed by the caller)."""
+        """Close after a failure (the staged file is removed by the caller).
+        libhdf5 (1.10, as Debian's h5py has it) may fail to close a file whose
+        writes failed (a full disk, a file-size limit) and then crash in its
+        own clean-up when the process exits: :data:`libhdf5_unclean` tells the
+        command to end without it (``program.end_process``)."""
+        global libhdf5_unclean
+        libhdf5_unclean = True
+        _abandoned.append(self)  # freeing its h5py objects can crash too: kept to the end
         try:
             self._file.close()
         except Exception:
