@@ -438,3 +438,34 @@ def test_a_write_that_fails_half_way_ends_with_one_line(shared, tmp_path, backen
     assert os.listdir(tmp_path) == ["dials.q_map.log"]
     assert (tmp_path / "dials.q_map.log").read_text().endswith(
         "\nError: q_map.h5 and m.npz: cannot be written (File too large)\n")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_experiments_sharing_detector_and_beam_share_their_maps(shared, in_tmp, backend):
+    """The five CuNiR stills share one detector and one beam: the HDF5 file holds
+    their q, d, 2θ and azimuth maps once (the other experiments' are hard links
+    to them) and each its own Miller indices, h = A⁻¹·q with its own crystal;
+    the .npz holds a copy each, the same numbers."""
+    expt = shared("ssx_CuNiR_test_data", "indexed.expt")
+    assert q_map.main([expt, "miller_indices=True", "subsample=16", "output.npz=m.npz", f"backend={backend}"]) == 0
+    experiments = read_experiments(expt)
+    npz = np.load("m.npz")
+    with h5py.File("q_map.h5", "r") as f:
+        first = f["experiment_0/panel_0"]
+        q = first["q"][()]
+        pixels = q.shape[0] * q.shape[1]
+        for k in range(1, 5):
+            group = f[f"experiment_{k}/panel_0"]
+            assert group.attrs["same_maps_as"] == "experiment_0/panel_0"
+            for name in ("q", "q_norm", "d_spacing", "two_theta", "azimuth", "x_px", "y_px"):
+                assert group[name] == first[name]  # one object in the file (a hard link), not a copy
+                np.testing.assert_array_equal(npz[f"experiment_{k}/panel_0/{name}"], first[name][()])
+            assert group["miller_index"] != first["miller_index"]
+            inverse = np.linalg.inv(experiments[k].crystal.A)
+            np.testing.assert_allclose(group["miller_index"][()], np.einsum("ij,yxj->yxi", inverse, q), atol=2e-4)
+            np.testing.assert_array_equal(npz[f"experiment_{k}/panel_0/miller_index"], group["miller_index"][()])
+    # the maps once (3 + 1 + 1 + 1 + 1 float32 per pixel) and five sets of Miller indices (3 each)
+    arrays = pixels * 4 * (7 + 5 * 3)
+    assert arrays < os.path.getsize("q_map.h5") < arrays + 200_000
+    log = open("dials.q_map.log").read()
+    assert log.count("(the same maps as experiment_0/panel_0)") == 4

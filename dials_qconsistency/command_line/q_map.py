@@ -218,27 +218,34 @@ def os_error_words(error: OSError) -> str:
     return found.group(1) if found else error.strerror or str(error)
 
 
-def map_bytes(experiments, plan, params) -> int:
-    """The bytes of the maps one output file holds (the arrays; its own
-    overhead is small beside them)."""
+def map_bytes(experiments, plan, params) -> dict:
+    """The bytes of the maps each output file holds ({"hdf5": ..., "npz": ...};
+    the arrays, the files' own overhead is small beside them): a panel with the
+    same maps as one before it (:func:`same_maps_key`) adds its Miller indices
+    alone to the HDF5 file, which links the rest."""
     per_value = np.dtype(params.precision).itemsize
-    total = 0
-    for index, _, _, _, panels, names in plan:
+    sizes, seen = {"hdf5": 0, "npz": 0}, set()
+    for index, setting, _, _, panels, names in plan:
         for panel_index in panels:
             nx, ny = experiments[index].detector.panels[panel_index].image_size
             pixels = -(-int(nx) // params.subsample) * -(-int(ny) // params.subsample)
-            total += pixels * per_value * sum(QUANTITIES[name][1] for name in names)
-    return total
+            every = pixels * per_value * sum(QUANTITIES[name][1] for name in names)
+            key = same_maps_key(experiments[index], panel_index, setting)
+            sizes["npz"] += every
+            sizes["hdf5"] += pixels * per_value * 3 * ("miller_index" in names) if key in seen else every
+            seen.add(key)
+    return sizes
 
 
-def check_room(params, size: int) -> None:
-    """Refuse, before any file is made, maps larger than the file-size limit
-    (``ulimit -f``) or than the room left on the output's file system: a write
-    that fails half-way costs the time spent, and libhdf5 1.10 can crash
-    cleaning up after one."""
+def check_room(params, sizes: dict) -> None:
+    """Refuse, before any file is made, maps (``sizes``: :func:`map_bytes`)
+    larger than the file-size limit (``ulimit -f``) or than the room left on
+    the outputs' file system: a write that fails half-way costs the time
+    spent, and libhdf5 1.10 can crash cleaning up after one."""
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    needed = {}  # file system -> (bytes, a folder on it)
-    for path in (params.output.hdf5, params.output.npz):
+    needed = {}  # file system -> (bytes, a folder on it, the paths)
+    for kind in ("hdf5", "npz"):
+        path, size = getattr(params.output, kind), sizes[kind]
         if not path:
             continue
         if soft != resource.RLIM_INFINITY and size > soft:
@@ -246,16 +253,15 @@ def check_room(params, size: int) -> None:
                                     f"limit (ulimit -f) of {_bytes(soft)}; map less with experiments=, panels= or "
                                     "subsample=", path)
         folder = os.path.dirname(os.path.abspath(path))
-        device = os.stat(folder).st_dev
-        needed[device] = (needed.get(device, (0, folder))[0] + size, folder)
-    for device, (bytes_, folder) in needed.items():
+        total, _, paths = needed.get(os.stat(folder).st_dev, (0, folder, []))
+        needed[os.stat(folder).st_dev] = (total + size, folder, paths + [path])
+    for total, folder, paths in needed.values():
         status = os.statvfs(folder)
         free = status.f_bavail * status.f_frsize
-        if bytes_ > free:
-            paths = " and ".join(p for p in (params.output.hdf5, params.output.npz)
-                                 if p and os.stat(os.path.dirname(os.path.abspath(p))).st_dev == device)
-            raise QConsistencyError(f"cannot be written: the maps take about {_bytes(bytes_)} and {folder} has "
-                                    f"{_bytes(free)} free; map less with experiments=, panels= or subsample=", paths)
+        if total > free:
+            raise QConsistencyError(f"cannot be written: the maps take about {_bytes(total)} and {folder} has "
+                                    f"{_bytes(free)} free; map less with experiments=, panels= or subsample=",
+                                    " and ".join(paths))
 
 
 def _bytes(count: int) -> str:
@@ -318,6 +324,7 @@ def write_maps(params, experiments, plan, expt_path, staged):
         "pixel_centres": "(i + 0.5) px along each panel axis, every subsample-th pixel",
     }
     targets = [getattr(params.output, kind) for kind in ("hdf5", "npz") if getattr(params.output, kind)]
+    mapped = {}  # same_maps_key -> (the group of its panel's maps, their extent for the log)
     with staged:
         writers = []
         try:
@@ -333,8 +340,12 @@ def write_maps(params, experiments, plan, expt_path, staged):
                 logger.info(f"Experiment {index}" + setting_words(experiment, setting, image, phi, names) + ":")
                 for panel_index in panels:
                     panel = experiment.detector.panels[panel_index]
-                    extent = write_panel(writers, f"{group}/panel_{panel_index}", panel, setting, names, params, dtype, workers)
-                    logger.info(panel_line(panel_index, panel, extent))
+                    key = same_maps_key(experiment, panel_index, setting)
+                    path, same_as = f"{group}/panel_{panel_index}", mapped.get(key)
+                    extent = write_panel(writers, path, panel, setting, names, params, dtype, workers, same_as)
+                    mapped.setdefault(key, (path, extent))
+                    logger.info(panel_line(panel_index, panel, extent)
+                                + (f" (the same maps as {same_as[0]})" if same_as else ""))
             for writer in writers:
                 writer.close()
         except BaseException as error:
@@ -375,11 +386,27 @@ def experiment_attributes(experiment, setting, image, phi) -> dict:
     }
 
 
-def write_panel(writers, group, panel, setting, names, params, dtype, workers):
+def same_maps_key(experiment, panel_index, setting):
+    """What a panel's maps other than the Miller indices depend on: the panel
+    (of a detector model experiments share, compared as the same model), the
+    beam's s0 and time-of-flight bin."""
+    return (id(experiment.detector), panel_index, np.asarray(setting.s0, dtype=float).tobytes(),
+            setting.time_of_flight_us, setting.source_mm, setting.wavelength_known)
+
+
+def write_panel(writers, group, panel, setting, names, params, dtype, workers, same_as=None):
     """One panel, block by block; returns (quantity, min, max) of |q| (or 2θ
-    when the map has no |q|) for the log."""
+    when the map has no |q|) for the log. ``same_as``: (group, extent) of a
+    panel already written with the same maps but the Miller indices
+    (:func:`same_maps_key`): writers that can (HDF5) link those maps to it
+    rather than hold a copy, and only what they still need is computed."""
     x = pixel_centres(panel.image_size[0], params.subsample)
     y = pixel_centres(panel.image_size[1], params.subsample)
+    links = {} if same_as is None else {name: same_as[0] for name in names if name != "miller_index"}
+    if links and all(writer.links for writer in writers):
+        computed = [name for name in names if name not in links]
+    else:
+        computed = names
     datasets = {}
     for name in names:
         units, per_pixel, description = QUANTITIES[name]
@@ -398,19 +425,20 @@ def write_panel(writers, group, panel, setting, names, params, dtype, workers):
         "thickness": panel.thickness,
     }
     for writer in writers:
-        writer.begin_panel(group, attributes, datasets, {"x_px": x, "y_px": y})
+        writer.begin_panel(group, attributes, datasets, {"x_px": x, "y_px": y}, links)
     low, high = np.inf, -np.inf
     rows = params.rows_per_block if isinstance(params.rows_per_block, int) else None
-    blocks = panel_blocks(panel, setting, names, params.subsample, rows, dtype, workers)
     shown = "q_norm" if "q_norm" in names else "two_theta"
-    for start, stop, arrays in blocks:
-        values = arrays[shown]
-        low, high = min(low, float(np.nanmin(values))), max(high, float(np.nanmax(values)))
-        for writer in writers:
-            writer.write_rows(start, stop, arrays)
+    if computed:
+        for start, stop, arrays in panel_blocks(panel, setting, computed, params.subsample, rows, dtype, workers):
+            if shown in arrays:
+                values = arrays[shown]
+                low, high = min(low, float(np.nanmin(values))), max(high, float(np.nanmax(values)))
+            for writer in writers:
+                writer.write_rows(start, stop, arrays)
     for writer in writers:
         writer.end_panel()
-    return shown, low, high
+    return same_as[1] if same_as else (shown, low, high)
 
 
 def panel_line(index, panel, extent) -> str:

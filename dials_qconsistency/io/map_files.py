@@ -46,22 +46,37 @@ class Hdf5MapWriter:
     def set_group_attributes(self, group: str, attributes: dict) -> None:
         self._file.require_group(group).attrs.update({k: _plain(v) for k, v in attributes.items() if v is not None})
 
-    def begin_panel(self, group: str, attributes: dict, datasets: dict, coordinates: dict) -> None:
-        """``datasets``: name -> (shape, dtype, units, description); ``coordinates``: name -> 1-d array."""
+    #: Datasets equal to another panel's are hard links to it (one copy in the file).
+    links = True
+
+    def begin_panel(self, group: str, attributes: dict, datasets: dict, coordinates: dict, links=None) -> None:
+        """``datasets``: name -> (shape, dtype, units, description); ``coordinates``: name -> 1-d array;
+        ``links``: name -> the group whose dataset of that name this panel's is (the
+        coordinates then too), a hard link rather than a copy; the group's attribute
+        ``same_maps_as`` names it."""
         node = self._file.require_group(group)
         node.attrs.update({k: _plain(v) for k, v in attributes.items() if v is not None})
+        links = links or {}
+        if links:
+            node.attrs["same_maps_as"] = next(iter(links.values()))
         for name, values in coordinates.items():
-            node.create_dataset(name, data=values).attrs["units"] = "pixel"
+            if links:
+                node[name] = self._file[f"{next(iter(links.values()))}/{name}"]
+            else:
+                node.create_dataset(name, data=values).attrs["units"] = "pixel"
         self._datasets = {}
         for name, (shape, dtype, units, description) in datasets.items():
+            if name in links:
+                node[name] = self._file[f"{links[name]}/{name}"]
+                continue
             dataset = node.create_dataset(name, shape=shape, dtype=dtype)
             dataset.attrs["units"] = units
             dataset.attrs["description"] = description
             self._datasets[name] = dataset
 
     def write_rows(self, start: int, stop: int, arrays: dict) -> None:
-        for name, values in arrays.items():
-            self._datasets[name][start:stop] = values
+        for name, dataset in self._datasets.items():
+            dataset[start:stop] = arrays[name]
 
     def end_panel(self) -> None:
         self._datasets = {}
@@ -99,7 +114,10 @@ class NpzMapWriter:
             {k: _plain(v) for k, v in attributes.items() if v is not None}
         )
 
-    def begin_panel(self, group: str, attributes: dict, datasets: dict, coordinates: dict) -> None:
+    #: Every member holds its own arrays (a zip has no links): all are computed.
+    links = False
+
+    def begin_panel(self, group: str, attributes: dict, datasets: dict, coordinates: dict, links=None) -> None:
         self.set_group_attributes(group, attributes)
         for name, values in coordinates.items():
             self._add_array(f"{group}/{name}", np.asarray(values))
