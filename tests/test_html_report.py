@@ -239,25 +239,29 @@ def test_the_residual_and_cell_tables_equal_a_direct_computation(shared, tmp_pat
     assert float(cells["rows"][0][2]) == pytest.approx(a.std(), abs=5e-5)
 
 
-def test_no_correlation_is_given_for_residuals_of_rounding(shared):
-    """At the calculated positions a consistent model's residuals are ~1e-14 mm:
-    their correlation with Δφ is that of rounding, so none is given; the
-    CSPAD stills' observed residuals (tens of µm) get theirs."""
+def test_no_correlation_is_given_for_residuals_or_angles_of_rounding(shared):
+    """At the calculated positions a consistent model's residuals are ~1e-14 mm,
+    and at the calculated φ its Δφ ~1e-14°, even with observed positions:
+    their correlation is that of rounding, so none is given. The CSPAD stills'
+    observed residuals and Δψ (tens of µm, tenths of a degree) get theirs."""
     from dials_qconsistency.report.residual_tables import residual_tables
     from dials_qconsistency.core.q_vectors import Options, compute_q
     from dials_qconsistency.core.decomposition import decompose
     from dials_qconsistency.io.expt import read_experiments
 
-    for name, source, given in (("centroid_refined", "calculated", False), ("cspad_stills_refined", "observed", True)):
+    for name, source in (("centroid_refined", "calculated"), ("centroid_refined", "observed"),
+                         ("cspad_stills_refined", "observed")):
         experiments = read_experiments(shared("dials_current", name + ".expt"))
         table = ReflectionTable.from_file(shared("dials_current", name + ".refl"))
         result = compute_q(experiments, table.columns(), table.identifiers, Options(q_pixel_source=source))
         parts = decompose(experiments, result)
         residuals = residual_tables(experiments, result, parts, None)[0]
         rms_mm = np.sqrt(np.nanmean(parts.radial_mm[result.used] ** 2))
-        assert (rms_mm < 1e-9) != given, rms_mm  # rounding at the calculated positions; 10s of µm observed
+        rms_deg = np.degrees(np.sqrt(np.nanmean(parts.angle[result.used] ** 2)))
+        rounding = rms_mm < 1e-9 or rms_deg < 1e-9
+        assert rounding == (name == "centroid_refined"), (name, source, rms_mm, rms_deg)
         cells = [cell for row in residuals["rows"] for cell in row[4:6]]
-        assert all(cell != "–" for cell in cells) if given else set(cells) == {"–"}, cells
+        assert set(cells) == {"–"} if rounding else all(cell != "–" for cell in cells), cells
 
 
 def test_the_residual_sums_on_threads_are_the_same_floats(shared, monkeypatch):

@@ -112,7 +112,7 @@ def test_the_command_calls_the_refined_model_consistent_and_says_what_it_checked
     assert experiment["kind"] == "tof" and experiment["s1"].startswith("prediction")
     assert experiment["max_q_bragg_vs_q_pred"] <= 1e-9 and experiment["max_q_pixel_calculated_vs_q_pred"] <= 1e-9
     log = open("dials.q_consistency.log").read()
-    assert "Laue data |q_bragg - q_pred| RMS" in log and "expt 0 (tof)" in log
+    assert "Laue data |q_bragg - q_pixel| at the calculated positions RMS" in log and "expt 0 (tof)" in log
     assert "the table's s0_cal agrees to 0 1/Angstrom (as it should)" in log
 
 

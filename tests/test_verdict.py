@@ -147,6 +147,27 @@ def test_a_shift_across_the_beam_is_named_as_such_and_first(shared, tmp_path, mo
     assert not any("detector distance" in r or "off their panels" in r for r in verdict["reasons"]), verdict["reasons"]
 
 
+def test_a_moved_detector_leaves_q_bragg_the_tables_prediction(shared, tmp_path, monkeypatch):
+    """The refined sweep's detector moved 0.5 mm across the beam: q_bragg is
+    still the table's prediction (to rounding), and the log's self-tests show
+    it; the rotation check says what it measures, q_bragg against q at the
+    calculated positions (0.5 mm at ~190 mm from a 1/0.9795 Å⁻¹ sphere:
+    ~0.0027 Å⁻¹), and blames no prediction."""
+    document = json.load(open(shared("dials_current", "centroid_refined.expt")))
+    document["detector"][0]["hierarchy"]["origin"][0] += 0.5
+    moved = tmp_path / "moved.expt"
+    moved.write_text(json.dumps(document))
+    status, verdict, log = run_verdict(tmp_path, monkeypatch, str(moved), shared("dials_current", "centroid_refined.refl"))
+    experiment = json.load(open(tmp_path / "qc.json"))["per_experiment"][0]
+    assert experiment["max_q_bragg_vs_q_pred"] < 1e-14
+    # shown, though s1 matches neither position: it clears the crystal and goniometer
+    assert re.search(r"expt 0: .*\|q_bragg - q_pred\| [0-9.]+e-1[0-9]", log), log
+    assert 0.0015 < verdict["checks"]["rms_delta_q_rotation"] < 0.004
+    assert not any("prediction" in reason for reason in verdict["reasons"]), verdict["reasons"]
+    assert any(reason.startswith("for rotation data q_bragg differs from q at the table's calculated positions and "
+                                 "angles by ") for reason in verdict["reasons"]), verdict["reasons"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_table_of_another_detector_leads_the_verdict_on_both_backends(shared, tmp_path, monkeypatch, backend):
     """The 64-panel CSPAD's models with the PILATUS sweep's table (one panel

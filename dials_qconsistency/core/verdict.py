@@ -12,7 +12,7 @@ A model is called **consistent** when
 * with calculated positions, the model reproduces its own predictions to
   numerical precision: the model's spot lies on xyzcal.mm (in-plane RMS at most
   ``PRECISION_MM``) and, for rotation data at the calculated φ, q_bragg equals
-  the table's prediction (RMS |Δq| at most ``PRECISION_Q``); for stills |Δq| is
+  q at the calculated position (RMS |Δq| at most ``PRECISION_Q``); for stills |Δq| is
   then exactly the Ewald offset 2|q|·|sin(Δψ/2)|;
 * for stills whose table has DIALS' ``delpsical.rad``, whatever the positions,
   the model's Δψ equals it (RMS at most ``PRECISION_PSI``): a crystal other
@@ -238,8 +238,9 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
                 f"the model's spots are {in_plane:.3g} mm (RMS) from the calculated positions in the table, "
                 f"not at them (numerical precision: {PRECISION_MM:g} mm)"
             )
-        # Rotation data at the calculated φ, and Laue data (the goniometer static),
-        # are predicted from q_bragg itself: q_pred must equal it.
+        # Rotation data at the calculated φ, and Laue data (the goniometer static):
+        # q_bragg must be q at the table's calculated positions (and angles). Not
+        # "q_pred": with the detector or beam changed q_bragg may still equal it.
         laue = [e for e in summary.experiments if e.kind in ("tof", "laue")]
         for key, label, kinds, applies in (("rms_delta_q_rotation", "rotation", ("rotation",), options.phi == "calculated"),
                                            ("rms_delta_q_laue", "Laue", ("tof", "laue"), bool(laue))):
@@ -250,7 +251,8 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
             checks[key] = worst
             if worst is not None and worst > PRECISION_Q:
                 reasons.append(
-                    f"for {label} data q_bragg differs from the table's prediction by {worst:.3g} 1/Angstrom (RMS), "
+                    f"for {label} data q_bragg differs from q at the table's calculated positions"
+                    f"{' and angles' if label == 'rotation' else ''} by {worst:.3g} 1/Angstrom (RMS), "
                     f"beyond numerical precision ({PRECISION_Q:g})"
                     + (f": if these are the models the table was made with, check scan_varying.model_state "
                        f"({_other_model_state(options.model_state)})"

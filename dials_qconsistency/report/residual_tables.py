@@ -13,7 +13,7 @@ import numpy as np
 
 from dials_qconsistency.core.blocks import map_blocks
 from dials_qconsistency.core.row_statistics import contiguous
-from dials_qconsistency.core.verdict import PRECISION_MM
+from dials_qconsistency.core.verdict import PRECISION_MM, PRECISION_PSI
 from dials_qconsistency.report.html import number
 
 
@@ -74,11 +74,16 @@ def _group_sums(result, parts, variance, used, label, groups: int, pool=None) ->
     return sums
 
 
+#: An angle (Δφ at the calculated φ, degrees) whose RMS is within numerical precision.
+PRECISION_DEG = float(np.degrees(PRECISION_PSI))
+
+
 def _correlation(n, sa, sb, saa, sbb, sab):
-    """Pearson's r of a residual a (mm) with an angle b from sums (None below 3
-    pairs, for a constant variable, or for residuals within numerical
-    precision, RMS at most ``PRECISION_MM``: the correlation of rounding)."""
-    if n < 3 or saa <= n * PRECISION_MM ** 2:
+    """Pearson's r of a residual a (mm) with an angle b (degrees) from sums
+    (None below 3 pairs, for a constant variable, or where either is within
+    numerical precision, RMS at most ``PRECISION_MM`` or ``PRECISION_DEG``:
+    the correlation of rounding)."""
+    if n < 3 or saa <= n * PRECISION_MM ** 2 or sbb <= n * PRECISION_DEG ** 2:
         return None
     var_a, var_b = saa / n - (sa / n) ** 2, sbb / n - (sb / n) ** 2
     if var_a <= 1e-12 * saa / n or var_b <= 1e-12 * sbb / n:

@@ -6,7 +6,8 @@ import json
 import math
 
 from dials_qconsistency.core.q_vectors import NOT_REFINED, REASONS
-from dials_qconsistency.core.statistics import S1_NEITHER, S1_OBSERVED, S1_PREDICTED, Summary
+from dials_qconsistency.core.statistics import S1_NEITHER, S1_OBSERVED, Summary
+from dials_qconsistency.core.verdict import PRECISION_Q
 
 
 def _fmt(value, spec=".3e") -> str:
@@ -42,8 +43,9 @@ def verdict_text(verdict) -> str:
 #: The numbers behind a verdict: check key -> how to say it (the log's and the report's words).
 VERDICT_NUMBERS = (
     ("rms_in_plane_mm", "model spot to xyzcal.mm RMS {:.3g} mm"),
-    ("rms_delta_q_rotation", "rotation data |q_bragg - q_pred| RMS {:.3g} 1/Angstrom"),
-    ("rms_delta_q_laue", "Laue data |q_bragg - q_pred| RMS {:.3g} 1/Angstrom"),
+    ("rms_delta_q_rotation", "rotation data |q_bragg - q_pixel| at the calculated positions and angles RMS {:.3g} "
+                             "1/Angstrom"),
+    ("rms_delta_q_laue", "Laue data |q_bragg - q_pixel| at the calculated positions RMS {:.3g} 1/Angstrom"),
     ("rms_delta_psi_vs_delpsical_rad", "stills |dpsi - delpsical.rad| RMS {:.3g} rad"),
     ("rms_wavelength_rel", "time of flight: wavelength error RMS {:.3g} (relative)"),
     ("centroid_sigma_q", "centroid uncertainty {:.3g} 1/Angstrom (median)"),
@@ -147,9 +149,16 @@ def summary_text(summary: Summary, options) -> str:
 
 def bragg_self_test(e) -> float | None:
     """max |q_bragg − q_pred| of an experiment, where it is a self-test of the
-    model: rotation or Laue data whose s1 is the prediction (after dials.index
-    q_pred follows the observations)."""
-    return e.max_bragg_vs_pred if e.s1_kind == S1_PREDICTED else None
+    model: rotation or Laue data whose s1 is the prediction (not after
+    dials.index: q_pred then follows the observations); where s1 matches
+    neither position, only when q_bragg is q_pred to numerical precision: the
+    table was predicted with this crystal and goniometer, and another detector
+    or beam (else what its s1 is remains unknown)."""
+    if e.s1_kind == S1_OBSERVED or e.max_bragg_vs_pred is None:
+        return None
+    if e.s1_kind == S1_NEITHER and e.max_bragg_vs_pred > PRECISION_Q:
+        return None
+    return e.max_bragg_vs_pred
 
 
 def self_test_remarks(e) -> list[str]:
