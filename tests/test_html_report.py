@@ -18,8 +18,9 @@ from dials_qconsistency.command_line.q_consistency import main
 from dials_qconsistency.io.refl import ReflectionTable
 from conftest import EXAMPLES, SHARED_DATA
 
-#: Charts of the page and the number of traces each must draw.
-TRACES = {"detector": 2, "arrows": 1, "components_fast": 3, "components_slow": 3, "vs_resolution": 1, "vs_image": 1,
+#: Charts of the page and the number of traces each must draw (the arrows chart:
+#: the panels, the arrows and, beyond rounding, their heads).
+TRACES = {"detector": 2, "arrows": 3, "components_fast": 3, "components_slow": 3, "vs_resolution": 1, "vs_image": 1,
           "histogram": 1}
 
 #: Charts of stills only (the trumpet, Δ2θ against 2θ, the per-still RMS histogram).
@@ -91,6 +92,8 @@ def test_the_report_opens_offline_and_says_what_the_log_says(browser, tmp_path, 
         "return Object.fromEntries([...document.querySelectorAll('.chart')].map(c => "
         "[c.id.slice(6), [c._fullData.length, c.querySelectorAll('.main-svg').length, c.querySelectorAll('canvas').length]]))")
     traces = {name: count for name, (count, _, _) in drawn.items()}
+    arrows_title = browser.execute_script("return document.getElementById('chart-arrows')._fullLayout.title.text")
+    traces["arrows"] += "none beyond rounding" in arrows_title  # no heads on arrows of rounding
     stills = "stills" in label or "64 panels" in label
     assert traces == {**TRACES, **(STILLS_TRACES if stills else {}), **(LAUE_TRACES if "time" in label else {})}
     assert all(svg > 0 for _, svg, _ in drawn.values())
@@ -360,3 +363,67 @@ def test_a_beam_change_alone_gives_its_report_and_figures(shared, tmp_path, monk
     delta_s0 = np.linalg.norm(turn @ direction - direction) / document["beam"][0]["wavelength"]
     assert report["overall"]["delta_q"]["max"] - report["overall"]["delta_q"]["median"] < 1e-12
     assert report["overall"]["delta_q"]["median"] == pytest.approx(delta_s0, rel=1e-9)
+
+
+@pytest.mark.parametrize("pair, source, angle", [
+    (("dials_current", "centroid_refined"), "observed", "Δφ (deg)"),
+    (("dials_current", "cspad_stills_refined"), "observed", "Δψ (deg)"),
+    (("tof_sxd_nacl", "sxd_refined"), "observed", None)])
+def test_the_detector_chart_menu_names_each_view_and_its_unit(shared, pair, source, angle):
+    """Each view of the detector chart gives its colour bar its own unit (the
+    angle's read Å⁻¹), names the angle the data have (Δφ for a sweep, Δψ for
+    stills), offers none for time-of-flight rows (all NaN), and the first view
+    has the colour limits its button gives it."""
+    from dials_qconsistency.report.charts import charts
+    from dials_qconsistency.report.points import point_sample
+    from dials_qconsistency.core.q_vectors import Options, compute_q
+    from dials_qconsistency.core.decomposition import decompose
+    from dials_qconsistency.io.expt import read_experiments
+
+    experiments = read_experiments(shared(pair[0], pair[1] + ".expt"))
+    table = ReflectionTable.from_file(shared(pair[0], pair[1] + ".refl"))
+    result = compute_q(experiments, table.columns(), table.identifiers, Options(q_pixel_source=source))
+    parts = decompose(experiments, result)
+    sample = point_sample(result, parts, None, table.columns()["miller_index"])
+    (detector,) = [c for c in charts(experiments, result, sample) if c["id"] == "detector"]
+    buttons = detector["layout"]["updatemenus"][0]["buttons"]
+    units = {b["label"]: b["args"][0]["marker.colorbar.title.text"][0] for b in buttons}
+    expected = {"|Δq| (Å⁻¹)": "Å⁻¹", "Δq_x (Å⁻¹)": "Å⁻¹", "Δq_y (Å⁻¹)": "Å⁻¹", "Δq_z (Å⁻¹)": "Å⁻¹",
+                "|q_bragg| - |q_pixel| (Å⁻¹)": "Å⁻¹"}
+    assert units == (dict(expected, **{angle: "deg"}) if angle else expected)
+    marker = detector["data"][1]["marker"]
+    assert (marker["cmin"], marker["cmax"]) == (0.0, buttons[0]["args"][0]["marker.cmax"][0]) and marker["cmax"] > 0
+
+
+def test_the_arrows_have_heads_along_them_over_the_panels(shared, tmp_path):
+    """The refined sweep's detector moved 0.5 mm along lab x: every in-plane
+    residual (model spot − q_pixel spot) points one way, and each arrow's head
+    is turned along its own segment (plotly turns markers clockwise from up);
+    the panel is outlined beneath."""
+    import base64
+
+    from dials_qconsistency.report.charts import charts
+    from dials_qconsistency.report.points import point_sample
+    from dials_qconsistency.core.q_vectors import Options, compute_q
+    from dials_qconsistency.core.decomposition import decompose
+    from dials_qconsistency.io.expt import read_experiments
+
+    document = json.load(open(shared("dials_current", "centroid_refined.expt")))
+    document["detector"][0]["hierarchy"]["origin"][0] += 0.5
+    moved = tmp_path / "moved.expt"
+    moved.write_text(json.dumps(document))
+    experiments = read_experiments(str(moved))
+    table = ReflectionTable.from_file(shared("dials_current", "centroid_refined.refl"))
+    result = compute_q(experiments, table.columns(), table.identifiers, Options())
+    parts = decompose(experiments, result)
+    sample = point_sample(result, parts, None, table.columns()["miller_index"])
+    (arrows,) = [c for c in charts(experiments, result, sample) if c["id"] == "arrows"]
+    panels, lines, heads = arrows["data"]
+    assert panels["name"] == "panels" and len(panels["x"]) == 6  # one panel: four corners, closed, and a break
+    values = lambda typed: np.frombuffer(base64.b64decode(typed["bdata"]), "<f4")  # noqa: E731
+    x, y = values(lines["x"]).reshape(-1, 3), values(lines["y"]).reshape(-1, 3)
+    along = np.degrees(np.arctan2(x[:, 1] - x[:, 0], y[:, 1] - y[:, 0]))
+    angle = values(heads["marker"]["angle"])
+    assert angle.size == int(np.count_nonzero(result.used)) and np.allclose(angle, along, atol=0.5)
+    assert np.ptp(angle) < 10  # one shift: one direction
+    np.testing.assert_allclose(values(heads["x"]), x[:, 1], atol=1e-3)

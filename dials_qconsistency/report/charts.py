@@ -23,7 +23,7 @@ from dials_qconsistency.report.points import PointSample
 
 #: The quantities the detector chart can colour the spots by: the PNG heatmaps' and Δψ/Δφ.
 COLOURS = {key: HEATMAPS[key] for key in ("norm", "dqx", "dqy", "dqz", "along_q")}
-COLOURS["angle"] = ("Δψ or Δφ (deg)", lambda r, p: np.degrees(p.angle))
+COLOURS["angle"] = ("Δφ or Δψ (deg)", lambda r, p: np.degrees(p.angle))  # named by angle_label
 
 
 #: The arrows chart draws at most this many arrows (more cannot be told apart).
@@ -58,11 +58,6 @@ def detector_chart(experiments, points, parts, hkl, image, sample_note):
     """|Δq| (or a component, by the buttons) at each spot over the panels in
     their lab layout, seen from the sample; hover gives hkl, panel, image."""
     basis = view_basis(experiments[0].beam.along_s0)
-    outline_x, outline_y = [], []
-    for panel in experiments[0].detector.panels:
-        corners = panel_outline(panel, basis)
-        outline_x += list(corners[:, 0]) + [corners[0, 0], None]
-        outline_y += list(corners[:, 1]) + [corners[0, 1], None]
     used = points.used
     xy = project(spot_lab_positions(experiments, points)[used], basis)
     colours = {key: np.asarray(getter(points, parts))[used] for key, (_, getter) in COLOURS.items()}
@@ -77,19 +72,45 @@ def detector_chart(experiments, points, parts, hkl, image, sample_note):
              "customdata": typed(custom, "f8"), "hovertemplate": hover,
              "marker": {"size": 5, "color": typed(colours["norm"]), "colorscale": "Viridis", "showscale": True,
                         "colorbar": {"title": {"text": "Å⁻¹"}}}}
-    panels = {"type": "scatter", "mode": "lines", "name": "panels", "x": outline_x, "y": outline_y,
-              "line": {"color": "#888", "width": 1}, "hoverinfo": "skip"}
+    panels = panel_outlines(experiments, basis)
     buttons = []
     for key, (label, _) in COLOURS.items():
+        if not np.isfinite(colours[key]).any():  # no angle for time-of-flight rows: nothing to show
+            continue
+        if key == "angle":
+            label = angle_label(parts.rotation[used])
         signed = key != "norm"
-        limit = float(np.nanmax(np.abs(colours[key]))) if colours[key].size and np.isfinite(colours[key]).any() else 1.0
+        limit = float(np.nanmax(np.abs(colours[key])))
+        unit = label[label.rindex("(") + 1:-1]
         buttons.append({"label": label, "method": "restyle", "args": [
             {"marker.color": [typed(colours[key])], "marker.colorscale": ["RdBu" if signed else "Viridis"],
-             "marker.cmin": [-limit if signed else 0.0], "marker.cmax": [limit or 1.0]}, [1]]})
+             "marker.cmin": [-limit if signed else 0.0], "marker.cmax": [limit or 1.0],
+             "marker.colorbar.title.text": [unit]}, [1]]})
+    if buttons:  # the first view as its button draws it (the same colour limits when chosen again)
+        first = buttons[0]["args"][0]
+        spots["marker"].update(cmin=first["marker.cmin"][0], cmax=first["marker.cmax"][0])
     layout = chart_layout(f"Δq on the detector, seen from the sample ({sample_note})", "mm across the beam", "mm",
                      yaxis={"title": {"text": "mm"}, "scaleanchor": "x"}, showlegend=False,
                      updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "y": 1.12, "xanchor": "right"}])
     return {"id": "detector", "data": [panels, spots], "layout": layout}
+
+
+def panel_outlines(experiments, basis) -> dict:
+    """The first experiment's panels, outlined as seen from the sample (a trace)."""
+    outline_x, outline_y = [], []
+    for panel in experiments[0].detector.panels:
+        corners = panel_outline(panel, basis)
+        outline_x += list(corners[:, 0]) + [corners[0, 0], None]
+        outline_y += list(corners[:, 1]) + [corners[0, 1], None]
+    return {"type": "scatter", "mode": "lines", "name": "panels", "x": outline_x, "y": outline_y,
+            "line": {"color": "#888", "width": 1}, "hoverinfo": "skip"}
+
+
+def angle_label(rotation) -> str:
+    """The detector chart's name for the angle: Δφ for rotation rows, Δψ for stills."""
+    if rotation.all():
+        return "Δφ (deg)"
+    return "Δψ (deg)" if not rotation.any() else "Δφ (rotation) or Δψ (stills) (deg)"
 
 
 def arrows_chart(experiments, points, parts, sample_note):
@@ -112,11 +133,18 @@ def arrows_chart(experiments, points, parts, sample_note):
     end = start + scale * delta
     x = np.column_stack([start[:, 0], end[:, 0], np.full(len(start), np.nan)]).ravel()
     y = np.column_stack([start[:, 1], end[:, 1], np.full(len(start), np.nan)]).ravel()
-    trace = {"type": "scattergl", "mode": "lines", "x": typed(x), "y": typed(y), "line": {"width": 1}, "hoverinfo": "skip"}
+    trace = {"type": "scattergl", "mode": "lines", "x": typed(x), "y": typed(y), "line": {"width": 1, "color": "#1f77b4"},
+             "hoverinfo": "skip"}
+    data = [panel_outlines(experiments, basis), trace]
+    if not rounding:  # a head at each arrow's end, turned along it (plotly turns markers clockwise from up)
+        data.append({"type": "scattergl", "mode": "markers", "x": typed(end[:, 0]), "y": typed(end[:, 1]),
+                     "marker": {"symbol": "triangle-up", "size": 6, "color": "#1f77b4",
+                                "angle": typed(np.degrees(np.arctan2(delta[:, 0], delta[:, 1])))},
+                     "hoverinfo": "skip"})
     title = (f"In-plane residuals: none beyond rounding (median {typical:.2g} mm; {sample_note})" if rounding else
              f"In-plane residuals, arrows × {scale:.3g} (median {typical:.3g} mm; {sample_note})")
-    return {"id": "arrows", "data": [trace], "layout": chart_layout(title, "mm across the beam", "mm",
-                                                                 yaxis={"title": {"text": "mm"}, "scaleanchor": "x"})}
+    return {"id": "arrows", "data": data, "layout": chart_layout(title, "mm across the beam", "mm", showlegend=False,
+                                                              yaxis={"title": {"text": "mm"}, "scaleanchor": "x"})}
 
 
 def component_charts(experiments, points, sample_note):
