@@ -34,8 +34,10 @@ setup(
     long_description=open("README.rst").read() if os.path.exists("README.rst") else "",
     long_description_content_type="text/x-rst",
     license="BSD-3-Clause",
-    packages=find_packages(include=["dials_qconsistency", "dials_qconsistency.*"]),
-    package_data={"dials_qconsistency.report": ["templates/*.html"]},
+    # phil/ (the refinement strategies the reports point to) is installed as dials_qconsistency/phil
+    packages=find_packages(include=["dials_qconsistency", "dials_qconsistency.*"]) + ["dials_qconsistency.phil"],
+    package_dir={"dials_qconsistency.phil": "phil"},
+    package_data={"dials_qconsistency.report": ["templates/*.html"], "dials_qconsistency.phil": ["*.phil"]},
     python_requires=">=3.9",
     install_requires=["numpy", "matplotlib", "msgpack", "h5py", "plotly", "jinja2", "threadpoolctl"] + cctbx_requirement(),
     extras_require={

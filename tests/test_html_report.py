@@ -427,3 +427,18 @@ def test_the_arrows_have_heads_along_them_over_the_panels(shared, tmp_path):
     assert angle.size == int(np.count_nonzero(result.used)) and np.allclose(angle, along, atol=0.5)
     assert np.ptp(angle) < 10  # one shift: one direction
     np.testing.assert_allclose(values(heads["x"]), x[:, 1], atol=1e-3)
+
+
+def test_the_next_step_names_strategy_files_that_exist():
+    """The next step for a detector mistake names the refinement strategies by
+    their full path, where they are (installed with the package as
+    dials_qconsistency/phil, or the source tree's phil/): a user outside the
+    source tree could not find 'phil/refine_1_detector_beam.phil'."""
+    from dials_qconsistency.report.html import _fix
+
+    text = _fix("beam_centre_shift")
+    paths = re.findall(r"(/\S+\.phil)", text)
+    assert [os.path.basename(p) for p in paths] == [
+        "refine_1_detector_beam.phil", "refine_2_all_free.phil", "refine_stills.phil"], text
+    assert all(os.path.isabs(p) and os.path.isfile(p) for p in paths)
+    assert open(paths[0]).read().startswith("# Step 1 of 2: refine the detector and the beam")

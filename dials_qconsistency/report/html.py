@@ -20,6 +20,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import threading
 
 import numpy as np
@@ -123,7 +124,18 @@ def _fix(mistake) -> str:
     """The next step for a named mistake."""
     key = ("detector" if mistake in DETECTOR_MISTAKES else mistake if mistake in NEXT_STEPS else
            "frame" if mistake in ("lab_axis_rotation", "sign_flip", "mirror") or "rotation" in mistake else mistake)
-    return NEXT_STEPS.get(key, "See the diagnosis above.")
+    return re.sub(r"phil/(\w+\.phil)", lambda m: strategy_path(m.group(1)), NEXT_STEPS.get(key, "See the diagnosis above."))
+
+
+def strategy_path(name: str) -> str:
+    """Where the refinement strategy ``name`` (a file of ``phil/``) is: in the
+    installed package (``dials_qconsistency/phil``), else in the source tree
+    the program runs from."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder in (os.path.join(package, "phil"), os.path.join(os.path.dirname(package), "phil")):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return f"phil/{name}"
 
 
 def number(value, spec=".3e"):
