@@ -442,3 +442,28 @@ def test_the_next_step_names_strategy_files_that_exist():
         "refine_1_detector_beam.phil", "refine_2_all_free.phil", "refine_stills.phil"], text
     assert all(os.path.isabs(p) and os.path.isfile(p) for p in paths)
     assert open(paths[0]).read().startswith("# Step 1 of 2: refine the detector and the beam")
+
+
+def test_the_page_gives_dials_refine_rmsds(shared, tmp_path, monkeypatch):
+    """With observed positions and angles the refined sweep's residuals are
+    dials.refine's RMSDs: RMS of xyzcal − xyzobs in x, y (mm) and φ (degrees)
+    over the rows refinement used, computed here from the input table. The
+    page's per-experiment table gives them (it gave the in-plane RMS alone)."""
+    refl = shared("dials_current", "centroid_refined.refl")
+    monkeypatch.chdir(tmp_path)
+    assert main([shared("dials_current", "centroid_refined.expt"), refl, "q_pixel.source=observed", "phi=observed",
+                 "output.reflections=None", "backend=standalone"]) == 0
+    table = ReflectionTable.from_file(refl)
+    used = (table.get("flags") & 8) != 0
+    difference = (table.get("xyzcal.mm") - table.get("xyzobs.mm.value"))[used]
+    rms = np.sqrt(np.mean(difference ** 2, axis=0))
+    page = (tmp_path / "dials.q_consistency.html").read_text()
+    per_experiment = page[page.index("<h3>Per experiment</h3>"):]
+    header = re.findall(r"<th>(.*?)</th>", per_experiment[:per_experiment.index("</tr>")])
+    cells = re.findall(r"<td>(.*?)</td>", per_experiment[per_experiment.index("</tr>"):])[:len(header)]
+    row = dict(zip(header, cells))
+    assert row["n"] == str(int(used.sum()))
+    assert float(row["x (mm)"]) == pytest.approx(rms[0], abs=5e-5)
+    assert float(row["y (mm)"]) == pytest.approx(rms[1], abs=5e-5)
+    assert float(row["Δφ / Δψ (°)"]) == pytest.approx(np.degrees(rms[2]), abs=5e-5)
+    assert 0.05 < rms[0] < 0.06 and 0.05 < rms[1] < 0.07 and 0.1 < np.degrees(rms[2]) < 0.13  # dials.refine's

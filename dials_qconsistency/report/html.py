@@ -144,17 +144,28 @@ def number(value, spec=".3e"):
 
 
 STATISTICS = ("n", "mean", "median", "rms", "p95", "max")
-RESIDUALS = ("rms_in_plane_mm", "rms_radial_mm", "rms_transverse_mm", "rms_along_q")
+RESIDUALS = ("rms_in_plane_mm", "rms_x_mm", "rms_y_mm", "rms_radial_mm", "rms_transverse_mm", "rms_along_q")
 
 
 def _statistics_table(title, label, entries, names):
-    header = [label, "n", "mean |Δq|", "median", "RMS", "95th pct", "max", "RMS in-plane (mm)", "radial (mm)",
-              "transverse (mm)", "|q| err (Å⁻¹)"]
+    """|Δq| statistics and the RMS residuals, as the log's tables give them: in
+    mm (in-plane, its fast x and slow y parts, as dials.refine's RMSDs, radial,
+    transverse), |q| error, and the angle, Δφ (rotation rows) or Δψ (stills)."""
+    header = [label, "n", "mean |Δq|", "median", "RMS", "95th pct", "max", "RMS in-plane (mm)", "x (mm)", "y (mm)",
+              "radial (mm)", "transverse (mm)", "|q| err (Å⁻¹)", "Δφ / Δψ (°)"]
     rows = []
     for name, stats in zip(names, entries):
         rows.append([name, stats.get("n")] + [number(stats.get(k)) for k in STATISTICS[1:]]
-                    + [number(stats.get(k), ".4f" if k.endswith("mm") else ".2e") for k in RESIDUALS])
+                    + [number(stats.get(k), ".4f" if k.endswith("mm") else ".2e") for k in RESIDUALS]
+                    + [_angles(stats.get("rms_delta_phi_deg"), stats.get("rms_delta_psi_deg"))])
     return {"title": title, "header": header, "rows": rows}
+
+
+def _angles(phi, psi) -> str:
+    """RMS Δφ and/or Δψ (degrees) of a group: the one its rows have, or both ("Δφ / Δψ")."""
+    if phi is not None and psi is not None:
+        return f"{phi:.4f} / {psi:.4f}"
+    return number(phi if phi is not None else psi, ".4f")
 
 
 def sections(summary, diagnoses, verdict, options, inputs, diagnosis_lines, extra_tables=()) -> dict:
