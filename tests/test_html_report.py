@@ -467,3 +467,28 @@ def test_the_page_gives_dials_refine_rmsds(shared, tmp_path, monkeypatch):
     assert float(row["y (mm)"]) == pytest.approx(rms[1], abs=5e-5)
     assert float(row["Δφ / Δψ (°)"]) == pytest.approx(np.degrees(rms[2]), abs=5e-5)
     assert 0.05 < rms[0] < 0.06 and 0.05 < rms[1] < 0.07 and 0.1 < np.degrees(rms[2]) < 0.13  # dials.refine's
+
+
+def test_image_numbers_are_one_numbering_clamped_to_the_scan(shared):
+    """The page's |Δq|-against-image chart and the campaign's per-image table
+    number images alike: the image φ falls in, numbered from the scan's first
+    image, rows predicted beyond an end counted in its end image (the chart
+    gave images -1, 0, 10 and 11 of a 9-image sweep, and, for a scan starting
+    at image 5, numbers 4 too high)."""
+    from dials_qconsistency.batch.campaign import image_keys
+    from dials_qconsistency.report.charts import image_numbers
+    from dials_qconsistency.core.q_vectors import Options, compute_q
+    from dials_qconsistency.io.expt import read_experiments
+
+    experiments = read_experiments(shared("dials_current", "centroid_refined.expt"))
+    table = ReflectionTable.from_file(shared("dials_current", "centroid_refined.refl"))
+    result = compute_q(experiments, table.columns(), table.identifiers, Options())
+    scan = experiments[0].scan
+    rows = np.flatnonzero(result.used)
+    frame = (result.phi[rows] - scan.oscillation[0]) / scan.oscillation[1]  # 0 at the start of the first image
+    assert (frame < 0).any() and (frame >= scan.num_images).any()  # predicted beyond both ends
+    for first in (1, 5):
+        scan.image_range = (first, first + scan.num_images - 1)  # renumbered: the same angles
+        expected = np.clip(np.floor(frame), 0, scan.num_images - 1).astype(int) + first
+        np.testing.assert_array_equal(image_numbers(experiments, result)[rows], expected)
+        np.testing.assert_array_equal(image_keys(experiments, result, rows)[1], expected)

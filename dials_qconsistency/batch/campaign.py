@@ -75,16 +75,10 @@ def image_keys(experiments, result, rows, release_input=None):
         release_input()
     for index in sweeps:
         mine = experiment == index
-        every = bool(mine.all())  # one sweep: no row gathered twice
-        scan = experiments[index].scan
-        offset = np.floor(scan.array_index_from_angle(phi if every else phi[mine]))
-        offset -= scan.array_range[0]
-        np.clip(offset, 0, scan.num_images - 1, out=offset)
-        if every:
-            image = offset.astype(np.int64)
-            image += scan.image_range[0]
+        if mine.all():  # one sweep: no row gathered twice
+            image = experiments[index].scan.image_numbers(phi)
         else:
-            image[mine] = scan.image_range[0] + offset.astype(np.int64)
+            image[mine] = experiments[index].scan.image_numbers(phi[mine])
     return experiment, image
 
 

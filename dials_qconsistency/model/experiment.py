@@ -167,6 +167,22 @@ class Scan:
         start, width = self.oscillation
         return self.array_range[0] + (np.asarray(angle) - start) / width
 
+    def image_position(self, angle):
+        """Where an angle (rad) lies in the scan, in image numbers: image k spans
+        k to k + 1 (the first image starts at ``image_range[0]``)."""
+        return self.array_index_from_angle(angle) - self.array_range[0] + self.image_range[0]
+
+    def image_numbers(self, angle) -> np.ndarray:
+        """The image each angle (rad) falls in, numbered as ``image_range``,
+        clamped to the scan: a reflection predicted just beyond an end belongs
+        to its end image, as its model state does."""
+        offset = np.floor(self.array_index_from_angle(angle))
+        offset -= self.array_range[0]
+        np.clip(offset, 0, self.num_images - 1, out=offset)
+        image = offset.astype(np.int64)
+        image += self.image_range[0]
+        return image
+
     def angle_from_array_index(self, index):
         start, width = self.oscillation
         return start + (np.asarray(index) - self.array_range[0]) * width

@@ -174,7 +174,9 @@ def trend_charts(experiments, result, points, image, sample_note):
                "layout": chart_layout(f"|Δq| against resolution ({sample_note})", "1/d² (Å⁻²)", "|Δq| (Å⁻¹)")}]
     by_image = any(e.is_rotation for e in experiments) or (points.tof is not None and all(
         e.kind == "tof" for e in experiments))
-    x, what = (image[used], "image") if by_image else (points.experiment[used], "experiment (still)")
+    tof = not any(e.is_rotation for e in experiments)
+    x, what = ((image[used], "time-of-flight bin (image)" if tof else "image") if by_image
+               else (points.experiment[used], "experiment (still)"))
     charts.append({"id": "vs_image", "data": [{"type": "scattergl", "mode": "markers", "x": typed(x), "y": typed(norm),
                                                "marker": {"size": 3}}],
                    "layout": chart_layout(f"|Δq| against {what} ({sample_note})", what, "|Δq| (Å⁻¹)")})
@@ -243,14 +245,14 @@ def wavelength_charts(experiments, points, parts, sample_note):
 
 
 def image_numbers(experiments, result):
-    """Image number of each used row (rotation data: the image its φ falls in;
-    time-of-flight data: the time bin its time falls in), the experiment index
-    for stills; -1 elsewhere."""
+    """Image number of each used row (rotation data: the image its φ falls in,
+    clamped to the scan as the campaign's per-image table has it; time-of-flight
+    data: the time bin its time falls in), the experiment index for stills; -1
+    elsewhere."""
     image = np.full(len(result.reason), -1, dtype=np.int64)
     for index, (experiment, rows) in enumerate(zip(experiments, result.used_rows_by_experiment(len(experiments)))):
         if rows.size and experiment.is_rotation:
-            image[rows] = np.floor(experiment.scan.array_index_from_angle(result.phi[rows])).astype(np.int64) \
-                + experiment.scan.image_range[0]
+            image[rows] = experiment.scan.image_numbers(result.phi[rows])
         elif rows.size and experiment.kind == "tof" and result.tof is not None:
             times = experiment.scan.time_of_flight
             bins = np.interp(result.tof[rows], times, np.arange(times.size, dtype=float))

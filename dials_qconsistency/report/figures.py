@@ -166,9 +166,12 @@ def against_image(experiments, result):
     for index, (experiment, rows) in enumerate(zip(experiments, result.used_rows_by_experiment(len(experiments)))):
         if not rows.size or not experiment.is_rotation:
             continue
-        image = experiment.scan.array_index_from_angle(result.phi[rows]) + experiment.scan.image_range[0]
-        ax.scatter(image, np.linalg.norm(result.delta_q[rows], axis=1), s=3, label=f"experiment {index}")
-    ax.set_xlabel("image number")
+        scan = experiment.scan
+        ax.scatter(scan.image_position(result.phi[rows]), np.linalg.norm(result.delta_q[rows], axis=1), s=3,
+                   label=f"experiment {index}")
+        for end in (scan.image_range[0], scan.image_range[1] + 1):  # rows beyond were predicted past the scan's ends
+            ax.axvline(end, color="0.6", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("image number (φ's place in the scan; dashed: its ends)")
     ax.set_ylabel("|Δq| (Å⁻¹)")
     return fig
 
