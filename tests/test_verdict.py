@@ -606,10 +606,10 @@ def test_stills_crystals_turned_without_delpsical_are_named_as_suspects(shared, 
                      verdict["headline"])
     assert verdict["consistent"] is True and found and abs(float(found.group(1)) - 0.2) < 0.005, verdict["headline"]
     from dials_qconsistency.core.verdict import Verdict
-    from dials_qconsistency.report.html import next_step
+    from dials_qconsistency.report.html import next_step, with_strategy_paths
 
     assert next_step(Verdict(True, verdict["headline"], [], verdict["checks"])).endswith(
-        "Refine the crystal orientation: dials.refine with phil/refine_2_all_free.phil.")
+        with_strategy_paths("Refine the crystal orientation: dials.refine with phil/refine_2_all_free.phil."))
 
 
 def test_a_look_alike_is_common_only_where_every_experiment_names_it():
@@ -1082,14 +1082,15 @@ def test_the_next_step_follows_the_headline(shared, tmp_path, monkeypatch):
     detector refinement for crystals of another step (the fits' panel tilt)
     or for a wrong pairing (the 66.7 deg tilt). It follows the headline now."""
     from dials_qconsistency.core.verdict import Verdict
-    from dials_qconsistency.report.html import NEXT_STEPS, next_step
+    from dials_qconsistency.report.html import NEXT_STEPS, next_step, with_strategy_paths
 
     apart = "The table and the models do not belong together: give the .expt and .refl written by the same step."
     document = json.load(open(shared("dials_current", "centroid_refined.expt")))
     document["detector"][0]["hierarchy"]["origin"][0] += 1.0
     (tmp_path / "moved.expt").write_text(json.dumps(document))
     for expt, refl, step in [
-        (str(tmp_path / "moved.expt"), shared("dials_current", "centroid_refined.refl"), NEXT_STEPS["detector"]),
+        (str(tmp_path / "moved.expt"), shared("dials_current", "centroid_refined.refl"),
+         with_strategy_paths(NEXT_STEPS["detector"])),
         (shared("ssx_CuNiR_test_data", "integrated.expt"), shared("ssx_CuNiR_test_data", "indexed.refl"), apart),
         (shared("ssx_CuNiR_test_data", "integrated.expt"), shared("centroid_test_data", "integrated.refl"), apart),
     ]:

@@ -124,7 +124,12 @@ def _fix(mistake) -> str:
     """The next step for a named mistake."""
     key = ("detector" if mistake in DETECTOR_MISTAKES else mistake if mistake in NEXT_STEPS else
            "frame" if mistake in ("lab_axis_rotation", "sign_flip", "mirror") or "rotation" in mistake else mistake)
-    return re.sub(r"phil/(\w+\.phil)", lambda m: strategy_path(m.group(1)), NEXT_STEPS.get(key, "See the diagnosis above."))
+    return with_strategy_paths(NEXT_STEPS.get(key, "See the diagnosis above."))
+
+
+def with_strategy_paths(text: str) -> str:
+    """``text`` with each ``phil/<name>.phil`` it names given by its full path (:func:`strategy_path`)."""
+    return re.sub(r"phil/(\w+\.phil)", lambda m: strategy_path(m.group(1)), text)
 
 
 def strategy_path(name: str) -> str:

@@ -199,7 +199,7 @@ def diagnosis_lines(diagnoses) -> list[str]:
         if d.rms_delta_q is None:
             continue
         if d.consistent:
-            lines.append(f"{d.scope}: consistent: no fitted frame, scale or detector change explains the residual")
+            lines.append(f"{d.scope}: no fitted frame, scale or detector change explains the residual")
             for finding in d.partial:  # significant, but not what the residual is
                 lines.append(f"  (the best fit all the same, {finding.mistake}: {finding.message} [explains "
                              f"{100 * finding.size['explained']:.1f}%, F = {finding.size['f']:.0f}])")
