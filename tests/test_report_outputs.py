@@ -54,11 +54,42 @@ def test_detector_views_draw_every_panel_of_the_cspad(shared):
         assert n == 64 and _panels_drawn(fig) == 64
     fig, n = plots.arrow_map(experiments, result, parts)
     assert _panels_drawn(fig) == 64
-    # the spots lie inside the drawn layout
-    xy = plots.project(spot_lab_positions(experiments, result)[result.used], plots.view_basis(experiments[0].beam.s0))
-    corners = np.concatenate([plots.panel_outline(p, plots.view_basis(experiments[0].beam.s0)) for p in experiments[0].detector.panels])
+    # the spots lie inside the drawn layout, seen from the sample (mm)
+    view = plots.DetectorView(experiments)
+    assert not view.angular and view.labels == ("mm across the beam (lab X side)", "mm")
+    xy = view.project(spot_lab_positions(experiments, result)[result.used])
+    corners = np.concatenate([view.outline(p) for p in experiments[0].detector.panels])
     assert xy.min(axis=0).tolist() >= (corners.min(axis=0) - 1).tolist()
     assert xy.max(axis=0).tolist() <= (corners.max(axis=0) + 1).tolist()
+
+
+def test_a_detector_around_the_sample_is_drawn_by_direction(shared):
+    """ISIS SXD's 11 panels sit beside, behind and before the sample: seen from
+    the sample along the beam, back-scatter panels folded onto forward ones
+    (3 onto 5, 2 onto 0, 7 onto 9) and the side ones into lines. Drawn by
+    direction (2θ from the beam at the azimuth about it), every spot lies in
+    its own panel's outline and in no other panel's, and 2θ is the distance
+    from the centre (checked against the spot's own direction)."""
+    from matplotlib.path import Path
+
+    experiments, _, _, result = run_core(shared("tof_sxd_nacl", "sxd_refined.expt"),
+                                         shared("tof_sxd_nacl", "sxd_refined.refl"))
+    view = plots.DetectorView(experiments)
+    assert view.angular and view.labels[0].startswith("2θ · cos(azimuth) (deg")
+    lab = spot_lab_positions(experiments, result)[result.used]
+    xy = view.project(lab)
+    beam = experiments[0].beam.along_s0 / np.linalg.norm(experiments[0].beam.along_s0)
+    two_theta = np.degrees(np.arccos(lab @ beam / np.linalg.norm(lab, axis=1)))
+    np.testing.assert_allclose(np.linalg.norm(xy, axis=1), two_theta, atol=1e-9)
+    outlines = [Path(view.outline(p)) for p in experiments[0].detector.panels]
+    panel = result.panel[result.used]
+    inside = np.array([outline.contains_points(xy, radius=1e-6) for outline in outlines])  # (panels, spots)
+    position, size = result.position_mm[result.used], np.array([p.size_mm for p in experiments[0].detector.panels])
+    on_panel = ((position >= 0) & (position <= size[panel])).all(axis=1)  # SXD predicts some spots ~2 px beyond
+    assert on_panel.mean() > 0.9 and inside[panel, np.arange(panel.size)][on_panel].all()  # in its own outline
+    assert inside.sum(axis=0).max() == 1  # and in no other
+    fig, n = plots.arrow_map(experiments, result, decompose(experiments, result))
+    assert n == 11 and _panels_drawn(fig) == 11
 
 
 def test_plot_names_prefix_directory_and_none(tmp_path):

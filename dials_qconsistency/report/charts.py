@@ -18,7 +18,7 @@ from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import panel_frames, spot_lab_positions
 from dials_qconsistency.core.row_statistics import histogram, row_distances, sample_rows
 from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
-from dials_qconsistency.report.figures import HEATMAPS, panel_outline, project, view_basis
+from dials_qconsistency.report.figures import HEATMAPS, DetectorView
 from dials_qconsistency.report.points import PointSample
 
 #: The quantities the detector chart can colour the spots by: the PNG heatmaps' and Δψ/Δφ.
@@ -57,9 +57,9 @@ def _sample_note(shown, total):
 def detector_chart(experiments, points, parts, hkl, image, sample_note):
     """|Δq| (or a component, by the buttons) at each spot over the panels in
     their lab layout, seen from the sample; hover gives hkl, panel, image."""
-    basis = view_basis(experiments[0].beam.along_s0)
+    view = DetectorView(experiments)
     used = points.used
-    xy = project(spot_lab_positions(experiments, points)[used], basis)
+    xy = view.project(spot_lab_positions(experiments, points)[used])
     colours = {key: np.asarray(getter(points, parts))[used] for key, (_, getter) in COLOURS.items()}
     hkl = hkl[used]
     # one float64 row per spot (plotly.js misreads 2-D float32 arrays in scattergl hovers)
@@ -72,7 +72,7 @@ def detector_chart(experiments, points, parts, hkl, image, sample_note):
              "customdata": typed(custom, "f8"), "hovertemplate": hover,
              "marker": {"size": 5, "color": typed(colours["norm"]), "colorscale": "Viridis", "showscale": True,
                         "colorbar": {"title": {"text": "Å⁻¹"}}}}
-    panels = panel_outlines(experiments, basis)
+    panels = panel_outlines(experiments, view)
     buttons = []
     for key, (label, _) in COLOURS.items():
         if not np.isfinite(colours[key]).any():  # no angle for time-of-flight rows: nothing to show
@@ -89,17 +89,17 @@ def detector_chart(experiments, points, parts, hkl, image, sample_note):
     if buttons:  # the first view as its button draws it (the same colour limits when chosen again)
         first = buttons[0]["args"][0]
         spots["marker"].update(cmin=first["marker.cmin"][0], cmax=first["marker.cmax"][0])
-    layout = chart_layout(f"Δq on the detector, seen from the sample ({sample_note})", "mm across the beam", "mm",
-                     yaxis={"title": {"text": "mm"}, "scaleanchor": "x"}, showlegend=False,
+    layout = chart_layout(f"Δq on the detector, {view.seen} ({sample_note})", *view.labels,
+                     yaxis={"title": {"text": view.labels[1]}, "scaleanchor": "x"}, showlegend=False,
                      updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "y": 1.12, "xanchor": "right"}])
     return {"id": "detector", "data": [panels, spots], "layout": layout}
 
 
-def panel_outlines(experiments, basis) -> dict:
-    """The first experiment's panels, outlined as seen from the sample (a trace)."""
+def panel_outlines(experiments, view) -> dict:
+    """The first experiment's panels outlined in ``view`` (a figures.DetectorView), as a trace."""
     outline_x, outline_y = [], []
     for panel in experiments[0].detector.panels:
-        corners = panel_outline(panel, basis)
+        corners = view.outline(panel)
         outline_x += list(corners[:, 0]) + [corners[0, 0], None]
         outline_y += list(corners[:, 1]) + [corners[0, 1], None]
     return {"type": "scatter", "mode": "lines", "name": "panels", "x": outline_x, "y": outline_y,
@@ -115,27 +115,28 @@ def angle_label(rotation) -> str:
 
 def arrows_chart(experiments, points, parts, sample_note):
     """In-plane residuals (model spot − q_pixel spot) as segments from each spot, scaled to be seen."""
-    basis = view_basis(experiments[0].beam.along_s0)
+    view = DetectorView(experiments)
     used = points.used & geometry.finite_rows(parts.delta_xy)
     every = np.flatnonzero(used)
     if every.size > MAX_ARROWS:  # more arrows than can be told apart: an even sample of them
         used = np.zeros_like(used)
         used[sample_rows(every, MAX_ARROWS)] = True
         sample_note = f"{int(used.sum())} arrows of {sample_note}"
-    start = project(spot_lab_positions(experiments, points)[used], basis)
+    start_lab = spot_lab_positions(experiments, points)[used]
     d = panel_frames(experiments, points)[used]
-    delta = project(parts.delta_xy[used, :1] * d[:, :, 0] + parts.delta_xy[used, 1:] * d[:, :, 1], basis)
-    size = np.linalg.norm(delta, axis=1)
-    typical = float(np.median(size)) if size.size else 0.0
+    delta_lab = parts.delta_xy[used, :1] * d[:, :, 0] + parts.delta_xy[used, 1:] * d[:, :, 1]
+    start, delta = view.project(start_lab), view.displacement(start_lab, delta_lab)
+    typical = float(np.median(np.linalg.norm(delta_lab, axis=1))) if len(delta_lab) else 0.0  # mm
+    drawn = float(np.median(np.linalg.norm(delta, axis=1))) if len(delta) else 0.0  # in the chart's units
     extent = float(np.ptp(start[:, 0])) if start.size else 1.0
     rounding = typical < ROUNDING_MM
-    scale = 1.0 if rounding or typical <= 0 else 0.02 * extent / typical
+    scale = 1.0 if rounding or drawn <= 0 else 0.02 * extent / drawn
     end = start + scale * delta
     x = np.column_stack([start[:, 0], end[:, 0], np.full(len(start), np.nan)]).ravel()
     y = np.column_stack([start[:, 1], end[:, 1], np.full(len(start), np.nan)]).ravel()
     trace = {"type": "scattergl", "mode": "lines", "x": typed(x), "y": typed(y), "line": {"width": 1, "color": "#1f77b4"},
              "hoverinfo": "skip"}
-    data = [panel_outlines(experiments, basis), trace]
+    data = [panel_outlines(experiments, view), trace]
     if not rounding:  # a head at each arrow's end, turned along it (plotly turns markers clockwise from up)
         data.append({"type": "scattergl", "mode": "markers", "x": typed(end[:, 0]), "y": typed(end[:, 1]),
                      "marker": {"symbol": "triangle-up", "size": 6, "color": "#1f77b4",
@@ -143,8 +144,9 @@ def arrows_chart(experiments, points, parts, sample_note):
                      "hoverinfo": "skip"})
     title = (f"In-plane residuals: none beyond rounding (median {typical:.2g} mm; {sample_note})" if rounding else
              f"In-plane residuals, arrows × {scale:.3g} (median {typical:.3g} mm; {sample_note})")
-    return {"id": "arrows", "data": data, "layout": chart_layout(title, "mm across the beam", "mm", showlegend=False,
-                                                              yaxis={"title": {"text": "mm"}, "scaleanchor": "x"})}
+    return {"id": "arrows", "data": data, "layout": chart_layout(title, *view.labels, showlegend=False,
+                                                              yaxis={"title": {"text": view.labels[1]},
+                                                                     "scaleanchor": "x"})}
 
 
 def component_charts(experiments, points, sample_note):

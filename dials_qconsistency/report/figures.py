@@ -55,21 +55,77 @@ def project(lab, basis):
     return np.stack([lab @ u, lab @ v], axis=-1)
 
 
-def panel_outline(panel, basis):
+#: A detector with a panel corner this far from the beam (2θ, degrees) or more,
+#: beside or behind the sample (ISIS SXD), is drawn by direction: seen from the
+#: sample its panels would fold onto one another, and the side ones into lines.
+WIDE_ANGLE_DEG = 90.0
+
+
+class DetectorView:
+    """Where the detector charts and figures put a lab point (mm). Seen from
+    the sample along the beam: its across-beam components (mm; u is lab X made
+    perpendicular to the beam, v = b × u). A wide-angle detector
+    (:data:`WIDE_ANGLE_DEG`) by direction instead: 2θ (degrees) as the distance
+    from the beam, at the point's azimuth about it from u (an azimuthal
+    equidistant map), so that no panel hides another."""
+
+    def __init__(self, experiments):
+        self.beam = geometry.unit(np.asarray(experiments[0].beam.along_s0, dtype=float))
+        self.basis = view_basis(self.beam)
+        corners = np.concatenate([_outline_lab(panel, 1) for panel in experiments[0].detector.panels])
+        self.angular = bool(np.max(self._two_theta(corners)) >= WIDE_ANGLE_DEG)
+        self.labels = (("2θ · cos(azimuth) (deg; azimuth from lab X across the beam)", "2θ · sin(azimuth) (deg)")
+                       if self.angular else ("mm across the beam (lab X side)", "mm"))
+        self.seen = "by direction from the sample (2θ from the beam)" if self.angular else "seen from the sample"
+
+    def _two_theta(self, lab):
+        across = project(lab, self.basis)
+        return np.degrees(np.arctan2(np.hypot(across[..., 0], across[..., 1]), lab @ self.beam))
+
+    def project(self, lab) -> np.ndarray:
+        """(n, 2) chart coordinates of lab points (n, 3), mm or degrees."""
+        lab = np.asarray(lab, dtype=float)
+        across = project(lab, self.basis)
+        if not self.angular:
+            return across
+        two_theta = self._two_theta(lab)
+        azimuth = np.arctan2(across[..., 1], across[..., 0])
+        return np.stack([two_theta * np.cos(azimuth), two_theta * np.sin(azimuth)], axis=-1)
+
+    def displacement(self, start, delta) -> np.ndarray:
+        """Chart vectors of lab displacements ``delta`` (mm) at lab points ``start``:
+        the projected delta itself seen from the sample; by direction, the
+        difference of the projected ends (the displacements are small)."""
+        if not self.angular:
+            return project(np.asarray(delta, dtype=float), self.basis)
+        return self.project(np.asarray(start) + np.asarray(delta)) - self.project(start)
+
+    def outline(self, panel) -> np.ndarray:
+        """A panel's edge as a polygon (its corners; by direction, points along
+        the edges, which the map bends)."""
+        return self.project(_outline_lab(panel, 16 if self.angular else 1))
+
+
+def _outline_lab(panel, steps: int) -> np.ndarray:
+    """Lab points (mm) around a panel's edge from its origin: the four corners
+    and ``steps`` - 1 points between each two."""
     size = panel.size_mm
-    corners = np.array([[0, 0], [size[0], 0], [size[0], size[1]], [0, size[1]]], dtype=float)
-    return project(geometry.lab_coordinates(panel.origin, panel.fast, panel.slow, corners), basis)
+    t = np.arange(steps) / steps
+    zero, one = np.zeros(steps), np.ones(steps)
+    local = np.concatenate([np.column_stack(edge) * size for edge in
+                            ((t, zero), (one, t), (1 - t, one), (zero, 1 - t))])
+    return geometry.lab_coordinates(panel.origin, panel.fast, panel.slow, local)
 
 
-def _draw_panels(ax, detector, basis):
+def _draw_panels(ax, detector, view):
     from matplotlib.patches import Polygon
 
     for index, panel in enumerate(detector.panels):
-        ax.add_patch(Polygon(panel_outline(panel, basis), closed=True, fill=False, lw=0.6, ec="0.4", label=f"panel {index}"))
+        ax.add_patch(Polygon(view.outline(panel), closed=True, fill=False, lw=0.6, ec="0.4", label=f"panel {index}"))
     ax.set_aspect("equal")
     ax.autoscale_view()
-    ax.set_xlabel("mm across the beam (lab X side)")
-    ax.set_ylabel("mm")
+    ax.set_xlabel(view.labels[0])
+    ax.set_ylabel(view.labels[1])
 
 
 def detector_heatmap(experiments, result, parts, quantity="norm"):
@@ -77,11 +133,11 @@ def detector_heatmap(experiments, result, parts, quantity="norm"):
     plt = _pyplot()
     label, getter = HEATMAPS[quantity]
     detector = experiments[0].detector
-    basis = view_basis(experiments[0].beam.along_s0)
+    view = DetectorView(experiments)
     fig, ax = plt.subplots(figsize=(7, 6))
-    _draw_panels(ax, detector, basis)
+    _draw_panels(ax, detector, view)
     used = result.used
-    xy = project(spot_lab_positions(experiments, result)[used], basis)
+    xy = view.project(spot_lab_positions(experiments, result)[used])
     values = np.asarray(getter(result, parts))[used]
     signed = quantity != "norm"
     limit = float(np.nanmax(np.abs(values))) if values.size and np.isfinite(values).any() else 1.0
@@ -98,18 +154,18 @@ def arrow_map(experiments, result, parts):
     """(figure, panels drawn): in-plane residuals (model spot - q_pixel spot) as arrows."""
     plt = _pyplot()
     detector = experiments[0].detector
-    basis = view_basis(experiments[0].beam.along_s0)
+    view = DetectorView(experiments)
     fig, ax = plt.subplots(figsize=(7, 6))
-    _draw_panels(ax, detector, basis)
+    _draw_panels(ax, detector, view)
     used = result.used & geometry.finite_rows(parts.delta_xy)
     start = spot_lab_positions(experiments, result)[used]
     d = panel_frames(experiments, result)[used]
     delta_lab = parts.delta_xy[used, :1] * d[:, :, 0] + parts.delta_xy[used, 1:] * d[:, :, 1]
-    xy, dxy = project(start, basis), project(delta_lab, basis)
-    size = np.linalg.norm(dxy, axis=1)
-    typical = float(np.median(size)) if size.size else 0.0
+    xy, dxy = view.project(start), view.displacement(start, delta_lab)
+    typical = float(np.median(np.linalg.norm(delta_lab, axis=1))) if len(delta_lab) else 0.0  # mm
+    drawn = float(np.median(np.linalg.norm(dxy, axis=1))) if len(dxy) else 0.0  # in the chart's units
     extent = float(np.ptp(xy[:, 0])) if xy.size else 1.0
-    scale = 0.02 * extent / typical if typical > 0 else 1.0
+    scale = 0.02 * extent / drawn if drawn > 0 else 1.0
     ax.quiver(xy[:, 0], xy[:, 1], dxy[:, 0] * scale, dxy[:, 1] * scale, angles="xy", scale_units="xy", scale=1, width=0.002)
     ax.set_title(f"in-plane residuals, arrows × {scale:.3g} (median {typical:.3g} mm)")
     return fig, len(detector.panels)
