@@ -492,3 +492,29 @@ def test_image_numbers_are_one_numbering_clamped_to_the_scan(shared):
         expected = np.clip(np.floor(frame), 0, scan.num_images - 1).astype(int) + first
         np.testing.assert_array_equal(image_numbers(experiments, result)[rows], expected)
         np.testing.assert_array_equal(image_keys(experiments, result, rows)[1], expected)
+
+
+def test_colours_of_rounding_are_drawn_as_zero(shared):
+    """A consistent model at its calculated positions has |Δq| ~1e-16 Å⁻¹: its
+    detector chart's colour scale starts at numerical precision (1e-9 Å⁻¹),
+    so rounding shows as the zero it is, not as a pattern; residuals beyond
+    it keep their own range."""
+    from dials_qconsistency.report.charts import charts
+    from dials_qconsistency.report.points import point_sample
+    from dials_qconsistency.core.q_vectors import Options, compute_q
+    from dials_qconsistency.core.decomposition import decompose
+    from dials_qconsistency.io.expt import read_experiments
+
+    experiments = read_experiments(shared("dials_current", "centroid_refined.expt"))
+    table = ReflectionTable.from_file(shared("dials_current", "centroid_refined.refl"))
+    for source in ("calculated", "observed"):
+        result = compute_q(experiments, table.columns(), table.identifiers, Options(q_pixel_source=source))
+        parts = decompose(experiments, result)
+        sample = point_sample(result, parts, None, table.columns()["miller_index"])
+        (detector,) = [c for c in charts(experiments, result, sample) if c["id"] == "detector"]
+        limits = {b["label"]: b["args"][0]["marker.cmax"][0] for b in detector["layout"]["updatemenus"][0]["buttons"]}
+        largest = float(np.max(np.linalg.norm(result.delta_q[result.used], axis=1)))
+        if source == "calculated":
+            assert largest < 1e-14 and limits["|Δq| (Å⁻¹)"] == 1e-9 and limits["Δφ (deg)"] == np.degrees(1e-9)
+        else:
+            assert limits["|Δq| (Å⁻¹)"] == pytest.approx(largest, rel=1e-6) and largest > 1e-3  # float32 colours

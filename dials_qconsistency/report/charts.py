@@ -18,7 +18,7 @@ from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import panel_frames, spot_lab_positions
 from dials_qconsistency.core.row_statistics import histogram, row_distances, sample_rows
 from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
-from dials_qconsistency.report.figures import HEATMAPS, DetectorView
+from dials_qconsistency.report.figures import HEATMAPS, DetectorView, colour_limit
 from dials_qconsistency.report.points import PointSample
 
 #: The quantities the detector chart can colour the spots by: the PNG heatmaps' and Δψ/Δφ.
@@ -80,11 +80,11 @@ def detector_chart(experiments, points, parts, hkl, image, sample_note):
         if key == "angle":
             label = angle_label(parts.rotation[used])
         signed = key != "norm"
-        limit = float(np.nanmax(np.abs(colours[key])))
+        limit = colour_limit(colours[key], label)
         unit = label[label.rindex("(") + 1:-1]
         buttons.append({"label": label, "method": "restyle", "args": [
             {"marker.color": [typed(colours[key])], "marker.colorscale": ["RdBu" if signed else "Viridis"],
-             "marker.cmin": [-limit if signed else 0.0], "marker.cmax": [limit or 1.0],
+             "marker.cmin": [-limit if signed else 0.0], "marker.cmax": [limit],
              "marker.colorbar.title.text": [unit]}, [1]]})
     if buttons:  # the first view as its button draws it (the same colour limits when chosen again)
         first = buttons[0]["args"][0]

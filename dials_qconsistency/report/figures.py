@@ -128,6 +128,21 @@ def _draw_panels(ax, detector, view):
     ax.set_ylabel(view.labels[1])
 
 
+#: The least colour range (per unit of the quantity's label): values within
+#: numerical precision (a consistent model at its calculated positions,
+#: ~1e-16 Å⁻¹) are drawn as the zero they are, not as a pattern of rounding.
+COLOUR_FLOOR = {"Å⁻¹": 1e-9, "deg": float(np.degrees(1e-9))}
+
+
+def colour_limit(values, label: str) -> float:
+    """The colour scale's half range (signed) or top (|Δq|) for ``values``
+    labelled ``label`` ("... (unit)"): their largest magnitude, at least the
+    unit's :data:`COLOUR_FLOOR`."""
+    finite = np.asarray(values)[np.isfinite(values)]
+    largest = float(np.max(np.abs(finite))) if finite.size else 0.0
+    return max(largest, COLOUR_FLOOR.get(label[label.rindex("(") + 1:-1], 0.0)) or 1.0
+
+
 def detector_heatmap(experiments, result, parts, quantity="norm"):
     """(figure, number of panels drawn) for one per-row quantity over the detector."""
     plt = _pyplot()
@@ -140,7 +155,7 @@ def detector_heatmap(experiments, result, parts, quantity="norm"):
     xy = view.project(spot_lab_positions(experiments, result)[used])
     values = np.asarray(getter(result, parts))[used]
     signed = quantity != "norm"
-    limit = float(np.nanmax(np.abs(values))) if values.size and np.isfinite(values).any() else 1.0
+    limit = colour_limit(values, label)
     scatter = ax.scatter(
         xy[:, 0], xy[:, 1], c=values, s=6, cmap="coolwarm" if signed else "viridis",
         vmin=-limit if signed else 0.0, vmax=limit or 1.0,
