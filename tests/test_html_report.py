@@ -203,6 +203,11 @@ def test_the_report_of_a_run_over_many_files(shared, browser, tmp_path, monkeypa
         ".map(r => [...r.children].map(c => c.textContent))")
     means = sorted(((f["delta_q"]["mean"], f["reflections"]) for f in report["files"]), reverse=True)
     assert [row[1] for row in rows] == [name for _, name in means]
+    # the computation choices as the log gives them (quartz: a scan-varying sweep)
+    (choices,) = [line for line in (tmp_path / "dials.q_consistency.log").read_text().splitlines()
+                  if line.startswith("q_pixel from ")]
+    assert "q_bragg at the calculated rotation angle; scan-varying model state: auto" in choices
+    assert choices + "." in (tmp_path / "dials.q_consistency.html").read_text()
 
 
 def test_the_residual_and_cell_tables_equal_a_direct_computation(shared, tmp_path, monkeypatch):

@@ -257,7 +257,8 @@ def campaign_page(merged, outcomes, verdict, options, dependencies="embed") -> b
         "mean_line": f"Mean |Δq| {number(mean, '.4g')} Å⁻¹ over {merged.delta_q['n']} reflections of every file "
                      "(exact, lab frame, no 2π)." if mean is not None else "",
         "counts": [(reason, count) for reason, count in merged.counts.items() if count or reason == "used"],
-        "choices": f"q_pixel from {options.q_pixel_source} positions.",
+        "choices": computation_choices(options, any(o.rotation for o in outcomes),
+                                       any(o.scan_varying for o in outcomes)) + ".",  # as the log gives them
         "self_tests": [], "checks": [], "notes": [],
         "diagnosis": ["The diagnosis is made for one pair at a time: run dials.q_consistency on the pair of a file "
                       "marked inconsistent."],
