@@ -177,6 +177,7 @@ def test_the_hover_names_the_reflection_it_is_on(browser, tmp_path, monkeypatch)
     h, kk, l = (int(v) for v in out.get("miller_index")[row])
     assert f"hkl ({h}, {kk}, {l})" in text and f"panel {int(out.get('panel')[row])}," in text, (k, text)
     assert f"|Δq| {out.get('delta_q.norm')[row]:.3g}" in text
+    assert "image" not in text  # a still has no image number (it read "image 0" for experiment 0)
 
 
 def test_the_report_of_a_run_over_many_files(shared, browser, tmp_path, monkeypatch):

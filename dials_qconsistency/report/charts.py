@@ -65,9 +65,11 @@ def detector_chart(experiments, points, parts, hkl, image, sample_note):
     # one float64 row per spot (plotly.js misreads 2-D float32 arrays in scattergl hovers)
     custom = np.column_stack([hkl, points.panel[used], image[used], points.experiment[used], colours["norm"],
                               points.delta_q[used]])
+    images = any(e.is_rotation or e.kind == "tof" for e in experiments)  # a still has no image number of its own
     hover = ("hkl (%{customdata[0]}, %{customdata[1]}, %{customdata[2]})<br>panel %{customdata[3]}, "
-             "image %{customdata[4]}, experiment %{customdata[5]}<br>|Δq| %{customdata[6]:.3g} Å⁻¹; "
-             "Δq (%{customdata[7]:.2e}, %{customdata[8]:.2e}, %{customdata[9]:.2e})<extra></extra>")
+             + ("image %{customdata[4]}, " if images else "") + "experiment %{customdata[5]}<br>|Δq| "
+             "%{customdata[6]:.3g} Å⁻¹; Δq (%{customdata[7]:.2e}, %{customdata[8]:.2e}, %{customdata[9]:.2e})"
+             "<extra></extra>")
     spots = {"type": "scattergl", "mode": "markers", "name": "spots", "x": typed(xy[:, 0]), "y": typed(xy[:, 1]),
              "customdata": typed(custom, "f8"), "hovertemplate": hover,
              "marker": {"size": 5, "color": typed(colours["norm"]), "colorscale": "Viridis", "showscale": True,
