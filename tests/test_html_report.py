@@ -524,3 +524,27 @@ def test_colours_of_rounding_are_drawn_as_zero(shared):
             assert largest < 1e-14 and limits["|Δq| (Å⁻¹)"] == 1e-9 and limits["Δφ (deg)"] == np.degrees(1e-9)
         else:
             assert limits["|Δq| (Å⁻¹)"] == pytest.approx(largest, rel=1e-6) and largest > 1e-3  # float32 colours
+
+
+def test_stills_delta_two_theta_of_rounding_is_said_so(shared):
+    """The CSPAD stills at their calculated positions: Δ2θ is ~1e-14° of
+    rounding, drawn on an axis of numerical precision and titled so (the ticks
+    read femto-degrees); with observed positions the data set the axis."""
+    from dials_qconsistency.report.charts import charts
+    from dials_qconsistency.report.points import point_sample
+    from dials_qconsistency.core.q_vectors import Options, compute_q
+    from dials_qconsistency.core.decomposition import decompose
+    from dials_qconsistency.core.statistics import summarise
+    from dials_qconsistency.io.expt import read_experiments
+
+    experiments = read_experiments(shared("dials_current", "cspad_stills_refined.expt"))
+    table = ReflectionTable.from_file(shared("dials_current", "cspad_stills_refined.refl"))
+    for source, rounding in (("calculated", True), ("observed", False)):
+        result = compute_q(experiments, table.columns(), table.identifiers, Options(q_pixel_source=source))
+        parts = decompose(experiments, result)
+        sample = point_sample(result, parts, None, table.columns()["miller_index"])
+        drawn = {c["id"]: c for c in charts(experiments, result, sample, summarise(result, experiments, parts))}
+        for name in ("trumpet", "delta_two_theta"):
+            layout = drawn[name]["layout"]
+            assert ("none beyond rounding" in layout["title"]["text"]) == rounding
+            assert (layout["yaxis"].get("range") == [-np.degrees(1e-9), np.degrees(1e-9)]) == rounding

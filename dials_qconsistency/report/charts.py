@@ -18,7 +18,7 @@ from dials_qconsistency.core.blocks import rows_by_group
 from dials_qconsistency.core.decomposition import panel_frames, spot_lab_positions
 from dials_qconsistency.core.row_statistics import histogram, row_distances, sample_rows
 from dials_qconsistency.core.time_of_flight import polychromatic_rows, row_wavelengths
-from dials_qconsistency.report.figures import HEATMAPS, DetectorView, colour_limit
+from dials_qconsistency.report.figures import COLOUR_FLOOR, HEATMAPS, DetectorView, colour_limit
 from dials_qconsistency.report.points import PointSample
 
 #: The quantities the detector chart can colour the spots by: the PNG heatmaps' and Δψ/Δφ.
@@ -213,14 +213,22 @@ def stills_charts(experiments, summary, points, parts, sample_note):
         return []
     tt_bragg, tt_pixel = two_theta(points.q_bragg[used], points.s0[used]), two_theta(points.q_pixel[used], points.s0[used])
     delta = (tt_bragg - tt_pixel)[still]
+    # Δ2θ within numerical precision (a consistent model at its calculated
+    # positions): drawn on an axis of that size, said so, not in femto-degrees
+    floor = COLOUR_FLOOR["deg"]
+    rounding = not np.any(np.abs(delta) > floor)
+    y_range = {"range": [-floor, floor]} if rounding else {}
+    note = f"none beyond rounding; {sample_note}" if rounding else sample_note
     charts = [
         {"id": "trumpet", "data": [{"type": "scattergl", "mode": "markers", "x": typed(angle[still]), "y": typed(delta),
                                     "marker": {"size": 3}}],
-         "layout": chart_layout(f"Δ2θ against Δψ, stills ({sample_note})", "Δψ (deg)", "2θ(q_bragg) − 2θ(q_pixel) (deg)")},
+         "layout": chart_layout(f"Δ2θ against Δψ, stills ({note})", "Δψ (deg)", "2θ(q_bragg) − 2θ(q_pixel) (deg)")},
         {"id": "delta_two_theta", "data": [{"type": "scattergl", "mode": "markers", "x": typed(tt_pixel[still]),
                                             "y": typed(delta), "marker": {"size": 3}}],
-         "layout": chart_layout(f"Δ2θ against 2θ, stills ({sample_note})", "2θ (deg)", "Δ2θ (deg)")},
+         "layout": chart_layout(f"Δ2θ against 2θ, stills ({note})", "2θ (deg)", "Δ2θ (deg)")},
     ]
+    for chart in charts:
+        chart["layout"]["yaxis"].update(y_range)
     rms = np.array([e.delta_q["rms"] for e in summary.experiments if e.kind == "still" and e.delta_q.get("rms") is not None])
     if rms.size > 1:
         charts.append({"id": "per_still", "data": [{"type": "histogram", "x": typed(rms), "nbinsx": 40}],
