@@ -781,6 +781,41 @@ def test_a_failed_rename_keeps_the_earlier_runs_files(shared, tmp_path, monkeypa
     assert log.endswith("\nError: dials.q_consistency.html: cannot be written (Operation not permitted)\n")
 
 
+@pytest.mark.parametrize("moment", ["rename", "kept copies"])
+def test_ctrl_c_during_the_commit_waits_for_it(shared, tmp_path, monkeypatch, capsys, moment):
+    """Ctrl-C right after the second rename, or while the earlier run's kept
+    copies are removed: it left some outputs new and some old, a kept copy,
+    and a log saying none was written. The commit now holds the signal: every
+    output is the new run's, nothing else is left, and the log says so."""
+    import signal
+
+    monkeypatch.chdir(tmp_path)
+    earlier = {"q_consistency.refl": b"an earlier run's table", "qc.json": b'{"earlier": true}'}
+    for name, data in earlier.items():
+        (tmp_path / name).write_bytes(data)
+    replace, unlink, calls = os.replace, os.unlink, []
+
+    def then_interrupt(real):
+        def call(*args):
+            real(*args)
+            calls.append(args)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+        return call
+
+    monkeypatch.setattr(os, "replace" if moment == "rename" else "unlink",
+                        then_interrupt(replace if moment == "rename" else unlink))
+    status = main(_quartz_with("output.json=qc.json", "output.plots=None", "backend=standalone"))
+    monkeypatch.undo()
+    assert status == 130 and capsys.readouterr().err.endswith("interrupted (outputs are all written or none)\n")
+    assert sorted(os.listdir(tmp_path)) == ["dials.q_consistency.html", "dials.q_consistency.log", "q_consistency.refl",
+                                            "qc.json"]  # no temporary file, no kept copy
+    assert "verdict" in json.load(open(tmp_path / "qc.json"))
+    assert ReflectionTable.from_file(str(tmp_path / "q_consistency.refl")).nrows == 505
+    assert (tmp_path / "dials.q_consistency.log").read_text().endswith(
+        "\nInterrupted by Ctrl-C (SIGINT) after the outputs were written\n")
+
+
 def test_a_successful_commit_replaces_the_earlier_files(tmp_path):
     """The kept copies of the replaced files go once every rename is done."""
     from dials_qconsistency.io.staged import StagedOutputs

@@ -384,21 +384,32 @@ def test_an_empty_experiment_list_is_an_error(shared, tmp_path_factory, in_tmp, 
     assert os.listdir(in_tmp) == []
 
 
-def test_maps_larger_than_the_room_left_are_refused_before_any_file(shared, in_tmp, capsys, monkeypatch):
+@pytest.mark.parametrize("output, free_blocks, needed", [
+    ("output.hdf5=q_map.h5", 1000, 1),  # 4.1 MB free
+    ("output.npz=q_map.npz", 50_000, 2),  # 204.8 MB free: the .npz's panel is also held in scratch files
+])
+def test_maps_larger_than_the_room_left_are_refused_before_any_file(shared, in_tmp, capsys, monkeypatch, output,
+                                                                    free_blocks, needed):
     """The PILATUS 6M's five float32 maps (q is three) take 2463 x 2527 x 7 x 4
-    bytes; a file system with less free is told so before anything is written."""
+    bytes; the .npz writer holds a panel's arrays in scratch files beside the
+    zip until they are copied in, twice that. A file system with less free is
+    told so before anything is written."""
     size = 2463 * 2527 * 7 * 4
     real = os.statvfs
 
     def nearly_full(path):
         status = real(path)
-        return os.statvfs_result((status.f_bsize, 4096, status.f_blocks, 1000, 1000) + tuple(status)[5:])
+        return os.statvfs_result((status.f_bsize, 4096, status.f_blocks, free_blocks, free_blocks) + tuple(status)[5:])
 
     monkeypatch.setattr(os, "statvfs", nearly_full)
-    assert q_map.main([shared("dials_current", "centroid_refined.expt"), "backend=standalone"]) == 1
+    argv = [shared("dials_current", "centroid_refined.expt"), output, "backend=standalone"]
+    if "npz" in output:
+        argv.append("output.hdf5=None")
+    assert q_map.main(argv) == 1
+    target = output.split("=")[1]
     assert capsys.readouterr().err == (
-        f"dials.q_map: error: q_map.h5: cannot be written: the maps take about {size / 1e6:.1f} MB and {in_tmp} has "
-        "4.1 MB free; map less with experiments=, panels= or subsample=\n")
+        f"dials.q_map: error: {target}: cannot be written: the maps need about {needed * size / 1e6:.1f} MB of disk "
+        f"and {in_tmp} has {free_blocks * 4096 / 1e6:.1f} MB free; map less with experiments=, panels= or subsample=\n")
     assert os.listdir(in_tmp) == []
 
 

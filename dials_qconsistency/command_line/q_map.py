@@ -219,12 +219,14 @@ def os_error_words(error: OSError) -> str:
 
 
 def map_bytes(experiments, plan, params) -> dict:
-    """The bytes of the maps each output file holds ({"hdf5": ..., "npz": ...};
-    the arrays, the files' own overhead is small beside them): a panel with the
-    same maps as one before it (:func:`same_maps_key`) adds its Miller indices
-    alone to the HDF5 file, which links the rest."""
+    """The bytes of the maps each output file holds ({"hdf5": ..., "npz": ...,
+    "panel": ...}; the arrays, the files' own overhead is small beside them): a
+    panel with the same maps as one before it (:func:`same_maps_key`) adds its
+    Miller indices alone to the HDF5 file, which links the rest; "panel" is the
+    largest panel's, which the .npz writer also holds in scratch files beside
+    it until the panel is copied into the zip."""
     per_value = np.dtype(params.precision).itemsize
-    sizes, seen = {"hdf5": 0, "npz": 0}, set()
+    sizes, seen = {"hdf5": 0, "npz": 0, "panel": 0}, set()
     for index, setting, _, _, panels, names in plan:
         for panel_index in panels:
             nx, ny = experiments[index].detector.panels[panel_index].image_size
@@ -232,6 +234,7 @@ def map_bytes(experiments, plan, params) -> dict:
             every = pixels * per_value * sum(QUANTITIES[name][1] for name in names)
             key = same_maps_key(experiments[index], panel_index, setting)
             sizes["npz"] += every
+            sizes["panel"] = max(sizes["panel"], every)
             sizes["hdf5"] += pixels * per_value * 3 * ("miller_index" in names) if key in seen else every
             seen.add(key)
     return sizes
@@ -249,18 +252,21 @@ def check_room(params, sizes: dict) -> None:
         if not path:
             continue
         if soft != resource.RLIM_INFINITY and size > soft:
-            raise QConsistencyError(f"cannot be written: the maps take about {_bytes(size)}, more than the file-size "
-                                    f"limit (ulimit -f) of {_bytes(soft)}; map less with experiments=, panels= or "
-                                    "subsample=", path)
+            large, limit = _bytes(size), _bytes(soft)
+            if large == limit:  # told apart
+                large, limit = f"{size:,} bytes", f"{soft:,} bytes"
+            raise QConsistencyError(f"cannot be written: the maps take about {large}, more than the file-size limit "
+                                    f"(ulimit -f) of {limit}; map less with experiments=, panels= or subsample=", path)
         folder = os.path.dirname(os.path.abspath(path))
         total, _, paths = needed.get(os.stat(folder).st_dev, (0, folder, []))
-        needed[os.stat(folder).st_dev] = (total + size, folder, paths + [path])
+        scratch = sizes["panel"] if kind == "npz" else 0  # its scratch files, beside it
+        needed[os.stat(folder).st_dev] = (total + size + scratch, folder, paths + [path])
     for total, folder, paths in needed.values():
         status = os.statvfs(folder)
         free = status.f_bavail * status.f_frsize
         if total > free:
-            raise QConsistencyError(f"cannot be written: the maps take about {_bytes(total)} and {folder} has "
-                                    f"{_bytes(free)} free; map less with experiments=, panels= or subsample=",
+            raise QConsistencyError(f"cannot be written: the maps need about {_bytes(total)} of disk and {folder} "
+                                    f"has {_bytes(free)} free; map less with experiments=, panels= or subsample=",
                                     " and ".join(paths))
 
 

@@ -240,7 +240,7 @@ def judge(summary, options, diagnoses=None, sigma_q=None, normalised=None, scan_
             )
         # Rotation data at the calculated φ, and Laue data (the goniometer static):
         # q_bragg must be q at the table's calculated positions (and angles). Not
-        # "q_pred": with the detector or beam changed q_bragg may still equal it.
+        # "q_pred": with the detector changed q_bragg still equals it.
         laue = [e for e in summary.experiments if e.kind in ("tof", "laue")]
         for key, label, kinds, applies in (("rms_delta_q_rotation", "rotation", ("rotation",), options.phi == "calculated"),
                                            ("rms_delta_q_laue", "Laue", ("tof", "laue"), bool(laue))):

@@ -11,8 +11,11 @@ were unless all the new ones are in place. Inputs are only ever opened for readi
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 import uuid
 
 from dials_qconsistency.errors import QConsistencyError
@@ -146,29 +149,29 @@ class StagedOutputs:
             except OSError as error:
                 raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
         replaced = []  # (target, the file it replaced kept aside, or None), in rename order
-        try:
-            while self._staged:
-                temporary, path = self._staged[0]
-                kept = _keep_aside(path, self._prefix)
-                try:
-                    os.replace(temporary, path)
-                except OSError as error:
-                    if kept:
-                        _remove(kept)
-                    raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
-                self._staged.pop(0)
-                replaced.append((path, kept))
-        except BaseException:
-            for path, kept in reversed(replaced):  # all or nothing: put back what was there
-                _put_back(path, kept)
-            raise
-        for _, kept in replaced:
-            if kept:
-                _remove(kept)
-        targets = [path for path, _ in replaced]
-        self._committed = True
-        self._on_abort = []
-        return targets
+        with signals_held():  # Ctrl-C or SIGTERM now would leave some files new and some old: after, not during
+            try:
+                while self._staged:
+                    temporary, path = self._staged[0]
+                    kept = _keep_aside(path, self._prefix)
+                    try:
+                        os.replace(temporary, path)
+                    except OSError as error:
+                        if kept:
+                            _remove(kept)
+                        raise QConsistencyError(f"cannot be written ({error.strerror})", path) from None
+                    self._staged.pop(0)
+                    replaced.append((path, kept))
+            except BaseException:
+                for path, kept in reversed(replaced):  # all or nothing: put back what was there
+                    _put_back(path, kept)
+                raise
+            self._committed = True
+            self._on_abort = []
+            for _, kept in replaced:
+                if kept:
+                    _remove(kept)
+        return [path for path, _ in replaced]
 
     def finish_later(self, writer) -> None:
         """``writer`` (a ``backends.TableWrite``, closed) is still writing a
@@ -199,6 +202,31 @@ class StagedOutputs:
                 except OSError:
                     pass
             self._made_folders = []
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Within the block Ctrl-C (SIGINT) and SIGTERM wait: their handlers run
+    when it ends. (Python runs signal handlers in the main thread whichever
+    thread the signal reaches, so they are swapped there for one that notes
+    the signal; elsewhere the block is not held.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {number: signal.signal(number, lambda received, frame: caught.append(received))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)  # Ctrl-C: KeyboardInterrupt; SIGTERM: the program's own
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
 
 
 def _keep_aside(path: str, prefix: str) -> str | None:

@@ -76,7 +76,7 @@ class DetectorView:
         self.angular = bool(np.max(self._two_theta(corners)) >= WIDE_ANGLE_DEG)
         self.labels = (("2θ · cos(azimuth) (deg; azimuth from lab X across the beam)", "2θ · sin(azimuth) (deg)")
                        if self.angular else ("mm across the beam (lab X side)", "mm"))
-        self.seen = "by direction from the sample (2θ from the beam)" if self.angular else "seen from the sample"
+        self.seen = "by direction (2θ)" if self.angular else "seen from the sample"
 
     def _two_theta(self, lab):
         across = project(lab, self.basis)

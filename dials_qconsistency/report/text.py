@@ -152,8 +152,8 @@ def bragg_self_test(e) -> float | None:
     model: rotation or Laue data whose s1 is the prediction (not after
     dials.index: q_pred then follows the observations); where s1 matches
     neither position, only when q_bragg is q_pred to numerical precision: the
-    table was predicted with this crystal and goniometer, and another detector
-    or beam (else what its s1 is remains unknown)."""
+    table was predicted with this crystal, goniometer and beam, and another
+    detector (else what its s1 is remains unknown)."""
     if e.s1_kind == S1_OBSERVED or e.max_bragg_vs_pred is None:
         return None
     if e.s1_kind == S1_NEITHER and e.max_bragg_vs_pred > PRECISION_Q:
@@ -170,8 +170,8 @@ def self_test_remarks(e) -> list[str]:
         remarks.append("The table's s1 agrees with neither spot position under these models: the experiments are "
                        "probably not the ones the table was made with. delta_q is computed from the models given.")
     if e.outside_scan:
-        remarks.append(f"{e.outside_scan} of the rows in the statistics lie(s) outside the scan: their model state is "
-                       "that of the nearest scan end, as DIALS uses")
+        remarks.append(f"{e.outside_scan} of the rows in the statistics {'lies' if e.outside_scan == 1 else 'lie'} "
+                       "outside the scan: their model state is that of the nearest scan end, as DIALS uses")
     return remarks
 
 
