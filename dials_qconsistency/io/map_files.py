@@ -57,11 +57,12 @@ class Hdf5MapWriter:
         node = self._file.require_group(group)
         node.attrs.update({k: _plain(v) for k, v in attributes.items() if v is not None})
         links = links or {}
-        if links:
-            node.attrs["same_maps_as"] = next(iter(links.values()))
+        source = next(iter(links.values()), None)  # the group whose maps these are
+        if source:
+            node.attrs["same_maps_as"] = source
         for name, values in coordinates.items():
-            if links:
-                node[name] = self._file[f"{next(iter(links.values()))}/{name}"]
+            if source:
+                node[name] = self._file[f"{source}/{name}"]
             else:
                 node.create_dataset(name, data=values).attrs["units"] = "pixel"
         self._datasets = {}
