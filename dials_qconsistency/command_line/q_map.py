@@ -235,7 +235,8 @@ def map_bytes(experiments, plan, params) -> dict:
             key = same_maps_key(experiments[index], panel_index, setting)
             sizes["npz"] += every
             sizes["panel"] = max(sizes["panel"], every)
-            sizes["hdf5"] += pixels * per_value * 3 * ("miller_index" in names) if key in seen else every
+            own = pixels * per_value * sum(QUANTITIES[name][1] for name in names if name in PER_CRYSTAL)
+            sizes["hdf5"] += own if key in seen else every
             seen.add(key)
     return sizes
 
@@ -392,6 +393,11 @@ def experiment_attributes(experiment, setting, image, phi) -> dict:
     }
 
 
+#: The maps that depend on the crystal: the others are the same for every
+#: experiment with the same panel and beam (:func:`same_maps_key`).
+PER_CRYSTAL = {"miller_index"}
+
+
 def same_maps_key(experiment, panel_index, setting):
     """What a panel's maps other than the Miller indices depend on: the panel
     (of a detector model experiments share, compared as the same model), the
@@ -408,7 +414,7 @@ def write_panel(writers, group, panel, setting, names, params, dtype, workers, s
     rather than hold a copy, and only what they still need is computed."""
     x = pixel_centres(panel.image_size[0], params.subsample)
     y = pixel_centres(panel.image_size[1], params.subsample)
-    links = {} if same_as is None else {name: same_as[0] for name in names if name != "miller_index"}
+    links = {} if same_as is None else {name: same_as[0] for name in names if name not in PER_CRYSTAL}
     if links and all(writer.links for writer in writers):
         computed = [name for name in names if name not in links]
     else:
